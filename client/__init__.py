@@ -1,0 +1,1 @@
+"""The fedpeft Flower ClientApp."""

@@ -1,0 +1,47 @@
+"""What a client process keeps between rounds: the base model, tokenizer and its encoded data.
+
+Loaded once per process (per model spec / data partition) and reused every round; only the
+global state is applied afresh each round.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from transformers import PreTrainedTokenizerBase
+
+from fedpeft.config import ClientConfig
+from fedpeft.data import load_splits, partition
+from fedpeft.lora import AdapterHost
+from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
+from fedpeft.training import Encoded, encode
+
+
+def classifier_spec(config: ClientConfig) -> ClassifierSpec:
+    labels = config.data.labels
+    if not labels:
+        raise ValueError("the client configuration carries no label names (data.labels)")
+    return ClassifierSpec.from_config(config.model.name, len(labels), config.lora, config.seed)
+
+
+@lru_cache(maxsize=2)
+def model_host(spec: ClassifierSpec) -> AdapterHost:
+    return AdapterHost(load_classifier(spec))
+
+
+@lru_cache(maxsize=2)
+def tokenizer(name: str) -> PreTrainedTokenizerBase:
+    return load_tokenizer(name)
+
+
+_DATA_CACHE: dict[tuple[str, int], Encoded] = {}
+
+
+def partition_data(config: ClientConfig, partition_id: int) -> Encoded:
+    """This simulated client's share of the training set, tokenized (cached per process)."""
+    key = (config.to_json(), partition_id)
+    if key not in _DATA_CACHE:
+        splits = load_splits(config.data, config.seed)
+        rows = partition(splits.train, config.data, partition_id, config.seed)
+        _DATA_CACHE[key] = encode(rows, tokenizer(config.model.name), config.model.max_length)
+    return _DATA_CACHE[key]

@@ -1,0 +1,248 @@
+"""Typed run configuration: TOML file + ``--set section.key=value`` overrides, validated.
+
+Every mistake a user can make here raises ``ConfigError`` with one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration mistake the user can fix; the message says how."""
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    rounds: int = 5
+
+
+@dataclass
+class ModelSection:
+    name: str = "all-MiniLM-L6-v2"
+    max_length: int = 64
+
+
+@dataclass
+class LoraSection:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class DataSection:
+    source: str = "demo"
+    test_source: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    columns: list[str] | None = None
+    labels: list[str] | None = None
+    num_clients: int = 8
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    min_partition_size: int = 10
+    demo_train_size: int = 2000
+    demo_test_size: int = 400
+    test_limit: int | None = None
+
+
+@dataclass
+class TrainSection:
+    local_steps: int = 10
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    eval_batch_size: int = 64
+
+
+@dataclass
+class ServerSection:
+    fraction: float = 0.5
+    min_clients: int = 2
+    min_replies: int | None = None
+    round_timeout: float = 600.0
+    max_retries: int = 2
+    evaluate: bool = True
+
+
+@dataclass
+class StrategySection:
+    name: str = "fedavg"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SimulationSection:
+    cpus_per_client: int = 1
+
+
+@dataclass
+class ClientConfig:
+    """The part of the run configuration every client needs; sent in each round's message."""
+
+    seed: int
+    model: ModelSection
+    lora: LoraSection
+    data: DataSection
+    train: TrainSection
+    threads: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ClientConfig:
+        raw = json.loads(text)
+        return cls(
+            seed=raw["seed"],
+            threads=raw["threads"],
+            model=ModelSection(**raw["model"]),
+            lora=LoraSection(**raw["lora"]),
+            data=DataSection(**raw["data"]),
+            train=TrainSection(**raw["train"]),
+        )
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    server: ServerSection = field(default_factory=ServerSection)
+    strategy: StrategySection = field(default_factory=StrategySection)
+    simulation: SimulationSection = field(default_factory=SimulationSection)
+
+    def client_config(self) -> ClientConfig:
+        return ClientConfig(
+            seed=self.run.seed,
+            model=self.model,
+            lora=self.lora,
+            data=self.data,
+            train=self.train,
+            threads=self.simulation.cpus_per_client,
+        )
+
+    @property
+    def min_replies(self) -> int:
+        return self.server.min_replies or self.server.min_clients
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML file (or start from defaults), apply ``section.key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass the path of a TOML file")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML ({exc}); fix the syntax there") from exc
+    for item in overrides:
+        _apply_override(raw, item)
+    config = _build(raw)
+    _validate(config)
+    return config
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: take it as a string
+    raw.setdefault(section, {})[name] = value
+
+
+def _build(raw: dict[str, Any]) -> RunConfig:
+    sections = {f.name: f for f in fields(RunConfig)}
+    built: dict[str, Any] = {}
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(
+                f"unknown section [{section}]; valid sections: {', '.join(sections)}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of keys, got {values!r}")
+        cls = typing.get_type_hints(RunConfig)[section]
+        if section == "strategy":
+            values = dict(values)
+            built[section] = StrategySection(
+                name=_check_type("strategy.name", values.pop("name", "fedavg"), str),
+                options=values,
+            )
+            continue
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"unknown key '{section}.{key}'; valid keys in [{section}]: {', '.join(hints)}"
+                )
+            _check_type(f"{section}.{key}", value, hints[key])
+        built[section] = cls(**values)
+    return RunConfig(**built)
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return value
+        origin = typing.get_origin(kind) or kind
+        if origin is float and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is int and isinstance(value, bool):
+            continue
+        if isinstance(origin, type) and isinstance(value, origin):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed if k is not type(None))
+    raise ConfigError(f"'{key}' must be {names}, got {value!r}")
+
+
+def _validate(config: RunConfig) -> None:
+    checks = [
+        (config.run.rounds >= 1, "run.rounds must be at least 1"),
+        (config.lora.rank >= 1, "lora.rank must be at least 1"),
+        (config.lora.alpha > 0, "lora.alpha must be positive"),
+        (config.data.num_clients >= 1, "data.num_clients must be at least 1"),
+        (config.data.partition in ("iid", "dirichlet"), "data.partition must be 'iid' or 'dirichlet'"),
+        (config.data.dirichlet_alpha > 0, "data.dirichlet_alpha must be positive"),
+        (config.train.local_steps >= 1, "train.local_steps must be at least 1"),
+        (config.train.batch_size >= 1, "train.batch_size must be at least 1"),
+        (config.train.lr > 0, "train.lr must be positive"),
+        (0 < config.server.fraction <= 1, "server.fraction must be in (0, 1]"),
+        (config.server.min_clients >= 1, "server.min_clients must be at least 1"),
+        (
+            config.server.min_clients <= config.data.num_clients,
+            f"server.min_clients ({config.server.min_clients}) exceeds data.num_clients "
+            f"({config.data.num_clients}); lower it or add clients",
+        ),
+        (1 <= config.min_replies <= config.server.min_clients,
+         "server.min_replies must be between 1 and server.min_clients"),
+        (config.simulation.cpus_per_client >= 1, "simulation.cpus_per_client must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """A plain-data copy (for summary.json and checkpoints)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,80 @@
+"""Write a GlobalState as a standard PEFT adapter directory that plain ``peft`` loads.
+
+The frozen merged delta U V and the trainable adapter s B A concatenate into one LoRA adapter:
+A' = [V; A], B' = [U, s B], with ``lora_alpha`` equal to each module's rank so that peft's own
+scale alpha/r is 1 (per-module ranks go in ``rank_pattern`` / ``alpha_pattern``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, TaskType
+from safetensors.torch import save_file
+from torch import Tensor
+
+from fedpeft.lora import PEFT_PREFIX
+from fedpeft.state import GlobalState
+
+
+def combined_factors(state: GlobalState) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per module (A', B') with B' @ A' equal to the state's total delta."""
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for name in state.module_names():
+        As: list[Tensor] = []
+        Bs: list[Tensor] = []
+        if name in state.merged:
+            As.append(state.merged[name].V.float())
+            Bs.append(state.merged[name].U.float())
+        if state.adapter and name in state.adapter:
+            f = state.adapter[name]
+            As.append(f.A.float())
+            Bs.append(f.scale * f.B.float())
+        out[name] = (torch.cat(As, dim=0), torch.cat(Bs, dim=1))
+    return out
+
+
+def export_adapter(
+    state: GlobalState, out_dir: str | Path, base_model: str, task_type: TaskType = TaskType.SEQ_CLS
+) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``out_dir`` atomically."""
+    factors = combined_factors(state)
+    if not factors:
+        raise ValueError("the global state holds no adapter to export (no round has completed)")
+    ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
+    top = max(ranks.values())
+    config = LoraConfig(
+        task_type=task_type,
+        r=top,
+        lora_alpha=top,
+        target_modules=sorted(factors),
+        rank_pattern={n: r for n, r in ranks.items() if r != top},
+        alpha_pattern={n: r for n, r in ranks.items() if r != top},
+        modules_to_save=sorted({name.rsplit(".", 1)[0] for name in state.extras}) or None,
+        base_model_name_or_path=base_model,
+    )
+    tensors = {}
+    for name, (A, B) in factors.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous()
+    for name, t in state.extras.items():
+        tensors[f"{PEFT_PREFIX}{name}"] = t.float().contiguous()
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    config.save_pretrained(str(staging))
+    save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}-old")
+        os.replace(out_dir, old)
+        os.replace(staging, out_dir)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        os.replace(staging, out_dir)
+    return out_dir

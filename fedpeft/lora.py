@@ -1,0 +1,133 @@
+"""LoRA factors <-> peft models, and the frozen low-rank ``merged`` delta on base weights.
+
+Names: a module is named as in the base model (``bert.encoder.layer.0.attention.self.query``),
+a dense extra as its parameter in the base model (``classifier.weight``). Extraction and loading go
+through peft's own ``get_peft_model_state_dict`` / ``set_peft_model_state_dict``.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from torch import Tensor
+
+from fedpeft.state import AdapterFactors, GlobalState, LowRankDelta
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER = "default"
+_A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+
+
+def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
+    """The model's LoRA-wrapped modules, by base-model name."""
+    return {
+        name.removeprefix(PEFT_PREFIX): module
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+
+
+def extract_adapter(model: PeftModel) -> tuple[dict[str, AdapterFactors], dict[str, Tensor]]:
+    """Copy out the per-module factors (with their scales) and the dense trainable extras."""
+    layers = lora_layers(model)
+    factors: dict[str, AdapterFactors] = {}
+    extras: dict[str, Tensor] = {}
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    for key, value in state.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        tensor = value.detach().cpu().clone()
+        if name.endswith(_A_SUFFIX):
+            module = name.removesuffix(_A_SUFFIX)
+            factors.setdefault(module, AdapterFactors(A=tensor, B=None, scale=0.0))  # type: ignore[arg-type]
+            factors[module].A = tensor
+        elif name.endswith(_B_SUFFIX):
+            module = name.removesuffix(_B_SUFFIX)
+            factors.setdefault(module, AdapterFactors(A=None, B=tensor, scale=0.0))  # type: ignore[arg-type]
+            factors[module].B = tensor
+        else:
+            extras[name] = tensor
+    for module, f in factors.items():
+        f.scale = float(layers[module].scaling[ADAPTER])
+    return factors, extras
+
+
+def load_adapter(
+    model: PeftModel, factors: dict[str, AdapterFactors], extras: dict[str, Tensor]
+) -> None:
+    """Write factors and extras into the model (ranks must match the model's adapter)."""
+    layers = lora_layers(model)
+    state: dict[str, Tensor] = {}
+    for module, f in factors.items():
+        if module not in layers:
+            raise KeyError(f"the model has no LoRA module {module!r}")
+        expected = layers[module].r[ADAPTER]
+        if f.rank != expected:
+            raise ValueError(
+                f"rank mismatch on {module}: factors have rank {f.rank}, the model's adapter {expected}"
+            )
+        state[f"{PEFT_PREFIX}{module}{_A_SUFFIX}"] = f.A
+        state[f"{PEFT_PREFIX}{module}{_B_SUFFIX}"] = f.B
+        layers[module].scaling[ADAPTER] = f.scale
+    for name, tensor in extras.items():
+        state[f"{PEFT_PREFIX}{name}"] = tensor
+    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+    unexpected = [k for k in result.unexpected_keys if ADAPTER in k or "lora_" in k]
+    if unexpected:
+        raise KeyError(f"tensors not in the model: {unexpected[:3]}")
+
+
+def fresh_init(model: PeftModel, seed: int) -> None:
+    """Re-initialise every LoRA module as peft does (A random, B zero), reproducibly from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _, layer in sorted(lora_layers(model).items()):
+            layer.reset_lora_parameters(ADAPTER, init_lora_weights=True)
+
+
+def delta_in_weight_layout(layer: LoraLayer, delta: Tensor) -> Tensor:
+    """Orient a (d_out x d_in) delta like the base weight: transposed for GPT-2 ``Conv1D``."""
+    return delta.T if layer.fan_in_fan_out else delta
+
+
+class AdapterHost:
+    """A peft model whose effective weights are set from a ``GlobalState`` each round.
+
+    It keeps the pristine base weight W0 of every adapted module and the initial dense extras,
+    and always sets W = W0 + U V from scratch, never adding onto an already-merged weight.
+    """
+
+    def __init__(self, model: PeftModel) -> None:
+        self.model = model
+        self.layers = lora_layers(model)
+        self._pristine = {
+            name: layer.get_base_layer().weight.detach().clone() for name, layer in self.layers.items()
+        }
+        self._initial_extras = extract_adapter(model)[1]
+        self._merged_modules: set[str] = set()
+
+    def load_state(self, state: GlobalState, init_seed: int) -> None:
+        """Set W0 + merged, then the trainable adapter (or a seeded fresh one) and the extras."""
+        self._apply_merged(state.merged)
+        if state.adapter is None:
+            fresh_init(self.model, init_seed)
+            load_adapter(self.model, {}, state.extras or self._initial_extras)
+        else:
+            load_adapter(self.model, state.adapter, state.extras or self._initial_extras)
+
+    def read_update(self) -> tuple[dict[str, AdapterFactors], dict[str, Tensor]]:
+        return extract_adapter(self.model)
+
+    def _apply_merged(self, merged: dict[str, LowRankDelta]) -> None:
+        unknown = set(merged) - set(self.layers)
+        if unknown:
+            raise KeyError(f"merged delta names modules the model lacks: {sorted(unknown)[:3]}")
+        with torch.no_grad():
+            for name in self._merged_modules - set(merged):
+                self.layers[name].get_base_layer().weight.copy_(self._pristine[name])
+            for name, low_rank in merged.items():
+                layer = self.layers[name]
+                w0 = self._pristine[name]
+                delta = delta_in_weight_layout(layer, low_rank.delta().to(torch.float32))
+                layer.get_base_layer().weight.copy_((w0.to(torch.float32) + delta).to(w0.dtype))
+        self._merged_modules = set(merged)

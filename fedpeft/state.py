@@ -1,0 +1,98 @@
+"""The value types that flow between clients and server.
+
+Pure tensors and plain Python values: no Flower, no model. Conventions (DESIGN.md §3): for an
+adapted module with base weight W0 of shape (d_out, d_in), a LoRA adapter holds A (r x d_in) and
+B (d_out x r) with delta ``scale * B @ A``; the frozen ``merged`` delta holds U (d_out x R) and
+V (R x d_in) with delta ``U @ V``. A client's effective weight is ``W0 + U V + scale * B A``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """What a strategy asks clients to do this round, beyond applying the global state."""
+
+    train_lora_A: bool = True
+    options: dict[str, bool | int | float | str] = field(default_factory=dict)
+
+
+@dataclass
+class AdapterFactors:
+    """One module's LoRA factors: ``delta = scale * B @ A``."""
+
+    A: Tensor
+    B: Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self) -> Tensor:
+        return self.scale * (self.B @ self.A)
+
+
+@dataclass
+class LowRankDelta:
+    """A frozen low-rank weight delta ``U @ V`` kept factored."""
+
+    U: Tensor
+    V: Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.V.shape[0]
+
+    def delta(self) -> Tensor:
+        return self.U @ self.V
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends back after a round of local training."""
+
+    factors: dict[str, AdapterFactors]
+    extras: dict[str, Tensor]
+    num_examples: int
+    round: int
+    rank: int
+    alpha: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    client_id: str = ""
+
+
+@dataclass
+class GlobalState:
+    """What the server owns and sends each round.
+
+    ``adapter`` is ``None`` when clients must start from a fresh (seeded) LoRA init.
+    ``strategy_state`` is opaque to everything but the strategy that wrote it.
+    """
+
+    round: int = 0
+    merged: dict[str, LowRankDelta] = field(default_factory=dict)
+    adapter: dict[str, AdapterFactors] | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    strategy_state: dict[str, Any] = field(default_factory=dict)
+
+    def module_names(self) -> list[str]:
+        names = set(self.merged) | set(self.adapter or {})
+        return sorted(names)
+
+    def total_delta(self, name: str) -> Tensor:
+        """The full weight delta this state adds to module ``name`` (for tests and export checks)."""
+        parts: list[Tensor] = []
+        if name in self.merged:
+            parts.append(self.merged[name].delta())
+        if self.adapter and name in self.adapter:
+            parts.append(self.adapter[name].delta())
+        if not parts:
+            raise KeyError(f"module {name!r} is in neither the merged delta nor the adapter")
+        return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]

@@ -1,0 +1,97 @@
+"""Local training and evaluation for sequence classification."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class Encoded:
+    """A tokenized dataset: unpadded token ids and integer labels."""
+
+    input_ids: list[list[int]]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def encode(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
+    ids = tokenizer(list(dataset["text"]), truncation=True, max_length=max_length)["input_ids"]
+    return Encoded(input_ids=ids, labels=list(dataset["label"]))
+
+
+def collate(
+    data: Encoded, indices: list[int], tokenizer: PreTrainedTokenizerBase
+) -> dict[str, Tensor]:
+    batch = tokenizer.pad({"input_ids": [data.input_ids[i] for i in indices]}, return_tensors="pt")
+    batch["labels"] = torch.tensor([data.labels[i] for i in indices])
+    return dict(batch)
+
+
+def sample_batches(size: int, batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
+    """``steps`` batches of indices, walking seeded permutations epoch after epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < min(batch_size, size):
+            order += torch.randperm(size, generator=generator).tolist()
+        batch, order = order[:batch_size], order[batch_size:]
+        yield batch
+
+
+def train(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Encoded,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    train_lora_A: bool = True,
+) -> dict[str, float]:
+    """Run ``steps`` AdamW steps on the trainable parameters; returns the mean training loss."""
+    if len(data) == 0:
+        raise ValueError("this client has no training examples")
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(train_lora_A)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    total = 0.0
+    for indices in sample_batches(len(data), batch_size, steps, seed):
+        loss = model(**collate(data, indices, tokenizer)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += loss.item()
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(True)
+    return {"train_loss": total / steps}
+
+
+@torch.no_grad()
+def evaluate(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, data: Encoded, batch_size: int
+) -> dict[str, float]:
+    """Mean cross-entropy and accuracy over ``data``."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        indices = list(range(start, min(start + batch_size, len(data))))
+        batch = collate(data, indices, tokenizer)
+        out = model(**batch)
+        loss_sum += out.loss.item() * len(indices)
+        correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+    return {"loss": loss_sum / len(data), "accuracy": correct / len(data)}

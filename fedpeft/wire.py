@@ -1,0 +1,197 @@
+"""GlobalState / ClientUpdate <-> Flower records, and the bytes they take on the wire.
+
+Flower's ``Array`` goes through numpy, which has no bfloat16: ``to_array`` casts bf16 tensors to
+float32 on encode (the only lossless common type); receivers cast to their own working dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from torch import Tensor
+
+from fedpeft.config import ClientConfig
+from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState, LowRankDelta
+
+STATE_ARRAYS, STATE_META = "state", "state-meta"
+UPDATE_ARRAYS, UPDATE_META, UPDATE_METRICS = "update", "update-meta", "metrics"
+NUM_EXAMPLES = "num-examples"
+
+
+class WireError(ValueError):
+    """A record that does not decode to the expected value (missing keys, wrong types)."""
+
+
+def to_array(tensor: Tensor) -> Array:
+    t = tensor.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.to(torch.float32)
+    return Array(t.contiguous().numpy())
+
+
+def from_array(array: Array) -> Tensor:
+    return torch.from_numpy(array.numpy().copy())
+
+
+def record_nbytes(content: RecordDict) -> int:
+    """Bytes of tensor payload in a message (array data; config and metrics are negligible)."""
+    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+
+
+def encode_state(state: GlobalState) -> RecordDict:
+    """What the server sends clients: merged delta, adapter (if any) and extras. Strategy state
+    stays on the server."""
+    arrays: dict[str, Array] = {}
+    meta: dict[str, int | float | bool] = {"round": state.round, "has-adapter": state.adapter is not None}
+    for name, d in state.merged.items():
+        arrays[f"merged/{name}/U"] = to_array(d.U)
+        arrays[f"merged/{name}/V"] = to_array(d.V)
+    for name, f in (state.adapter or {}).items():
+        arrays[f"adapter/{name}/A"] = to_array(f.A)
+        arrays[f"adapter/{name}/B"] = to_array(f.B)
+        meta[f"scale/{name}"] = f.scale
+    for name, t in state.extras.items():
+        arrays[f"extra/{name}"] = to_array(t)
+    return RecordDict({STATE_ARRAYS: ArrayRecord(array_dict=arrays), STATE_META: ConfigRecord(meta)})
+
+
+def decode_state(content: RecordDict) -> GlobalState:
+    arrays, meta = _get(content, STATE_ARRAYS, ArrayRecord), _get(content, STATE_META, ConfigRecord)
+    groups, extras = _split(arrays, {"merged": ("U", "V"), "adapter": ("A", "B")})
+    merged = {n: LowRankDelta(U=p["U"], V=p["V"]) for n, p in groups["merged"].items()}
+    adapter = None
+    if _meta(meta, "has-adapter", bool):
+        adapter = {
+            n: AdapterFactors(A=p["A"], B=p["B"], scale=_meta(meta, f"scale/{n}", float))
+            for n, p in groups["adapter"].items()
+        }
+    return GlobalState(round=_meta(meta, "round", int), merged=merged, adapter=adapter, extras=extras)
+
+
+def encode_update(update: ClientUpdate) -> RecordDict:
+    arrays: dict[str, Array] = {}
+    meta: dict[str, int | float | str] = {
+        "round": update.round,
+        "rank": update.rank,
+        "alpha": float(update.alpha),
+    }
+    for name, f in update.factors.items():
+        arrays[f"lora/{name}/A"] = to_array(f.A)
+        arrays[f"lora/{name}/B"] = to_array(f.B)
+        meta[f"scale/{name}"] = f.scale
+    for name, t in update.extras.items():
+        arrays[f"extra/{name}"] = to_array(t)
+    metrics = {NUM_EXAMPLES: update.num_examples, **update.metrics}
+    return RecordDict(
+        {
+            UPDATE_ARRAYS: ArrayRecord(array_dict=arrays),
+            UPDATE_META: ConfigRecord(meta),
+            UPDATE_METRICS: MetricRecord(metrics),
+        }
+    )
+
+
+def decode_update(content: RecordDict, client_id: str = "") -> ClientUpdate:
+    arrays, meta = _get(content, UPDATE_ARRAYS, ArrayRecord), _get(content, UPDATE_META, ConfigRecord)
+    metrics = dict(_get(content, UPDATE_METRICS, MetricRecord))
+    groups, extras = _split(arrays, {"lora": ("A", "B")})
+    factors = {
+        n: AdapterFactors(A=p["A"], B=p["B"], scale=_meta(meta, f"scale/{n}", float))
+        for n, p in groups["lora"].items()
+    }
+    num_examples = metrics.pop(NUM_EXAMPLES, None)
+    if not isinstance(num_examples, int) or num_examples < 0:
+        raise WireError(f"'{NUM_EXAMPLES}' must be a non-negative integer, got {num_examples!r}")
+    return ClientUpdate(
+        factors=factors,
+        extras=extras,
+        num_examples=num_examples,
+        round=_meta(meta, "round", int),
+        rank=_meta(meta, "rank", int),
+        alpha=_meta(meta, "alpha", float),
+        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        client_id=client_id,
+    )
+
+
+def _get(content: RecordDict, key: str, kind: type):
+    if key not in content or not isinstance(content[key], kind):
+        raise WireError(f"record '{key}' ({kind.__name__}) is missing")
+    return content[key]
+
+
+def _meta(meta: ConfigRecord, key: str, kind: type):
+    value = meta.get(key)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise WireError(f"'{key}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _split(
+    arrays: ArrayRecord, groups: dict[str, tuple[str, ...]]
+) -> tuple[dict[str, dict[str, dict[str, Tensor]]], dict[str, Tensor]]:
+    """Sort ``group/module/part`` keys into ``{group: {module: {part: tensor}}}``, and
+    ``extra/name`` keys into the extras."""
+    found: dict[str, dict[str, dict[str, Tensor]]] = {g: {} for g in groups}
+    extras: dict[str, Tensor] = {}
+    for key, array in arrays.items():
+        kind, _, rest = key.partition("/")
+        if kind == "extra" and rest:
+            extras[rest] = from_array(array)
+            continue
+        module, _, part = rest.rpartition("/")
+        if kind not in groups or part not in groups[kind] or not module:
+            raise WireError(f"unexpected array key {key!r}")
+        found[kind].setdefault(module, {})[part] = from_array(array)
+    for kind, modules in found.items():
+        for module, pair in modules.items():
+            missing = set(groups[kind]) - set(pair)
+            if missing:
+                raise WireError(f"{kind} module {module!r} lacks {sorted(missing)}")
+    return found, extras
+
+
+PLAN = "plan"
+
+
+@dataclass
+class RoundInstructions:
+    """The non-tensor part of a server->client training message."""
+
+    round: int
+    init_seed: int
+    plan: ClientPlan
+    client_config: ClientConfig
+
+
+def encode_instructions(instructions: RoundInstructions) -> ConfigRecord:
+    record: dict[str, int | float | bool | str] = {
+        "round": instructions.round,
+        "init-seed": instructions.init_seed,
+        "train-lora-A": instructions.plan.train_lora_A,
+        "client-config": instructions.client_config.to_json(),
+    }
+    record.update({f"option/{k}": v for k, v in instructions.plan.options.items()})
+    return ConfigRecord(record)
+
+
+def decode_instructions(content: RecordDict) -> RoundInstructions:
+    record = _get(content, PLAN, ConfigRecord)
+    options = {k.removeprefix("option/"): v for k, v in record.items() if k.startswith("option/")}
+    return RoundInstructions(
+        round=_meta(record, "round", int),
+        init_seed=_meta(record, "init-seed", int),
+        plan=ClientPlan(train_lora_A=_meta(record, "train-lora-A", bool), options=options),
+        client_config=ClientConfig.from_json(_meta(record, "client-config", str)),
+    )
+
+
+def encode_train_message(state: GlobalState, instructions: RoundInstructions) -> RecordDict:
+    """Everything a client needs for one round: the global state and the instructions."""
+    content = encode_state(state)
+    content[PLAN] = encode_instructions(instructions)
+    return content

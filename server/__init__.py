@@ -1,0 +1,1 @@
+"""The fedpeft Flower ServerApp: round loop, sampling, validation, checkpoints, export."""

@@ -1,0 +1,95 @@
+"""Atomic checkpoints of the server's state: one safetensors file, replaced in a single rename.
+
+Tensors go in the safetensors body; the round number, scales, strategy scalars and RNG state go
+in its string metadata as JSON. A crash leaves either the previous checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from fedpeft.state import AdapterFactors, GlobalState, LowRankDelta
+
+FILENAME = "checkpoint.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    state: GlobalState
+    rng_state: Any
+
+
+def save_checkpoint(run_dir: Path, state: GlobalState, rng_state: Any) -> Path:
+    tensors: dict[str, Tensor] = {}
+    for name, d in state.merged.items():
+        tensors[f"merged/{name}/U"], tensors[f"merged/{name}/V"] = d.U, d.V
+    for name, f in (state.adapter or {}).items():
+        tensors[f"adapter/{name}/A"], tensors[f"adapter/{name}/B"] = f.A, f.B
+    for name, t in state.extras.items():
+        tensors[f"extra/{name}"] = t
+    strategy_scalars = {}
+    for key, value in state.strategy_state.items():
+        if isinstance(value, Tensor):
+            tensors[f"strategy/{key}"] = value
+        else:
+            strategy_scalars[key] = value
+    meta = {
+        "round": state.round,
+        "has_adapter": state.adapter is not None,
+        "scales": {n: f.scale for n, f in (state.adapter or {}).items()},
+        "strategy": strategy_scalars,
+        "rng": rng_state,
+    }
+    path = run_dir / FILENAME
+    tmp = path.with_suffix(".tmp")
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fedpeft": json.dumps(meta)}
+    )
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint:
+    path = Path(run_dir) / FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; resume needs a run directory with one")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["fedpeft"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    merged: dict[str, LowRankDelta] = {}
+    adapter: dict[str, AdapterFactors] = {}
+    extras: dict[str, Tensor] = {}
+    strategy_state: dict[str, Any] = dict(meta["strategy"])
+    for key, t in tensors.items():
+        kind, _, rest = key.partition("/")
+        if kind == "extra":
+            extras[rest] = t
+        elif kind == "strategy":
+            strategy_state[rest] = t
+    for name, scale in meta["scales"].items():
+        adapter[name] = AdapterFactors(A=tensors[f"adapter/{name}/A"], B=tensors[f"adapter/{name}/B"], scale=scale)
+    for key in tensors:
+        if key.startswith("merged/") and key.endswith("/U"):
+            name = key[len("merged/") : -len("/U")]
+            merged[name] = LowRankDelta(U=tensors[key], V=tensors[f"merged/{name}/V"])
+    state = GlobalState(
+        round=meta["round"],
+        merged=merged,
+        adapter=adapter if meta["has_adapter"] else None,
+        extras=extras,
+        strategy_state=strategy_state,
+    )
+    return Checkpoint(state=state, rng_state=_tuplify(meta["rng"]))
+
+
+def _tuplify(value: Any) -> Any:
+    """JSON turns random.getstate()'s tuples into lists; setstate needs tuples back."""
+    return tuple(_tuplify(v) for v in value) if isinstance(value, list) else value

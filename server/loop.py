@@ -1,0 +1,234 @@
+"""The federated round loop, independent of how clients are reached (simulation or deployment)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message, MessageType
+from flwr.serverapp import Grid
+from rich.console import Console
+from rich.table import Table
+
+from fedpeft.config import RunConfig, config_to_dict
+from fedpeft.data import load_splits
+from fedpeft.export import export_adapter
+from fedpeft.models import resolve_model
+from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
+from fedpeft.wire import (
+    RoundInstructions,
+    WireError,
+    decode_update,
+    encode_train_message,
+    record_nbytes,
+)
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.evaluation import CentralEvaluator
+from server.report import RunRecorder
+from server.validation import reference_signature, validate
+from strategies import Strategy, create_strategy
+
+NODE_WAIT_SECONDS = 120.0
+
+
+class RoundFailed(RuntimeError):
+    """Too few valid replies in every attempt at a round."""
+
+
+@dataclass
+class RoundOutcome:
+    updates: list[ClientUpdate] = field(default_factory=list)
+    dropped: list[dict[str, str]] = field(default_factory=list)
+    sampled: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+class FederatedRun:
+    """Runs ``config.run.rounds`` rounds against a Flower ``Grid`` and writes the run directory."""
+
+    def __init__(
+        self, config: RunConfig, run_dir: Path, *, resume: bool = False, console: Console | None = None
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.console = console or Console()
+        self.strategy: Strategy = create_strategy(config.strategy.name, config.strategy.options)
+        self.splits = load_splits(config.data, config.run.seed)
+        self.client_config = config.client_config()
+        self.client_config.data.labels = self.splits.label_names
+        self.recorder = RunRecorder(self.run_dir)
+        self.evaluator = CentralEvaluator(config, self.splits) if config.server.evaluate else None
+        self.rng = random.Random(config.run.seed)
+        self.state = GlobalState()
+        if resume:
+            self._resume()
+        else:
+            (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+
+    def init_seed(self, rnd: int) -> int:
+        """The seed every client uses for a fresh LoRA init in round ``rnd``."""
+        return self.config.run.seed * 100_003 + rnd
+
+    def run(self, grid: Grid) -> dict[str, Any]:
+        started = time.perf_counter()
+        if self.state.round == 0 and self.evaluator is not None:
+            row = {"round": 0, **self.evaluator(self.state, self.init_seed(1))}
+            self.recorder.record(row)
+            self._print_round(row)
+        for rnd in range(self.state.round + 1, self.config.run.rounds + 1):
+            self._run_round(grid, rnd)
+        return self._finish(time.perf_counter() - started)
+
+    def _run_round(self, grid: Grid, rnd: int) -> None:
+        t0 = time.perf_counter()
+        plan = self.strategy.client_instructions(rnd, self.state)
+        outcome = RoundOutcome()
+        for attempt in range(1, self.config.server.max_retries + 2):
+            outcome = self._attempt(grid, rnd, plan)
+            if len(outcome.updates) >= self.config.min_replies:
+                break
+            self.console.print(
+                f"[yellow]round {rnd} attempt {attempt}: {len(outcome.updates)} valid replies, "
+                f"need {self.config.min_replies}; retrying[/yellow]"
+            )
+        else:
+            raise RoundFailed(
+                f"round {rnd} got fewer than {self.config.min_replies} valid replies in "
+                f"{attempt} attempts; check the clients' logs or lower server.min_replies"
+            )
+        state = self.strategy.aggregate(rnd, self.state, outcome.updates)
+        state.round = rnd
+        state.strategy_state = self.strategy.state_dict()
+        self.state = state
+        row: dict[str, Any] = {
+            "round": rnd,
+            "clients_sampled": outcome.sampled,
+            "clients_aggregated": len(outcome.updates),
+            "dropped": outcome.dropped,
+            "attempts": attempt,
+            "train_loss": _weighted_metric(outcome.updates, "train_loss"),
+            "bytes_down": outcome.bytes_down,
+            "bytes_up": outcome.bytes_up,
+        }
+        if self.evaluator is not None:
+            row.update(self.evaluator(self.state, self.init_seed(rnd + 1)))
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        self.recorder.record(row)
+        save_checkpoint(self.run_dir, self.state, self.rng.getstate())
+        self._print_round(row)
+
+    def _attempt(self, grid: Grid, rnd: int, plan: ClientPlan) -> RoundOutcome:
+        nodes = self._sample(grid)
+        instructions = RoundInstructions(rnd, self.init_seed(rnd), plan, self.client_config)
+        content = encode_train_message(self.state, instructions)
+        messages = [
+            Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes
+        ]
+        replies = list(grid.send_and_receive(messages, timeout=self.config.server.round_timeout))
+        outcome = RoundOutcome(sampled=len(nodes), bytes_down=record_nbytes(content) * len(nodes))
+        decoded: list[ClientUpdate] = []
+        answered = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            if reply.has_error():
+                outcome.dropped.append({"node": str(node), "reason": f"client error: {reply.error.reason}"})
+                continue
+            outcome.bytes_up += record_nbytes(reply.content)
+            try:
+                decoded.append(decode_update(reply.content, client_id=str(node)))
+            except WireError as exc:
+                outcome.dropped.append({"node": str(node), "reason": f"malformed reply: {exc}"})
+        for node in sorted(set(nodes) - answered):
+            outcome.dropped.append(
+                {"node": str(node), "reason": f"no reply within {self.config.server.round_timeout:g}s"}
+            )
+        reference = reference_signature(self.state, decoded)
+        for update in decoded:
+            reason = validate(update, rnd, reference)
+            if reason is None:
+                outcome.updates.append(update)
+            else:
+                outcome.dropped.append({"node": update.client_id, "reason": f"invalid update: {reason}"})
+        for drop in outcome.dropped:
+            self.console.print(f"[yellow]round {rnd}: dropped node {drop['node']}: {drop['reason']}[/yellow]")
+        return outcome
+
+    def _sample(self, grid: Grid) -> list[int]:
+        need = self.config.server.min_clients
+        deadline = time.monotonic() + NODE_WAIT_SECONDS
+        nodes = sorted(grid.get_node_ids())
+        while len(nodes) < need:
+            if time.monotonic() > deadline:
+                raise RoundFailed(
+                    f"only {len(nodes)} clients connected after {NODE_WAIT_SECONDS:g}s, "
+                    f"server.min_clients is {need}; start more clients or lower it"
+                )
+            time.sleep(1.0)
+            nodes = sorted(grid.get_node_ids())
+        k = min(len(nodes), max(need, math.ceil(self.config.server.fraction * len(nodes))))
+        return self.rng.sample(nodes, k)
+
+    def _resume(self) -> None:
+        checkpoint = load_checkpoint(self.run_dir)
+        self.state = checkpoint.state
+        self.rng.setstate(checkpoint.rng_state)
+        self.strategy.load_state_dict(self.state.strategy_state)
+        self.recorder.truncate_after(self.state.round)
+        self.console.print(f"resuming {self.run_dir} after round {self.state.round}")
+
+    def _finish(self, seconds: float) -> dict[str, Any]:
+        adapter_dir = export_adapter(self.state, self.run_dir / "adapter", resolve_model(self.config.model.name))
+        rounds = [r for r in self.recorder.rounds if r["round"] > 0]
+        evals = [r for r in self.recorder.rounds if "eval_accuracy" in r]
+        summary: dict[str, Any] = {
+            "rounds": self.state.round,
+            "strategy": self.strategy.name,
+            "seconds": round(seconds, 2),
+            "bytes_up": sum(r["bytes_up"] for r in rounds),
+            "bytes_down": sum(r["bytes_down"] for r in rounds),
+            "clients_dropped": sum(len(r["dropped"]) for r in rounds),
+            "adapter": str(adapter_dir),
+            "label_names": self.splits.label_names,
+        }
+        if evals:
+            summary["initial_eval_accuracy"] = evals[0]["eval_accuracy"]
+            summary["final_eval_accuracy"] = evals[-1]["eval_accuracy"]
+            summary["final_eval_loss"] = evals[-1]["eval_loss"]
+        self.recorder.write_summary(summary)
+        self.recorder.plot()
+        self._print_summary(summary)
+        return summary
+
+    def _print_round(self, row: dict[str, Any]) -> None:
+        parts = [f"round {row['round']}/{self.config.run.rounds}"]
+        if "clients_aggregated" in row:
+            parts.append(f"clients {row['clients_aggregated']}/{row['clients_sampled']}")
+            parts.append(f"train_loss {row['train_loss']:.4f}")
+        if "eval_accuracy" in row:
+            parts.append(f"eval_loss {row['eval_loss']:.4f}  eval_acc {row['eval_accuracy']:.4f}")
+        if "bytes_up" in row:
+            parts.append(f"up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB")
+            parts.append(f"{row['seconds']:.1f}s")
+        self.console.print("  ".join(parts))
+
+    def _print_summary(self, summary: dict[str, Any]) -> None:
+        table = Table(title=f"fedpeft run: {self.run_dir}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in summary.items():
+            if key != "label_names":
+                table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        self.console.print(table)
+
+
+def _weighted_metric(updates: list[ClientUpdate], key: str) -> float:
+    total = sum(u.num_examples for u in updates)
+    return sum(u.metrics.get(key, 0.0) * u.num_examples for u in updates) / total

@@ -1,0 +1,39 @@
+"""Run a whole federation on one machine through Flower's simulation engine (Ray backend)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from fedpeft.config import RunConfig
+from server.app import make_server_app
+
+
+def simulate(config: RunConfig, run_dir: Path, *, resume: bool = False) -> Path:
+    """Run ``config.data.num_clients`` virtual clients; returns the run directory."""
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    cpus = os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": config.simulation.cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "logging_level": logging.ERROR, "log_to_driver": True},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(
+            server_app=make_server_app(config, run_dir, resume=resume),
+            client_app=client_app,
+            num_supernodes=config.data.num_clients,
+            backend_config=backend_config,
+        )
+    if not (run_dir / "summary.json").is_file():
+        raise RuntimeError(f"the simulation ended without finishing the run; see the log above and {run_dir}")
+    return run_dir

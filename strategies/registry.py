@@ -1,0 +1,78 @@
+"""Find a strategy by registry name, ``"package.module:ClassName"``, or entry point."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+from strategies.base import Strategy
+
+ENTRY_POINT_GROUP = "fedpeft.strategies"
+
+_REGISTRY: dict[str, Callable[..., Strategy]] = {}
+
+
+def register_strategy(name: str) -> Callable[[type], type]:
+    """Class decorator: make a strategy selectable by ``name``."""
+
+    def decorate(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"strategy name {name!r} is already registered")
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_strategies() -> list[str]:
+    """Registered names plus those published under the ``fedpeft.strategies`` entry point."""
+    return sorted(set(_REGISTRY) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def create_strategy(spec: str, options: dict[str, Any] | None = None) -> Strategy:
+    """Instantiate the strategy ``spec`` with keyword ``options``; errors name the fix."""
+    factory = _resolve(spec)
+    options = dict(options or {})
+    _check_options(spec, factory, options)
+    strategy = factory(**options)
+    if not isinstance(strategy, Strategy):
+        raise TypeError(
+            f"strategy {spec!r} does not implement the Strategy protocol "
+            "(name, client_instructions, aggregate, state_dict, load_state_dict)"
+        )
+    return strategy
+
+
+def _resolve(spec: str) -> Callable[..., Strategy]:
+    if spec in _REGISTRY:
+        return _REGISTRY[spec]
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(
+                f"cannot load strategy {spec!r} ({exc}); check the module is importable "
+                "and the class name is right"
+            ) from exc
+    for ep in entry_points(group=ENTRY_POINT_GROUP, name=spec):
+        return ep.load()
+    raise ValueError(
+        f"unknown strategy {spec!r}; choose one of {', '.join(available_strategies())} "
+        "or give 'package.module:ClassName'"
+    )
+
+
+def _check_options(spec: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        valid = ", ".join(params) or "none"
+        raise ValueError(
+            f"strategy {spec!r} has no option {', '.join(map(repr, unknown))}; valid options: {valid}"
+        )
