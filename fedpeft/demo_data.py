@@ -1,8 +1,9 @@
 """A generated customer-support intent dataset for the quickstart (our own text and generator).
 
 Deterministic from a seed, four intents, shared openers/closers and product names across intents so
-that no single word gives the label away, and a held-out split drawn from the same generator
-with a different seed stream.
+that no single word gives the label away. A third of the messages add a side remark from another
+intent ("Also, ..."); the label is the main request, so the model has to weigh the two. The
+held-out split is drawn from the same generator with a different seed stream.
 """
 
 from __future__ import annotations
@@ -63,12 +64,23 @@ _TEMPLATES: dict[str, list[str]] = {
 }
 
 
-def _sentence(rng: random.Random, label: str) -> str:
+SIDE_REMARK_RATE = 0.35
+
+
+def _request(rng: random.Random, label: str) -> str:
     product = rng.choice(_PRODUCTS)
-    body = rng.choice(_TEMPLATES[label]).format(
+    return rng.choice(_TEMPLATES[label]).format(
         p=product, P=product[0].upper() + product[1:], t=rng.choice(_TIMES)
     )
-    parts = [rng.choice(_OPENERS), body, rng.choice(_CLOSERS)]
+
+
+def _sentence(rng: random.Random, label: str) -> str:
+    parts = [rng.choice(_OPENERS), _request(rng, label)]
+    if rng.random() < SIDE_REMARK_RATE:
+        other = rng.choice([name for name in LABELS if name != label])
+        remark = _request(rng, other)
+        parts.append(f"Also, {remark[0].lower()}{remark[1:]}")
+    parts.append(rng.choice(_CLOSERS))
     return " ".join(p for p in parts if p)
 
 

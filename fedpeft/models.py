@@ -78,7 +78,9 @@ def load_classifier(spec: ClassifierSpec) -> PeftModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         try:
-            base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=spec.num_labels)
+            base = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=spec.num_labels, ignore_mismatched_sizes=True
+            )
         except OSError as exc:
             raise ModelError(
                 f"cannot load model {spec.name!r} ({str(exc).splitlines()[0]}); give a local model "

@@ -217,7 +217,7 @@ class FederatedRun:
         if "bytes_up" in row:
             parts.append(f"up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB")
             parts.append(f"{row['seconds']:.1f}s")
-        self.console.print("  ".join(parts))
+        self.console.print("  ".join(parts), soft_wrap=True)
 
     def _print_summary(self, summary: dict[str, Any]) -> None:
         table = Table(title=f"fedpeft run: {self.run_dir}")

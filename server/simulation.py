@@ -19,8 +19,10 @@ def simulate(config: RunConfig, run_dir: Path, *, resume: bool = False) -> Path:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    # Ray workers inherit the environment: keep third-party deprecation chatter out of the log.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    logging.getLogger("flwr").setLevel(logging.ERROR)
     cpus = os.cpu_count() or 1
     backend_config = {
         "client_resources": {"num_cpus": config.simulation.cpus_per_client, "num_gpus": 0.0},
@@ -28,6 +30,7 @@ def simulate(config: RunConfig, run_dir: Path, *, resume: bool = False) -> Path:
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         run_simulation(
             server_app=make_server_app(config, run_dir, resume=resume),
             client_app=client_app,

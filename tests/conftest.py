@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny models built from configs in-process, and an in-process Flower grid."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from collections.abc import Callable, Iterable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
+
+from fedpeft.models import resolve_model  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT (hidden 32, intermediate 48) with MiniLM's tokenizer, saved as a model dir."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=48, max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(resolve_model("all-MiniLM-L6-v2")).save_pretrained(path)
+    return path
+
+
+class LocalGrid:
+    """Delivers messages to ClientApp functions in this process (no Ray, no network).
+
+    ``handlers`` maps node id -> callable(message, context) -> reply; by default every node runs
+    the real fedpeft client. Node ``i`` gets ``partition-id = i``.
+    """
+
+    def __init__(self, num_nodes: int, handlers: dict[int, Callable[[Message, Context], Message]] | None = None):
+        from client.app import train
+
+        self.nodes = list(range(num_nodes))
+        self.handlers = {n: train for n in self.nodes} | (handlers or {})
+        TaskIdentity.run_id, TaskIdentity.task_id = 1, 1
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            TaskIdentity.node_id = node
+            context = Context(run_id=1, node_id=node, node_config={"partition-id": node},
+                              state=RecordDict(), run_config={})
+            reply = self.handlers[node](msg, context)
+            TaskIdentity.node_id = 0
+            if reply is not None:
+                replies.append(reply)
+        return replies

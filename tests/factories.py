@@ -1,0 +1,50 @@
+"""Random value-type builders for tests: rectangular layers, mixed shapes."""
+
+from __future__ import annotations
+
+import torch
+
+from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, LowRankDelta
+
+# (d_out, d_in) per module: all rectangular, so a transposed factor cannot pass silently.
+SHAPES = {"layer.0.q": (6, 4), "layer.0.v": (5, 7), "layer.1.fc": (9, 3)}
+
+
+def factors(rank: int, seed: int, scale: float = 2.0, shapes=SHAPES) -> dict[str, AdapterFactors]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        name: AdapterFactors(
+            A=torch.randn(rank, d_in, generator=gen), B=torch.randn(d_out, rank, generator=gen), scale=scale
+        )
+        for name, (d_out, d_in) in shapes.items()
+    }
+
+
+def extras(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed + 1000)
+    return {"head.weight": torch.randn(3, 4, generator=gen), "head.bias": torch.randn(3, generator=gen)}
+
+
+def update(rank: int, seed: int, num_examples: int, rnd: int = 1, alpha: float = 16.0) -> ClientUpdate:
+    return ClientUpdate(
+        factors=factors(rank, seed, scale=alpha / rank),
+        extras=extras(seed),
+        num_examples=num_examples,
+        round=rnd,
+        rank=rank,
+        alpha=alpha,
+        metrics={"train_loss": 0.5 + seed},
+        client_id=str(seed),
+    )
+
+
+def merged(rank: int, seed: int) -> dict[str, LowRankDelta]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        name: LowRankDelta(U=torch.randn(d_out, rank, generator=gen), V=torch.randn(rank, d_in, generator=gen))
+        for name, (d_out, d_in) in SHAPES.items()
+    }
+
+
+def state(seed: int = 0) -> GlobalState:
+    return GlobalState(round=3, merged=merged(2, seed), adapter=factors(4, seed + 1), extras=extras(seed))

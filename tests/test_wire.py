@@ -1,0 +1,123 @@
+"""The wire codec: bitwise fp32 round trips, bf16 models, byte counts, malformed records."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import RecordDict
+
+from fedpeft.config import LoraSection
+from fedpeft.lora import extract_adapter
+from fedpeft.models import ClassifierSpec, load_classifier
+from fedpeft.state import ClientPlan, ClientUpdate
+from fedpeft.wire import (
+    RoundInstructions,
+    WireError,
+    decode_instructions,
+    decode_state,
+    decode_update,
+    encode_state,
+    encode_train_message,
+    encode_update,
+    record_nbytes,
+)
+from tests import factories
+
+
+def assert_same_factors(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name].A, b[name].A) and torch.equal(a[name].B, b[name].B)
+        assert a[name].scale == b[name].scale
+
+
+def test_state_round_trip_is_bitwise():
+    state = factories.state()
+    back = decode_state(encode_state(state))
+    assert back.round == state.round
+    assert_same_factors(back.adapter, state.adapter)
+    for name, d in state.merged.items():
+        assert torch.equal(back.merged[name].U, d.U) and torch.equal(back.merged[name].V, d.V)
+    for name, t in state.extras.items():
+        assert torch.equal(back.extras[name], t)
+
+
+def test_fresh_state_has_no_adapter():
+    assert decode_state(encode_state(factories.GlobalState())).adapter is None
+
+
+def test_update_round_trip_is_bitwise():
+    update = factories.update(rank=4, seed=1, num_examples=37, rnd=2)
+    back = decode_update(encode_update(update), client_id="node-9")
+    assert_same_factors(back.factors, update.factors)
+    assert (back.num_examples, back.round, back.rank, back.alpha) == (37, 2, 4, 16.0)
+    assert back.metrics == update.metrics and back.client_id == "node-9"
+    for name, t in update.extras.items():
+        assert torch.equal(back.extras[name], t)
+
+
+def test_bytes_are_the_tensor_payload():
+    update = factories.update(rank=4, seed=1, num_examples=3)
+    floats = sum(f.A.numel() + f.B.numel() for f in update.factors.values())
+    floats += sum(t.numel() for t in update.extras.values())
+    payload = record_nbytes(encode_update(update))
+    assert floats * 4 <= payload < floats * 4 + 200 * (2 * len(update.factors) + len(update.extras))
+
+
+def test_bf16_model_update_survives_the_wire(tiny_bert_dir):
+    lora = LoraSection(rank=4, alpha=8.0, target_modules=["query", "value"])
+    model = load_classifier(ClassifierSpec.from_config(str(tiny_bert_dir), 2, lora, 0)).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    factors, extras = extract_adapter(model)
+    assert all(f.A.dtype == torch.bfloat16 for f in factors.values())
+    update = ClientUpdate(factors, extras, num_examples=5, round=1, rank=4, alpha=8.0)
+    back = decode_update(encode_update(update))
+    for name, f in factors.items():
+        assert back.factors[name].A.dtype == torch.float32
+        assert torch.equal(back.factors[name].A, f.A.float()) and torch.equal(back.factors[name].B, f.B.float())
+    for name, t in extras.items():
+        assert torch.equal(back.extras[name], t.float())
+
+
+def test_instructions_round_trip():
+    from fedpeft.config import RunConfig
+
+    config = RunConfig().client_config()
+    config.data.labels = ["a", "b"]
+    content = encode_train_message(
+        factories.GlobalState(), RoundInstructions(4, 99, ClientPlan(False, {"mu": 0.1}), config)
+    )
+    back = decode_instructions(content)
+    assert (back.round, back.init_seed, back.plan) == (4, 99, ClientPlan(False, {"mu": 0.1}))
+    assert back.client_config == config
+
+
+@pytest.mark.parametrize("drop", ["update", "update-meta", "metrics"])
+def test_missing_record_is_a_wire_error(drop):
+    content = encode_update(factories.update(rank=2, seed=0, num_examples=3))
+    del content[drop]
+    with pytest.raises(WireError, match=drop):
+        decode_update(content)
+
+
+def test_half_a_factor_pair_is_a_wire_error():
+    content = encode_update(factories.update(rank=2, seed=0, num_examples=3))
+    arrays = content["update"]
+    del arrays["lora/layer.0.q/B"]
+    with pytest.raises(WireError, match="lacks"):
+        decode_update(content)
+
+
+def test_negative_example_count_is_a_wire_error():
+    content = encode_update(factories.update(rank=2, seed=0, num_examples=3))
+    content["metrics"]["num-examples"] = -1
+    with pytest.raises(WireError, match="num-examples"):
+        decode_update(content)
+
+
+def test_empty_record_is_a_wire_error():
+    with pytest.raises(WireError):
+        decode_state(RecordDict())
