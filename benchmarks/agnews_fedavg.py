@@ -151,6 +151,16 @@ def run_centralized(config: RunConfig, splits: Splits, steps: int) -> dict[str, 
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``platform.processor()`` is empty on Linux)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     cfg, fed, cen = result["config"], result["federated"], result["centralized"]
     per_round = sorted(set(fed["clients_per_round"]))
@@ -188,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    load_before = os.getloadavg()
     config = build_config(args, data_dir)
     splits = load_splits(config.data, config.run.seed)
     run_dir = args.run_dir or new_run_dir(config)
@@ -206,10 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor(),
+            "processor": cpu_model(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "cuda": torch.cuda.is_available(),
+            # 1-minute load average at start and end: above the core count means another
+            # process shared the CPU and the wall times are inflated.
+            "loadavg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         },
         "config": config_to_dict(config),
         "train_rows": len(splits.train),

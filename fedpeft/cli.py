@@ -6,9 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedpeft.config import ConfigError, load_config
-
-USER_ERRORS = (ConfigError, FileNotFoundError)
+from fedpeft.config import load_config
+from fedpeft.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,10 +16,16 @@ def _parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run N virtual clients on this machine")
     sim.add_argument("config", type=Path, help="run configuration (TOML)")
     sim.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override a config value (repeatable), e.g. --set run.rounds=3",
     )
-    sim.add_argument("--run-dir", type=Path, help="where to write the run (default: a new folder in run.output_dir)")
+    sim.add_argument(
+        "--run-dir", type=Path, help="where to write the run (default: a new folder in run.output_dir)"
+    )
     sim.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint")
     return parser
 
@@ -38,12 +43,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from fedpeft.data import DataError
-    from fedpeft.models import ModelError
-
     try:
         return {"simulate": _simulate}[args.command](args)
-    except (*USER_ERRORS, DataError, ModelError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"fedpeft: error: {exc}", file=sys.stderr)
         return 2
 

@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedpeft.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration mistake the user can fix; the message says how."""
 
 
@@ -176,9 +178,7 @@ def _build(raw: dict[str, Any]) -> RunConfig:
     built: dict[str, Any] = {}
     for section, values in raw.items():
         if section not in sections:
-            raise ConfigError(
-                f"unknown section [{section}]; valid sections: {', '.join(sections)}"
-            )
+            raise ConfigError(f"unknown section [{section}]; valid sections: {', '.join(sections)}")
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table of keys, got {values!r}")
         cls = typing.get_type_hints(RunConfig)[section]
@@ -234,8 +234,10 @@ def _validate(config: RunConfig) -> None:
             f"server.min_clients ({config.server.min_clients}) exceeds data.num_clients "
             f"({config.data.num_clients}); lower it or add clients",
         ),
-        (1 <= config.min_replies <= config.server.min_clients,
-         "server.min_replies must be between 1 and server.min_clients"),
+        (
+            1 <= config.min_replies <= config.server.min_clients,
+            "server.min_replies must be between 1 and server.min_clients",
+        ),
         (config.simulation.cpus_per_client >= 1, "simulation.cpus_per_client must be at least 1"),
     ]
     for ok, message in checks:

@@ -14,6 +14,7 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
 from fedpeft import demo_data
 from fedpeft.config import DataSection
+from fedpeft.errors import UserError
 
 DEMO = "demo"
 _READERS = {
@@ -25,7 +26,7 @@ _READERS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data problem the user can fix; the message says how."""
 
 
@@ -56,9 +57,7 @@ def read_table(path: str | Path, spec: DataSection) -> pd.DataFrame:
         raise DataError(f"data file {path} does not exist; check data.source / data.test_source")
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
-        raise DataError(
-            f"cannot read {path.name}: use one of {', '.join(_READERS)} (by file extension)"
-        )
+        raise DataError(f"cannot read {path.name}: use one of {', '.join(_READERS)} (by file extension)")
     try:
         frame = reader(path, spec.columns)
     except (ValueError, OSError) as exc:
@@ -70,7 +69,9 @@ def read_table(path: str | Path, spec: DataSection) -> pd.DataFrame:
             "set data.text_field / data.label_field, or data.columns for a file without a header"
         )
     frame = frame[[spec.text_field, spec.label_field]].dropna()
-    return pd.DataFrame({"text": frame[spec.text_field].astype(str), "label": frame[spec.label_field].astype(str)})
+    return pd.DataFrame(
+        {"text": frame[spec.text_field].astype(str), "label": frame[spec.label_field].astype(str)}
+    )
 
 
 def _to_dataset(frame: pd.DataFrame, names: list[str], source: str | None) -> Dataset:

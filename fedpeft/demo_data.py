@@ -12,12 +12,42 @@ import random
 
 LABELS = ["billing", "delivery", "technical", "account"]
 
-_PRODUCTS = ["the blender", "my headphones", "the router", "the standing desk", "the e-reader",
-             "the coffee grinder", "my order", "the air purifier", "the smart watch", "the camera"]
-_OPENERS = ["Hi,", "Hello team,", "Good morning.", "Hey there,", "Quick question:", "Hi support,",
-            "Not happy right now.", "Sorry to bother you again,", "", "", ""]
-_CLOSERS = ["Thanks.", "Please help.", "Any update would be great.", "Cheers.",
-            "I need this sorted today.", "Thank you in advance.", "", "", ""]
+_PRODUCTS = [
+    "the blender",
+    "my headphones",
+    "the router",
+    "the standing desk",
+    "the e-reader",
+    "the coffee grinder",
+    "my order",
+    "the air purifier",
+    "the smart watch",
+    "the camera",
+]
+_OPENERS = [
+    "Hi,",
+    "Hello team,",
+    "Good morning.",
+    "Hey there,",
+    "Quick question:",
+    "Hi support,",
+    "Not happy right now.",
+    "Sorry to bother you again,",
+    "",
+    "",
+    "",
+]
+_CLOSERS = [
+    "Thanks.",
+    "Please help.",
+    "Any update would be great.",
+    "Cheers.",
+    "I need this sorted today.",
+    "Thank you in advance.",
+    "",
+    "",
+    "",
+]
 _TIMES = ["yesterday", "last week", "on Monday", "two days ago", "this morning", "since March"]
 
 _TEMPLATES: dict[str, list[str]] = {

@@ -52,9 +52,7 @@ def extract_adapter(model: PeftModel) -> tuple[dict[str, AdapterFactors], dict[s
     return factors, extras
 
 
-def load_adapter(
-    model: PeftModel, factors: dict[str, AdapterFactors], extras: dict[str, Tensor]
-) -> None:
+def load_adapter(model: PeftModel, factors: dict[str, AdapterFactors], extras: dict[str, Tensor]) -> None:
     """Write factors and extras into the model (ranks must match the model's adapter)."""
     layers = lora_layers(model)
     state: dict[str, Tensor] = {}

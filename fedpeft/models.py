@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from fedpeft.config import LoraSection
+from fedpeft.errors import UserError
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -29,7 +30,7 @@ EMBEDDED_MODELS = {
 }
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model that cannot be found or loaded; the message says what to do."""
 
 

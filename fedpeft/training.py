@@ -28,9 +28,7 @@ def encode(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
     return Encoded(input_ids=ids, labels=list(dataset["label"]))
 
 
-def collate(
-    data: Encoded, indices: list[int], tokenizer: PreTrainedTokenizerBase
-) -> dict[str, Tensor]:
+def collate(data: Encoded, indices: list[int], tokenizer: PreTrainedTokenizerBase) -> dict[str, Tensor]:
     batch = tokenizer.pad({"input_ids": [data.input_ids[i] for i in indices]}, return_tensors="pt")
     batch["labels"] = torch.tensor([data.labels[i] for i in indices])
     return dict(batch)
@@ -59,9 +57,28 @@ def train(
     seed: int,
     train_lora_A: bool = True,
 ) -> dict[str, float]:
-    """Run ``steps`` AdamW steps on the trainable parameters; returns the mean training loss."""
+    """Run ``steps`` AdamW steps on the trainable parameters; returns the mean training loss.
+
+    Batches and dropout masks are drawn from ``seed``, so a round is reproducible.
+    """
     if len(data) == 0:
         raise ValueError("this client has no training examples")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _train(model, tokenizer, data, steps, batch_size, lr, weight_decay, seed, train_lora_A)
+
+
+def _train(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Encoded,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    train_lora_A: bool,
+) -> dict[str, float]:
     for name, param in model.named_parameters():
         if "lora_A" in name:
             param.requires_grad_(train_lora_A)

@@ -28,12 +28,14 @@ def new_run_dir(config: RunConfig) -> Path:
     return path
 
 
-def make_server_app(config: RunConfig, run_dir: Path, *, resume: bool = False) -> ServerApp:
+def make_server_app(federated_run: FederatedRun) -> ServerApp:
+    """A ServerApp around a run that is already set up (so set-up errors surface before Flower
+    starts any client)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        FederatedRun(config, run_dir, resume=resume).run(grid)
+        federated_run.run(grid)
 
     return app
 

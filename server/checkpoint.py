@@ -75,7 +75,9 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         elif kind == "strategy":
             strategy_state[rest] = t
     for name, scale in meta["scales"].items():
-        adapter[name] = AdapterFactors(A=tensors[f"adapter/{name}/A"], B=tensors[f"adapter/{name}/B"], scale=scale)
+        adapter[name] = AdapterFactors(
+            A=tensors[f"adapter/{name}/A"], B=tensors[f"adapter/{name}/B"], scale=scale
+        )
     for key in tensors:
         if key.startswith("merged/") and key.endswith("/U"):
             name = key[len("merged/") : -len("/U")]

@@ -185,7 +185,9 @@ class FederatedRun:
         self.console.print(f"resuming {self.run_dir} after round {self.state.round}")
 
     def _finish(self, seconds: float) -> dict[str, Any]:
-        adapter_dir = export_adapter(self.state, self.run_dir / "adapter", resolve_model(self.config.model.name))
+        adapter_dir = export_adapter(
+            self.state, self.run_dir / "adapter", resolve_model(self.config.model.name)
+        )
         rounds = [r for r in self.recorder.rounds if r["round"] > 0]
         evals = [r for r in self.recorder.rounds if "eval_accuracy" in r]
         summary: dict[str, Any] = {

@@ -46,9 +46,13 @@ class RunRecorder:
         fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
         if evals:
             acc_ax.plot([r["round"] for r in evals], [r["eval_accuracy"] for r in evals], marker="o")
-            loss_ax.plot([r["round"] for r in evals], [r["eval_loss"] for r in evals], marker="o", label="eval")
+            loss_ax.plot(
+                [r["round"] for r in evals], [r["eval_loss"] for r in evals], marker="o", label="eval"
+            )
         if trains:
-            loss_ax.plot([r["round"] for r in trains], [r["train_loss"] for r in trains], marker="s", label="train")
+            loss_ax.plot(
+                [r["round"] for r in trains], [r["train_loss"] for r in trains], marker="s", label="train"
+            )
         acc_ax.set(title="held-out accuracy", xlabel="round", ylabel="accuracy")
         loss_ax.set(title="loss", xlabel="round", ylabel="cross-entropy")
         loss_ax.legend()

@@ -9,10 +9,12 @@ from pathlib import Path
 
 from fedpeft.config import RunConfig
 from server.app import make_server_app
+from server.loop import FederatedRun
 
 
 def simulate(config: RunConfig, run_dir: Path, *, resume: bool = False) -> Path:
     """Run ``config.data.num_clients`` virtual clients; returns the run directory."""
+    federated_run = FederatedRun(config, run_dir, resume=resume)
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
@@ -32,7 +34,7 @@ def simulate(config: RunConfig, run_dir: Path, *, resume: bool = False) -> Path:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         run_simulation(
-            server_app=make_server_app(config, run_dir, resume=resume),
+            server_app=make_server_app(federated_run),
             client_app=client_app,
             num_supernodes=config.data.num_clients,
             backend_config=backend_config,

@@ -3,7 +3,7 @@
 from fedpeft.state import ClientPlan
 from strategies.base import Strategy
 from strategies.fedavg import FedAvg
-from strategies.registry import available_strategies, create_strategy, register_strategy
+from strategies.registry import StrategyError, available_strategies, create_strategy, register_strategy
 
 register_strategy("fedavg")(FedAvg)
 
@@ -11,6 +11,7 @@ __all__ = [
     "ClientPlan",
     "FedAvg",
     "Strategy",
+    "StrategyError",
     "available_strategies",
     "create_strategy",
     "register_strategy",

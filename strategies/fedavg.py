@@ -33,9 +33,7 @@ class FedAvg:
             )
             for module in first.factors
         }
-        extras = {
-            name: weighted_sum((u.extras[name] for u in updates), p) for name in first.extras
-        }
+        extras = {name: weighted_sum((u.extras[name] for u in updates), p) for name in first.extras}
         return GlobalState(round=rnd, merged=state.merged, adapter=adapter, extras=extras)
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,11 +8,16 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
+from fedpeft.errors import UserError
 from strategies.base import Strategy
 
 ENTRY_POINT_GROUP = "fedpeft.strategies"
 
 _REGISTRY: dict[str, Callable[..., Strategy]] = {}
+
+
+class StrategyError(UserError):
+    """A strategy that cannot be found, built or given these options."""
 
 
 def register_strategy(name: str) -> Callable[[type], type]:
@@ -39,7 +44,7 @@ def create_strategy(spec: str, options: dict[str, Any] | None = None) -> Strateg
     _check_options(spec, factory, options)
     strategy = factory(**options)
     if not isinstance(strategy, Strategy):
-        raise TypeError(
+        raise StrategyError(
             f"strategy {spec!r} does not implement the Strategy protocol "
             "(name, client_instructions, aggregate, state_dict, load_state_dict)"
         )
@@ -54,13 +59,13 @@ def _resolve(spec: str) -> Callable[..., Strategy]:
         try:
             return getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
-            raise ValueError(
+            raise StrategyError(
                 f"cannot load strategy {spec!r} ({exc}); check the module is importable "
                 "and the class name is right"
             ) from exc
     for ep in entry_points(group=ENTRY_POINT_GROUP, name=spec):
         return ep.load()
-    raise ValueError(
+    raise StrategyError(
         f"unknown strategy {spec!r}; choose one of {', '.join(available_strategies())} "
         "or give 'package.module:ClassName'"
     )
@@ -73,6 +78,6 @@ def _check_options(spec: str, factory: Callable[..., Any], options: dict[str, An
     unknown = sorted(set(options) - set(params))
     if unknown:
         valid = ", ".join(params) or "none"
-        raise ValueError(
+        raise StrategyError(
             f"strategy {spec!r} has no option {', '.join(map(repr, unknown))}; valid options: {valid}"
         )

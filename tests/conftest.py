@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
 
@@ -26,8 +26,12 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT (hidden 32, intermediate 48) with MiniLM's tokenizer, saved as a model dir."""
     path = tmp_path_factory.mktemp("tiny-bert")
     config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=48, max_position_embeddings=128,
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=128,
     )
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(path)
@@ -42,12 +46,14 @@ class LocalGrid:
     the real fedpeft client. Node ``i`` gets ``partition-id = i``.
     """
 
-    def __init__(self, num_nodes: int, handlers: dict[int, Callable[[Message, Context], Message]] | None = None):
+    def __init__(
+        self, num_nodes: int, handlers: dict[int, Callable[[Message, Context], Message]] | None = None
+    ):
         from client.app import train
 
         self.nodes = list(range(num_nodes))
         self.handlers = {n: train for n in self.nodes} | (handlers or {})
-        TaskIdentity.run_id, TaskIdentity.task_id = 1, 1
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
@@ -57,9 +63,13 @@ class LocalGrid:
         for msg in messages:
             node = msg.metadata.dst_node_id
             TaskIdentity.node_id = node
-            context = Context(run_id=1, node_id=node, node_config={"partition-id": node},
-                              state=RecordDict(), run_config={})
-            reply = self.handlers[node](msg, context)
+            context = Context(
+                run_id=1, node_id=node, node_config={"partition-id": node}, state=RecordDict(), run_config={}
+            )
+            try:
+                reply = self.handlers[node](msg, context)
+            except Exception as exc:  # as Flower's runtime does: an error reply, not a crash
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
             TaskIdentity.node_id = 0
             if reply is not None:
                 replies.append(reply)

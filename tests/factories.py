@@ -41,7 +41,9 @@ def update(rank: int, seed: int, num_examples: int, rnd: int = 1, alpha: float =
 def merged(rank: int, seed: int) -> dict[str, LowRankDelta]:
     gen = torch.Generator().manual_seed(seed)
     return {
-        name: LowRankDelta(U=torch.randn(d_out, rank, generator=gen), V=torch.randn(rank, d_in, generator=gen))
+        name: LowRankDelta(
+            U=torch.randn(d_out, rank, generator=gen), V=torch.randn(rank, d_in, generator=gen)
+        )
         for name, (d_out, d_in) in SHAPES.items()
     }
 

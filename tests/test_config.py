@@ -21,7 +21,9 @@ def test_quickstart_config_loads():
 
 def test_overrides_are_typed_and_win(tmp_path):
     path = write(tmp_path, "[train]\nlr = 0.1\n[strategy]\nname = 'fedavg'\nextra = 3\n")
-    config = load_config(path, ["train.lr=1e-3", "run.rounds=7", "data.source=/tmp/x.csv", 'lora.target_modules=["q", "v"]'])
+    config = load_config(
+        path, ["train.lr=1e-3", "run.rounds=7", "data.source=/tmp/x.csv", 'lora.target_modules=["q", "v"]']
+    )
     assert config.train.lr == 1e-3 and config.run.rounds == 7
     assert config.data.source == "/tmp/x.csv" and config.lora.target_modules == ["q", "v"]
     assert config.strategy.options == {"extra": 3}

@@ -33,7 +33,9 @@ def test_headerless_tsv_with_quotes(tmp_path):
 
 def test_jsonl_with_named_fields_and_fixed_labels(tmp_path):
     path = tmp_path / "rows.jsonl"
-    path.write_text("\n".join(json.dumps({"body": f"t{i}", "y": "pos" if i % 2 else "neg"}) for i in range(6)))
+    path.write_text(
+        "\n".join(json.dumps({"body": f"t{i}", "y": "pos" if i % 2 else "neg"}) for i in range(6))
+    )
     spec = DataSection(source=str(path), text_field="body", label_field="y", labels=["pos", "neg"])
     splits = load_splits(spec, 0)
     assert splits.train["label"] == [1, 0, 1, 0, 1, 0] and splits.test is None

@@ -33,8 +33,10 @@ def test_exported_adapter_loads_in_plain_peft_and_matches(tiny_bert_dir, tmp_pat
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     adapter, extras = extract_adapter(host.model)
     merged = {
-        name: LowRankDelta(U=torch.randn(layer.out_features, 2, generator=gen) * 0.3,
-                           V=torch.randn(2, layer.in_features, generator=gen) * 0.3)
+        name: LowRankDelta(
+            U=torch.randn(layer.out_features, 2, generator=gen) * 0.3,
+            V=torch.randn(2, layer.in_features, generator=gen) * 0.3,
+        )
         for name, layer in list(host.layers.items())[:3]  # some modules merged, others not
     }
     state = GlobalState(round=2, merged=merged, adapter=adapter, extras=extras)
@@ -47,9 +49,13 @@ def test_exported_adapter_loads_in_plain_peft_and_matches(tiny_bert_dir, tmp_pat
     out = export_adapter(state, tmp_path / "adapter", str(tiny_bert_dir))
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["classifier"] and config["r"] == 6
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=3, ignore_mismatched_sizes=True)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_bert_dir, num_labels=3, ignore_mismatched_sizes=True
+    )
     loaded = PeftModel.from_pretrained(base, out).eval()
-    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        loaded(input_ids=ids, attention_mask=mask).logits, expected, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_export_of_empty_state_is_refused(tmp_path):

@@ -77,7 +77,9 @@ def test_bf16_model_update_survives_the_wire(tiny_bert_dir):
     back = decode_update(encode_update(update))
     for name, f in factors.items():
         assert back.factors[name].A.dtype == torch.float32
-        assert torch.equal(back.factors[name].A, f.A.float()) and torch.equal(back.factors[name].B, f.B.float())
+        assert torch.equal(back.factors[name].A, f.A.float()) and torch.equal(
+            back.factors[name].B, f.B.float()
+        )
     for name, t in extras.items():
         assert torch.equal(back.extras[name], t.float())
 

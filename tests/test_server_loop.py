@@ -1,0 +1,101 @@
+"""The server round loop against real ClientApp code in-process: validation, drops, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import Message
+
+from client.app import train
+from fedpeft.config import load_config
+from fedpeft.wire import decode_update, encode_update
+from server.loop import FederatedRun, RoundFailed
+from tests.conftest import LocalGrid
+
+
+def small_config(model_dir, **extra):
+    overrides = {
+        "model.name": f"'{model_dir}'",
+        "data.num_clients": 3,
+        "data.demo_train_size": 120,
+        "data.demo_test_size": 40,
+        "data.min_partition_size": 5,
+        "train.local_steps": 2,
+        "train.batch_size": 8,
+        "server.fraction": 1.0,
+        "server.min_clients": 3,
+        "run.rounds": 2,
+        "lora.rank": 2,
+        "lora.alpha": 4.0,
+    }
+    overrides.update(extra)
+    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def tampered(edit):
+    """A client that trains honestly, then edits its reply's decoded update."""
+
+    def handler(msg: Message, context) -> Message:
+        reply = train(msg, context)
+        update = decode_update(reply.content)
+        edit(update)
+        return Message(encode_update(update), reply_to=msg)
+
+    return handler
+
+
+def nan_factors(update):
+    first = next(iter(update.factors.values()))
+    first.A[0, 0] = float("nan")
+
+
+def wrong_shape(update):
+    first = next(iter(update.factors.values()))
+    first.B = torch.zeros(first.B.shape[0] + 1, first.B.shape[1])
+
+
+def failing(msg, context):
+    raise RuntimeError("disk full")
+
+
+def test_invalid_replies_are_dropped_with_reasons(tiny_bert_dir, tmp_path):
+    config = small_config(tiny_bert_dir, **{"server.min_replies": 1})
+    grid = LocalGrid(3, {1: tampered(nan_factors), 2: tampered(wrong_shape)})
+    summary = FederatedRun(config, tmp_path).run(grid)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        reasons = {d["node"]: d["reason"] for d in row["dropped"]}
+        assert row["clients_aggregated"] == 1
+        assert "NaN or Inf" in reasons["1"]
+        assert "shapes" in reasons["2"] or "differ" in reasons["2"]
+        assert row["bytes_up"] > 0 and row["train_loss"] > 0
+    assert summary["clients_dropped"] == 4
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "metrics.png").is_file()
+
+
+def test_round_is_retried_then_fails_clearly(tiny_bert_dir, tmp_path):
+    config = small_config(tiny_bert_dir, **{"server.max_retries": 1, "run.rounds": 1})
+    grid = LocalGrid(3, {0: failing})
+    with pytest.raises(RoundFailed, match="round 1 got fewer than 3 valid replies in 2 attempts"):
+        FederatedRun(config, tmp_path).run(grid)
+
+
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny_bert_dir, tmp_path):
+    config = small_config(tiny_bert_dir, **{"server.fraction": 0.5, "server.min_clients": 2, "run.rounds": 3})
+    straight = FederatedRun(config, tmp_path / "straight")
+    straight.run(LocalGrid(3))
+
+    short = small_config(tiny_bert_dir, **{"server.fraction": 0.5, "server.min_clients": 2, "run.rounds": 1})
+    FederatedRun(short, tmp_path / "resumed").run(LocalGrid(3))
+    resumed = FederatedRun(config, tmp_path / "resumed", resume=True)
+    resumed.run(LocalGrid(3))
+
+    for name, f in straight.state.adapter.items():
+        assert torch.equal(resumed.state.adapter[name].A, f.A)
+        assert torch.equal(resumed.state.adapter[name].B, f.B)
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
