@@ -9,9 +9,20 @@ from flwr.clientapp import ClientApp
 from client import runtime
 from fedpeft.state import ClientUpdate
 from fedpeft.training import train as train_locally
-from fedpeft.wire import decode_instructions, decode_state, encode_update
+from fedpeft.wire import decode_instructions, decode_state, encode_identity, encode_update
 
 app = ClientApp()
+
+
+def client_id(context: Context) -> str:
+    """A name for this client that is stable across runs (Flower's node ids are not)."""
+    return f"partition-{int(context.node_config['partition-id'])}"
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server who this node is, so that sampling is reproducible."""
+    return Message(encode_identity(client_id(context)), reply_to=msg)
 
 
 @app.train()

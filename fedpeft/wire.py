@@ -156,6 +156,15 @@ def _split(
 
 
 PLAN = "plan"
+IDENTITY = "identity"
+
+
+def encode_identity(client_id: str) -> RecordDict:
+    return RecordDict({IDENTITY: ConfigRecord({"client-id": client_id})})
+
+
+def decode_identity(content: RecordDict) -> str:
+    return _meta(_get(content, IDENTITY, ConfigRecord), "client-id", str)
 
 
 @dataclass

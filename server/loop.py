@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message, MessageType
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 from rich.table import Table
@@ -23,6 +23,7 @@ from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
 from fedpeft.wire import (
     RoundInstructions,
     WireError,
+    decode_identity,
     decode_update,
     encode_train_message,
     record_nbytes,
@@ -67,6 +68,7 @@ class FederatedRun:
         self.evaluator = CentralEvaluator(config, self.splits) if config.server.evaluate else None
         self.rng = random.Random(config.run.seed)
         self.state = GlobalState()
+        self.identities: dict[int, str] = {}  # Flower node id -> stable client id
         if resume:
             self._resume()
         else:
@@ -139,27 +141,29 @@ class FederatedRun:
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():
-                outcome.dropped.append({"node": str(node), "reason": f"client error: {reply.error.reason}"})
+                outcome.dropped.append(self._drop(node, f"client error: {reply.error.reason}"))
                 continue
             outcome.bytes_up += record_nbytes(reply.content)
             try:
                 decoded.append(decode_update(reply.content, client_id=str(node)))
             except WireError as exc:
-                outcome.dropped.append({"node": str(node), "reason": f"malformed reply: {exc}"})
+                outcome.dropped.append(self._drop(node, f"malformed reply: {exc}"))
         for node in sorted(set(nodes) - answered):
-            outcome.dropped.append(
-                {"node": str(node), "reason": f"no reply within {self.config.server.round_timeout:g}s"}
-            )
+            outcome.dropped.append(self._drop(node, f"no reply within {self.config.server.round_timeout:g}s"))
         reference = reference_signature(self.state, decoded)
         for update in decoded:
             reason = validate(update, rnd, reference)
             if reason is None:
                 outcome.updates.append(update)
             else:
-                outcome.dropped.append({"node": update.client_id, "reason": f"invalid update: {reason}"})
+                outcome.dropped.append(self._drop(int(update.client_id), f"invalid update: {reason}"))
         for drop in outcome.dropped:
-            self.console.print(f"[yellow]round {rnd}: dropped node {drop['node']}: {drop['reason']}[/yellow]")
+            who = f"{drop['client']} (node {drop['node']})"
+            self.console.print(f"[yellow]round {rnd}: dropped {who}: {drop['reason']}[/yellow]")
         return outcome
+
+    def _drop(self, node: int, reason: str) -> dict[str, str]:
+        return {"node": str(node), "client": self.identities.get(node, "?"), "reason": reason}
 
     def _sample(self, grid: Grid) -> list[int]:
         need = self.config.server.min_clients
@@ -173,8 +177,23 @@ class FederatedRun:
                 )
             time.sleep(1.0)
             nodes = sorted(grid.get_node_ids())
-        k = min(len(nodes), max(need, math.ceil(self.config.server.fraction * len(nodes))))
-        return self.rng.sample(nodes, k)
+        self._identify(grid, nodes)
+        known = sorted((n for n in nodes if n in self.identities), key=self.identities.__getitem__)
+        k = min(len(known), max(need, math.ceil(self.config.server.fraction * len(known))))
+        return self.rng.sample(known, k)
+
+    def _identify(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask nodes seen for the first time for their stable client id (one small query each)."""
+        new = [n for n in nodes if n not in self.identities]
+        if not new:
+            return
+        queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in new]
+        for reply in grid.send_and_receive(queries, timeout=self.config.server.round_timeout):
+            if not reply.has_error():
+                try:
+                    self.identities[reply.metadata.src_node_id] = decode_identity(reply.content)
+                except WireError:
+                    pass  # a node that cannot say who it is is not sampled
 
     def _resume(self) -> None:
         checkpoint = load_checkpoint(self.run_dir)

@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.app import Context, Error, Message, MessageType, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
 
@@ -42,17 +42,23 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class LocalGrid:
     """Delivers messages to ClientApp functions in this process (no Ray, no network).
 
-    ``handlers`` maps node id -> callable(message, context) -> reply; by default every node runs
-    the real fedpeft client. Node ``i`` gets ``partition-id = i``.
+    Node ids are unrelated to partition ids, as in Flower. ``handlers`` maps a partition id to a
+    callable(message, context) -> reply for training messages; by default every node runs the real
+    fedpeft client. Queries go to the real ``identify``.
     """
 
     def __init__(
-        self, num_nodes: int, handlers: dict[int, Callable[[Message, Context], Message]] | None = None
+        self,
+        num_nodes: int,
+        handlers: dict[int, Callable[[Message, Context], Message]] | None = None,
+        node_ids: list[int] | None = None,
     ):
-        from client.app import train
+        from client.app import identify, train
 
-        self.nodes = list(range(num_nodes))
-        self.handlers = {n: train for n in self.nodes} | (handlers or {})
+        self.nodes = node_ids or [1000 + 7 * i for i in range(num_nodes)]
+        self.handlers = {n: train for n in self.nodes}
+        self.handlers |= {self.nodes[i]: h for i, h in (handlers or {}).items()}
+        self.identify = identify
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
     def get_node_ids(self) -> list[int]:
@@ -64,13 +70,17 @@ class LocalGrid:
             node = msg.metadata.dst_node_id
             TaskIdentity.node_id = node
             context = Context(
-                run_id=1, node_id=node, node_config={"partition-id": node}, state=RecordDict(), run_config={}
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": self.nodes.index(node)},
+                state=RecordDict(),
+                run_config={},
             )
+            handler = self.identify if msg.metadata.message_type == MessageType.QUERY else self.handlers[node]
             try:
-                reply = self.handlers[node](msg, context)
+                reply = handler(msg, context)
             except Exception as exc:  # as Flower's runtime does: an error reply, not a crash
                 reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
             TaskIdentity.node_id = 0
-            if reply is not None:
-                replies.append(reply)
+            replies.append(reply)
         return replies

@@ -9,6 +9,7 @@ import pytest
 from fedpeft import demo_data
 from fedpeft.config import DataSection
 from fedpeft.data import DataError, load_splits, partition
+from tests.conftest import SHARED_DATA
 
 
 def test_demo_data_is_deterministic_balanced_and_held_out():
@@ -88,3 +89,19 @@ def test_impossible_partition_is_a_data_error():
     spec = DataSection(num_clients=8, partition="dirichlet", dirichlet_alpha=0.1, min_partition_size=400)
     with pytest.raises(DataError, match="lower data.min_partition_size"):
         partition(load_splits(spec, 0).train, spec, 0, seed=0)
+
+
+AGNEWS = SHARED_DATA / "agnews" / "alps"
+
+
+@pytest.mark.skipif(
+    not AGNEWS.is_dir(), reason=f"real datasets absent: {AGNEWS} (see ../shared/data/README.md)"
+)
+def test_agnews_tsv_loads_with_four_topics():
+    spec = DataSection(
+        source=str(AGNEWS / "dev.tsv"), test_source=str(AGNEWS / "test.tsv"), columns=["text", "label"]
+    )
+    splits = load_splits(spec, 0)
+    assert splits.label_names == ["Business", "Sci/Tech", "Sports", "World"]
+    assert len(splits.test) == 7600 and len(splits.train) > 9900
+    assert all(len(t) > 20 for t in splits.train["text"][:100])
