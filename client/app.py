@@ -1,4 +1,11 @@
-"""The Flower ClientApp: apply the global state, train locally, reply with the LoRA factors."""
+"""The Flower ClientApp: apply the global state, train locally, reply with the LoRA factors.
+
+Message types it answers:
+- ``query.identify``: a client id that is stable across runs (Flower's node ids are not);
+- ``query.initial_adapter``: the untrained, seeded adapter and head, so the server holds the
+  global adapter explicitly from round 1 (it never loads the model to build it);
+- ``train``: one round of local training.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +14,38 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client import runtime
-from fedpeft.state import ClientUpdate
+from fedpeft.state import ClientUpdate, GlobalState
 from fedpeft.training import train as train_locally
-from fedpeft.wire import decode_instructions, decode_state, encode_identity, encode_update
+from fedpeft.wire import decode_instructions, decode_state, encode_identity, encode_state, encode_update
 
 app = ClientApp()
 
 
-def client_id(context: Context) -> str:
-    """A name for this client that is stable across runs (Flower's node ids are not)."""
-    return f"partition-{int(context.node_config['partition-id'])}"
-
-
-@app.query()
+@app.query("identify")
 def identify(msg: Message, context: Context) -> Message:
-    """Tell the server who this node is, so that sampling is reproducible."""
-    return Message(encode_identity(client_id(context)), reply_to=msg)
+    return Message(encode_identity(runtime.client_id(context)), reply_to=msg)
+
+
+@app.query("initial_adapter")
+def initial_adapter(msg: Message, context: Context) -> Message:
+    instructions = decode_instructions(msg.content)
+    config = instructions.client_config
+    host = runtime.model_host(runtime.classifier_spec(config, config.lora.rank))
+    host.load_state(GlobalState(), init_seed=instructions.init_seed)
+    factors, extras = host.read_update()
+    return Message(encode_state(GlobalState(adapter=factors, extras=extras)), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training on this node's partition."""
+    """One round of local training on this node's data."""
     instructions = decode_instructions(msg.content)
     config = instructions.client_config
     torch.set_num_threads(config.threads)
     partition_id = int(context.node_config["partition-id"])
+    rank = runtime.client_rank(config, context)
 
-    host = runtime.model_host(runtime.classifier_spec(config))
+    host = runtime.model_host(runtime.classifier_spec(config, rank))
     tokenizer = runtime.tokenizer(config.model.name)
     data = runtime.partition_data(config, partition_id)
     host.load_state(decode_state(msg.content), init_seed=instructions.init_seed)
@@ -54,8 +66,8 @@ def train(msg: Message, context: Context) -> Message:
         extras=extras,
         num_examples=len(data),
         round=instructions.round,
-        rank=config.lora.rank,
+        rank=rank,
         alpha=config.lora.alpha,
         metrics=metrics,
     )
-    return Message(encode_update(update), reply_to=msg)
+    return Message(encode_update(update, send_A=instructions.plan.send_lora_A), reply_to=msg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from flwr.app import Context
 from transformers import PreTrainedTokenizerBase
 
 from fedpeft.config import ClientConfig
@@ -17,11 +18,24 @@ from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
 from fedpeft.training import Encoded, encode
 
 
-def classifier_spec(config: ClientConfig) -> ClassifierSpec:
+def client_id(context: Context) -> str:
+    """A name for this client that is stable across runs (Flower's node ids are not)."""
+    return f"partition-{int(context.node_config['partition-id'])}"
+
+
+def client_rank(config: ClientConfig, context: Context) -> int:
+    """This client's LoRA rank: ``lora.client_ranks`` cycled over partitions, else ``lora.rank``."""
+    ranks = config.lora.client_ranks
+    if not ranks:
+        return config.lora.rank
+    return ranks[int(context.node_config["partition-id"]) % len(ranks)]
+
+
+def classifier_spec(config: ClientConfig, rank: int) -> ClassifierSpec:
     labels = config.data.labels
     if not labels:
         raise ValueError("the client configuration carries no label names (data.labels)")
-    return ClassifierSpec.from_config(config.model.name, len(labels), config.lora, config.seed)
+    return ClassifierSpec.from_config(config.model.name, len(labels), config.lora, config.seed, rank=rank)
 
 
 @lru_cache(maxsize=2)

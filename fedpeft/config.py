@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -41,6 +42,7 @@ class LoraSection:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] | None = None
+    client_ranks: list[int] | None = None
 
 
 @dataclass
@@ -139,6 +141,12 @@ class RunConfig:
         )
 
     @property
+    def clients_per_round(self) -> int:
+        """How many clients the server samples each round (when all are connected)."""
+        n = self.data.num_clients
+        return min(n, max(self.server.min_clients, math.ceil(self.server.fraction * n)))
+
+    @property
     def min_replies(self) -> int:
         return self.server.min_replies or self.server.min_clients
 
@@ -221,6 +229,10 @@ def _validate(config: RunConfig) -> None:
         (config.run.rounds >= 1, "run.rounds must be at least 1"),
         (config.lora.rank >= 1, "lora.rank must be at least 1"),
         (config.lora.alpha > 0, "lora.alpha must be positive"),
+        (
+            all(isinstance(r, int) and r >= 1 for r in config.lora.client_ranks or []),
+            "lora.client_ranks must be a list of positive integers, e.g. [4, 8, 16]",
+        ),
         (config.data.num_clients >= 1, "data.num_clients must be at least 1"),
         (config.data.partition in ("iid", "dirichlet"), "data.partition must be 'iid' or 'dirichlet'"),
         (config.data.dirichlet_alpha > 0, "data.dirichlet_alpha must be positive"),

@@ -60,9 +60,12 @@ class ClassifierSpec:
     seed: int
 
     @classmethod
-    def from_config(cls, name: str, num_labels: int, lora: LoraSection, seed: int) -> ClassifierSpec:
+    def from_config(
+        cls, name: str, num_labels: int, lora: LoraSection, seed: int, rank: int | None = None
+    ) -> ClassifierSpec:
+        """The spec for ``lora`` at ``rank`` (default ``lora.rank``)."""
         targets = tuple(lora.target_modules) if lora.target_modules else None
-        return cls(name, num_labels, lora.rank, lora.alpha, lora.dropout, targets, seed)
+        return cls(name, num_labels, rank or lora.rank, lora.alpha, lora.dropout, targets, seed)
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

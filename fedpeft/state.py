@@ -20,6 +20,7 @@ class ClientPlan:
     """What a strategy asks clients to do this round, beyond applying the global state."""
 
     train_lora_A: bool = True
+    send_lora_A: bool = True
     options: dict[str, bool | int | float | str] = field(default_factory=dict)
 
 

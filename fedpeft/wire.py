@@ -70,15 +70,18 @@ def decode_state(content: RecordDict) -> GlobalState:
     return GlobalState(round=_meta(meta, "round", int), merged=merged, adapter=adapter, extras=extras)
 
 
-def encode_update(update: ClientUpdate) -> RecordDict:
+def encode_update(update: ClientUpdate, send_A: bool = True) -> RecordDict:
+    """The reply record; with ``send_A=False`` (frozen, shared A) only B travels."""
     arrays: dict[str, Array] = {}
-    meta: dict[str, int | float | str] = {
+    meta: dict[str, int | float | str | bool] = {
         "round": update.round,
         "rank": update.rank,
         "alpha": float(update.alpha),
+        "sent-A": send_A,
     }
     for name, f in update.factors.items():
-        arrays[f"lora/{name}/A"] = to_array(f.A)
+        if send_A:
+            arrays[f"lora/{name}/A"] = to_array(f.A)
         arrays[f"lora/{name}/B"] = to_array(f.B)
         meta[f"scale/{name}"] = f.scale
     for name, t in update.extras.items():
@@ -93,10 +96,20 @@ def encode_update(update: ClientUpdate) -> RecordDict:
     )
 
 
-def decode_update(content: RecordDict, client_id: str = "") -> ClientUpdate:
+def decode_update(
+    content: RecordDict, client_id: str = "", frozen: dict[str, AdapterFactors] | None = None
+) -> ClientUpdate:
+    """Decode a reply; a reply without A (``sent-A`` false) takes A from ``frozen``."""
     arrays, meta = _get(content, UPDATE_ARRAYS, ArrayRecord), _get(content, UPDATE_META, ConfigRecord)
     metrics = dict(_get(content, UPDATE_METRICS, MetricRecord))
-    groups, extras = _split(arrays, {"lora": ("A", "B")})
+    sent_A = _meta(meta, "sent-A", bool)
+    groups, extras = _split(arrays, {"lora": ("A", "B") if sent_A else ("B",)})
+    if not sent_A:
+        missing = sorted(set(groups["lora"]) - set(frozen or {}))
+        if missing:
+            raise WireError(f"the reply omits A but there is no frozen A for {missing[:3]}")
+        for name, pair in groups["lora"].items():
+            pair["A"] = frozen[name].A  # type: ignore[index]
     factors = {
         n: AdapterFactors(A=p["A"], B=p["B"], scale=_meta(meta, f"scale/{n}", float))
         for n, p in groups["lora"].items()
@@ -182,6 +195,7 @@ def encode_instructions(instructions: RoundInstructions) -> ConfigRecord:
         "round": instructions.round,
         "init-seed": instructions.init_seed,
         "train-lora-A": instructions.plan.train_lora_A,
+        "send-lora-A": instructions.plan.send_lora_A,
         "client-config": instructions.client_config.to_json(),
     }
     record.update({f"option/{k}": v for k, v in instructions.plan.options.items()})
@@ -194,7 +208,11 @@ def decode_instructions(content: RecordDict) -> RoundInstructions:
     return RoundInstructions(
         round=_meta(record, "round", int),
         init_seed=_meta(record, "init-seed", int),
-        plan=ClientPlan(train_lora_A=_meta(record, "train-lora-A", bool), options=options),
+        plan=ClientPlan(
+            train_lora_A=_meta(record, "train-lora-A", bool),
+            send_lora_A=_meta(record, "send-lora-A", bool),
+            options=options,
+        ),
         client_config=ClientConfig.from_json(_meta(record, "client-config", str)),
     )
 

@@ -35,12 +35,7 @@ def save_checkpoint(run_dir: Path, state: GlobalState, rng_state: Any) -> Path:
         tensors[f"adapter/{name}/A"], tensors[f"adapter/{name}/B"] = f.A, f.B
     for name, t in state.extras.items():
         tensors[f"extra/{name}"] = t
-    strategy_scalars = {}
-    for key, value in state.strategy_state.items():
-        if isinstance(value, Tensor):
-            tensors[f"strategy/{key}"] = value
-        else:
-            strategy_scalars[key] = value
+    strategy_scalars = _tensors_out(state.strategy_state, "strategy", tensors)
     meta = {
         "round": state.round,
         "has_adapter": state.adapter is not None,
@@ -67,13 +62,11 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     merged: dict[str, LowRankDelta] = {}
     adapter: dict[str, AdapterFactors] = {}
     extras: dict[str, Tensor] = {}
-    strategy_state: dict[str, Any] = dict(meta["strategy"])
+    strategy_state: dict[str, Any] = _tensors_in(meta["strategy"], tensors)
     for key, t in tensors.items():
         kind, _, rest = key.partition("/")
         if kind == "extra":
             extras[rest] = t
-        elif kind == "strategy":
-            strategy_state[rest] = t
     for name, scale in meta["scales"].items():
         adapter[name] = AdapterFactors(
             A=tensors[f"adapter/{name}/A"], B=tensors[f"adapter/{name}/B"], scale=scale
@@ -90,6 +83,24 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         strategy_state=strategy_state,
     )
     return Checkpoint(state=state, rng_state=_tuplify(meta["rng"]))
+
+
+def _tensors_out(value: Any, path: str, tensors: dict[str, Tensor]) -> Any:
+    """A JSON-able copy of nested strategy state; tensors go to ``tensors`` under their path."""
+    if isinstance(value, Tensor):
+        tensors[path] = value
+        return {"__tensor__": path}
+    if isinstance(value, dict):
+        return {k: _tensors_out(v, f"{path}/{k}", tensors) for k, v in value.items()}
+    return value
+
+
+def _tensors_in(value: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        return {k: _tensors_in(v, tensors) for k, v in value.items()}
+    return value
 
 
 def _tuplify(value: Any) -> Any:

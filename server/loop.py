@@ -24,6 +24,7 @@ from fedpeft.wire import (
     RoundInstructions,
     WireError,
     decode_identity,
+    decode_state,
     decode_update,
     encode_train_message,
     record_nbytes,
@@ -32,7 +33,7 @@ from server.checkpoint import load_checkpoint, save_checkpoint
 from server.evaluation import CentralEvaluator
 from server.report import RunRecorder
 from server.validation import reference_signature, validate
-from strategies import Strategy, create_strategy
+from strategies import StopFederation, Strategy, create_strategy
 
 NODE_WAIT_SECONDS = 120.0
 
@@ -60,7 +61,11 @@ class FederatedRun:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = console or Console()
-        self.strategy: Strategy = create_strategy(config.strategy.name, config.strategy.options)
+        self.strategy: Strategy = create_strategy(
+            config.strategy.name,
+            config.strategy.options,
+            context={"clients_per_round": config.clients_per_round, "num_clients": config.data.num_clients},
+        )
         self.splits = load_splits(config.data, config.run.seed)
         self.client_config = config.client_config()
         self.client_config.data.labels = self.splits.label_names
@@ -80,17 +85,44 @@ class FederatedRun:
 
     def run(self, grid: Grid) -> dict[str, Any]:
         started = time.perf_counter()
-        if self.state.round == 0 and self.evaluator is not None:
-            row = {"round": 0, **self.evaluator(self.state, self.init_seed(1))}
-            self.recorder.record(row)
-            self._print_round(row)
+        if self.state.round == 0:
+            self._fetch_initial_adapter(grid)
+            if self.evaluator is not None:
+                row = {"round": 0, **self.evaluator(self.state, self.init_seed(1))}
+                self.recorder.record(row)
+                self._print_round(row)
+        stopped = None
         for rnd in range(self.state.round + 1, self.config.run.rounds + 1):
-            self._run_round(grid, rnd)
-        return self._finish(time.perf_counter() - started)
+            try:
+                plan = self.strategy.client_instructions(rnd, self.state)
+            except StopFederation as stop:
+                stopped = f"stopped before round {rnd}: {stop}"
+                self.console.print(f"[bold yellow]{stopped}[/bold yellow]")
+                break
+            self._run_round(grid, rnd, plan)
+        return self._finish(time.perf_counter() - started, stopped)
 
-    def _run_round(self, grid: Grid, rnd: int) -> None:
+    def _fetch_initial_adapter(self, grid: Grid) -> None:
+        """Make the untrained global adapter explicit: ask one client for its seeded init.
+
+        Skipped when clients train at different ranks: there is no single adapter then, and each
+        client starts from its own seeded init (``GlobalState.adapter is None``).
+        """
+        if len(set(self.config.lora.client_ranks or [])) > 1:
+            return
+        node = self._sample(grid, count=1)[0]
+        instructions = RoundInstructions(0, self.init_seed(1), ClientPlan(), self.client_config)
+        content = encode_train_message(GlobalState(), instructions)
+        message = Message(content=content, message_type="query.initial_adapter", dst_node_id=node)
+        replies = list(grid.send_and_receive([message], timeout=self.config.server.round_timeout))
+        if not replies or replies[0].has_error():
+            reason = replies[0].error.reason if replies else "no reply"
+            raise RoundFailed(f"could not get the initial adapter from node {node}: {reason}")
+        initial = decode_state(replies[0].content)
+        self.state = GlobalState(adapter=initial.adapter, extras=initial.extras)
+
+    def _run_round(self, grid: Grid, rnd: int, plan: ClientPlan) -> None:
         t0 = time.perf_counter()
-        plan = self.strategy.client_instructions(rnd, self.state)
         outcome = RoundOutcome()
         for attempt in range(1, self.config.server.max_retries + 2):
             outcome = self._attempt(grid, rnd, plan)
@@ -105,7 +137,9 @@ class FederatedRun:
                 f"round {rnd} got fewer than {self.config.min_replies} valid replies in "
                 f"{attempt} attempts; check the clients' logs or lower server.min_replies"
             )
+        aggregation_started = time.perf_counter()
         state = self.strategy.aggregate(rnd, self.state, outcome.updates)
+        aggregation_seconds = time.perf_counter() - aggregation_started
         state.round = rnd
         state.strategy_state = self.strategy.state_dict()
         self.state = state
@@ -118,6 +152,8 @@ class FederatedRun:
             "train_loss": _weighted_metric(outcome.updates, "train_loss"),
             "bytes_down": outcome.bytes_down,
             "bytes_up": outcome.bytes_up,
+            "aggregation_seconds": round(aggregation_seconds, 4),
+            **getattr(self.strategy, "last_metrics", {}),
         }
         if self.evaluator is not None:
             row.update(self.evaluator(self.state, self.init_seed(rnd + 1)))
@@ -145,7 +181,7 @@ class FederatedRun:
                 continue
             outcome.bytes_up += record_nbytes(reply.content)
             try:
-                decoded.append(decode_update(reply.content, client_id=str(node)))
+                decoded.append(decode_update(reply.content, str(node), frozen=self.state.adapter))
             except WireError as exc:
                 outcome.dropped.append(self._drop(node, f"malformed reply: {exc}"))
         for node in sorted(set(nodes) - answered):
@@ -165,7 +201,8 @@ class FederatedRun:
     def _drop(self, node: int, reason: str) -> dict[str, str]:
         return {"node": str(node), "client": self.identities.get(node, "?"), "reason": reason}
 
-    def _sample(self, grid: Grid) -> list[int]:
+    def _sample(self, grid: Grid, count: int | None = None) -> list[int]:
+        """``count`` clients, or ``fraction`` of those connected (at least ``min_clients``)."""
         need = self.config.server.min_clients
         deadline = time.monotonic() + NODE_WAIT_SECONDS
         nodes = sorted(grid.get_node_ids())
@@ -179,7 +216,7 @@ class FederatedRun:
             nodes = sorted(grid.get_node_ids())
         self._identify(grid, nodes)
         known = sorted((n for n in nodes if n in self.identities), key=self.identities.__getitem__)
-        k = min(len(known), max(need, math.ceil(self.config.server.fraction * len(known))))
+        k = count or min(len(known), max(need, math.ceil(self.config.server.fraction * len(known))))
         return self.rng.sample(known, k)
 
     def _identify(self, grid: Grid, nodes: list[int]) -> None:
@@ -187,7 +224,7 @@ class FederatedRun:
         new = [n for n in nodes if n not in self.identities]
         if not new:
             return
-        queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in new]
+        queries = [Message(content=RecordDict(), message_type="query.identify", dst_node_id=n) for n in new]
         for reply in grid.send_and_receive(queries, timeout=self.config.server.round_timeout):
             if not reply.has_error():
                 try:
@@ -203,7 +240,7 @@ class FederatedRun:
         self.recorder.truncate_after(self.state.round)
         self.console.print(f"resuming {self.run_dir} after round {self.state.round}")
 
-    def _finish(self, seconds: float) -> dict[str, Any]:
+    def _finish(self, seconds: float, stopped: str | None) -> dict[str, Any]:
         adapter_dir = export_adapter(
             self.state, self.run_dir / "adapter", resolve_model(self.config.model.name)
         )
@@ -219,6 +256,8 @@ class FederatedRun:
             "adapter": str(adapter_dir),
             "label_names": self.splits.label_names,
         }
+        if stopped:
+            summary["stopped"] = stopped
         if evals:
             summary["initial_eval_accuracy"] = evals[0]["eval_accuracy"]
             summary["final_eval_accuracy"] = evals[-1]["eval_accuracy"]

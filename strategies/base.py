@@ -11,9 +11,19 @@ from torch import Tensor
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
 
 
+class StopFederation(Exception):
+    """Raised by ``client_instructions`` when no further round may run (e.g. a privacy budget
+    would be exceeded). The server ends the run cleanly with this message."""
+
+
 @runtime_checkable
 class Strategy(Protocol):
-    """An aggregation rule. See DESIGN.md §4 and ``docs/strategies.md``."""
+    """An aggregation rule. See ``docs/strategies.md``.
+
+    Optional attributes the server reads when present: ``linear`` (bool: the aggregate is a
+    weighted sum of the client updates, so DP and secure aggregation may wrap it) and
+    ``last_metrics`` (dict of floats describing the last aggregation, logged per round).
+    """
 
     name: str
 

@@ -16,13 +16,14 @@ class FedAvg:
     """Example-weighted average of A, B and the dense extras."""
 
     name = "fedavg"
+    linear = True
 
     def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
         return ClientPlan()
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)
-        _check_same_ranks(updates)
+        check_same_ranks(self.name, updates)
         p = example_weights(updates)
         first = updates[0]
         adapter = {
@@ -43,10 +44,11 @@ class FedAvg:
         pass
 
 
-def _check_same_ranks(updates: list[ClientUpdate]) -> None:
+def check_same_ranks(strategy: str, updates: list[ClientUpdate]) -> None:
+    """Averaging factors needs one rank and alpha across clients."""
     ranks = {(u.rank, u.alpha) for u in updates}
     if len(ranks) > 1:
         raise ValueError(
-            f"fedavg needs every client at the same LoRA rank and alpha, got {sorted(ranks)}; "
+            f"{strategy} needs every client at the same LoRA rank and alpha, got {sorted(ranks)}; "
             "use the 'stacking' strategy for heterogeneous ranks"
         )

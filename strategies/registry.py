@@ -37,12 +37,30 @@ def available_strategies() -> list[str]:
     return sorted(set(_REGISTRY) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 
 
-def create_strategy(spec: str, options: dict[str, Any] | None = None) -> Strategy:
-    """Instantiate the strategy ``spec`` with keyword ``options``; errors name the fix."""
+def create_strategy(
+    spec: str, options: dict[str, Any] | None = None, context: dict[str, Any] | None = None
+) -> Strategy:
+    """Instantiate the strategy ``spec`` with keyword ``options``; errors name the fix.
+
+    ``context`` holds facts about the run (``clients_per_round``, ``num_clients``), passed to a
+    strategy whose constructor takes them when the options do not set them.
+    """
     factory = _resolve(spec)
     options = dict(options or {})
     _check_options(spec, factory, options)
-    strategy = factory(**options)
+    params = _parameters(factory)
+    for key, value in (context or {}).items():
+        if key in params and key not in options:
+            options[key] = value
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in options]
+    if missing:
+        raise StrategyError(f"strategy {spec!r} needs the option(s) {', '.join(missing)} in [strategy]")
+    try:
+        strategy = factory(**options)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, StrategyError):
+            raise
+        raise StrategyError(f"strategy {spec!r} rejected its options: {exc}") from exc
     if not isinstance(strategy, Strategy):
         raise StrategyError(
             f"strategy {spec!r} does not implement the Strategy protocol "
@@ -71,8 +89,19 @@ def _resolve(spec: str) -> Callable[..., Strategy]:
     )
 
 
+def _parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {n: p for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
 def _check_options(spec: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
-    params = inspect.signature(factory).parameters
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     unknown = sorted(set(options) - set(params))

@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from flwr.app import Context, Error, Message, MessageType, RecordDict  # noqa: E402
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
 
@@ -44,7 +44,7 @@ class LocalGrid:
 
     Node ids are unrelated to partition ids, as in Flower. ``handlers`` maps a partition id to a
     callable(message, context) -> reply for training messages; by default every node runs the real
-    fedpeft client. Queries go to the real ``identify``.
+    fedpeft client. Queries go to the real query handlers.
     """
 
     def __init__(
@@ -53,12 +53,12 @@ class LocalGrid:
         handlers: dict[int, Callable[[Message, Context], Message]] | None = None,
         node_ids: list[int] | None = None,
     ):
-        from client.app import identify, train
+        from client.app import identify, initial_adapter, train
 
         self.nodes = node_ids or [1000 + 7 * i for i in range(num_nodes)]
         self.handlers = {n: train for n in self.nodes}
         self.handlers |= {self.nodes[i]: h for i, h in (handlers or {}).items()}
-        self.identify = identify
+        self.queries = {"query.identify": identify, "query.initial_adapter": initial_adapter}
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
     def get_node_ids(self) -> list[int]:
@@ -76,7 +76,7 @@ class LocalGrid:
                 state=RecordDict(),
                 run_config={},
             )
-            handler = self.identify if msg.metadata.message_type == MessageType.QUERY else self.handlers[node]
+            handler = self.queries.get(msg.metadata.message_type, self.handlers[node])
             try:
                 reply = handler(msg, context)
             except Exception as exc:  # as Flower's runtime does: an error reply, not a crash

@@ -90,10 +90,17 @@ def test_instructions_round_trip():
     config = RunConfig().client_config()
     config.data.labels = ["a", "b"]
     content = encode_train_message(
-        factories.GlobalState(), RoundInstructions(4, 99, ClientPlan(False, {"mu": 0.1}), config)
+        factories.GlobalState(),
+        RoundInstructions(
+            4, 99, ClientPlan(train_lora_A=False, send_lora_A=False, options={"mu": 0.1}), config
+        ),
     )
     back = decode_instructions(content)
-    assert (back.round, back.init_seed, back.plan) == (4, 99, ClientPlan(False, {"mu": 0.1}))
+    assert (back.round, back.init_seed, back.plan) == (
+        4,
+        99,
+        ClientPlan(train_lora_A=False, send_lora_A=False, options={"mu": 0.1}),
+    )
     assert back.client_config == config
 
 

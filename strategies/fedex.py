@@ -1,0 +1,53 @@
+"""FedEx-LoRA: FedAvg of the factors plus the exact residual in the frozen ``merged`` delta.
+
+The residual s (sum_k p_k B_k A_k - B̄ Ā) is kept factored as
+[s p_1 B_1, ..., s p_K B_K, -s B̄] @ [A_1; ...; A_K; Ā] (rank <= (K + 1) r), then re-compressed, so
+W0' + s B̄ Ā = W0 + s sum_k p_k B_k A_k.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, LowRankDelta
+from strategies.base import require_updates
+from strategies.fedavg import FedAvg
+from strategies.lowrank import add_to_merged, max_rank
+
+
+class FedEx:
+    """FedEx-LoRA; ``rank_cap`` bounds the width of the merged delta per module."""
+
+    name = "fedex"
+    linear = False
+
+    def __init__(self, rank_cap: int = 64) -> None:
+        if rank_cap < 1:
+            raise ValueError("fedex's rank_cap must be at least 1")
+        self.rank_cap = rank_cap
+        self.last_metrics: dict[str, float] = {}
+
+    def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
+        return ClientPlan()
+
+    def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
+        require_updates(self.name, updates)
+        averaged = FedAvg().aggregate(rnd, state, updates)
+        total = sum(u.num_examples for u in updates)
+        residuals = {}
+        for module, mean in averaged.adapter.items():
+            s = mean.scale
+            Us = [s * (u.num_examples / total) * u.factors[module].B.float() for u in updates] + [-s * mean.B]
+            Vs = [u.factors[module].A.float() for u in updates] + [mean.A]
+            residuals[module] = LowRankDelta(U=torch.cat(Us, dim=1), V=torch.cat(Vs, dim=0))
+        merged, discarded = add_to_merged(state.merged, residuals, self.rank_cap)
+        self.last_metrics = {"merged_rank": float(max_rank(merged)), "discarded_energy": discarded}
+        return GlobalState(round=rnd, merged=merged, adapter=averaged.adapter, extras=averaged.extras)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,70 @@
+"""Factored low-rank deltas: concatenation and exact re-compression (QR of the factors + a small SVD).
+
+The ``merged`` delta grows by every round's exact additions; re-compression keeps it at most
+``rank_cap`` wide. It is exact while the true rank is at most the cap, and reports the fraction of
+spectral energy it discarded when it is not.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fedpeft.state import LowRankDelta
+
+# Singular values below this fraction of the largest are numerical zeros (float32 inputs).
+RELATIVE_TOLERANCE = 1e-6
+
+
+def concat(parts: list[LowRankDelta]) -> LowRankDelta:
+    """One factored delta equal to the sum of ``parts``: U = [U_1 ... U_k], V = [V_1; ...; V_k]."""
+    return LowRankDelta(U=torch.cat([p.U for p in parts], dim=1), V=torch.cat([p.V for p in parts], dim=0))
+
+
+def recompress(delta: LowRankDelta, rank_cap: int) -> tuple[LowRankDelta, float]:
+    """The best rank-``rank_cap`` factorisation of ``U V``, and the fraction of energy discarded.
+
+    U V = Q_u (R_u R_v^T) Q_v^T with U = Q_u R_u, V^T = Q_v R_v; the SVD of the small core
+    R_u R_v^T = P S Q^T gives U' = Q_u P sqrt(S), V' = sqrt(S) Q^T Q_v^T, truncated to the cap.
+    Computed in float64, returned in the input dtype.
+    """
+    dtype = delta.U.dtype
+    q_u, r_u = torch.linalg.qr(delta.U.double())
+    q_v, r_v = torch.linalg.qr(delta.V.double().T)
+    p, s, qt = torch.linalg.svd(r_u @ r_v.T)
+    total = float((s**2).sum())
+    if total == 0.0:
+        return _zero_like(delta), 0.0
+    keep = min(rank_cap, int((s > s[0] * RELATIVE_TOLERANCE).sum()))
+    discarded = float((s[keep:] ** 2).sum()) / total
+    root = s[:keep].sqrt()
+    U = (q_u @ p[:, :keep]) * root
+    V = root[:, None] * (qt[:keep] @ q_v.T)
+    return LowRankDelta(U=U.to(dtype), V=V.to(dtype)), discarded
+
+
+def add_to_merged(
+    merged: dict[str, LowRankDelta], additions: dict[str, LowRankDelta], rank_cap: int
+) -> tuple[dict[str, LowRankDelta], float]:
+    """``merged + additions`` per module, re-compressed; returns the largest discarded fraction."""
+    out = dict(merged)
+    worst = 0.0
+    for name, extra in additions.items():
+        combined = concat([merged[name], extra]) if name in merged else extra
+        out[name], discarded = recompress(combined, rank_cap)
+        worst = max(worst, discarded)
+    return out, worst
+
+
+def max_rank(merged: dict[str, LowRankDelta]) -> int:
+    return max((d.rank for d in merged.values()), default=0)
+
+
+def _zero_like(delta: LowRankDelta) -> LowRankDelta:
+    d_out, d_in = delta.U.shape[0], delta.V.shape[1]
+    return LowRankDelta(U=delta.U.new_zeros(d_out, 1), V=delta.V.new_zeros(1, d_in))
+
+
+def weighted_rows(tensors: list[Tensor], weights: list[float]) -> Tensor:
+    """[w_1 T_1; ...; w_k T_k] stacked along rows."""
+    return torch.cat([w * t.float() for t, w in zip(tensors, weights, strict=True)], dim=0)

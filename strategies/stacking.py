@@ -1,0 +1,56 @@
+"""Stacking (FLoRA): exact aggregation for any mix of client ranks.
+
+A_st = [p_1 s_1 A_1; ...; p_K s_K A_K] and B_st = [B_1 ... B_K], so B_st A_st = sum_k p_k s_k B_k A_k
+exactly. The stacked product is added to the frozen ``merged`` delta (re-compressed to
+``rank_cap``); clients restart from a fresh, seeded adapter every round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, LowRankDelta
+from strategies.base import example_weights, require_updates, weighted_sum
+from strategies.lowrank import add_to_merged, max_rank, weighted_rows
+
+
+class Stacking:
+    """FLoRA stacking; ``rank_cap`` bounds the width of the merged delta per module."""
+
+    name = "stacking"
+    linear = False
+
+    def __init__(self, rank_cap: int = 64) -> None:
+        if rank_cap < 1:
+            raise ValueError("stacking's rank_cap must be at least 1")
+        self.rank_cap = rank_cap
+        self.last_metrics: dict[str, float] = {}
+
+    def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
+        return ClientPlan()
+
+    def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
+        require_updates(self.name, updates)
+        p = example_weights(updates)
+        stacked = {
+            module: LowRankDelta(
+                U=torch.cat([u.factors[module].B.float() for u in updates], dim=1),
+                V=weighted_rows(
+                    [u.factors[module].A for u in updates],
+                    [pk * u.factors[module].scale for pk, u in zip(p, updates, strict=True)],
+                ),
+            )
+            for module in updates[0].factors
+        }
+        merged, discarded = add_to_merged(state.merged, stacked, self.rank_cap)
+        extras = {name: weighted_sum((u.extras[name] for u in updates), p) for name in updates[0].extras}
+        self.last_metrics = {"merged_rank": float(max_rank(merged)), "discarded_energy": discarded}
+        return GlobalState(round=rnd, merged=merged, adapter=None, extras=extras)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
