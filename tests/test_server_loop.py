@@ -113,3 +113,51 @@ def test_sampling_does_not_depend_on_flower_node_ids(tiny_bert_dir, tmp_path):
         runs.append(run)
     for name, f in runs[0].state.adapter.items():
         assert torch.equal(runs[1].state.adapter[name].B, f.B)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "extra"),
+    [
+        ("stacking", {"lora.client_ranks": "[1, 2, 4]"}),
+        ("fedex", {}),
+        ("vcma", {}),
+        ("ffa", {}),
+        ("dp", {"strategy.inner": "'ffa'", "strategy.clip_norm": 0.5, "strategy.noise_multiplier": 0.1}),
+    ],
+)
+def test_every_strategy_runs_through_the_server_loop(tiny_bert_dir, tmp_path, strategy, extra):
+    config = small_config(tiny_bert_dir, **{"strategy.name": f"'{strategy}'", **extra})
+    summary = FederatedRun(config, tmp_path).run(LocalGrid(3))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["rounds"] == 2 and all(r["clients_aggregated"] == 3 for r in rows[1:])
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    if strategy in ("stacking", "fedex"):
+        assert rows[-1]["merged_rank"] > 0 and rows[-1]["discarded_energy"] < 1e-6
+    if strategy == "dp":
+        assert 0 < rows[1]["epsilon"] < rows[2]["epsilon"]
+
+
+def test_ffa_uploads_only_B(tiny_bert_dir, tmp_path):
+    up = {}
+    for strategy in ("fedavg", "ffa"):
+        config = small_config(tiny_bert_dir, **{"strategy.name": f"'{strategy}'", "run.rounds": 1})
+        FederatedRun(config, tmp_path / strategy).run(LocalGrid(3))
+        up[strategy] = json.loads((tmp_path / strategy / "summary.json").read_text())["bytes_up"]
+    # tiny BERT query/value are 32 x 32, so A and B are equal in size; the small head and each
+    # array's npy header (~128 bytes, large next to these 256-byte factors) keep it above 0.5
+    assert 0.45 < up["ffa"] / up["fedavg"] < 0.65
+
+
+def test_privacy_budget_ends_the_run_cleanly(tiny_bert_dir, tmp_path):
+    options = {
+        "strategy.name": "'dp'",
+        "strategy.inner": "'ffa'",
+        "strategy.noise_multiplier": 1.0,
+        "strategy.epsilon_budget": 5.0,
+        "run.rounds": 50,
+    }
+    summary = FederatedRun(small_config(tiny_bert_dir, **options), tmp_path).run(LocalGrid(3))
+    assert "privacy budget" in summary["stopped"] and 1 <= summary["rounds"] < 50
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["epsilon"] <= 5.0
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
