@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from fedpeft.config import load_config
@@ -43,6 +44,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes
     try:
         return {"simulate": _simulate}[args.command](args)
     except (UserError, FileNotFoundError) as exc:

@@ -5,6 +5,7 @@ A dataset is a ``datasets.Dataset`` with an integer ``label`` column and a ``tex
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,9 @@ def partition(train: Dataset, spec: DataSection, partition_id: int, seed: int) -
         )
     partitioner.dataset = train
     try:
-        return partitioner.load_partition(partition_id)
+        with warnings.catch_warnings():  # its retry warnings repeat what the error below says
+            warnings.simplefilter("ignore", UserWarning)
+            return partitioner.load_partition(partition_id)
     except ValueError as exc:
         raise DataError(
             f"cannot split {len(train)} rows into {spec.num_clients} partitions of at least "

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedpeft.config import RunConfig, config_to_dict
-from fedpeft.data import load_splits
+from fedpeft.data import Splits, load_splits
 from fedpeft.export import export_adapter
 from fedpeft.models import resolve_model
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
@@ -55,8 +55,16 @@ class FederatedRun:
     """Runs ``config.run.rounds`` rounds against a Flower ``Grid`` and writes the run directory."""
 
     def __init__(
-        self, config: RunConfig, run_dir: Path, *, resume: bool = False, console: Console | None = None
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        console: Console | None = None,
+        splits: Splits | None = None,
     ) -> None:
+        """Set up everything that can fail before any client is contacted (``splits``: the
+        dataset if the caller has already loaded it)."""
         self.config = config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +74,7 @@ class FederatedRun:
             config.strategy.options,
             context={"clients_per_round": config.clients_per_round, "num_clients": config.data.num_clients},
         )
-        self.splits = load_splits(config.data, config.run.seed)
+        self.splits = splits or load_splits(config.data, config.run.seed)
         self.client_config = config.client_config()
         self.client_config.data.labels = self.splits.label_names
         self.recorder = RunRecorder(self.run_dir)

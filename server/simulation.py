@@ -8,13 +8,17 @@ import warnings
 from pathlib import Path
 
 from fedpeft.config import RunConfig
+from fedpeft.data import load_splits, partition
 from server.app import make_server_app
 from server.loop import FederatedRun
 
 
 def simulate(config: RunConfig, run_dir: Path, *, resume: bool = False) -> Path:
     """Run ``config.data.num_clients`` virtual clients; returns the run directory."""
-    federated_run = FederatedRun(config, run_dir, resume=resume)
+    splits = load_splits(config.data, config.run.seed)
+    # Partitioning errors (too few rows for min_partition_size) surface here, not inside Ray actors.
+    partition(splits.train, config.data, 0, config.run.seed)
+    federated_run = FederatedRun(config, run_dir, resume=resume, splits=splits)
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app

@@ -1,11 +1,15 @@
-"""Find a strategy by registry name, ``"package.module:ClassName"``, or entry point."""
+"""Find a strategy by registry name, ``"package.module:ClassName"``, ``"path/to/file.py:ClassName"``
+(relative to the working directory), or the entry-point group ``fedpeft.strategies``."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import UserError
@@ -73,10 +77,10 @@ def _resolve(spec: str) -> Callable[..., Strategy]:
     if spec in _REGISTRY:
         return _REGISTRY[spec]
     if ":" in spec:
-        module_name, _, attr = spec.partition(":")
+        module_name, _, attr = spec.rpartition(":")
         try:
-            return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
+            return getattr(_import(module_name), attr)
+        except (ImportError, AttributeError, OSError) as exc:
             raise StrategyError(
                 f"cannot load strategy {spec!r} ({exc}); check the module is importable "
                 "and the class name is right"
@@ -95,6 +99,21 @@ def _parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parameter]:
     except (TypeError, ValueError):
         return {}
     return {n: p for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def _import(module_name: str) -> Any:
+    """A module by dotted name, or from a ``.py`` file path."""
+    if not module_name.endswith(".py"):
+        return importlib.import_module(module_name)
+    path = Path(module_name).resolve()
+    name = f"fedpeft_user_strategy_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise ImportError(f"no Python file at {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _check_options(spec: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:

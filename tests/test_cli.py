@@ -21,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
             "data file /nonexistent.csv does not exist",
         ),
         (["simulations/quickstart.toml", "--set", "strategy.name=fedsgd"], "unknown strategy 'fedsgd'"),
+        (
+            ["simulations/quickstart.toml", "--set", "data.demo_train_size=300"],
+            "cannot split 300 rows into 8 partitions of at least 50",
+        ),
     ],
 )
 def test_user_errors_are_one_line(args, message):
