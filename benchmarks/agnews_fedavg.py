@@ -12,7 +12,7 @@ The per-round curve in the federated run is on the first ``--test-limit`` test r
 Data: ``<data-dir>/agnews/alps/dev.tsv`` (10,001 rows, used for training) and ``test.tsv``
 (7,600 rows), where ``<data-dir>`` defaults to ``shared/data`` next to the repository.
 
-Run from the repository root (about 20 minutes on a 2-core CPU):
+Run from the repository root (about 30 minutes on a busy 2-core CPU):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/agnews_fedavg.py
 """
@@ -20,31 +20,32 @@ Run from the repository root (about 20 minutes on a 2-core CPU):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from common import (
+    DEFAULT_DATA_DIR,
+    REPO,
+    agnews_config,
+    code_version,
+    full_test,
+    machine,
+    missing_agnews,
+    train_and_score,
+)
 
-from fedpeft.config import RunConfig, config_to_dict, load_config
-from fedpeft.data import Splits, load_splits
-from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
+from fedpeft.config import RunConfig, config_to_dict
+from fedpeft.data import load_splits
 from fedpeft.state import GlobalState
-from fedpeft.training import encode, evaluate, train
 from server.app import new_run_dir
 from server.checkpoint import load_checkpoint
 from server.evaluation import CentralEvaluator
 from server.simulation import simulate
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
-TRAIN_FILE, TEST_FILE = "agnews/alps/dev.tsv", "agnews/alps/test.tsv"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,31 +67,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace, data_dir: Path) -> RunConfig:
-    overrides = {
-        "run.name": '"agnews-fedavg"',
-        "run.output_dir": json.dumps(str(REPO / "runs")),
-        "run.seed": args.seed,
-        "run.rounds": args.rounds,
-        "model.max_length": args.max_length,
-        "data.source": json.dumps(str(data_dir / TRAIN_FILE)),
-        "data.test_source": json.dumps(str(data_dir / TEST_FILE)),
-        "data.columns": '["text", "label"]',
-        "data.num_clients": args.clients,
-        "data.partition": '"dirichlet"',
-        "data.dirichlet_alpha": args.alpha,
-        "data.test_limit": args.test_limit,
-        "train.local_steps": args.local_steps,
-        "train.batch_size": args.batch_size,
-        "train.lr": args.lr,
-        "server.fraction": args.fraction,
-        "strategy.name": '"fedavg"',
-    }
-    return load_config(None, [f"{key}={value}" for key, value in overrides.items()])
-
-
-def full_test(config: RunConfig) -> RunConfig:
-    """The same configuration, evaluating on the whole test file."""
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, test_limit=None))
+    return agnews_config(
+        data_dir,
+        {
+            "run.name": "agnews-fedavg",
+            "run.seed": args.seed,
+            "run.rounds": args.rounds,
+            "model.max_length": args.max_length,
+            "data.num_clients": args.clients,
+            "data.dirichlet_alpha": args.alpha,
+            "data.test_limit": args.test_limit,
+            "train.local_steps": args.local_steps,
+            "train.batch_size": args.batch_size,
+            "train.lr": args.lr,
+            "server.fraction": args.fraction,
+            "strategy.name": "fedavg",
+        },
+    )
 
 
 def run_federated(config: RunConfig, run_dir: Path, scorer: CentralEvaluator) -> dict[str, Any]:
@@ -116,49 +109,6 @@ def run_federated(config: RunConfig, run_dir: Path, scorer: CentralEvaluator) ->
         "curve_accuracy": {r["round"]: r["eval_accuracy"] for r in rows if "eval_accuracy" in r},
         "seconds": round(seconds, 1),
     }
-
-
-def run_centralized(config: RunConfig, splits: Splits, steps: int) -> dict[str, Any]:
-    print(f"[centralized] {steps} steps on all {len(splits.train)} training rows", flush=True)
-    spec = ClassifierSpec.from_config(
-        config.model.name, len(splits.label_names), config.lora, config.run.seed
-    )
-    model = load_classifier(spec)
-    tokenizer = load_tokenizer(config.model.name)
-    train_data = encode(splits.train, tokenizer, config.model.max_length)
-    test_data = encode(splits.test, tokenizer, config.model.max_length)
-    started = time.perf_counter()
-    metrics = train(
-        model,
-        tokenizer,
-        train_data,
-        steps=steps,
-        batch_size=config.train.batch_size,
-        lr=config.train.lr,
-        weight_decay=config.train.weight_decay,
-        seed=config.run.seed,
-    )
-    train_seconds = time.perf_counter() - started
-    print(f"[centralized] trained in {train_seconds:.0f}s, mean loss {metrics['train_loss']:.4f}", flush=True)
-    scores = evaluate(model, tokenizer, test_data, config.train.eval_batch_size)
-    return {
-        "optimizer_steps": steps,
-        "train_loss": metrics["train_loss"],
-        "test_accuracy": scores["accuracy"],
-        "test_loss": scores["loss"],
-        "torch_threads": torch.get_num_threads(),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``platform.processor()`` is empty on Linux)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -189,16 +139,13 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data_dir = args.data_dir.resolve()
-    missing = [f for f in (TRAIN_FILE, TEST_FILE) if not (data_dir / f).is_file()]
-    if missing:
+    if (absent := missing_agnews(data_dir)) is not None:
         print(
-            f"agnews_fedavg: {data_dir / missing[0]} not found; pass --data-dir <folder with agnews/alps/>",
-            file=sys.stderr,
+            f"agnews_fedavg: {absent} not found; pass --data-dir <folder with agnews/alps/>", file=sys.stderr
         )
         return 2
-    load_before = os.getloadavg()
+    load_before, code = os.getloadavg(), code_version()
     config = build_config(args, data_dir)
     splits = load_splits(config.data, config.run.seed)
     run_dir = args.run_dir or new_run_dir(config)
@@ -208,23 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     print("[untrained] scoring the starting model on the full test set", flush=True)
     untrained = scorer(GlobalState(), init_seed=config.run.seed)  # a fresh LoRA has B = 0: no delta yet
     federated = run_federated(config, run_dir, scorer)
-    centralized = run_centralized(config, splits, federated["optimizer_steps"])
+    steps = federated["optimizer_steps"]
+    print(f"[centralized] {steps} steps on all {len(splits.train)} training rows", flush=True)
+    centralized = train_and_score(config, splits, splits.train, steps)
 
     result = {
         "benchmark": "agnews_fedavg",
         "date": datetime.date.today().isoformat(),
         "command": "python benchmarks/agnews_fedavg.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "cuda": torch.cuda.is_available(),
-            # 1-minute load average at start and end: above the core count means another
-            # process shared the CPU and the wall times are inflated.
-            "loadavg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        },
+        "code": code,
+        "machine": machine(load_before[0]),
         "config": config_to_dict(config),
         "train_rows": len(splits.train),
         "test_rows": len(splits.test),

@@ -13,12 +13,13 @@ avoids this and is the recommended inner strategy.
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedpeft.privacy import PrivacyAccountant, clip_update, gaussian_noise
+from fedpeft.privacy import PrivacyAccountant, clip_update, gaussian_noise, global_norm
 from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
 from strategies.base import StopFederation, Strategy, require_updates
 from strategies.registry import StrategyError, create_strategy
@@ -81,9 +82,11 @@ class DifferentialPrivacy:
         reference = _trained_tensors(state.adapter, state.extras, trains_A)
         total = {k: torch.zeros_like(t, dtype=torch.float32) for k, t in reference.items()}
         clipped = 0
+        norms = []
         for update in updates:
             sent = _trained_tensors(update.factors, update.extras, trains_A)
             delta = {k: sent[k].float() - reference[k].float() for k in reference}
+            norms.append(global_norm(delta))
             delta, was_clipped = clip_update(delta, self.clip_norm)
             clipped += was_clipped
             for k, t in delta.items():
@@ -99,6 +102,7 @@ class DifferentialPrivacy:
             "epsilon": self.accountant.epsilon(),
             "delta": self.accountant.delta,
             "clipped_fraction": clipped / len(updates),
+            "median_update_norm": statistics.median(norms),  # what clip_norm is tuned against
         }
         virtual = _as_update(noised, state, updates[0], trains_A)
         return self.inner.aggregate(rnd, state, [virtual])

@@ -1,0 +1,244 @@
+"""AG News: every aggregation strategy under one budget, next to centralized and local-only LoRA.
+
+10 clients hold a Dirichlet(alpha = 0.1) label split of AG News (strongly non-IID); every
+federated run uses the same rounds, clients per round, local steps, batch size and learning rate.
+Reported per run: final accuracy of the global adapter on the full test set (7,600 rows), bytes up
+and down per round, server aggregation time per round, epsilon for the DP runs, wall time. The
+baselines train the same model for the same number of optimizer steps on all the training rows
+(centralized) or on one client's rows only (local-only, mean over the clients). A PNG shows the
+accuracy per round on the first ``--test-limit`` test rows.
+
+Stacking runs twice: with client ranks mixed 4/8/16 (the case it exists for) and at rank 8 like
+the others; fedavg, fedex, vcma and ffa average factors and need one rank.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/strategies_agnews.py [--only fedavg,ffa]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_DATA_DIR,
+    REPO,
+    agnews_config,
+    code_version,
+    full_test,
+    local_only,
+    machine,
+    missing_agnews,
+    train_and_score,
+)
+
+from fedpeft.config import config_to_dict  # noqa: E402
+from fedpeft.data import load_splits  # noqa: E402
+from fedpeft.state import GlobalState  # noqa: E402
+from server.checkpoint import load_checkpoint  # noqa: E402
+from server.evaluation import CentralEvaluator  # noqa: E402
+from server.simulation import simulate  # noqa: E402
+
+
+def strategy_runs(clip_norm: float, noise_levels: list[float]) -> dict[str, dict[str, Any]]:
+    """Label -> config overrides of every federated run."""
+    runs: dict[str, dict[str, Any]] = {
+        "fedavg": {"strategy.name": "fedavg"},
+        "stacking (ranks 4/8/16)": {"strategy.name": "stacking", "lora.client_ranks": [4, 8, 16]},
+        "stacking": {"strategy.name": "stacking"},
+        "vcma": {"strategy.name": "vcma"},
+        "fedex": {"strategy.name": "fedex"},
+        "ffa": {"strategy.name": "ffa"},
+    }
+    for z in noise_levels:
+        runs[f"dp(ffa) z={z:g}"] = {
+            "strategy.name": "dp",
+            "strategy.inner": "ffa",
+            "strategy.clip_norm": clip_norm,
+            "strategy.noise_multiplier": z,
+        }
+    return runs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder holding agnews/alps/")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration of the label split")
+    p.add_argument("--fraction", type=float, default=0.5)
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--clip-norm", type=float, default=1.0)
+    p.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.5], help="DP noise multipliers")
+    p.add_argument("--test-limit", type=int, default=1000, help="test rows for the per-round curve")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", help="comma-separated run labels (default: all, with the baselines)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "strategies_agnews.json")
+    return p.parse_args(argv)
+
+
+def run_one(
+    label: str, overrides: dict[str, Any], scorer: CentralEvaluator, data_dir: Path
+) -> dict[str, Any]:
+    config = agnews_config(data_dir, overrides)
+    run_dir = (
+        REPO
+        / "runs"
+        / f"strategies-agnews-{label.replace(' ', '').replace('/', '-').replace('(', '-').replace(')', '')}"
+    )
+    print(f"\n[{label}] -> {run_dir}", flush=True)
+    started = time.perf_counter()
+    simulate(config, run_dir)
+    seconds = time.perf_counter() - started
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    rounds = [r for r in rows if r["round"] > 0]
+    final = scorer(load_checkpoint(run_dir).state, init_seed=0)
+    result = {
+        "test_accuracy": final["eval_accuracy"],
+        "test_loss": final["eval_loss"],
+        "bytes_up_per_round": sum(r["bytes_up"] for r in rounds) / len(rounds),
+        "bytes_down_per_round": sum(r["bytes_down"] for r in rounds) / len(rounds),
+        "aggregation_seconds_per_round": sum(r["aggregation_seconds"] for r in rounds) / len(rounds),
+        "optimizer_steps": sum(r["clients_aggregated"] for r in rounds) * config.train.local_steps,
+        "curve": {r["round"]: r["eval_accuracy"] for r in rows},
+        "seconds": round(seconds, 1),
+    }
+    for key in ("epsilon", "median_update_norm", "clipped_fraction", "merged_rank"):
+        if key in rounds[-1]:
+            result[key] = rounds[-1][key]
+    print(f"[{label}] test accuracy {result['test_accuracy']:.4f}", flush=True)
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    dash = "–"
+    lines = [
+        "| run | test accuracy | up / round | down / round | aggregation / round | ε (δ=1e-5) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, r in result["federated"].items():
+        cells = [
+            label,
+            f"{r['test_accuracy']:.4f}",
+            f"{r['bytes_up_per_round'] / 1e6:.2f} MB",
+            f"{r['bytes_down_per_round'] / 1e6:.2f} MB",
+            f"{r['aggregation_seconds_per_round'] * 1e3:.1f} ms",
+            f"{r['epsilon']:.1f}" if "epsilon" in r else dash,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    baselines = [("untrained", f"{result['untrained']['eval_accuracy']:.4f}")]
+    if "centralized" in result:
+        c = result["centralized"]
+        baselines.append(
+            (f"centralized LoRA ({c['optimizer_steps']} steps, all rows)", f"{c['test_accuracy']:.4f}")
+        )
+    if "local_only" in result:
+        lo = result["local_only"]
+        spread = (
+            f"{lo['test_accuracy_mean']:.4f} [{lo['test_accuracy_min']:.4f}, {lo['test_accuracy_max']:.4f}]"
+        )
+        name = (
+            f"local-only ({lo['optimizer_steps_per_client']} steps on own rows; mean [min, max] of clients)"
+        )
+        baselines.append((name, spread))
+    lines += [f"| {name} | {acc} | {dash} | {dash} | {dash} | {dash} |" for name, acc in baselines]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for label, r in result["federated"].items():
+        rounds = sorted(int(k) for k in r["curve"])
+        ax.plot(
+            rounds,
+            [r["curve"][k] if k in r["curve"] else r["curve"][str(k)] for k in rounds],
+            marker="o",
+            label=label,
+        )
+    for key, style in (("centralized", "--"), ("local_only", ":")):
+        if key in result:
+            value = result[key].get("test_accuracy", result[key].get("test_accuracy_mean"))
+            ax.axhline(value, color="gray", linestyle=style, label=f"{key.replace('_', '-')} (full test set)")
+    ax.set(
+        xlabel="round",
+        ylabel=f"accuracy (first {result['test_limit']} test rows)",
+        title="AG News, 10 clients, Dirichlet α=0.1",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    data_dir = args.data_dir.resolve()
+    if (absent := missing_agnews(data_dir)) is not None:
+        print(
+            f"strategies_agnews: {absent} not found; pass --data-dir <folder with agnews/alps/>",
+            file=sys.stderr,
+        )
+        return 2
+    load_before, code = os.getloadavg()[0], code_version()
+    common = {
+        "run.seed": args.seed,
+        "run.rounds": args.rounds,
+        "data.num_clients": args.clients,
+        "data.dirichlet_alpha": args.alpha,
+        "data.test_limit": args.test_limit,
+        "train.local_steps": args.local_steps,
+        "train.batch_size": args.batch_size,
+        "train.lr": args.lr,
+        "lora.rank": args.rank,
+        "lora.alpha": 2.0 * args.rank,
+        "server.fraction": args.fraction,
+    }
+    runs = strategy_runs(args.clip_norm, args.noise)
+    selected = args.only.split(",") if args.only else list(runs)
+    base = agnews_config(data_dir, common)
+    splits = load_splits(base.data, base.run.seed)
+    scorer = CentralEvaluator(full_test(base), splits)
+    result: dict[str, Any] = {
+        "benchmark": "strategies_agnews",
+        "date": datetime.date.today().isoformat(),
+        "command": "python benchmarks/strategies_agnews.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "code": code,
+        "config": config_to_dict(base),
+        "test_rows": len(splits.test),
+        "test_limit": args.test_limit,
+        "untrained": scorer(GlobalState(), init_seed=args.seed),
+        "federated": {
+            label: run_one(label, {**common, **runs[label]}, scorer, data_dir) for label in selected
+        },
+    }
+    if not args.only:
+        steps = next(iter(result["federated"].values()))["optimizer_steps"]
+        print(f"\n[centralized] {steps} steps on all {len(splits.train)} rows", flush=True)
+        result["centralized"] = train_and_score(base, splits, splits.train, steps)
+        result["local_only"] = local_only(base, splits, args.rounds * args.local_steps)
+    result["machine"] = machine(load_before)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(f"\nresults: {args.out} and {args.out.with_suffix('.png')}\n")
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
