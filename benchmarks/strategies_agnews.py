@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--clip-norm", type=float, default=1.0)
-    p.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.5], help="DP noise multipliers")
+    p.add_argument("--noise", type=float, nargs="+", default=[0.5, 1.0], help="DP noise multipliers")
     p.add_argument("--test-limit", type=int, default=500, help="test rows for the per-round curve")
     p.add_argument("--final-test-rows", type=int, default=2000, help="sampled test rows for final scores")
     p.add_argument("--seed", type=int, default=0)
@@ -101,6 +102,7 @@ def run_one(
         / "runs"
         / f"strategies-agnews-{label.replace(' ', '').replace('/', '-').replace('(', '-').replace(')', '')}"
     )
+    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun replaces the previous one
     print(f"\n[{label}] -> {run_dir}", flush=True)
     started = time.perf_counter()
     simulate(config, run_dir)

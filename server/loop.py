@@ -17,6 +17,7 @@ from rich.table import Table
 
 from fedpeft.config import RunConfig, config_to_dict
 from fedpeft.data import Splits, load_splits
+from fedpeft.errors import UserError
 from fedpeft.export import export_adapter
 from fedpeft.models import resolve_model
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
@@ -36,6 +37,10 @@ from server.validation import reference_signature, validate
 from strategies import StopFederation, Strategy, create_strategy
 
 NODE_WAIT_SECONDS = 120.0
+
+
+class RunDirError(UserError):
+    """A run directory that cannot be used as asked."""
 
 
 class RoundFailed(RuntimeError):
@@ -67,6 +72,11 @@ class FederatedRun:
         dataset if the caller has already loaded it)."""
         self.config = config
         self.run_dir = Path(run_dir)
+        if not resume and (self.run_dir / "metrics.jsonl").exists():
+            raise RunDirError(
+                f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} "
+                "or choose another --run-dir"
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = console or Console()
         self.strategy: Strategy = create_strategy(

@@ -11,7 +11,7 @@ from flwr.app import Message
 from client.app import train
 from fedpeft.config import load_config
 from fedpeft.wire import decode_update, encode_update
-from server.loop import FederatedRun, RoundFailed
+from server.loop import FederatedRun, RoundFailed, RunDirError
 from tests.conftest import LocalGrid
 
 
@@ -75,6 +75,13 @@ def test_invalid_replies_are_dropped_with_reasons(tiny_bert_dir, tmp_path):
     assert summary["clients_dropped"] == 4
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "metrics.png").is_file()
+
+
+def test_a_new_run_refuses_a_used_run_directory(tiny_bert_dir, tmp_path):
+    config = small_config(tiny_bert_dir, **{"run.rounds": 1})
+    FederatedRun(config, tmp_path).run(LocalGrid(3))
+    with pytest.raises(RunDirError, match="already holds a run; resume it with --resume"):
+        FederatedRun(config, tmp_path)
 
 
 def test_round_is_retried_then_fails_clearly(tiny_bert_dir, tmp_path):
