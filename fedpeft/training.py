@@ -65,36 +65,22 @@ def train(
         raise ValueError("this client has no training examples")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _train(model, tokenizer, data, steps, batch_size, lr, weight_decay, seed, train_lora_A)
-
-
-def _train(
-    model: PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    data: Encoded,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    seed: int,
-    train_lora_A: bool,
-) -> dict[str, float]:
-    for name, param in model.named_parameters():
-        if "lora_A" in name:
-            param.requires_grad_(train_lora_A)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    model.train()
-    total = 0.0
-    for indices in sample_batches(len(data), batch_size, steps, seed):
-        loss = model(**collate(data, indices, tokenizer)).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        total += loss.item()
-    for name, param in model.named_parameters():
-        if "lora_A" in name:
-            param.requires_grad_(True)
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(train_lora_A)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        model.train()
+        total = 0.0
+        for indices in sample_batches(len(data), batch_size, steps, seed):
+            loss = model(**collate(data, indices, tokenizer)).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            total += loss.item()
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(True)
     return {"train_loss": total / steps}
 
 

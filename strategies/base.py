@@ -36,6 +36,26 @@ class Strategy(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class StatelessStrategy:
+    """Defaults for a strategy that keeps no state between rounds and asks nothing special of
+    clients (they train and send both factors)."""
+
+    def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
+        return ClientPlan()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def check_rank_cap(name: str, rank_cap: int) -> int:
+    if rank_cap < 1:
+        raise ValueError(f"{name}'s rank_cap must be at least 1")
+    return rank_cap
+
+
 def example_weights(updates: Sequence[ClientUpdate]) -> list[float]:
     """p_k = n_k / sum_j n_j over this round's replies."""
     total = sum(u.num_examples for u in updates)

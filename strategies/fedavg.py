@@ -6,20 +6,15 @@ Kept because it is the baseline every paper compares against.
 
 from __future__ import annotations
 
-from typing import Any
-
-from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
-from strategies.base import example_weights, require_updates, weighted_sum
+from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
+from strategies.base import StatelessStrategy, example_weights, require_updates, weighted_sum
 
 
-class FedAvg:
+class FedAvg(StatelessStrategy):
     """Example-weighted average of A, B and the dense extras."""
 
     name = "fedavg"
     linear = True
-
-    def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
-        return ClientPlan()
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)
@@ -36,12 +31,6 @@ class FedAvg:
         }
         extras = {name: weighted_sum((u.extras[name] for u in updates), p) for name in first.extras}
         return GlobalState(round=rnd, merged=state.merged, adapter=adapter, extras=extras)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def check_same_ranks(strategy: str, updates: list[ClientUpdate]) -> None:

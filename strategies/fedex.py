@@ -7,30 +7,23 @@ W0' + s B̄ Ā = W0 + s sum_k p_k B_k A_k.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, LowRankDelta
-from strategies.base import require_updates
+from fedpeft.state import ClientUpdate, GlobalState, LowRankDelta
+from strategies.base import StatelessStrategy, check_rank_cap, require_updates
 from strategies.fedavg import FedAvg
 from strategies.lowrank import add_to_merged, max_rank
 
 
-class FedEx:
+class FedEx(StatelessStrategy):
     """FedEx-LoRA; ``rank_cap`` bounds the width of the merged delta per module."""
 
     name = "fedex"
     linear = False
 
     def __init__(self, rank_cap: int = 64) -> None:
-        if rank_cap < 1:
-            raise ValueError("fedex's rank_cap must be at least 1")
-        self.rank_cap = rank_cap
+        self.rank_cap = check_rank_cap(self.name, rank_cap)
         self.last_metrics: dict[str, float] = {}
-
-    def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
-        return ClientPlan()
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)
@@ -45,9 +38,3 @@ class FedEx:
         merged, discarded = add_to_merged(state.merged, residuals, self.rank_cap)
         self.last_metrics = {"merged_rank": float(max_rank(merged)), "discarded_energy": discarded}
         return GlobalState(round=rnd, merged=merged, adapter=averaged.adapter, extras=averaged.extras)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass

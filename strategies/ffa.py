@@ -6,14 +6,12 @@ in the updates, which makes it the right inner strategy under DP (noise lands on
 
 from __future__ import annotations
 
-from typing import Any
-
 from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
-from strategies.base import example_weights, require_updates, weighted_sum
+from strategies.base import StatelessStrategy, example_weights, require_updates, weighted_sum
 from strategies.fedavg import check_same_ranks
 
 
-class FFA:
+class FFA(StatelessStrategy):
     name = "ffa"
     linear = True
 
@@ -36,9 +34,3 @@ class FFA:
         }
         extras = {name: weighted_sum((u.extras[name] for u in updates), p) for name in updates[0].extras}
         return GlobalState(round=rnd, merged=state.merged, adapter=adapter, extras=extras)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass

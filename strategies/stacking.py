@@ -7,29 +7,22 @@ exactly. The stacked product is added to the frozen ``merged`` delta (re-compres
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, LowRankDelta
-from strategies.base import example_weights, require_updates, weighted_sum
+from fedpeft.state import ClientUpdate, GlobalState, LowRankDelta
+from strategies.base import StatelessStrategy, check_rank_cap, example_weights, require_updates, weighted_sum
 from strategies.lowrank import add_to_merged, max_rank, weighted_rows
 
 
-class Stacking:
+class Stacking(StatelessStrategy):
     """FLoRA stacking; ``rank_cap`` bounds the width of the merged delta per module."""
 
     name = "stacking"
     linear = False
 
     def __init__(self, rank_cap: int = 64) -> None:
-        if rank_cap < 1:
-            raise ValueError("stacking's rank_cap must be at least 1")
-        self.rank_cap = rank_cap
+        self.rank_cap = check_rank_cap(self.name, rank_cap)
         self.last_metrics: dict[str, float] = {}
-
-    def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
-        return ClientPlan()
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)
@@ -48,9 +41,3 @@ class Stacking:
         extras = {name: weighted_sum((u.extras[name] for u in updates), p) for name in updates[0].extras}
         self.last_metrics = {"merged_rank": float(max_rank(merged)), "discarded_energy": discarded}
         return GlobalState(round=rnd, merged=merged, adapter=None, extras=extras)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass

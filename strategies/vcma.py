@@ -11,24 +11,19 @@ is zero (B at its zero init) are left as averaged.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
-from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
-from strategies.base import example_weights, require_updates
+from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
+from strategies.base import StatelessStrategy, example_weights, require_updates
 from strategies.fedavg import FedAvg
 
 
-class VCMA:
+class VCMA(StatelessStrategy):
     name = "vcma"
     linear = False
 
     def __init__(self, eps_rel: float = 1e-6) -> None:
         self.eps_rel = eps_rel
-
-    def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
-        return ClientPlan()
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)
@@ -56,9 +51,3 @@ class VCMA:
         eps = self.eps_rel * scale2
         center = mean.mean()
         return (mean - center) * ((target + eps) / (mean.var(unbiased=False) + eps)).sqrt() + center
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
