@@ -24,7 +24,10 @@ def client_id(context: Context) -> str:
 
 
 def client_rank(config: ClientConfig, context: Context) -> int:
-    """This client's LoRA rank: ``lora.client_ranks`` cycled over partitions, else ``lora.rank``."""
+    """This client's LoRA rank: the node setting ``rank`` (deployment), else ``lora.client_ranks``
+    cycled over partitions (simulation), else ``lora.rank``."""
+    if "rank" in context.node_config:
+        return int(context.node_config["rank"])
     ranks = config.lora.client_ranks
     if not ranks:
         return config.lora.rank

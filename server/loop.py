@@ -292,6 +292,13 @@ class FederatedRun:
             parts.append(f"train_loss {row['train_loss']:.4f}")
         if "eval_accuracy" in row:
             parts.append(f"eval_loss {row['eval_loss']:.4f}  eval_acc {row['eval_accuracy']:.4f}")
+        if "epsilon" in row:
+            parts.append(f"epsilon {row['epsilon']:.3f}")
+        if row.get("discarded_energy", 0.0) > 1e-6:
+            parts.append(
+                f"[yellow]merged delta capped at rank {row['merged_rank']:.0f}: "
+                f"{row['discarded_energy']:.2%} of its energy discarded[/yellow]"
+            )
         if "bytes_up" in row:
             parts.append(f"up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB")
             parts.append(f"{row['seconds']:.1f}s")

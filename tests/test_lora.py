@@ -125,3 +125,20 @@ def test_fresh_state_restores_initial_head(tiny_bert_dir):
     for name, t in extract_adapter(host.model)[1].items():
         assert torch.equal(t, initial[name])
     assert len(lora_layers(host.model)) == 6
+
+
+def test_client_rank_comes_from_node_setting_then_list_then_default():
+    from flwr.app import Context, RecordDict
+
+    from client.runtime import client_rank
+    from fedpeft.config import RunConfig
+
+    config = RunConfig().client_config()
+
+    def ctx(**node):
+        return Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+
+    assert client_rank(config, ctx(**{"partition-id": 4})) == 8
+    config.lora.client_ranks = [4, 8, 16]
+    assert [client_rank(config, ctx(**{"partition-id": i})) for i in range(4)] == [4, 8, 16, 4]
+    assert client_rank(config, ctx(**{"partition-id": 0, "rank": 2})) == 2

@@ -168,3 +168,10 @@ def test_privacy_budget_ends_the_run_cleanly(tiny_bert_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["epsilon"] <= 5.0
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_stacking_reports_energy_discarded_by_a_small_rank_cap(tiny_bert_dir, tmp_path):
+    config = small_config(tiny_bert_dir, **{"strategy.name": "'stacking'", "strategy.rank_cap": 1})
+    FederatedRun(config, tmp_path).run(LocalGrid(3))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["merged_rank"] == 1 and rows[-1]["discarded_energy"] > 0
