@@ -12,7 +12,7 @@ The per-round curve in the federated run is on the first ``--test-limit`` test r
 Data: ``<data-dir>/agnews/alps/dev.tsv`` (10,001 rows, used for training) and ``test.tsv``
 (7,600 rows), where ``<data-dir>`` defaults to ``shared/data`` next to the repository.
 
-Run from the repository root (about 30 minutes on a busy 2-core CPU):
+Run from the repository root (half an hour or more on a 2-core CPU):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/agnews_fedavg.py
 """

@@ -5,6 +5,7 @@ Every mistake a user can make here raises ``ConfigError`` with one line naming t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -131,12 +132,13 @@ class RunConfig:
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def client_config(self) -> ClientConfig:
+        """A copy of the clients' part of the configuration (editing it leaves this one alone)."""
         return ClientConfig(
             seed=self.run.seed,
-            model=self.model,
-            lora=self.lora,
-            data=self.data,
-            train=self.train,
+            model=copy.deepcopy(self.model),
+            lora=copy.deepcopy(self.lora),
+            data=copy.deepcopy(self.data),
+            train=copy.deepcopy(self.train),
             threads=self.simulation.cpus_per_client,
         )
 

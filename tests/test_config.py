@@ -58,3 +58,11 @@ def test_config_errors_are_one_clear_line(tmp_path, text, overrides, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_client_config_is_a_copy():
+    config = load_config(None)
+    client = config.client_config()
+    client.data.labels = ["x"]
+    client.lora.client_ranks = [2]
+    assert config.data.labels is None and config.lora.client_ranks is None
