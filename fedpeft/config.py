@@ -235,6 +235,10 @@ def _validate(config: RunConfig) -> None:
             all(isinstance(r, int) and r >= 1 for r in config.lora.client_ranks or []),
             "lora.client_ranks must be a list of positive integers, e.g. [4, 8, 16]",
         ),
+        (
+            config.lora.client_ranks is None or len(set(config.lora.client_ranks)) > 1,
+            "lora.client_ranks must mix at least two ranks; for one rank on every client set lora.rank",
+        ),
         (config.data.num_clients >= 1, "data.num_clients must be at least 1"),
         (config.data.partition in ("iid", "dirichlet"), "data.partition must be 'iid' or 'dirichlet'"),
         (config.data.dirichlet_alpha > 0, "data.dirichlet_alpha must be positive"),

@@ -126,7 +126,7 @@ class FederatedRun:
         Skipped when clients train at different ranks: there is no single adapter then, and each
         client starts from its own seeded init (``GlobalState.adapter is None``).
         """
-        if len(set(self.config.lora.client_ranks or [])) > 1:
+        if self.config.lora.client_ranks:
             return
         node = self._sample(grid, count=1)[0]
         instructions = RoundInstructions(0, self.init_seed(1), ClientPlan(), self.client_config)
