@@ -46,7 +46,11 @@ def test_int_is_accepted_for_float():
         ("", ["run.rounds=0"], r"run\.rounds must be at least 1"),
         ("", ["server.fraction=1.5"], r"server\.fraction must be in \(0, 1\]"),
         ("", ["data.partition=random"], r"data\.partition must be 'iid' or 'dirichlet'"),
-        ("", ["lora.client_ranks=[4, 4]"], r"must mix at least two ranks; for one rank on every client set lora\.rank"),
+        (
+            "",
+            ["lora.client_ranks=[4, 4]"],
+            r"must mix at least two ranks; for one rank on every client set lora\.rank",
+        ),
         ("", ["lora.client_ranks=[0, 4]"], r"lora\.client_ranks must be a list of positive integers"),
         ("", ["server.min_clients=20"], r"server\.min_clients \(20\) exceeds data\.num_clients \(8\)"),
     ],
