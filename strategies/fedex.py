@@ -10,20 +10,16 @@ from __future__ import annotations
 import torch
 
 from fedpeft.state import ClientUpdate, GlobalState, LowRankDelta
-from strategies.base import StatelessStrategy, check_rank_cap, require_updates
+from strategies.base import require_updates
 from strategies.fedavg import FedAvg
-from strategies.lowrank import add_to_merged, max_rank
+from strategies.lowrank import MergedDeltaStrategy
 
 
-class FedEx(StatelessStrategy):
+class FedEx(MergedDeltaStrategy):
     """FedEx-LoRA; ``rank_cap`` bounds the width of the merged delta per module."""
 
     name = "fedex"
     linear = False
-
-    def __init__(self, rank_cap: int = 64) -> None:
-        self.rank_cap = check_rank_cap(self.name, rank_cap)
-        self.last_metrics: dict[str, float] = {}
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)
@@ -35,6 +31,5 @@ class FedEx(StatelessStrategy):
             Us = [s * (u.num_examples / total) * u.factors[module].B.float() for u in updates] + [-s * mean.B]
             Vs = [u.factors[module].A.float() for u in updates] + [mean.A]
             residuals[module] = LowRankDelta(U=torch.cat(Us, dim=1), V=torch.cat(Vs, dim=0))
-        merged, discarded = add_to_merged(state.merged, residuals, self.rank_cap)
-        self.last_metrics = {"merged_rank": float(max_rank(merged)), "discarded_energy": discarded}
+        merged = self.merge(state.merged, residuals)
         return GlobalState(round=rnd, merged=merged, adapter=averaged.adapter, extras=averaged.extras)

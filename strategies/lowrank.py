@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from fedpeft.state import LowRankDelta
+from strategies.base import StatelessStrategy, check_rank_cap
 
 # Singular values below this fraction of the largest are numerical zeros (float32 inputs).
 RELATIVE_TOLERANCE = 1e-6
@@ -54,6 +55,24 @@ def add_to_merged(
         out[name], discarded = recompress(combined, rank_cap)
         worst = max(worst, discarded)
     return out, worst
+
+
+class MergedDeltaStrategy(StatelessStrategy):
+    """Base of the strategies that add exact low-rank terms to ``merged`` (stacking, fedex)."""
+
+    name = "merged-delta"
+
+    def __init__(self, rank_cap: int = 64) -> None:
+        self.rank_cap = check_rank_cap(self.name, rank_cap)
+        self.last_metrics: dict[str, float] = {}
+
+    def merge(
+        self, merged: dict[str, LowRankDelta], additions: dict[str, LowRankDelta]
+    ) -> dict[str, LowRankDelta]:
+        """``merged + additions`` re-compressed to the cap; records rank and discarded energy."""
+        out, discarded = add_to_merged(merged, additions, self.rank_cap)
+        self.last_metrics = {"merged_rank": float(max_rank(out)), "discarded_energy": discarded}
+        return out
 
 
 def max_rank(merged: dict[str, LowRankDelta]) -> int:

@@ -10,19 +10,15 @@ from __future__ import annotations
 import torch
 
 from fedpeft.state import ClientUpdate, GlobalState, LowRankDelta
-from strategies.base import StatelessStrategy, check_rank_cap, example_weights, require_updates, weighted_sum
-from strategies.lowrank import add_to_merged, max_rank, weighted_rows
+from strategies.base import example_weights, require_updates, weighted_sum
+from strategies.lowrank import MergedDeltaStrategy, weighted_rows
 
 
-class Stacking(StatelessStrategy):
+class Stacking(MergedDeltaStrategy):
     """FLoRA stacking; ``rank_cap`` bounds the width of the merged delta per module."""
 
     name = "stacking"
     linear = False
-
-    def __init__(self, rank_cap: int = 64) -> None:
-        self.rank_cap = check_rank_cap(self.name, rank_cap)
-        self.last_metrics: dict[str, float] = {}
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)
@@ -37,7 +33,6 @@ class Stacking(StatelessStrategy):
             )
             for module in updates[0].factors
         }
-        merged, discarded = add_to_merged(state.merged, stacked, self.rank_cap)
+        merged = self.merge(state.merged, stacked)
         extras = {name: weighted_sum((u.extras[name] for u in updates), p) for name in updates[0].extras}
-        self.last_metrics = {"merged_rank": float(max_rank(merged)), "discarded_energy": discarded}
         return GlobalState(round=rnd, merged=merged, adapter=None, extras=extras)

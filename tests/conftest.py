@@ -39,6 +39,19 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def simulate_cli(config: str, run_dir: Path, overrides: list[str]) -> None:
+    """Run ``fedpeft simulate`` as a user would (a fresh process, Flower's Ray engine)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", config, "--run-dir", str(run_dir)]
+    for item in overrides:
+        cmd += ["--set", item]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 class LocalGrid:
     """Delivers messages to ClientApp functions in this process (no Ray, no network).
 

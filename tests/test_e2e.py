@@ -11,6 +11,7 @@ from pathlib import Path
 from fedpeft.config import load_config
 from fedpeft.data import load_splits
 from fedpeft.models import resolve_model
+from tests.conftest import simulate_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["run.rounds=3", "data.demo_train_size=800", "data.demo_test_size=200", "train.local_steps=8"]
@@ -41,19 +42,7 @@ print(json.dumps({"accuracy": correct / len(rows)}))
 
 def test_quickstart_simulation_then_plain_peft_reproduces_accuracy(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "fedpeft.cli",
-        "simulate",
-        "simulations/quickstart.toml",
-        "--run-dir",
-        str(run_dir),
-    ]
-    for item in OVERRIDES:
-        cmd += ["--set", item]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    simulate_cli("simulations/quickstart.toml", run_dir, OVERRIDES)
 
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

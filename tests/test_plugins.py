@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import torch
 import strategies.registry as registry
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
 from strategies import StrategyError, available_strategies, create_strategy
+from tests.conftest import simulate_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = "simulations/custom_strategy/median.py:CoordinateMedian"
@@ -51,25 +50,11 @@ def test_entry_point_strategies_are_found(monkeypatch):
 
 def test_custom_strategy_example_runs_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "fedpeft.cli",
-        "simulate",
+    simulate_cli(
         "simulations/custom_strategy/config.toml",
-        "--run-dir",
-        str(run_dir),
-        "--set",
-        "run.rounds=2",
-        "--set",
-        "data.demo_train_size=800",
-        "--set",
-        "data.demo_test_size=100",
-        "--set",
-        "train.local_steps=4",
-    ]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        run_dir,
+        ["run.rounds=2", "data.demo_train_size=800", "data.demo_test_size=100", "train.local_steps=4"],
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["strategy"] == "coordinate-median" and summary["rounds"] == 2
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
