@@ -30,7 +30,7 @@ def identify(msg: Message, context: Context) -> Message:
 def initial_adapter(msg: Message, context: Context) -> Message:
     instructions = decode_instructions(msg.content)
     config = instructions.client_config
-    host = runtime.model_host(runtime.classifier_spec(config, config.lora.rank))
+    host = runtime.model_host(runtime.model_spec(config, config.lora.rank))
     host.load_state(GlobalState(), init_seed=instructions.init_seed)
     factors, extras = host.read_update()
     return Message(encode_state(GlobalState(adapter=factors, extras=extras)), reply_to=msg)
@@ -45,7 +45,7 @@ def train(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config["partition-id"])
     rank = runtime.client_rank(config, context)
 
-    host = runtime.model_host(runtime.classifier_spec(config, rank))
+    host = runtime.model_host(runtime.model_spec(config, rank))
     tokenizer = runtime.tokenizer(config.model.name)
     data = runtime.partition_data(config, partition_id)
     host.load_state(decode_state(msg.content), init_seed=instructions.init_seed)

@@ -13,9 +13,10 @@ from transformers import PreTrainedTokenizerBase
 
 from fedpeft.config import ClientConfig
 from fedpeft.data import load_splits, partition
+from fedpeft.instructions import encode_chats
 from fedpeft.lora import AdapterHost
-from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
-from fedpeft.training import Encoded, encode
+from fedpeft.models import CausalLMSpec, ClassifierSpec, ModelSpec, load_model, load_tokenizer
+from fedpeft.training import Batches, encode
 
 
 def client_id(context: Context) -> str:
@@ -34,7 +35,10 @@ def client_rank(config: ClientConfig, context: Context) -> int:
     return ranks[int(context.node_config["partition-id"]) % len(ranks)]
 
 
-def classifier_spec(config: ClientConfig, rank: int) -> ClassifierSpec:
+def model_spec(config: ClientConfig, rank: int) -> ModelSpec:
+    """The spec of this client's model: a causal LM or a classifier over the run's labels."""
+    if config.model.task == "causal_lm":
+        return CausalLMSpec.from_config(config.model.name, config.lora, config.seed, rank=rank)
     labels = config.data.labels
     if not labels:
         raise ValueError("the client configuration carries no label names (data.labels)")
@@ -42,8 +46,8 @@ def classifier_spec(config: ClientConfig, rank: int) -> ClassifierSpec:
 
 
 @lru_cache(maxsize=2)
-def model_host(spec: ClassifierSpec) -> AdapterHost:
-    return AdapterHost(load_classifier(spec))
+def model_host(spec: ModelSpec) -> AdapterHost:
+    return AdapterHost(load_model(spec))
 
 
 @lru_cache(maxsize=2)
@@ -51,14 +55,18 @@ def tokenizer(name: str) -> PreTrainedTokenizerBase:
     return load_tokenizer(name)
 
 
-_DATA_CACHE: dict[tuple[str, int], Encoded] = {}
+_DATA_CACHE: dict[tuple[str, int], Batches] = {}
 
 
-def partition_data(config: ClientConfig, partition_id: int) -> Encoded:
+def partition_data(config: ClientConfig, partition_id: int) -> Batches:
     """This simulated client's share of the training set, tokenized (cached per process)."""
     key = (config.to_json(), partition_id)
     if key not in _DATA_CACHE:
-        splits = load_splits(config.data, config.seed)
+        splits = load_splits(config.data, config.seed, config.model.task)
         rows = partition(splits.train, config.data, partition_id, config.seed)
-        _DATA_CACHE[key] = encode(rows, tokenizer(config.model.name), config.model.max_length)
+        tok = tokenizer(config.model.name)
+        if config.model.task == "causal_lm":
+            _DATA_CACHE[key] = encode_chats(list(rows["messages"]), tok, config.model.max_length)
+        else:
+            _DATA_CACHE[key] = encode(rows, tok, config.model.max_length)
     return _DATA_CACHE[key]
