@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import pandas as pd
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
@@ -22,6 +23,8 @@ from fedpeft import demo_data
 from fedpeft.config import DataSection
 from fedpeft.errors import UserError
 from fedpeft.instructions import MESSAGES, to_messages
+
+datasets.utils.logging.disable_progress_bar()  # per-client filters would flood the simulation log
 
 DEMO = "demo"
 FILE_COLUMN = "source_file"  # which of the source's files a row came from (for partition = "files")
