@@ -8,6 +8,8 @@ scale alpha/r is 1 (per-module ranks go in ``rank_pattern`` / ``alpha_pattern``)
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,7 +19,6 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from fedpeft.lora import PEFT_PREFIX
-from fedpeft.model_store import replace_dir
 from fedpeft.state import GlobalState
 
 
@@ -90,3 +91,15 @@ def export_merged(adapter_dir: Path, base_model: str, out_dir: Path, num_labels:
     AutoTokenizer.from_pretrained(base_model).save_pretrained(staging)
     replace_dir(staging, out_dir)
     return out_dir
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move the finished directory ``staging`` to ``target``, replacing what was there."""
+    if target.exists():
+        old = target.with_name(f".{target.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, target)

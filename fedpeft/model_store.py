@@ -100,18 +100,6 @@ def fetch(name: str) -> Path:
     return target
 
 
-def replace_dir(staging: Path, target: Path) -> None:
-    """Move the finished directory ``staging`` to ``target``, replacing what was there."""
-    if target.exists():
-        old = target.with_name(f".{target.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, target)
-
-
 def file_sha256(path: Path) -> str:
     sha = hashlib.sha256()
     with open(path, "rb") as f:
