@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from fedpeft.config import LoraSection, load_config
 from fedpeft.generation import ExtractorError, exact_match, generate, get_extractor
 from fedpeft.instructions import encode_chats
-from fedpeft.models import CausalLMSpec, load_causal_lm, load_tokenizer
+from fedpeft.models import CausalLMSpec, device_and_dtype, load_causal_lm, load_tokenizer
 from fedpeft.training import evaluate_lm, train
 from server.loop import FederatedRun
 from tests.conftest import LocalGrid
@@ -126,3 +126,18 @@ def test_federated_causal_lm_rounds_then_plain_peft_loads_the_adapter(tiny_llama
     assert plain_loss == pytest.approx(summary["final_eval_loss"], rel=1e-4)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")
     assert evaluate_lm(merged, tokenizer, test, batch_size=8)["loss"] == pytest.approx(plain_loss, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "bf16", "expected"),
+    [
+        (False, False, ("cpu", torch.float32)),
+        (True, True, ("cuda", torch.bfloat16)),
+        (True, False, ("cuda", torch.float32)),
+    ],
+)
+def test_device_and_dtype_follow_the_machine(monkeypatch, cuda, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    device, dtype = device_and_dtype()
+    assert (device.type, dtype) == expected
