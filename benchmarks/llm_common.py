@@ -3,6 +3,7 @@ run through Flower's simulation engine, and a centralized run with the same numb
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import time
@@ -27,17 +28,24 @@ def simulation_config(name: str, data_dir: Path, overrides: dict[str, Any]) -> R
     """``simulations/<name>.toml`` with its ``../shared/data`` paths under ``data_dir`` and
     ``overrides`` (section.key -> value) applied."""
     path = REPO / "simulations" / f"{name}.toml"
-    default_dir = REPO.parent / "shared" / "data"
-    raw = load_config(path)
-    paths = {
-        "data.source": raw.data.source,
-        "data.test_source": raw.data.test_source,
-    }
+    shared = (REPO.parent / "shared" / "data").resolve()
+    file = load_config(path)  # its data paths are relative to the repository root
     moved = {
-        k: str(data_dir / Path(v).resolve().relative_to(default_dir.resolve())) for k, v in paths.items()
+        key: str(data_dir / (REPO / value).resolve().relative_to(shared))
+        for key, value in (("data.source", file.data.source), ("data.test_source", file.data.test_source))
     }
     items = {"run.output_dir": str(REPO / "runs"), **moved, **overrides}
     return load_config(path, [f"{k}={json.dumps(v)}" for k, v in items.items()])
+
+
+def shape_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--rounds`` / ``--local-steps`` / ``--fraction`` given on the command line."""
+    given = {
+        "run.rounds": args.rounds,
+        "train.local_steps": args.local_steps,
+        "server.fraction": args.fraction,
+    }
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def run_federated(config: RunConfig, run_dir: Path) -> tuple[GlobalState, dict[str, Any]]:

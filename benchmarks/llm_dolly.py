@@ -27,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from common import DEFAULT_DATA_DIR, REPO, code_version, machine
-from llm_common import run_centralized, run_federated, simulation_config
+from llm_common import run_centralized, run_federated, shape_overrides, simulation_config
 
 from fedpeft.config import config_to_dict
 from fedpeft.data import load_splits
 from fedpeft.state import GlobalState
 from server.evaluation import LMEvaluator
+
+SIMULATION = "dolly_smollm2"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,9 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder holding dolly15k_fedit_10clients/"
     )
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--local-steps", type=int, default=8)
-    p.add_argument("--fraction", type=float, default=0.4, help="share of the 10 clients sampled per round")
+    p.add_argument("--rounds", type=int, help=f"default: as in simulations/{SIMULATION}.toml")
+    p.add_argument("--local-steps", type=int, help="default: as in the simulation file")
+    p.add_argument(
+        "--fraction", type=float, help="share of clients sampled per round (default: as in the file)"
+    )
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "llm_dolly.json")
     return p.parse_args(argv)
 
@@ -79,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llm_dolly: no dolly15k_fedit_10clients/ in {data_dir}; pass --data-dir", file=sys.stderr)
         return 2
     load_before, code = os.getloadavg(), code_version()
-    base = simulation_config(
-        "dolly_smollm2",
-        data_dir,
-        {"run.rounds": args.rounds, "train.local_steps": args.local_steps, "server.fraction": args.fraction},
-    )
+    base = simulation_config(SIMULATION, data_dir, shape_overrides(args))
     splits = load_splits(base.data, base.run.seed, base.model.task)
     scorer = LMEvaluator(base, splits)
     print(f"[untrained] scoring on {len(scorer.data)} of {len(splits.test)} test rows", flush=True)

@@ -26,20 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from common import DEFAULT_DATA_DIR, REPO, code_version, machine
-from llm_common import run_federated, simulation_config
+from llm_common import run_federated, shape_overrides, simulation_config
 
 from fedpeft.config import config_to_dict
 from fedpeft.data import Splits, load_splits
 from fedpeft.state import GlobalState
 from server.evaluation import LMEvaluator
 
+SIMULATION = "gsm8k_smollm2"
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder holding gsm8k/")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--local-steps", type=int, default=8)
-    p.add_argument("--fraction", type=float, default=0.4, help="share of the 10 clients sampled per round")
+    p.add_argument("--rounds", type=int, help=f"default: as in simulations/{SIMULATION}.toml")
+    p.add_argument("--local-steps", type=int, help="default: as in the simulation file")
+    p.add_argument(
+        "--fraction", type=float, help="share of clients sampled per round (default: as in the file)"
+    )
     p.add_argument("--questions", type=int, default=200)
     p.add_argument("--subset-seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "llm_gsm8k.json")
@@ -71,16 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     load_before, code = os.getloadavg(), code_version()
     overrides = {
         "run.name": "llm-gsm8k",
-        "run.rounds": args.rounds,
-        "train.local_steps": args.local_steps,
-        "server.fraction": args.fraction,
-        "server.evaluate": False,
-        "data.test_limit": None,
+        "server.evaluate": False,  # scored below, before and after, on the seeded subset
+        "train.eval_batch_size": 16,  # wider greedy batches: fewer decoding passes on a CPU
+        **shape_overrides(args),
     }
-    config = simulation_config(
-        "gsm8k_smollm2", data_dir, {k: v for k, v in overrides.items() if v is not None}
-    )
-    config.data.test_limit = None
+    config = simulation_config(SIMULATION, data_dir, overrides)
+    config.data.test_limit = None  # the seeded subset below replaces the simulation's first 50
     splits = load_splits(config.data, config.run.seed, config.model.task)
     chosen = sorted(random.Random(args.subset_seed).sample(range(len(splits.test)), args.questions))
     scorer = LMEvaluator(config, Splits(splits.train, splits.test.select(chosen), []))
