@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         **shape_overrides(args),
     }
     config = simulation_config(SIMULATION, data_dir, overrides)
-    config.data.test_limit = None  # the seeded subset below replaces the simulation's first 50
+    config.data.test_limit = None  # the seeded subset below replaces the simulation's first 32
     splits = load_splits(config.data, config.run.seed, config.model.task)
     chosen = sorted(random.Random(args.subset_seed).sample(range(len(splits.test)), args.questions))
     scorer = LMEvaluator(config, Splits(splits.train, splits.test.select(chosen), []))
