@@ -76,11 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {
         "run.name": "llm-gsm8k",
         "server.evaluate": False,  # scored below, before and after, on the seeded subset
-        "train.eval_batch_size": 16,  # wider greedy batches: fewer decoding passes on a CPU
         **shape_overrides(args),
     }
     config = simulation_config(SIMULATION, data_dir, overrides)
-    config.data.test_limit = None  # the seeded subset below replaces the simulation's first 32
+    config.data.test_limit = None  # the seeded subset below replaces the simulation's first 16
     splits = load_splits(config.data, config.run.seed, config.model.task)
     chosen = sorted(random.Random(args.subset_seed).sample(range(len(splits.test)), args.questions))
     scorer = LMEvaluator(config, Splits(splits.train, splits.test.select(chosen), []))
