@@ -14,6 +14,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client import runtime
+from client.faults import inject_fault
+from client.settings import INJECT_FAULT
 from fedpeft.state import ClientUpdate, GlobalState
 from fedpeft.training import train as train_locally
 from fedpeft.wire import decode_instructions, decode_state, encode_identity, encode_state, encode_update
@@ -42,12 +44,11 @@ def train(msg: Message, context: Context) -> Message:
     instructions = decode_instructions(msg.content)
     config = instructions.client_config
     torch.set_num_threads(config.threads)
-    partition_id = int(context.node_config["partition-id"])
     rank = runtime.client_rank(config, context)
 
     host = runtime.model_host(runtime.classifier_spec(config, rank))
     tokenizer = runtime.tokenizer(config.model.name)
-    data = runtime.partition_data(config, partition_id)
+    data = runtime.client_data(config, context)
     host.load_state(decode_state(msg.content), init_seed=instructions.init_seed)
     metrics = train_locally(
         host.model,
@@ -57,7 +58,7 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=config.train.batch_size,
         lr=config.train.lr,
         weight_decay=config.train.weight_decay,
-        seed=hash((config.seed, instructions.round, partition_id)) & 0x7FFFFFFF,
+        seed=hash((config.seed, instructions.round, runtime.seed_key(context))) & 0x7FFFFFFF,
         train_lora_A=instructions.plan.train_lora_A,
     )
     factors, extras = host.read_update()
@@ -70,4 +71,5 @@ def train(msg: Message, context: Context) -> Message:
         alpha=config.lora.alpha,
         metrics=metrics,
     )
+    inject_fault(update, context.node_config.get(INJECT_FAULT))
     return Message(encode_update(update, send_A=instructions.plan.send_lora_A), reply_to=msg)

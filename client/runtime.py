@@ -6,28 +6,49 @@ global state is applied afresh each round.
 
 from __future__ import annotations
 
+import zlib
 from functools import lru_cache
+from pathlib import Path
 
 from flwr.app import Context
 from transformers import PreTrainedTokenizerBase
 
+from client.settings import CLIENT_ID, DATA_PATH, RANK
 from fedpeft.config import ClientConfig
-from fedpeft.data import load_splits, partition
+from fedpeft.data import load_client_file, load_splits, partition
 from fedpeft.lora import AdapterHost
 from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
 from fedpeft.training import Encoded, encode
 
 
+def is_deployed(context: Context) -> bool:
+    """A deployed client reads its own data file; a simulated one takes a partition."""
+    return DATA_PATH in context.node_config
+
+
 def client_id(context: Context) -> str:
     """A name for this client that is stable across runs (Flower's node ids are not)."""
+    if CLIENT_ID in context.node_config:
+        return str(context.node_config[CLIENT_ID])
+    if is_deployed(context):
+        return Path(str(context.node_config[DATA_PATH])).stem
     return f"partition-{int(context.node_config['partition-id'])}"
+
+
+def seed_key(context: Context) -> int:
+    """An integer that tells clients apart in their training seeds, the same in every process:
+    the partition id in simulation, a CRC of the client id when deployed (``hash`` of a string
+    differs between processes)."""
+    if is_deployed(context):
+        return zlib.crc32(client_id(context).encode())
+    return int(context.node_config["partition-id"])
 
 
 def client_rank(config: ClientConfig, context: Context) -> int:
     """This client's LoRA rank: the node setting ``rank`` (deployment), else ``lora.client_ranks``
     cycled over partitions (simulation), else ``lora.rank``."""
-    if "rank" in context.node_config:
-        return int(context.node_config["rank"])
+    if RANK in context.node_config:
+        return int(context.node_config[RANK])
     ranks = config.lora.client_ranks
     if not ranks:
         return config.lora.rank
@@ -51,14 +72,20 @@ def tokenizer(name: str) -> PreTrainedTokenizerBase:
     return load_tokenizer(name)
 
 
-_DATA_CACHE: dict[tuple[str, int], Encoded] = {}
+_DATA_CACHE: dict[tuple[str, str], Encoded] = {}
 
 
-def partition_data(config: ClientConfig, partition_id: int) -> Encoded:
-    """This simulated client's share of the training set, tokenized (cached per process)."""
-    key = (config.to_json(), partition_id)
+def client_data(config: ClientConfig, context: Context) -> Encoded:
+    """This client's training rows, tokenized (cached per process): its own file when deployed,
+    its share of the training set in simulation."""
+    source = str(context.node_config[DATA_PATH]) if is_deployed(context) else ""
+    key = (config.to_json(), source or str(context.node_config["partition-id"]))
     if key not in _DATA_CACHE:
-        splits = load_splits(config.data, config.seed)
-        rows = partition(splits.train, config.data, partition_id, config.seed)
+        if source:
+            rows = load_client_file(source, config.data)
+        else:
+            splits = load_splits(config.data, config.seed)
+            partition_id = int(context.node_config["partition-id"])
+            rows = partition(splits.train, config.data, partition_id, config.seed)
         _DATA_CACHE[key] = encode(rows, tokenizer(config.model.name), config.model.max_length)
     return _DATA_CACHE[key]

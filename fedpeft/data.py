@@ -33,7 +33,9 @@ class DataError(UserError):
 
 @dataclass
 class Splits:
-    train: Dataset
+    """``train`` is ``None`` on a deployed server, which never reads training data."""
+
+    train: Dataset | None
     test: Dataset | None
     label_names: list[str]
 
@@ -49,6 +51,30 @@ def load_splits(spec: DataSection, seed: int) -> Splits:
     train = _to_dataset(train_frame, names, spec.source)
     test = _to_dataset(test_frame, names, spec.test_source) if test_frame is not None else None
     return Splits(train, test, names)
+
+
+def load_server_splits(spec: DataSection) -> Splits:
+    """What a deployed server needs: the label names (``data.labels``, which every client's file
+    uses) and its own held-out file (``data.test_source``, optional). Training data stays on the
+    clients."""
+    if not spec.labels:
+        raise DataError(
+            "a deployed server never sees the clients' data, so it needs the label names: set "
+            'data.labels (e.g. data.labels=["billing", "delivery"]) to the labels in the clients\' files'
+        )
+    test = (
+        _to_dataset(read_table(spec.test_source, spec), spec.labels, spec.test_source)
+        if spec.test_source
+        else None
+    )
+    return Splits(None, test, list(spec.labels))
+
+
+def load_client_file(path: str, spec: DataSection) -> Dataset:
+    """A deployed client's own training file, labelled with the server's ``data.labels``."""
+    if not spec.labels:
+        raise DataError("the server sent no label names (data.labels); set them in the server's config")
+    return _to_dataset(read_table(path, spec), spec.labels, path)
 
 
 def read_table(path: str | Path, spec: DataSection) -> pd.DataFrame:

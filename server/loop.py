@@ -30,6 +30,7 @@ from fedpeft.wire import (
     encode_train_message,
     record_nbytes,
 )
+from server.checkpoint import FILENAME as CHECKPOINT_FILE
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.evaluation import CentralEvaluator
 from server.report import RunRecorder
@@ -56,6 +57,25 @@ class RoundOutcome:
     bytes_up: int = 0
 
 
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run needs a directory without one; a resumed run needs its checkpoint."""
+    if resume and not (run_dir / CHECKPOINT_FILE).is_file():
+        raise RunDirError(f"{run_dir} holds no checkpoint to resume; pass the directory of an earlier run")
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise RunDirError(
+            f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --run-dir"
+        )
+
+
+def build_strategy(config: RunConfig) -> Strategy:
+    """The configured strategy, told how many clients there are and how many train per round."""
+    return create_strategy(
+        config.strategy.name,
+        config.strategy.options,
+        context={"clients_per_round": config.clients_per_round, "num_clients": config.data.num_clients},
+    )
+
+
 class FederatedRun:
     """Runs ``config.run.rounds`` rounds against a Flower ``Grid`` and writes the run directory."""
 
@@ -72,18 +92,10 @@ class FederatedRun:
         dataset if the caller has already loaded it)."""
         self.config = config
         self.run_dir = Path(run_dir)
-        if not resume and (self.run_dir / "metrics.jsonl").exists():
-            raise RunDirError(
-                f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} "
-                "or choose another --run-dir"
-            )
+        check_run_dir(self.run_dir, resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = console or Console()
-        self.strategy: Strategy = create_strategy(
-            config.strategy.name,
-            config.strategy.options,
-            context={"clients_per_round": config.clients_per_round, "num_clients": config.data.num_clients},
-        )
+        self.strategy = build_strategy(config)
         self.splits = splits or load_splits(config.data, config.run.seed)
         self.client_config = config.client_config()
         self.client_config.data.labels = self.splits.label_names
@@ -166,6 +178,7 @@ class FederatedRun:
             "clients_sampled": outcome.sampled,
             "clients_aggregated": len(outcome.updates),
             "dropped": outcome.dropped,
+            "replies": [self._reply_summary(u) for u in outcome.updates],
             "attempts": attempt,
             "train_loss": _weighted_metric(outcome.updates, "train_loss"),
             "bytes_down": outcome.bytes_down,
@@ -215,6 +228,15 @@ class FederatedRun:
             who = f"{drop['client']} (node {drop['node']})"
             self.console.print(f"[yellow]round {rnd}: dropped {who}: {drop['reason']}[/yellow]")
         return outcome
+
+    def _reply_summary(self, update: ClientUpdate) -> dict[str, Any]:
+        node = int(update.client_id)
+        return {
+            "client": self.identities.get(node, "?"),
+            "node": str(node),
+            "num_examples": update.num_examples,
+            "train_loss": update.metrics.get("train_loss"),
+        }
 
     def _drop(self, node: int, reason: str) -> dict[str, str]:
         return {"node": str(node), "client": self.identities.get(node, "?"), "reason": reason}
