@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -27,6 +27,8 @@ from fedpeft.processes import ProcessTree, flower_command, flower_env
 
 PROBE_SECONDS = 5.0
 ACTIVATION_FAILED = "Failed to activate SuperNode"  # Flower's words for a key it does not know
+UNREACHABLE = "Giving up reconnection"
+MARKERS = (ACTIVATION_FAILED, UNREACHABLE)
 ACTIVATION_ATTEMPTS = 3
 ACTIVATION_RETRY_SECONDS = 10.0
 
@@ -93,7 +95,7 @@ def run_client(options: ClientOptions) -> int:
         returncode, output = _run_supernode(options)
         if returncode in (0, -signal.SIGTERM):
             return 0
-        if ACTIVATION_FAILED not in output or attempt == ACTIVATION_ATTEMPTS:
+        if ACTIVATION_FAILED not in output.seen or attempt == ACTIVATION_ATTEMPTS:
             raise ClientError(explain_exit(output, options))
         print(
             f"client {options.name}: the server did not accept this key (yet); retrying in "
@@ -104,8 +106,20 @@ def run_client(options: ClientOptions) -> int:
         attempt += 1
 
 
-def _run_supernode(options: ClientOptions) -> tuple[int, str]:
-    """One SuperNode, its output forwarded as it comes; returns its exit code and last lines."""
+@dataclass
+class SuperNodeOutput:
+    """What a SuperNode printed: which of ``MARKERS`` appeared, and its last lines."""
+
+    seen: set[str] = field(default_factory=set)
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+
+    def add(self, line: str) -> None:
+        self.seen.update(marker for marker in MARKERS if marker in line)
+        self.tail.append(line)
+
+
+def _run_supernode(options: ClientOptions) -> tuple[int, SuperNodeOutput]:
+    """One SuperNode, its output forwarded as it comes; returns its exit code and output."""
     with tempfile.TemporaryDirectory(prefix=f"fedpeft-client-{options.name}-") as home:
         process = subprocess.Popen(
             _supernode_command(options),
@@ -115,8 +129,8 @@ def _run_supernode(options: ClientOptions) -> tuple[int, str]:
             text=True,
         )
         tree = ProcessTree(process)
-        tail: deque[str] = deque(maxlen=50)
-        forward = threading.Thread(target=_forward, args=(process.stdout, tail), daemon=True)
+        output = SuperNodeOutput()
+        forward = threading.Thread(target=_forward, args=(process.stdout, output), daemon=True)
         forward.start()
         try:
             while tree.running():
@@ -124,7 +138,7 @@ def _run_supernode(options: ClientOptions) -> tuple[int, str]:
         finally:
             tree.stop(grace=5.0)
             forward.join(timeout=5.0)
-    return process.returncode, "".join(tail)
+    return process.returncode, output
 
 
 def _supernode_command(options: ClientOptions) -> list[str]:
@@ -136,34 +150,29 @@ def _supernode_command(options: ClientOptions) -> list[str]:
     return [*cmd, "--root-certificates", str(options.ca), "--auth-supernode-private-key", str(options.key)]
 
 
-def _forward(stream: IO[str], tail: deque[str]) -> None:
+def _forward(stream: IO[str], output: SuperNodeOutput) -> None:
     for line in stream:
         print(line, end="", flush=True)
-        tail.append(line)
+        output.add(line)
 
 
 def probe_server(options: ClientOptions) -> None:
-    """Check TLS agreement with the server before starting (an unreachable server is not an error:
-    the SuperNode keeps trying, up to ``connect_timeout``)."""
-    host, _, port = options.server.rpartition(":")
-    context = ssl.create_default_context(cafile=None if options.insecure else str(options.ca))
-    if options.insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS) as raw:
-            with context.wrap_socket(raw, server_hostname=host.strip("[]")):
-                speaks_tls = True
-    except ssl.SSLCertVerificationError as exc:
-        raise ClientError(
-            f"the server's certificate does not verify against {options.ca} ({exc.verify_message}); "
-            "use the ca.pem from the server's `fedpeft certs` directory, and a --server host name or IP "
-            "that the certificate lists (fedpeft certs --host)"
-        ) from exc
-    except ssl.SSLError:
-        speaks_tls = False
-    except OSError:
-        return  # not reachable yet
+    """Wait until the server accepts connections (up to ``connect_timeout``: clients may start
+    first), then check that both sides agree on TLS and that the server's certificate verifies."""
+    deadline = time.monotonic() + options.connect_timeout
+    while True:
+        try:
+            speaks_tls = _speaks_tls(options)
+            break
+        except ClientError:
+            raise
+        except OSError:
+            if time.monotonic() > deadline:
+                raise ClientError(
+                    f"could not reach the server at {options.server} within {options.connect_timeout:g}s; "
+                    "check the address and that the server runs (--connect-timeout to wait longer)"
+                ) from None
+            time.sleep(PROBE_SECONDS)
     if options.insecure and speaks_tls:
         raise ClientError(
             f"the server at {options.server} requires TLS but this client was started with --insecure; "
@@ -176,21 +185,43 @@ def probe_server(options: ClientOptions) -> None:
         )
 
 
-def explain_exit(output: str, options: ClientOptions) -> str:
+def _speaks_tls(options: ClientOptions) -> bool:
+    """One TLS handshake with the server (``OSError`` if it cannot be reached)."""
+    host, _, port = options.server.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.create_default_context(cafile=None if options.insecure else str(options.ca))
+    if options.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, int(port)), timeout=PROBE_SECONDS) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname=host):
+                return True
+        except ssl.SSLCertVerificationError as exc:
+            raise ClientError(
+                f"the server's certificate does not verify against {options.ca} ({exc.verify_message}); "
+                "use the ca.pem from the server's certs directory, and a --server host name or IP "
+                "that the certificate lists (fedpeft certs --host)"
+            ) from exc
+        except ssl.SSLError:
+            return False
+
+
+def explain_exit(output: SuperNodeOutput, options: ClientOptions) -> str:
     """One line for a SuperNode that gave up, from what it printed."""
-    if ACTIVATION_FAILED in output:
+    if ACTIVATION_FAILED in output.seen:
         key = f"{options.key}.pub" if options.key else "its public key"
         return (
             f"the server refused client {options.name}: its key is not registered there; ask the "
             f"operator to add {key} to the server's certs directory (fedpeft certs DIR --clients "
             f"{options.name}) and restart the server"
         )
-    if "Giving up reconnection" in output or "could not establish a connection" in output:
+    if UNREACHABLE in output.seen:
         return (
-            f"could not reach the server at {options.server} within {options.connect_timeout:g}s; "
-            "check the address and that the server is running (--connect-timeout to wait longer)"
+            f"lost the server at {options.server} for more than {options.connect_timeout:g}s; "
+            "check that it runs (--connect-timeout to wait longer)"
         )
-    last = [line for line in output.strip().splitlines() if line.strip()][-3:]
+    last = [line.strip() for line in output.tail if line.strip()][-3:]
     return f"the SuperNode stopped: {' | '.join(last)}"
 
 

@@ -160,7 +160,8 @@ class FederatedRun:
                 break
             self.console.print(
                 f"[yellow]round {rnd} attempt {attempt}: {len(outcome.updates)} valid replies, "
-                f"need {self.config.min_replies}; retrying[/yellow]"
+                f"need {self.config.min_replies}; retrying[/yellow]",
+                soft_wrap=True,
             )
         else:
             raise RoundFailed(
@@ -226,7 +227,7 @@ class FederatedRun:
                 outcome.dropped.append(self._drop(int(update.client_id), f"invalid update: {reason}"))
         for drop in outcome.dropped:
             who = f"{drop['client']} (node {drop['node']})"
-            self.console.print(f"[yellow]round {rnd}: dropped {who}: {drop['reason']}[/yellow]")
+            self.console.print(f"[yellow]round {rnd}: dropped {who}: {drop['reason']}[/yellow]", soft_wrap=True)
         return outcome
 
     def _reply_summary(self, update: ClientUpdate) -> dict[str, Any]:
