@@ -227,7 +227,8 @@ class FederatedRun:
                 outcome.dropped.append(self._drop(int(update.client_id), f"invalid update: {reason}"))
         for drop in outcome.dropped:
             who = f"{drop['client']} (node {drop['node']})"
-            self.console.print(f"[yellow]round {rnd}: dropped {who}: {drop['reason']}[/yellow]", soft_wrap=True)
+            line = f"[yellow]round {rnd}: dropped {who}: {drop['reason']}[/yellow]"
+            self.console.print(line, soft_wrap=True)
         return outcome
 
     def _reply_summary(self, update: ClientUpdate) -> dict[str, Any]:
