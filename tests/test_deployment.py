@@ -4,9 +4,11 @@ authentication (Flower's SuperLink and SuperNodes), each client with its own dat
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from fedpeft.certs import make_certs
@@ -88,3 +90,53 @@ def test_tls_authenticated_run_with_misbehaving_and_refused_clients(federation: 
     weights = load_file(adapter / "adapter_model.safetensors")
     assert config["peft_type"] == "LORA" and any("lora_A" in k for k in weights)
     assert all(bool(t.isfinite().all()) for t in weights.values())
+
+
+def start_clients(fed: Federation) -> None:
+    for name in CLIENT_ROWS:
+        fed.start_client(name)
+
+
+@pytest.mark.slow
+def test_a_client_killed_in_round_2_is_dropped_and_the_run_finishes(federation: Federation, tmp_path: Path):
+    fed = federation
+    run_dir = tmp_path / "run"
+    fed.start_server(run_dir, "run.rounds=3", "server.min_clients=2", "server.round_timeout=45")
+    start_clients(fed)
+    wait_for(lambda: "round 1/3  clients 3/3" in fed.output("server"), 300, "round 1 with all three clients")
+    time.sleep(3)  # round 2's messages are out: carol is loading or training
+    fed.kill("carol")
+    summary = finished(fed, run_dir)
+
+    assert summary["rounds"] == 3
+    round_2 = metrics_rows(run_dir)[2]
+    dropped = {d["client"]: d for d in round_2["dropped"]}
+    assert set(dropped) == {"carol"} and dropped["carol"]["node"].isdigit()
+    assert {r["client"] for r in round_2["replies"]} == {"alice", "bob"}
+    assert f"round 2: dropped carol (node {dropped['carol']['node']})" in fed.output("server")
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_server_ends_where_a_straight_run_does(federation: Federation, tmp_path: Path):
+    fed = federation
+    start_clients(fed)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    fed.start_server(straight, "run.rounds=4", name="straight")
+    finished(fed, straight, "straight")
+
+    fed.start_server(resumed, "run.rounds=4", name="first")
+    # The round line is printed after the round's checkpoint is written.
+    wait_for(lambda: "round 2/4  clients" in fed.output("first"), 400, "round 2 of the interrupted run")
+    fed.kill("first")
+    assert not (resumed / "summary.json").exists()
+    fed.start_server(resumed, "run.rounds=4", resume=True, name="second")
+    summary = finished(fed, resumed, "second")
+
+    assert f"resuming {resumed} after round 2" in fed.output("second")
+    assert summary["rounds"] == 4
+    assert [r["round"] for r in metrics_rows(resumed)] == [0, 1, 2, 3, 4]
+    expected = load_file(straight / "adapter" / "adapter_model.safetensors")
+    actual = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
