@@ -13,6 +13,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -29,8 +30,8 @@ PROBE_SECONDS = 5.0
 ACTIVATION_FAILED = "Failed to activate SuperNode"  # Flower's words for a key it does not know
 UNREACHABLE = "Giving up reconnection"
 MARKERS = (ACTIVATION_FAILED, UNREACHABLE)
-ACTIVATION_ATTEMPTS = 3
-ACTIVATION_RETRY_SECONDS = 10.0
+ACTIVATION_ATTEMPTS = 3  # the key is refused for good on the third refusal in a row
+REJOIN_SECONDS = 10.0
 
 
 class ClientError(UserError):
@@ -84,26 +85,32 @@ class ClientOptions:
 
 
 def run_client(options: ClientOptions) -> int:
-    """Start the SuperNode and serve the federation until it stops (a SuperNode serves run after
-    run; stop it with Ctrl-C). A key refused within the first attempts is retried: a server that
-    is just starting accepts connections a moment before it has registered its clients."""
+    """Serve the federation until stopped (Ctrl-C or SIGTERM): run after run, and across server
+    restarts. A restarted server forgets its SuperNodes, so a SuperNode that the server ends is
+    started again. A refused key is retried a few times first: a server that is just starting
+    accepts connections a moment before it has registered its clients."""
     options.check()
-    probe_server(options)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the SuperNode is stopped with us
     print(f"client {options.name}: joining {options.server} with {options.data}", flush=True)
-    attempt = 1
+    refusals = 0
     while True:
+        probe_server(options)
         returncode, output = _run_supernode(options)
-        if returncode in (0, -signal.SIGTERM):
-            return 0
-        if ACTIVATION_FAILED not in output.seen or attempt == ACTIVATION_ATTEMPTS:
+        if ACTIVATION_FAILED in output.seen:
+            refusals += 1
+            if refusals == ACTIVATION_ATTEMPTS:
+                raise ClientError(explain_exit(output, options))
+            _say(options, f"the server did not accept this key (yet); retry {refusals} of 2")
+        elif returncode != 0:
             raise ClientError(explain_exit(output, options))
-        print(
-            f"client {options.name}: the server did not accept this key (yet); retrying in "
-            f"{ACTIVATION_RETRY_SECONDS:g}s ({attempt}/{ACTIVATION_ATTEMPTS - 1})",
-            flush=True,
-        )
-        time.sleep(ACTIVATION_RETRY_SECONDS)
-        attempt += 1
+        else:
+            refusals = 0
+            _say(options, "the server ended this session; joining again")
+        time.sleep(REJOIN_SECONDS)
+
+
+def _say(options: ClientOptions, message: str) -> None:
+    print(f"client {options.name}: {message}", flush=True)
 
 
 @dataclass
