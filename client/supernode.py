@@ -91,7 +91,9 @@ def run_client(options: ClientOptions) -> int:
     accepts connections a moment before it has registered its clients."""
     options.check()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the SuperNode is stopped with us
-    print(f"client {options.name}: joining {options.server} with {options.data}", flush=True)
+    if options.insecure:
+        _say(options, "WARNING: --insecure: no TLS and no authentication; for local experiments only")
+    _say(options, f"joining {options.server} with {options.data}")
     refusals = 0
     while True:
         probe_server(options)
