@@ -55,6 +55,7 @@ def write_config(path: Path, model_dir: Path, test_file: Path, **server: object)
         "[train]",
         "local_steps = 2",
         "batch_size = 8",
+        "lr = 0.02",
         "[server]",
         *(f"{key} = {json.dumps(value)}" for key, value in settings.items()),
     ]
