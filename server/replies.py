@@ -1,0 +1,95 @@
+"""One attempt's valid replies, folded into the strategy as they arrive when it can stream.
+
+A strategy with ``start`` (a linear one) gets each valid update as soon as it is decoded and
+validated; the server keeps no update, so its memory is O(adapter) for any number of clients.
+Other strategies (or a round without a global adapter to validate shapes against) keep the
+updates for one batch ``aggregate``, validated against the most common layout among replies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedpeft.state import ClientUpdate, GlobalState
+from server.validation import reference_signature, validate
+from strategies.base import Accumulator, Strategy, StreamingStrategy
+
+POLL_SECONDS = 0.1
+
+
+def receive(grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator[Message]:
+    """Push ``messages`` and yield each reply as it arrives, until all have answered or
+    ``timeout`` seconds have passed (what ``Grid.send_and_receive`` does, without holding every
+    reply until the last one)."""
+    waiting = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    while waiting:
+        replies = list(grid.pull_messages(waiting))
+        replies.reverse()
+        while replies:
+            reply = replies.pop()  # handed over and forgotten here: the caller may free it
+            waiting.discard(reply.metadata.reply_to_message_id)
+            yield reply
+        if waiting:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(POLL_SECONDS)
+
+
+class RoundReplies:
+    """Validates decoded updates and hands them to the strategy for one attempt at a round."""
+
+    def __init__(self, strategy: Strategy, rnd: int, state: GlobalState) -> None:
+        self.strategy, self.rnd, self.state = strategy, rnd, state
+        self.accumulator: Accumulator | None = None
+        if isinstance(strategy, StreamingStrategy) and state.adapter is not None:
+            self.accumulator = strategy.start(rnd, state)
+        self.reference = reference_signature(state, []) if state.adapter is not None else None
+        self.pending: list[ClientUpdate] = []
+        self.count = 0
+        self.examples = 0
+        self.loss_sum = 0.0
+
+    def offer(self, update: ClientUpdate) -> str | None:
+        """Take ``update`` if valid (folding it in now when streaming); else the reason to drop it."""
+        if self.accumulator is None:
+            self.pending.append(update)
+            return None
+        reason = validate(update, self.rnd, self.reference)
+        if reason is None:
+            self._accept(update)
+            self.accumulator.add(update)
+        return reason
+
+    def close(self) -> list[tuple[str, str]]:
+        """Validate the kept updates (batch mode); returns (client id, reason) for each invalid one."""
+        reference = reference_signature(self.state, self.pending)
+        dropped, valid = [], []
+        for update in self.pending:
+            reason = validate(update, self.rnd, reference)
+            if reason is None:
+                self._accept(update)
+                valid.append(update)
+            else:
+                dropped.append((update.client_id, reason))
+        self.pending = valid
+        return dropped
+
+    def aggregate(self) -> GlobalState:
+        if self.accumulator is not None:
+            return self.accumulator.result()
+        return self.strategy.aggregate(self.rnd, self.state, self.pending)
+
+    @property
+    def train_loss(self) -> float:
+        """The example-weighted mean of the clients' reported training loss."""
+        return self.loss_sum / self.examples if self.examples else 0.0
+
+    def _accept(self, update: ClientUpdate) -> None:
+        self.count += 1
+        self.examples += update.num_examples
+        self.loss_sum += update.metrics.get("train_loss", 0.0) * update.num_examples
