@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedpeft.privacy import PrivacyAccountant, clip_factor, gaussian_noise, global_norm
+from fedpeft.privacy import PrivacyAccountant, clip_factor, gaussian_noise
 from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
-from strategies.base import StopFederation, Strategy, aggregate_stream, require_updates
+from strategies.base import FlatLayout, StopFederation, Strategy, aggregate_stream, require_updates
 from strategies.registry import StrategyError, create_strategy
 
 
@@ -93,7 +93,8 @@ class DifferentialPrivacy:
 
 
 class PrivateSum:
-    """dp's accumulator: the sum of the clients' clipped deltas from the global adapter."""
+    """dp's accumulator: the sum of the clients' clipped deltas from the global adapter, all
+    tensors of an update taken as one flat vector."""
 
     def __init__(self, dp: DifferentialPrivacy, rnd: int, state: GlobalState) -> None:
         if state.adapter is None:
@@ -102,20 +103,20 @@ class PrivateSum:
             )
         self.dp, self.rnd, self.state = dp, rnd, state
         self.trains_A = dp.inner.client_instructions(rnd, state).train_lora_A
-        self.reference = {
-            k: t.float() for k, t in _trained_tensors(state.adapter, state.extras, self.trains_A).items()
-        }
-        self.total = [torch.zeros_like(t) for t in self.reference.values()]
+        reference = _trained_tensors(state.adapter, state.extras, self.trains_A)
+        self.layout = FlatLayout(reference)
+        self.reference = self.layout.gather(list(reference.values())).clone()
+        self.total = torch.zeros(self.layout.numel)
         self.norms: list[float] = []
         self.clipped = 0
         self.client: tuple[int, int, float] | None = None  # (round, rank, alpha) of the first update
 
     def add(self, update: ClientUpdate) -> None:
         sent = _trained_tensors(update.factors, update.extras, self.trains_A)
-        deltas = torch._foreach_sub([sent[k].float() for k in self.reference], list(self.reference.values()))
-        norm = global_norm(dict(zip(self.reference, deltas, strict=True)))
+        delta = self.layout.gather([sent[k] for k in self.layout.keys]) - self.reference
+        norm = float(torch.linalg.vector_norm(delta))
         factor = clip_factor(norm, self.dp.clip_norm)
-        torch._foreach_add_(self.total, deltas, alpha=factor)
+        self.total.add_(delta, alpha=factor)
         self.norms.append(norm)
         self.clipped += factor < 1.0
         self.client = self.client or (update.round, update.rank, update.alpha)
@@ -125,10 +126,9 @@ class PrivateSum:
             raise ValueError(f"strategy {self.dp.name!r} was given no client updates to aggregate")
         dp = self.dp
         std = dp.noise_multiplier * dp.clip_norm
-        noised = {
-            k: t.add_(gaussian_noise(t.shape, std, dp.generator)).div_(dp.clients_per_round).add_(ref)
-            for (k, ref), t in zip(self.reference.items(), self.total, strict=True)
-        }
+        for view in self.layout.views(self.total):
+            view.add_(gaussian_noise(view.shape, std, dp.generator))
+        self.total.div_(dp.clients_per_round).add_(self.reference)
         dp.accountant.step()
         dp.last_metrics = {
             "epsilon": dp.accountant.epsilon(),
@@ -136,6 +136,7 @@ class PrivateSum:
             "clipped_fraction": self.clipped / len(self.norms),
             "median_update_norm": statistics.median(self.norms),  # what clip_norm is tuned against
         }
+        noised = dict(zip(self.layout.keys, self.layout.views(self.total), strict=True))
         rnd, rank, alpha = self.client
         virtual = _as_update(noised, self.state, rnd, rank, alpha, self.trains_A)
         return dp.inner.aggregate(self.rnd, self.state, [virtual])
@@ -144,11 +145,13 @@ class PrivateSum:
 def _trained_tensors(
     factors: dict[str, AdapterFactors], extras: dict[str, Tensor], trains_A: bool
 ) -> dict[str, Tensor]:
-    out = {f"extra/{k}": t for k, t in extras.items()}
+    """What a client trained, in the order ``fedpeft.wire`` lays a reply out."""
+    out: dict[str, Tensor] = {}
     for module, f in factors.items():
-        out[f"B/{module}"] = f.B
         if trains_A:
             out[f"A/{module}"] = f.A
+        out[f"B/{module}"] = f.B
+    out.update({f"extra/{k}": t for k, t in extras.items()})
     return out
 
 

@@ -6,6 +6,8 @@ Kept because it is the baseline every paper compares against.
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
 from strategies.base import StatelessStrategy, WeightedSum, aggregate_stream, require_updates
 
@@ -43,12 +45,7 @@ class FactorAverage:
         check_same_ranks(self.strategy, self.ranks)
         if not self.scales:
             self.scales = {module: f.scale for module, f in update.factors.items()}
-        tensors = {f"extra/{name}": t for name, t in update.extras.items()}
-        for module, f in update.factors.items():
-            tensors[f"B/{module}"] = f.B
-            if self.frozen is None:
-                tensors[f"A/{module}"] = f.A
-        self.sum.add(tensors, update.num_examples)
+        self.sum.add(summed_tensors(update, with_A=self.frozen is None), update.num_examples)
 
     def result(self) -> GlobalState:
         if self.sum.count == 0:
@@ -66,6 +63,18 @@ class FactorAverage:
             }
         extras = {k.removeprefix("extra/"): t for k, t in mean.items() if k.startswith("extra/")}
         return GlobalState(round=self.rnd, merged=self.state.merged, adapter=adapter, extras=extras)
+
+
+def summed_tensors(update: ClientUpdate, with_A: bool) -> dict[str, Tensor]:
+    """The tensors a factor average sums, in the order ``fedpeft.wire`` lays a reply out (A and B
+    per module, then the extras), so a decoded reply is one span of memory."""
+    tensors: dict[str, Tensor] = {}
+    for module, f in update.factors.items():
+        if with_A:
+            tensors[f"A/{module}"] = f.A
+        tensors[f"B/{module}"] = f.B
+    tensors.update({f"extra/{name}": t for name, t in update.extras.items()})
+    return tensors
 
 
 def check_same_ranks(strategy: str, ranks: set[tuple[int, float]]) -> None:
