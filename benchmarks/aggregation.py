@@ -6,22 +6,23 @@
 Adapter shapes (synthetic factors, no extras): SmolLM2-135M (30 layers, q/o 576x576, k/v 192x576,
 r = 8, 3.7 MB fp32) and a 7B Llama (32 layers, q/k/v/o 4096x4096, r = 16, 67 MB fp32).
 
-Methods, each cell (shapes, method, K) in its own subprocess so that its peak RSS is its own:
-- ``bound``: the memory-bandwidth bound, ``w @ X`` (one BLAS matrix-vector product) over the same
-  bytes as the clients' A and B laid out as rows of one matrix; ``bound-b``: the same over B only
-  (what ffa sums);
-- ``flower``: Flower's ``FedAvg().aggregate_train`` on the clients' reply messages (our records);
-- ``fedavg``, ``ffa``, ``dp`` (dp(fedavg)): the streaming accumulator on decoded updates
-  (``strategy`` time), and the server's path from the reply records: decode, validate, fold,
-  freeing each reply (``server`` time and peak RSS);
-- ``stacking``, ``fedex``, ``vcma``: ``aggregate`` on the list of K decoded updates.
+Each cell (shapes, strategy, K) runs in its own subprocess and measures, one after the other on
+the same bytes:
+- ``bound``: the memory-bandwidth bound, ``w @ X``: one BLAS matrix-vector product over the
+  clients' summed factors as the rows of one matrix (A and B; B only for ffa);
+- ``strategy``: the strategy on decoded updates (the streaming accumulator for fedavg, ffa and
+  dp(fedavg); ``aggregate`` on the list of K for stacking, fedex and vcma);
+- ``server`` (streaming strategies): the server's path from the reply records, as
+  ``server.loop`` runs it: decode, validate and fold each reply, then free it;
+- ``flower`` (in the fedavg cell): Flower's ``FedAvg().aggregate_train`` on the K reply messages.
+Times are the best of up to 5 runs (torch on 1 thread); ``*_rss_rise_bytes`` is the largest rise of
+resident memory (VmHWM, reset before each run) above where a run started.
 
-K replies are drawn from a pool of distinct updates of at least 1 GiB (larger than the 480 MiB L3
-of the machine measured) so that every client's bytes come from DRAM, as a reply from the network
-would; a batch method that must hold all K updates holds K references into that pool, so its
-measured RSS understates what a real server holding K distinct replies would need
-(``held_bytes``). Cells whose K replies cannot be held in this machine's memory at all are
-reported as skipped with the reason, not run.
+K replies are drawn from a pool of distinct updates of at least 1 GiB (more than the 480 MiB L3
+the machine reports), so every client's bytes come from DRAM as a reply off the network would.
+A batch method holds K references into that pool, so its RSS understates what a real server
+holding K distinct replies needs (K x the adapter); cells where that cannot fit a 24 GiB machine
+are reported as skipped with the reason, not run.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from common import REPO, code_version, machine
 from flwr.app import Message, MessageType
 
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
-from fedpeft.wire import decode_update, encode_update
+from fedpeft.wire import NUM_EXAMPLES, decode_update, encode_update
 from server.replies import RoundReplies
 from strategies import create_strategy
 
@@ -50,7 +51,7 @@ HOLD_LIMIT = 16 << 30  # what a batch method may hold at once on this 24 GiB mac
 CELL_TIMEOUT = 240
 STREAMING = ("fedavg", "ffa", "dp")
 BATCH = ("stacking", "fedex", "vcma")
-METHODS = ("bound", "bound-b", "flower", *STREAMING, *BATCH)
+METHODS = (*STREAMING, *BATCH)
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,8 @@ class Cell:
     def __init__(self, shapes: Shapes, method: str, clients: int) -> None:
         self.shapes, self.method, self.clients = shapes, method, clients
         self.state = GlobalState(adapter=synthetic_factors(shapes, seed=10**6))
-        self.frozen_A = method in ("ffa", "bound-b")
+        self.frozen_A = method == "ffa"
         self.pool = [self._client(seed) for seed in range(pool_size(shapes, clients))]
-        self.rises: list[int] = []
 
     def _client(self, seed: int) -> ClientUpdate:
         """A client's update laid out in one buffer, as ``fedpeft.wire`` decodes a reply."""
@@ -129,19 +129,24 @@ class Cell:
             base = self.pool[k % len(self.pool)]
             yield ClientUpdate(base.factors, {}, examples(k), 1, base.rank, base.alpha, client_id=str(k))
 
-    def run(self) -> dict[str, float]:
-        """Time the method; the pool is built before, and peak RSS is reset after building it."""
-        if self.method.startswith("bound"):
-            return self._bound()
-        if self.method == "flower":
-            return self._flower()
+    def run(self) -> dict[str, float | str]:
+        """The bound, then the strategy, then (streaming strategies) the server path and, with
+        fedavg, Flower's FedAvg: all on the same bytes, in this process, one after the other."""
+        out: dict[str, float | str] = {}
+        out["bound_seconds"], out["bound_rss_rise_bytes"] = self._bound()
         strategy = self._strategy()
-        timed = {"strategy_seconds": self._timed(lambda: self._fold(strategy))}
-        timed["strategy_rss_rise_bytes"] = self.rises[-1]
-        if self.method in STREAMING:
-            timed["server_seconds"] = self._server(strategy)
-            timed["server_rss_rise_bytes"] = self.rises[-1]
-        return timed
+        out["strategy_seconds"], out["strategy_rss_rise_bytes"] = self._timed(lambda: self._fold(strategy))
+        if self.method not in STREAMING:
+            return out
+        records = self._records()
+        out["server_seconds"], out["server_rss_rise_bytes"] = self._server(strategy, records)
+        if self.method == "fedavg":
+            reason = skip_reason(self.shapes, "flower", self.clients)
+            if reason:
+                out["flower_skipped"] = reason
+            else:
+                out["flower_seconds"], out["flower_rss_rise_bytes"] = self._flower(records)
+        return out
 
     def _strategy(self):
         options = (
@@ -160,16 +165,15 @@ class Cell:
         else:
             strategy.aggregate(1, self.state, list(self.updates()))
 
-    def _records(self):
-        send_A = not self.frozen_A
-        records = [encode_update(u, send_A=send_A) for u in self.pool]
+    def _records(self) -> list:
+        """The pool as reply records (the pool itself is freed: a server only has the records)."""
+        records = [encode_update(u, send_A=not self.frozen_A) for u in self.pool]
         self.pool = []
         gc.collect()
         return records
 
-    def _server(self, strategy) -> float:
+    def _server(self, strategy, records: list) -> tuple[float, int]:
         """Decode, validate and fold each reply record, as ``server.loop`` does."""
-        records = self._records()
 
         def fold() -> None:
             replies = RoundReplies(strategy, 1, self.state)
@@ -181,32 +185,24 @@ class Cell:
 
         return self._timed(fold)
 
-    def _flower(self) -> dict[str, float]:
+    def _flower(self, records: list) -> tuple[float, int]:
+        """Flower's ``FedAvg.aggregate_train`` on the K reply messages (sharing the pool's records:
+        the weights are not the clients', which does not change the work)."""
         from flwr.serverapp.strategy import FedAvg
         from flwr.supercore.task_identity import TaskIdentity
 
-        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as a ServerApp has
-        records = self._records()
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as in a ServerApp
         replies = []
         for k in range(self.clients):
             record = records[k % len(records)]
             message = Message(content=record, dst_node_id=k + 1, message_type=MessageType.TRAIN)
             replies.append(Message(content=record, reply_to=message))
-        for k, reply in enumerate(replies):
-            reply.content["metrics"]["num-examples"] = examples(k)  # shared records: last value wins
-        strategy = FedAvg(weighted_by_key="num-examples")
-        seconds = self._timed(lambda: strategy.aggregate_train(1, replies))
-        return {"server_seconds": seconds, "server_rss_rise_bytes": self.rises[-1]}
+        strategy = FedAvg(weighted_by_key=NUM_EXAMPLES)
+        return self._timed(lambda: strategy.aggregate_train(1, replies))
 
-    def _bound(self) -> dict[str, float]:
-        """``w @ X`` over the pool's bytes as rows of X, once per block of len(pool) clients."""
-        rows = [
-            torch.cat([t.reshape(-1) for f in u.factors.values() for t in self._summed(f)]) for u in self.pool
-        ]
-        self.pool = []
-        matrix = torch.stack(rows)
-        del rows
-        gc.collect()
+    def _bound(self) -> tuple[float, int]:
+        """``w @ X``: the pool's update buffers as the rows of X, once per block of len(pool) clients."""
+        matrix = torch.stack([self._buffer(u) for u in self.pool])
         weights = torch.tensor([float(examples(k)) for k in range(self.clients)])
 
         def weighted_sum() -> None:
@@ -216,15 +212,18 @@ class Cell:
                 out.addmv_(matrix[: len(w)].T, w)
             out.div_(weights.sum())
 
-        seconds = self._timed(weighted_sum)
-        return {"strategy_seconds": seconds, "strategy_rss_rise_bytes": self.rises[-1]}
+        return self._timed(weighted_sum)  # the matrix is freed on return
 
-    def _summed(self, f: AdapterFactors) -> tuple[torch.Tensor, ...]:
-        return (f.B,) if self.method == "bound-b" else (f.A, f.B)
+    def _buffer(self, update: ClientUpdate) -> torch.Tensor:
+        """The one buffer a pool update's summed factors are views of."""
+        first = next(iter(update.factors.values()))
+        tensor = first.B if self.frozen_A else first.A
+        numel = self.shapes.adapter_bytes(with_A=not self.frozen_A) // 4
+        return tensor.new_empty(0).set_(tensor.untyped_storage(), 0, (numel,))
 
-    def _timed(self, fn) -> float:
-        """Best of up to 5 runs within ~20 s (one run when a run is longer); records the largest
-        rise of resident memory above where each run started (``self.rises``)."""
+    def _timed(self, fn) -> tuple[float, int]:
+        """Best time of up to 5 runs within ~20 s (one run when a run is longer), and the largest
+        rise of resident memory above where a run started."""
         best = float("inf")
         spent = 0.0
         rise = 0
@@ -238,8 +237,7 @@ class Cell:
             best, spent = min(best, elapsed), spent + elapsed
             if spent > 20:
                 break
-        self.rises.append(rise)
-        return best
+        return best, rise
 
 
 def reset_peak_rss() -> None:
@@ -262,7 +260,7 @@ def run_cell(shape_name: str, method: str, clients: int) -> dict:
 
 
 def skip_reason(shapes: Shapes, method: str, clients: int) -> str | None:
-    if method in STREAMING or method.startswith("bound"):
+    if method in STREAMING:
         return None
     held = clients * shapes.adapter_bytes()
     if held > HOLD_LIMIT:
@@ -281,7 +279,7 @@ def measure(shape_name: str, method: str, clients: int) -> dict:
         "clients": clients,
         "adapter_bytes": shapes.adapter_bytes(),
     }
-    row["payload_bytes_per_client"] = shapes.adapter_bytes(with_A=method not in ("ffa", "bound-b"))
+    row["payload_bytes_per_client"] = shapes.adapter_bytes(with_A=method != "ffa")
     reason = skip_reason(shapes, method, clients)
     if reason:
         return {**row, "skipped": reason}

@@ -15,12 +15,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import SType
 from torch import Tensor
 
+from fedpeft.compression import ErrorFeedback, Packed, pack
 from fedpeft.config import ClientConfig
 from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState, LowRankDelta
 
 STATE_ARRAYS, STATE_META = "state", "state-meta"
 UPDATE_ARRAYS, UPDATE_META, UPDATE_METRICS = "update", "update-meta", "metrics"
 NUM_EXAMPLES = "num-examples"
+
+
+SCALE_SUFFIX = ".scale"
 
 
 class WireError(ValueError):
@@ -60,18 +64,42 @@ def from_array(array: Array, out: Tensor | None = None) -> Tensor:
 
 
 def decode_arrays(arrays: ArrayRecord) -> dict[str, Tensor]:
-    """Every array as a tensor; the float32 ones, in record order, as views into one buffer (one
-    allocation per reply, and one span of memory a strategy can sum in one op)."""
-    floats = {k: a for k, a in arrays.items() if a.dtype == "float32" and a.stype == SType.NUMPY}
-    buffer = torch.empty(sum(math.prod(a.shape) for a in floats.values()))
+    """Every array as a tensor. Floating-point ones (and int8 ones with their ``.scale``),
+    in record order, become float32 views into one buffer: one allocation per reply, and one
+    span of memory a strategy can sum in one op."""
+    scales = {k.removesuffix(SCALE_SUFFIX): a for k, a in arrays.items() if k.endswith(SCALE_SUFFIX)}
+    if set(scales) - set(arrays):
+        raise WireError(f"scales without values: {sorted(set(scales) - set(arrays))[:3]}")
+    dense = {
+        k: a
+        for k, a in arrays.items()
+        if k not in scales
+        and not k.endswith(SCALE_SUFFIX)
+        and a.stype == SType.NUMPY
+        and a.dtype in ("float32", "float16")
+    }
+    dense.update({k: arrays[k] for k in scales})
+    buffer = torch.empty(sum(math.prod(a.shape) for a in dense.values()))
     out, offset = {}, 0
     for key, array in arrays.items():
-        if key in floats:
-            size = math.prod(array.shape)
-            out[key] = from_array(array, out=buffer[offset : offset + size].view(array.shape))
-            offset += size
-        else:
+        if key.endswith(SCALE_SUFFIX):
+            continue
+        if key not in dense:
             out[key] = from_array(array)
+            continue
+        size = math.prod(array.shape)
+        view = buffer[offset : offset + size].view(array.shape)
+        offset += size
+        if array.dtype == "float32":
+            out[key] = from_array(array, out=view)
+            continue
+        view.copy_(from_array(array))
+        if key in scales:
+            try:
+                view.mul_(from_array(scales[key]))
+            except RuntimeError as exc:
+                raise WireError(f"the scale of {key!r} does not fit its values: {exc}") from exc
+        out[key] = view
     return out
 
 
@@ -122,19 +150,43 @@ def decode_state(content: RecordDict) -> GlobalState:
     return GlobalState(round=_meta(meta, "round", int), merged=merged, adapter=adapter, extras=extras)
 
 
-def encode_update(update: ClientUpdate, send_A: bool = True) -> RecordDict:
-    """The reply record; with ``send_A=False`` (frozen, shared A) only B travels."""
+def encode_update(
+    update: ClientUpdate,
+    send_A: bool = True,
+    compression: str = "none",
+    reference: dict[str, AdapterFactors] | None = None,
+    feedback: ErrorFeedback | None = None,
+) -> RecordDict:
+    """The reply record; with ``send_A=False`` (frozen, shared A) only B travels.
+
+    With a lossy ``compression`` (``fedpeft.compression``), each factor travels as its delta
+    from ``reference`` (the adapter the client received) when there is one, through
+    ``feedback`` (error feedback, updated in place) when given; without a reference (a fresh
+    init each round), the factors themselves are compressed.
+    """
+    delta = compression != "none" and reference is not None
     arrays: dict[str, Array] = {}
     meta: dict[str, int | float | str | bool] = {
         "round": update.round,
         "rank": update.rank,
         "alpha": float(update.alpha),
         "sent-A": send_A,
+        "compression": compression,
+        "delta": delta,
     }
     for name, f in update.factors.items():
-        if send_A:
-            arrays[f"lora/{name}/A"] = to_array(f.A)
-        arrays[f"lora/{name}/B"] = to_array(f.B)
+        for part, rank_dim in (("A", 0), ("B", 1)) if send_A else (("B", 1),):
+            key, tensor = f"lora/{name}/{part}", getattr(f, part)
+            if compression == "none":
+                arrays[key] = to_array(tensor)
+                continue
+            if delta:
+                tensor = tensor.float() - getattr(reference[name], part).float()  # type: ignore[index]
+            packer = feedback.pack if feedback is not None and delta else _pack
+            packed = packer(key, tensor, compression, rank_dim)
+            arrays[key] = to_array(packed.values)
+            if packed.scale is not None:
+                arrays[key + SCALE_SUFFIX] = to_array(packed.scale)
         meta[f"scale/{name}"] = f.scale
     for name, t in update.extras.items():
         arrays[f"extra/{name}"] = to_array(t)
@@ -151,16 +203,26 @@ def encode_update(update: ClientUpdate, send_A: bool = True) -> RecordDict:
 def decode_update(
     content: RecordDict, client_id: str = "", frozen: dict[str, AdapterFactors] | None = None
 ) -> ClientUpdate:
-    """Decode a reply; a reply without A (``sent-A`` false) takes A from ``frozen``."""
+    """Decode a reply. ``frozen`` is the global adapter the client started from: a reply
+    without A (``sent-A`` false) takes A from it, and delta-coded factors are added to it."""
     arrays, meta = _get(content, UPDATE_ARRAYS, ArrayRecord), _get(content, UPDATE_META, ConfigRecord)
     metrics = dict(_get(content, UPDATE_METRICS, MetricRecord))
     sent_A = _meta(meta, "sent-A", bool)
     groups, extras = _split(arrays, {"lora": ("A", "B") if sent_A else ("B",)})
-    if not sent_A:
-        missing = sorted(set(groups["lora"]) - set(frozen or {}))
-        if missing:
-            raise WireError(f"the reply omits A but there is no frozen A for {missing[:3]}")
-        for name, pair in groups["lora"].items():
+    delta = bool(meta.get("delta", False))
+    missing = sorted(set(groups["lora"]) - set(frozen or {}))
+    if missing and (delta or not sent_A):
+        raise WireError(f"the reply is relative to a global adapter that lacks {missing[:3]}")
+    for name, pair in groups["lora"].items():
+        if delta:
+            for part, tensor in pair.items():
+                base = getattr(frozen[name], part)  # type: ignore[index]
+                if tensor.shape != base.shape:
+                    raise WireError(
+                        f"{name}/{part} has shape {tuple(tensor.shape)}, the global {tuple(base.shape)}"
+                    )
+                tensor.add_(base)
+        if not sent_A:
             pair["A"] = frozen[name].A  # type: ignore[index]
     factors = {
         n: AdapterFactors(A=p["A"], B=p["B"], scale=_meta(meta, f"scale/{n}", float))
@@ -179,6 +241,23 @@ def decode_update(
         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
         client_id=client_id,
     )
+
+
+def _pack(name: str, tensor: Tensor, codec: str, rank_dim: int) -> Packed:
+    return pack(tensor, codec, rank_dim)
+
+
+FEEDBACK = "error-feedback"
+
+
+def load_feedback(node_state: RecordDict) -> ErrorFeedback:
+    """The error-feedback residuals a client keeps in its Flower ``Context.state``."""
+    record = node_state.get(FEEDBACK)
+    return ErrorFeedback(decode_arrays(record) if isinstance(record, ArrayRecord) else None)
+
+
+def store_feedback(node_state: RecordDict, feedback: ErrorFeedback) -> None:
+    node_state[FEEDBACK] = ArrayRecord(array_dict={k: to_array(t) for k, t in feedback.residuals.items()})
 
 
 def _get(content: RecordDict, key: str, kind: type):

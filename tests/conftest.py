@@ -74,6 +74,12 @@ class LocalGrid:
         self.handlers |= {self.nodes[i]: h for i, h in (handlers or {}).items()}
         self.queries = {"query.identify": identify, "query.initial_adapter": initial_adapter}
         self.pushed: dict[str, Message] = {}
+        self.contexts = {  # one per node, kept across rounds as Flower keeps a node's Context
+            node: Context(
+                run_id=1, node_id=node, node_config={"partition-id": i}, state=RecordDict(), run_config={}
+            )
+            for i, node in enumerate(self.nodes)
+        }
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
     def get_node_ids(self) -> list[int]:
@@ -102,13 +108,7 @@ class LocalGrid:
     def _handle(self, msg: Message) -> Message | None:
         node = msg.metadata.dst_node_id
         TaskIdentity.node_id = node
-        context = Context(
-            run_id=1,
-            node_id=node,
-            node_config={"partition-id": self.nodes.index(node)},
-            state=RecordDict(),
-            run_config={},
-        )
+        context = self.contexts[node]
         handler = self.queries.get(msg.metadata.message_type, self.handlers[node])
         try:
             reply = handler(msg, context)
