@@ -12,7 +12,7 @@ from flwr.app import Context
 from transformers import PreTrainedTokenizerBase
 
 from fedpeft.config import ClientConfig
-from fedpeft.data import load_splits, partition
+from fedpeft.data import Splits, load_splits, partition
 from fedpeft.lora import AdapterHost
 from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
 from fedpeft.training import Encoded, encode
@@ -51,14 +51,21 @@ def tokenizer(name: str) -> PreTrainedTokenizerBase:
     return load_tokenizer(name)
 
 
-_DATA_CACHE: dict[tuple[str, int], Encoded] = {}
-
-
 def partition_data(config: ClientConfig, partition_id: int) -> Encoded:
-    """This simulated client's share of the training set, tokenized (cached per process)."""
-    key = (config.to_json(), partition_id)
-    if key not in _DATA_CACHE:
-        splits = load_splits(config.data, config.seed)
-        rows = partition(splits.train, config.data, partition_id, config.seed)
-        _DATA_CACHE[key] = encode(rows, tokenizer(config.model.name), config.model.max_length)
-    return _DATA_CACHE[key]
+    """This simulated client's share of the training set, tokenized (cached per process: the last
+    few partitions, so a process that serves many virtual clients keeps bounded memory)."""
+    return _encoded_partition(config.to_json(), partition_id)
+
+
+@lru_cache(maxsize=8)
+def _encoded_partition(config_json: str, partition_id: int) -> Encoded:
+    config = ClientConfig.from_json(config_json)
+    rows = partition(_splits(config_json).train, config.data, partition_id, config.seed)
+    return encode(rows, tokenizer(config.model.name), config.model.max_length)
+
+
+@lru_cache(maxsize=1)
+def _splits(config_json: str) -> Splits:
+    """The dataset, loaded once per process and configuration, not once per partition."""
+    config = ClientConfig.from_json(config_json)
+    return load_splits(config.data, config.seed)
