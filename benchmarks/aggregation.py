@@ -303,8 +303,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/aggregation.json")
     parser.add_argument("--cell", nargs=3, metavar=("SHAPES", "METHOD", "K"), help=argparse.SUPPRESS)
+    parser.add_argument("--report", action="store_true", help="only print the table and plot of --out")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.report:
+        report(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return
     if args.cell:
         shape_name, method, clients = args.cell
         print(json.dumps(run_cell(shape_name, method, int(clients))))
@@ -327,6 +331,56 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.out.with_suffix(".png"))
+
+
+def ratio(row: dict, key: str) -> str:
+    if key not in row:
+        return "–"
+    return f"{row[key]:.3g} s ({row[key] / row['bound_seconds']:.1f}x)"
+
+
+def report(result: dict, plot_path: Path) -> None:
+    """A markdown table of times as ratios to the bound, and a plot of seconds against K."""
+    print(
+        "| shapes | strategy | K | bound | strategy (x bound) | server path (x bound) "
+        "| Flower FedAvg (x bound) | server RSS rise (x adapter) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for row in result["rows"]:
+        if "skipped" in row:
+            print(f"| {row['shapes']} | {row['method']} | {row['clients']} | skipped: {row['skipped']} |||||")
+            continue
+        bound = row["bound_seconds"]
+
+        rise = row.get("server_rss_rise_bytes")
+        rise_text = f"{rise / row['adapter_bytes']:.2f}" if rise else "–"
+        flower = ratio(row, "flower_seconds") if "flower_skipped" not in row else "cannot hold K replies"
+        print(
+            f"| {row['shapes']} | {row['method']} | {row['clients']} | {bound:.3g} s "
+            f"| {ratio(row, 'strategy_seconds')} | {ratio(row, 'server_seconds')} | {flower} | {rise_text} |"
+        )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SHAPES), figsize=(12, 4.5))
+    for ax, shape_name in zip(axes, SHAPES, strict=True):
+        rows = [r for r in result["rows"] if r["shapes"] == shape_name and "skipped" not in r]
+        series = {"bound (A+B)": ("fedavg", "bound_seconds"), "Flower FedAvg": ("fedavg", "flower_seconds")}
+        series |= {f"{m} (server path)": (m, "server_seconds") for m in STREAMING}
+        series |= {m: (m, "strategy_seconds") for m in BATCH}
+        for label, (method, key) in series.items():
+            points = sorted((r["clients"], r[key]) for r in rows if r["method"] == method and key in r)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="clients K", ylabel="seconds per round", title=shape_name)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Server aggregation time ({result['date']}, {result['machine']['processor']}, 1 thread)")
+    fig.tight_layout()
+    fig.savefig(plot_path, dpi=120)
 
 
 if __name__ == "__main__":
