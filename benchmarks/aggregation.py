@@ -178,9 +178,11 @@ class Cell:
         def fold() -> None:
             replies = RoundReplies(strategy, 1, self.state)
             for k in range(self.clients):
-                update = decode_update(records[k % len(records)], str(k), frozen=self.state.adapter)
+                record = records[k % len(records)]
+                update = decode_update(record, str(k), self.state.adapter, replies.decode_buffer)
                 update.num_examples = examples(k)
                 assert replies.offer(update) is None
+                del update  # as server.loop frees each reply before the next
             replies.aggregate()
 
         return self._timed(fold)

@@ -20,7 +20,7 @@ from fedpeft.data import Splits, load_splits
 from fedpeft.errors import UserError
 from fedpeft.export import export_adapter
 from fedpeft.models import resolve_model
-from fedpeft.state import ClientPlan, GlobalState
+from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
 from fedpeft.wire import (
     RoundInstructions,
     WireError,
@@ -195,7 +195,9 @@ class FederatedRun:
         for reply in receive(grid, messages, self.config.server.round_timeout):
             node = reply.metadata.src_node_id
             unanswered.discard(node)
-            reason = self._take(reply, outcome)
+            update = self._decode(reply, outcome)
+            del reply  # free the reply's bytes before the next one arrives: O(adapter) memory
+            reason = outcome.replies.offer(update) if isinstance(update, ClientUpdate) else update
             if reason:
                 outcome.dropped.append(self._drop(node, reason))
         for node in sorted(unanswered):
@@ -207,17 +209,16 @@ class FederatedRun:
             self.console.print(f"[yellow]round {rnd}: dropped {who}: {drop['reason']}[/yellow]")
         return outcome
 
-    def _take(self, reply: Message, outcome: RoundOutcome) -> str | None:
-        """Decode and offer one reply to this attempt's replies; the reason to drop it, if any."""
+    def _decode(self, reply: Message, outcome: RoundOutcome) -> ClientUpdate | str:
+        """The update a reply carries, or the reason to drop it."""
         if reply.has_error():
             return f"client error: {reply.error.reason}"
         outcome.bytes_up += record_nbytes(reply.content)
+        node = str(reply.metadata.src_node_id)
         try:
-            update = decode_update(reply.content, str(reply.metadata.src_node_id), frozen=self.state.adapter)
+            return decode_update(reply.content, node, self.state.adapter, outcome.replies.decode_buffer)
         except WireError as exc:
             return f"malformed reply: {exc}"
-        reason = outcome.replies.offer(update)
-        return f"invalid update: {reason}" if reason else None
 
     def _drop(self, node: int, reason: str) -> dict[str, str]:
         return {"node": str(node), "client": self.identities.get(node, "?"), "reason": reason}

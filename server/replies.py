@@ -15,6 +15,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedpeft.state import ClientUpdate, GlobalState
+from fedpeft.wire import DecodeBuffer
 from server.validation import reference_signature, validate
 from strategies.base import Accumulator, Strategy, StreamingStrategy
 
@@ -31,9 +32,8 @@ def receive(grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator
         replies = list(grid.pull_messages(waiting))
         replies.reverse()
         while replies:
-            reply = replies.pop()  # handed over and forgotten here: the caller may free it
-            waiting.discard(reply.metadata.reply_to_message_id)
-            yield reply
+            waiting.discard(replies[-1].metadata.reply_to_message_id)
+            yield replies.pop()  # not kept here: the caller can free each reply
         if waiting:
             if time.monotonic() >= deadline:
                 return
@@ -46,8 +46,10 @@ class RoundReplies:
     def __init__(self, strategy: Strategy, rnd: int, state: GlobalState) -> None:
         self.strategy, self.rnd, self.state = strategy, rnd, state
         self.accumulator: Accumulator | None = None
+        self.decode_buffer: DecodeBuffer | None = None  # replies are folded one at a time: reuse it
         if isinstance(strategy, StreamingStrategy) and state.adapter is not None:
             self.accumulator = strategy.start(rnd, state)
+            self.decode_buffer = DecodeBuffer()
         self.reference = reference_signature(state, []) if state.adapter is not None else None
         self.pending: list[ClientUpdate] = []
         self.count = 0
@@ -55,15 +57,16 @@ class RoundReplies:
         self.loss_sum = 0.0
 
     def offer(self, update: ClientUpdate) -> str | None:
-        """Take ``update`` if valid (folding it in now when streaming); else the reason to drop it."""
+        """Take ``update`` if valid (folding it in now when streaming); else why to drop it."""
         if self.accumulator is None:
             self.pending.append(update)
             return None
         reason = validate(update, self.rnd, self.reference)
-        if reason is None:
-            self._accept(update)
-            self.accumulator.add(update)
-        return reason
+        if reason is not None:
+            return f"invalid update: {reason}"
+        self._accept(update)
+        self.accumulator.add(update)
+        return None
 
     def close(self) -> list[tuple[str, str]]:
         """Validate the kept updates (batch mode); returns (client id, reason) for each invalid one."""

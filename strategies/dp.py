@@ -107,16 +107,17 @@ class PrivateSum:
         self.layout = FlatLayout(reference)
         self.reference = self.layout.gather(list(reference.values())).clone()
         self.total = torch.zeros(self.layout.numel)
+        self.delta = torch.empty(self.layout.numel)  # reused: no fresh allocation per client
         self.norms: list[float] = []
         self.clipped = 0
         self.client: tuple[int, int, float] | None = None  # (round, rank, alpha) of the first update
 
     def add(self, update: ClientUpdate) -> None:
         sent = _trained_tensors(update.factors, update.extras, self.trains_A)
-        delta = self.layout.gather([sent[k] for k in self.layout.keys]) - self.reference
-        norm = float(torch.linalg.vector_norm(delta))
+        torch.sub(self.layout.gather([sent[k] for k in self.layout.keys]), self.reference, out=self.delta)
+        norm = float(torch.linalg.vector_norm(self.delta))
         factor = clip_factor(norm, self.dp.clip_norm)
-        self.total.add_(delta, alpha=factor)
+        self.total.add_(self.delta, alpha=factor)
         self.norms.append(norm)
         self.clipped += factor < 1.0
         self.client = self.client or (update.round, update.rank, update.alpha)
