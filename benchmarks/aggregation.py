@@ -48,7 +48,7 @@ from strategies import create_strategy
 
 POOL_BYTES = 1 << 30
 HOLD_LIMIT = 16 << 30  # what a batch method may hold at once on this 24 GiB machine
-CELL_TIMEOUT = 240
+CELL_TIMEOUT = 150
 STREAMING = ("fedavg", "ffa", "dp")
 BATCH = ("stacking", "fedex", "vcma")
 METHODS = (*STREAMING, *BATCH)
@@ -224,7 +224,7 @@ class Cell:
         return tensor.new_empty(0).set_(tensor.untyped_storage(), 0, (numel,))
 
     def _timed(self, fn) -> tuple[float, int]:
-        """Best time of up to 5 runs within ~20 s (one run when a run is longer), and the largest
+        """Best time of up to 5 runs within ~10 s (one run when a run is longer), and the largest
         rise of resident memory above where a run started."""
         best = float("inf")
         spent = 0.0
@@ -237,7 +237,7 @@ class Cell:
             elapsed = time.perf_counter() - started
             rise = max(rise, status_bytes("VmHWM") - start_rss)
             best, spent = min(best, elapsed), spent + elapsed
-            if spent > 20:
+            if spent > 10:
                 break
         return best, rise
 
