@@ -18,7 +18,15 @@ from client.faults import inject_fault
 from client.settings import INJECT_FAULT
 from fedpeft.state import ClientUpdate, GlobalState
 from fedpeft.training import train as train_locally
-from fedpeft.wire import decode_instructions, decode_state, encode_identity, encode_state, encode_update
+from fedpeft.wire import (
+    decode_instructions,
+    decode_state,
+    encode_identity,
+    encode_state,
+    encode_update,
+    load_feedback,
+    store_feedback,
+)
 
 app = ClientApp()
 
@@ -49,7 +57,8 @@ def train(msg: Message, context: Context) -> Message:
     host = runtime.model_host(runtime.classifier_spec(config, rank))
     tokenizer = runtime.tokenizer(config.model.name)
     data = runtime.client_data(config, context)
-    host.load_state(decode_state(msg.content), init_seed=instructions.init_seed)
+    received = decode_state(msg.content)
+    host.load_state(received, init_seed=instructions.init_seed)
     metrics = train_locally(
         host.model,
         tokenizer,
@@ -72,4 +81,13 @@ def train(msg: Message, context: Context) -> Message:
         metrics=metrics,
     )
     inject_fault(update, context.node_config.get(INJECT_FAULT))
-    return Message(encode_update(update, send_A=instructions.plan.send_lora_A), reply_to=msg)
+    feedback = load_feedback(context.state)
+    content = encode_update(
+        update,
+        send_A=instructions.plan.send_lora_A,
+        compression=config.train.compression,
+        reference=received.adapter,
+        feedback=feedback,
+    )
+    store_feedback(context.state, feedback)
+    return Message(content, reply_to=msg)

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from client.settings import CLIENT_ID, DATA_PATH, RANK
 from fedpeft.config import ClientConfig
-from fedpeft.data import load_client_file, load_splits, partition
+from fedpeft.data import Splits, load_client_file, load_splits, partition
 from fedpeft.lora import AdapterHost
 from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
 from fedpeft.training import Encoded, encode
@@ -72,20 +72,31 @@ def tokenizer(name: str) -> PreTrainedTokenizerBase:
     return load_tokenizer(name)
 
 
-_DATA_CACHE: dict[tuple[str, str], Encoded] = {}
-
-
 def client_data(config: ClientConfig, context: Context) -> Encoded:
-    """This client's training rows, tokenized (cached per process): its own file when deployed,
-    its share of the training set in simulation."""
-    source = str(context.node_config[DATA_PATH]) if is_deployed(context) else ""
-    key = (config.to_json(), source or str(context.node_config["partition-id"]))
-    if key not in _DATA_CACHE:
-        if source:
-            rows = load_client_file(source, config.data)
-        else:
-            splits = load_splits(config.data, config.seed)
-            partition_id = int(context.node_config["partition-id"])
-            rows = partition(splits.train, config.data, partition_id, config.seed)
-        _DATA_CACHE[key] = encode(rows, tokenizer(config.model.name), config.model.max_length)
-    return _DATA_CACHE[key]
+    """This client's training rows, tokenized: its own file when deployed, its share of the
+    training set in simulation (cached per process: the last few, so a process that serves many
+    virtual clients keeps bounded memory)."""
+    if is_deployed(context):
+        return _encoded_file(config.to_json(), str(context.node_config[DATA_PATH]))
+    return _encoded_partition(config.to_json(), int(context.node_config["partition-id"]))
+
+
+@lru_cache(maxsize=8)
+def _encoded_file(config_json: str, path: str) -> Encoded:
+    config = ClientConfig.from_json(config_json)
+    rows = load_client_file(path, config.data)
+    return encode(rows, tokenizer(config.model.name), config.model.max_length)
+
+
+@lru_cache(maxsize=8)
+def _encoded_partition(config_json: str, partition_id: int) -> Encoded:
+    config = ClientConfig.from_json(config_json)
+    rows = partition(_splits(config_json).train, config.data, partition_id, config.seed)
+    return encode(rows, tokenizer(config.model.name), config.model.max_length)
+
+
+@lru_cache(maxsize=1)
+def _splits(config_json: str) -> Splits:
+    """The dataset, loaded once per process and configuration, not once per partition."""
+    config = ClientConfig.from_json(config_json)
+    return load_splits(config.data, config.seed)
