@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileNotFoundError) as exc:
         print(f"fedpeft: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the commands stop what they started on the way out
+        print("fedpeft: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
