@@ -115,7 +115,7 @@ def in_process(config: RunConfig) -> dict[str, Any]:
     """The federated run with every fedpeft layer in this process, timed per phase."""
     watch = Stopwatch()
     watch.wrap(client.runtime, "load_classifier", "model load (client)")
-    watch.wrap(client.runtime, "partition_data", "data partition + tokenize (client)")
+    watch.wrap(client.runtime, "client_data", "data partition + tokenize (client)")
     watch.wrap(fedpeft.lora.AdapterHost, "load_state", "state apply (client)")
     watch.wrap(client.app, "train_locally", "training (client)")
     watch.wrap(client.app, "decode_state", "deserialize state (client)")

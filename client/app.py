@@ -40,7 +40,7 @@ def identify(msg: Message, context: Context) -> Message:
 def initial_adapter(msg: Message, context: Context) -> Message:
     instructions = decode_instructions(msg.content)
     config = instructions.client_config
-    host = runtime.model_host(runtime.classifier_spec(config, config.lora.rank))
+    host = runtime.model_host(runtime.model_spec(config, config.lora.rank))
     host.load_state(GlobalState(), init_seed=instructions.init_seed)
     factors, extras = host.read_update()
     return Message(encode_state(GlobalState(adapter=factors, extras=extras)), reply_to=msg)
@@ -54,7 +54,7 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(config.threads)
     rank = runtime.client_rank(config, context)
 
-    host = runtime.model_host(runtime.classifier_spec(config, rank))
+    host = runtime.model_host(runtime.model_spec(config, rank))
     tokenizer = runtime.tokenizer(config.model.name)
     data = runtime.client_data(config, context)
     received = decode_state(msg.content)

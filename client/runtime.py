@@ -10,15 +10,17 @@ import zlib
 from functools import lru_cache
 from pathlib import Path
 
+from datasets import Dataset
 from flwr.app import Context
 from transformers import PreTrainedTokenizerBase
 
 from client.settings import CLIENT_ID, DATA_PATH, RANK
 from fedpeft.config import ClientConfig
 from fedpeft.data import Splits, load_client_file, load_splits, partition
+from fedpeft.instructions import encode_chats
 from fedpeft.lora import AdapterHost
-from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
-from fedpeft.training import Encoded, encode
+from fedpeft.models import CausalLMSpec, ClassifierSpec, ModelSpec, load_model, load_tokenizer
+from fedpeft.training import Batches, encode
 
 
 def is_deployed(context: Context) -> bool:
@@ -55,7 +57,10 @@ def client_rank(config: ClientConfig, context: Context) -> int:
     return ranks[int(context.node_config["partition-id"]) % len(ranks)]
 
 
-def classifier_spec(config: ClientConfig, rank: int) -> ClassifierSpec:
+def model_spec(config: ClientConfig, rank: int) -> ModelSpec:
+    """The spec of this client's model: a causal LM or a classifier over the run's labels."""
+    if config.model.task == "causal_lm":
+        return CausalLMSpec.from_config(config.model.name, config.lora, config.seed, rank=rank)
     labels = config.data.labels
     if not labels:
         raise ValueError("the client configuration carries no label names (data.labels)")
@@ -63,8 +68,8 @@ def classifier_spec(config: ClientConfig, rank: int) -> ClassifierSpec:
 
 
 @lru_cache(maxsize=2)
-def model_host(spec: ClassifierSpec) -> AdapterHost:
-    return AdapterHost(load_classifier(spec))
+def model_host(spec: ModelSpec) -> AdapterHost:
+    return AdapterHost(load_model(spec))
 
 
 @lru_cache(maxsize=2)
@@ -72,7 +77,7 @@ def tokenizer(name: str) -> PreTrainedTokenizerBase:
     return load_tokenizer(name)
 
 
-def client_data(config: ClientConfig, context: Context) -> Encoded:
+def client_data(config: ClientConfig, context: Context) -> Batches:
     """This client's training rows, tokenized: its own file when deployed, its share of the
     training set in simulation (cached per process: the last few, so a process that serves many
     virtual clients keeps bounded memory)."""
@@ -82,21 +87,27 @@ def client_data(config: ClientConfig, context: Context) -> Encoded:
 
 
 @lru_cache(maxsize=8)
-def _encoded_file(config_json: str, path: str) -> Encoded:
+def _encoded_file(config_json: str, path: str) -> Batches:
     config = ClientConfig.from_json(config_json)
-    rows = load_client_file(path, config.data)
-    return encode(rows, tokenizer(config.model.name), config.model.max_length)
+    return _encode(load_client_file(path, config.data, config.model.task), config)
 
 
 @lru_cache(maxsize=8)
-def _encoded_partition(config_json: str, partition_id: int) -> Encoded:
+def _encoded_partition(config_json: str, partition_id: int) -> Batches:
     config = ClientConfig.from_json(config_json)
     rows = partition(_splits(config_json).train, config.data, partition_id, config.seed)
-    return encode(rows, tokenizer(config.model.name), config.model.max_length)
+    return _encode(rows, config)
 
 
 @lru_cache(maxsize=1)
 def _splits(config_json: str) -> Splits:
     """The dataset, loaded once per process and configuration, not once per partition."""
     config = ClientConfig.from_json(config_json)
-    return load_splits(config.data, config.seed)
+    return load_splits(config.data, config.seed, config.model.task)
+
+
+def _encode(rows: Dataset, config: ClientConfig) -> Batches:
+    tok = tokenizer(config.model.name)
+    if config.model.task == "causal_lm":
+        return encode_chats(list(rows["messages"]), tok, config.model.max_length)
+    return encode(rows, tok, config.model.max_length)

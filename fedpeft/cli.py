@@ -79,7 +79,33 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KIND",
         help="misbehave on purpose to test the server's fault handling: nan or wrong-shape",
     )
+    _add_models_parser(sub)
     return parser
+
+
+def _add_models_parser(sub: argparse._SubParsersAction) -> None:
+    models = sub.add_parser("models", help="fetch and list the known downloadable models")
+    action = models.add_subparsers(dest="models_command", required=True)
+    fetch = action.add_parser("fetch", help="download a known model into the fedpeft cache")
+    fetch.add_argument("name", help="e.g. smollm2-135m-instruct")
+    action.add_parser("list", help="show the known models and whether each is on this machine")
+
+
+def _models(args: argparse.Namespace) -> int:
+    from fedpeft import model_store
+
+    if args.models_command == "fetch":
+        print(model_store.fetch(args.name))
+        return 0
+    for model in model_store.KNOWN_MODELS.values():
+        where = model_store.gguf_path(model)
+        state = (
+            f"present  {where}"
+            if model_store.is_fetched(model)
+            else f"absent   (fedpeft models fetch {model.name})"
+        )
+        print(f"{model.name:24} {state}")
+    return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -144,7 +170,13 @@ def _client(args: argparse.Namespace) -> int:
     return run_client(options)
 
 
-COMMANDS = {"simulate": _simulate, "certs": _certs, "server": _server, "client": _client}
+COMMANDS = {
+    "simulate": _simulate,
+    "models": _models,
+    "certs": _certs,
+    "server": _server,
+    "client": _client,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

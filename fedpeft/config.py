@@ -24,18 +24,24 @@ class ConfigError(UserError):
     """A configuration mistake the user can fix; the message says how."""
 
 
+TASKS = ("classification", "causal_lm")
+PARTITIONS = ("iid", "dirichlet", "field", "files")
+
+
 @dataclass
 class RunSection:
     name: str = "run"
     output_dir: str = "runs"
     seed: int = 0
     rounds: int = 5
+    export_merged: bool = False
 
 
 @dataclass
 class ModelSection:
     name: str = "all-MiniLM-L6-v2"
     max_length: int = 64
+    task: str = "classification"
 
 
 @dataclass
@@ -57,6 +63,10 @@ class DataSection:
     labels: list[str] | None = None
     num_clients: int = 8
     partition: str = "iid"
+    partition_field: str | None = None
+    instruction_field: str | None = None
+    input_field: str | None = None
+    response_field: str | None = None
     dirichlet_alpha: float = 0.5
     min_partition_size: int = 10
     demo_train_size: int = 2000
@@ -72,6 +82,15 @@ class TrainSection:
     weight_decay: float = 0.0
     eval_batch_size: int = 64
     compression: str = "none"
+
+
+@dataclass
+class EvalSection:
+    """Central evaluation of causal LMs beyond held-out loss: greedy generation + exact match."""
+
+    generate: bool = False
+    max_new_tokens: int = 256
+    extractor: str = "gsm8k"
 
 
 @dataclass
@@ -130,6 +149,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     server: ServerSection = field(default_factory=ServerSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     strategy: StrategySection = field(default_factory=StrategySection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
@@ -242,7 +262,19 @@ def _validate(config: RunConfig) -> None:
             "lora.client_ranks must mix at least two ranks; for one rank on every client set lora.rank",
         ),
         (config.data.num_clients >= 1, "data.num_clients must be at least 1"),
-        (config.data.partition in ("iid", "dirichlet"), "data.partition must be 'iid' or 'dirichlet'"),
+        (
+            config.model.task in TASKS,
+            f"model.task must be one of {', '.join(TASKS)}, got {config.model.task!r}",
+        ),
+        (
+            config.data.partition in PARTITIONS,
+            f"data.partition must be one of {', '.join(PARTITIONS)}, got {config.data.partition!r}",
+        ),
+        (
+            config.data.partition != "field" or bool(config.data.partition_field),
+            "data.partition = 'field' needs data.partition_field, e.g. 'category'",
+        ),
+        (config.eval.max_new_tokens >= 1, "eval.max_new_tokens must be at least 1"),
         (config.data.dirichlet_alpha > 0, "data.dirichlet_alpha must be positive"),
         (config.train.local_steps >= 1, "train.local_steps must be at least 1"),
         (config.train.batch_size >= 1, "train.batch_size must be at least 1"),

@@ -1,14 +1,20 @@
-"""Datasets for classification: local files, the generated demo data, and partitioning.
+"""Datasets: local files, the generated demo data, and partitioning.
 
-A dataset is a ``datasets.Dataset`` with an integer ``label`` column and a ``text`` column.
+For classification a dataset is a ``datasets.Dataset`` with an integer ``label`` column and a
+``text`` column; for causal LMs it has a ``messages`` column of chats (see ``instructions``).
+``data.source`` may be a glob pattern naming one file per client (``data.partition = "files"``).
 """
 
 from __future__ import annotations
 
+import glob
+import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import pandas as pd
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
@@ -16,8 +22,12 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 from fedpeft import demo_data
 from fedpeft.config import DataSection
 from fedpeft.errors import UserError
+from fedpeft.instructions import MESSAGES, to_messages
+
+datasets.utils.logging.disable_progress_bar()  # per-client filters would flood the simulation log
 
 DEMO = "demo"
+FILE_COLUMN = "source_file"  # which of the source's files a row came from (for partition = "files")
 _READERS = {
     ".jsonl": lambda p, cols: pd.read_json(p, lines=True),
     ".json": lambda p, cols: pd.read_json(p),
@@ -40,12 +50,14 @@ class Splits:
     label_names: list[str]
 
 
-def load_splits(spec: DataSection, seed: int) -> Splits:
-    """The whole training set, the held-out set (if any) and the label names."""
+def load_splits(spec: DataSection, seed: int, task: str = "classification") -> Splits:
+    """The whole training set, the held-out set (if any) and the label names (none for causal LMs)."""
+    if task == "causal_lm":
+        return _instruction_splits(spec)
     if spec.source == DEMO:
         train, test = demo_data.demo_splits(spec.demo_train_size, spec.demo_test_size, seed)
         return Splits(Dataset.from_dict(train), Dataset.from_dict(test), list(demo_data.LABELS))
-    train_frame = read_table(spec.source, spec)
+    train_frame = read_sources(spec.source, lambda p: read_table(p, spec))
     test_frame = read_table(spec.test_source, spec) if spec.test_source else None
     names = spec.labels or sorted({str(v) for v in train_frame["label"]})
     train = _to_dataset(train_frame, names, spec.source)
@@ -53,10 +65,12 @@ def load_splits(spec: DataSection, seed: int) -> Splits:
     return Splits(train, test, names)
 
 
-def load_server_splits(spec: DataSection) -> Splits:
-    """What a deployed server needs: the label names (``data.labels``, which every client's file
-    uses) and its own held-out file (``data.test_source``, optional). Training data stays on the
-    clients."""
+def load_server_splits(spec: DataSection, task: str = "classification") -> Splits:
+    """What a deployed server needs: its own held-out file (``data.test_source``, optional) and,
+    for classification, the label names (``data.labels``, which every client's file uses).
+    Training data stays on the clients."""
+    if task == "causal_lm":
+        return Splits(None, _read_chats(spec.test_source, spec) if spec.test_source else None, [])
     if not spec.labels:
         raise DataError(
             "a deployed server never sees the clients' data, so it needs the label names: set "
@@ -70,15 +84,60 @@ def load_server_splits(spec: DataSection) -> Splits:
     return Splits(None, test, list(spec.labels))
 
 
-def load_client_file(path: str, spec: DataSection) -> Dataset:
-    """A deployed client's own training file, labelled with the server's ``data.labels``."""
+def load_client_file(path: str, spec: DataSection, task: str = "classification") -> Dataset:
+    """A deployed client's own training file: chats for a causal LM, or rows labelled with the
+    server's ``data.labels``."""
+    if task == "causal_lm":
+        return _read_chats(path, spec)
     if not spec.labels:
         raise DataError("the server sent no label names (data.labels); set them in the server's config")
     return _to_dataset(read_table(path, spec), spec.labels, path)
 
 
-def read_table(path: str | Path, spec: DataSection) -> pd.DataFrame:
-    """Read a jsonl/json/csv/tsv/parquet file into ``text`` and ``label`` columns (labels as text)."""
+def _instruction_splits(spec: DataSection) -> Splits:
+    if spec.source == DEMO:
+        raise DataError("the demo data is for classification; set data.source to instruction data")
+    train = Dataset.from_pandas(
+        read_sources(spec.source, lambda p: _chat_frame(p, spec)), preserve_index=False
+    )
+    test = _read_chats(spec.test_source, spec) if spec.test_source else None
+    return Splits(train, test, [])
+
+
+def _chat_frame(path: str | Path, spec: DataSection) -> pd.DataFrame:
+    """A file of instruction data with its rows as chats in a ``messages`` column."""
+    frame = read_file(path, spec)
+    chats = to_messages(frame, spec, str(path))
+    return frame.drop(columns=[MESSAGES], errors="ignore").assign(**{MESSAGES: chats})
+
+
+def _read_chats(path: str | Path, spec: DataSection) -> Dataset:
+    return Dataset.from_pandas(_chat_frame(path, spec), preserve_index=False)
+
+
+def source_files(source: str) -> list[Path]:
+    """The files ``source`` names: a path, or a glob pattern's matches in natural order
+    (``client_2`` before ``client_10``)."""
+    if not glob.has_magic(source):
+        return [Path(source)]
+    matches = sorted(
+        glob.glob(source), key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)]
+    )
+    if not matches:
+        raise DataError(f"no file matches data.source pattern {source!r}; check the path")
+    return [Path(m) for m in matches]
+
+
+def read_sources(source: str, read: Callable[[Path], pd.DataFrame]) -> pd.DataFrame:
+    """All files ``source`` names, concatenated; with a ``source_file`` index when it is a pattern."""
+    files = source_files(source)
+    if not glob.has_magic(source):
+        return read(files[0])
+    return pd.concat([read(f).assign(**{FILE_COLUMN: i}) for i, f in enumerate(files)], ignore_index=True)
+
+
+def read_file(path: str | Path, spec: DataSection) -> pd.DataFrame:
+    """Read a jsonl/json/csv/tsv/parquet file as it is (every field)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; check data.source / data.test_source")
@@ -86,9 +145,14 @@ def read_table(path: str | Path, spec: DataSection) -> pd.DataFrame:
     if reader is None:
         raise DataError(f"cannot read {path.name}: use one of {', '.join(_READERS)} (by file extension)")
     try:
-        frame = reader(path, spec.columns)
+        return reader(path, spec.columns)
     except (ValueError, OSError) as exc:
         raise DataError(f"cannot parse {path} ({exc}); check its format matches its extension") from exc
+
+
+def read_table(path: str | Path, spec: DataSection) -> pd.DataFrame:
+    """Read a jsonl/json/csv/tsv/parquet file into ``text`` and ``label`` columns (labels as text)."""
+    frame = read_file(path, spec)
     missing = [f for f in (spec.text_field, spec.label_field) if f not in frame.columns]
     if missing:
         raise DataError(
@@ -108,20 +172,28 @@ def _to_dataset(frame: pd.DataFrame, names: list[str], source: str | None) -> Da
         raise DataError(
             f"{source} has labels {unknown[:3]} not in data.labels {names}; add them to data.labels"
         )
-    return Dataset.from_dict({"text": list(frame["text"]), "label": [index[v] for v in frame["label"]]})
+    columns = {"text": list(frame["text"]), "label": [index[v] for v in frame["label"]]}
+    if FILE_COLUMN in frame.columns:
+        columns[FILE_COLUMN] = list(frame[FILE_COLUMN])
+    return Dataset.from_dict(columns)
 
 
 def partition(train: Dataset, spec: DataSection, partition_id: int, seed: int) -> Dataset:
-    """Client ``partition_id``'s share of ``train`` (IID or Dirichlet over labels, flwr-datasets)."""
+    """Client ``partition_id``'s share of ``train``: IID, Dirichlet over labels (or over
+    ``data.partition_field``) through flwr-datasets, by field value, or one source file each."""
     if not 0 <= partition_id < spec.num_clients:
         raise DataError(f"partition {partition_id} is out of range for {spec.num_clients} clients")
+    if spec.partition == "files":
+        return _file_partition(train, spec, partition_id)
+    if spec.partition == "field":
+        return _field_partition(train, spec, partition_id)
     if spec.partition == "iid":
         partitioner = IidPartitioner(num_partitions=spec.num_clients)
         train = train.shuffle(seed=seed)  # IidPartitioner takes contiguous shards: order matters
     else:
         partitioner = DirichletPartitioner(
             num_partitions=spec.num_clients,
-            partition_by="label",
+            partition_by=_column(train, spec.partition_field or "label"),
             alpha=spec.dirichlet_alpha,
             min_partition_size=spec.min_partition_size,
             self_balancing=False,
@@ -138,3 +210,40 @@ def partition(train: Dataset, spec: DataSection, partition_id: int, seed: int) -
             f"{spec.min_partition_size} ({exc}); lower data.min_partition_size or data.num_clients, "
             "or raise data.dirichlet_alpha"
         ) from exc
+
+
+def _column(train: Dataset, name: str) -> str:
+    if name not in train.column_names:
+        raise DataError(
+            f"the training data has no field {name!r} to partition by (fields: "
+            f"{', '.join(train.column_names)}); set data.partition_field"
+        )
+    return name
+
+
+def _file_partition(train: Dataset, spec: DataSection, partition_id: int) -> Dataset:
+    if FILE_COLUMN not in train.column_names:
+        raise DataError(
+            "data.partition = 'files' needs data.source to be a glob pattern, one file per client"
+        )
+    files = max(train[FILE_COLUMN]) + 1
+    if files != spec.num_clients:
+        raise DataError(
+            f"data.source matches {files} files but data.num_clients is {spec.num_clients}; make them equal"
+        )
+    return train.filter(lambda row: row == partition_id, input_columns=FILE_COLUMN)
+
+
+def _field_partition(train: Dataset, spec: DataSection, partition_id: int) -> Dataset:
+    """Distinct values of the field in sorted order, dealt round-robin to the clients (a client
+    holds every row of its values). flwr-datasets' NaturalIdPartitioner needs one value per client;
+    this also serves fewer clients than values."""
+    column = _column(train, spec.partition_field or "")
+    values = sorted({str(v) for v in train[column]})
+    if len(values) < spec.num_clients:
+        raise DataError(
+            f"data.partition_field {column!r} has {len(values)} distinct values, fewer than "
+            f"data.num_clients ({spec.num_clients}); lower data.num_clients"
+        )
+    mine = {v for i, v in enumerate(values) if i % spec.num_clients == partition_id}
+    return train.filter(lambda value: str(value) in mine, input_columns=column)

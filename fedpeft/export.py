@@ -1,4 +1,5 @@
-"""Write a GlobalState as a standard PEFT adapter directory that plain ``peft`` loads.
+"""Write a GlobalState as a standard PEFT adapter directory that plain ``peft`` loads, and
+optionally the full model with the adapter merged in.
 
 The frozen merged delta U V and the trainable adapter s B A concatenate into one LoRA adapter:
 A' = [V; A], B' = [U, s B], with ``lora_alpha`` equal to each module's rank so that peft's own
@@ -8,6 +9,7 @@ scale alpha/r is 1 (per-module ranks go in ``rank_pattern`` / ``alpha_pattern``)
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -68,13 +70,36 @@ def export_adapter(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     config.save_pretrained(str(staging))
     save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}-old")
-        os.replace(out_dir, old)
-        os.replace(staging, out_dir)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.replace(staging, out_dir)
+    replace_dir(staging, out_dir)
     return out_dir
+
+
+def export_merged(adapter_dir: Path, base_model: str, out_dir: Path, num_labels: int | None = None) -> Path:
+    """Load ``base_model`` + the adapter with plain peft, ``merge_and_unload`` and save the full
+    model and tokenizer into ``out_dir`` (a causal LM, or a classifier when ``num_labels`` is set)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    if num_labels is None:
+        base = AutoModelForCausalLM.from_pretrained(base_model)
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=num_labels)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    merged.save_pretrained(staging)
+    AutoTokenizer.from_pretrained(base_model).save_pretrained(staging)
+    replace_dir(staging, out_dir)
+    return out_dir
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move the finished directory ``staging`` to ``target``, replacing what was there."""
+    if target.exists():
+        old = target.with_name(f".{target.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, target)

@@ -126,6 +126,6 @@ class AdapterHost:
             for name, low_rank in merged.items():
                 layer = self.layers[name]
                 w0 = self._pristine[name]
-                delta = delta_in_weight_layout(layer, low_rank.delta().to(torch.float32))
+                delta = delta_in_weight_layout(layer, low_rank.delta().to(w0.device, torch.float32))
                 layer.get_base_layer().weight.copy_((w0.to(torch.float32) + delta).to(w0.dtype))
         self._merged_modules = set(merged)

@@ -1,4 +1,5 @@
-"""Model loading: the embedded default, any local Hugging Face model directory, or a hub id."""
+"""Model loading: the embedded default, known fetched models, any local Hugging Face model
+directory or GGUF file, or a hub id; as a LoRA-wrapped classifier or causal language model."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ from pathlib import Path
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
+from fedpeft import model_store
 from fedpeft.config import LoraSection
 from fedpeft.errors import UserError
 
@@ -35,11 +42,18 @@ class ModelError(UserError):
 
 
 def resolve_model(name: str) -> str:
-    """An embedded model's directory, a local directory, or a hub id passed through as is."""
+    """An embedded or fetched model's directory, a local directory, a GGUF file's dequantized
+    directory (cached), or a hub id passed through as is."""
     embedded = EMBEDDED_MODELS.get(name.lower())
     if embedded is not None:
         return str(embedded())
+    if name.lower() in model_store.KNOWN_MODELS:
+        return str(model_store.known_model_dir(name))
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} does not exist; check model.name")
+        return str(model_store.dequantized_dir(path))
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} has no config.json; point model.name at a Hugging Face model directory")
@@ -68,8 +82,68 @@ class ClassifierSpec:
         return cls(name, num_labels, rank or lora.rank, lora.alpha, lora.dropout, targets, seed)
 
 
+@dataclass(frozen=True)
+class CausalLMSpec:
+    """Everything that determines a causal LM client's model (hashable, like ``ClassifierSpec``)."""
+
+    name: str
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...] | None
+    seed: int
+
+    @classmethod
+    def from_config(cls, name: str, lora: LoraSection, seed: int, rank: int | None = None) -> CausalLMSpec:
+        targets = tuple(lora.target_modules) if lora.target_modules else None
+        return cls(name, rank or lora.rank, lora.alpha, lora.dropout, targets, seed)
+
+
+ModelSpec = ClassifierSpec | CausalLMSpec
+
+
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    """CUDA in bf16 where the GPU supports it (fp32 on older GPUs), else the CPU in fp32."""
+    if torch.cuda.is_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.device("cuda"), dtype
+    return torch.device("cpu"), torch.float32
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_model(name))
+
+
+def load_model(spec: ModelSpec) -> PeftModel:
+    """The LoRA-wrapped model ``spec`` describes."""
+    return load_causal_lm(spec) if isinstance(spec, CausalLMSpec) else load_classifier(spec)
+
+
+def load_causal_lm(spec: CausalLMSpec) -> PeftModel:
+    """Base causal LM (frozen, on the machine's device and dtype) + a seeded LoRA adapter."""
+    path = resolve_model(spec.name)
+    device, dtype = device_and_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        try:
+            base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelError(
+                f"cannot load causal LM {spec.name!r} ({str(exc).splitlines()[0]}); give a model "
+                f"directory, a .gguf file, or one of: {', '.join(model_store.KNOWN_MODELS)}"
+            ) from exc
+        config = LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout,
+            target_modules=list(spec.target_modules) if spec.target_modules else None,
+        )
+        try:
+            model = get_peft_model(base, config)  # LoRA weights stay fp32 over a bf16 base
+        except ValueError as exc:
+            raise ModelError(f"cannot add LoRA to {spec.name!r}: {exc}; set lora.target_modules") from exc
+    return model.to(device)
 
 
 def load_classifier(spec: ClassifierSpec) -> PeftModel:

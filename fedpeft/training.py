@@ -1,15 +1,29 @@
-"""Local training and evaluation for sequence classification."""
+"""Local training and evaluation, for sequence classification and causal language models.
+
+``train`` works on any encoded data with ``__len__`` and ``collate(indices, tokenizer)`` (a batch
+of model inputs including ``labels``): ``Encoded`` here, ``InstructionBatches`` for causal LMs.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from datasets import Dataset
 from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
+
+from fedpeft.instructions import IGNORE, InstructionBatches
+
+
+class Batches(Protocol):
+    def __len__(self) -> int: ...
+
+    def collate(self, indices: list[int], tokenizer: PreTrainedTokenizerBase) -> dict[str, Tensor]: ...
 
 
 @dataclass
@@ -21,6 +35,9 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def collate(self, indices: list[int], tokenizer: PreTrainedTokenizerBase) -> dict[str, Tensor]:
+        return collate(self, indices, tokenizer)
 
 
 def encode(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
@@ -48,7 +65,7 @@ def sample_batches(size: int, batch_size: int, steps: int, seed: int) -> Iterato
 def train(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
-    data: Encoded,
+    data: Batches,
     *,
     steps: int,
     batch_size: int,
@@ -73,7 +90,7 @@ def train(
         model.train()
         total = 0.0
         for indices in sample_batches(len(data), batch_size, steps, seed):
-            loss = model(**collate(data, indices, tokenizer)).loss
+            loss = model(**_on(model, data.collate(indices, tokenizer))).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -98,3 +115,23 @@ def evaluate(
         loss_sum += out.loss.item() * len(indices)
         correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
     return {"loss": loss_sum / len(data), "accuracy": correct / len(data)}
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, data: InstructionBatches, batch_size: int
+) -> dict[str, float]:
+    """Token-weighted mean cross-entropy over the response tokens, and its perplexity."""
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = _on(model, data.collate(list(range(start, min(start + batch_size, len(data)))), tokenizer))
+        count = int((batch["labels"][:, 1:] != IGNORE).sum())  # the loss shifts labels by one
+        loss_sum += model(**batch).loss.item() * count
+        tokens += count
+    loss = loss_sum / tokens
+    return {"loss": loss, "perplexity": math.exp(loss)}
+
+
+def _on(model: PeftModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {key: value.to(model.device) for key, value in batch.items()}

@@ -57,5 +57,5 @@ def main(grid: Grid, context: Context) -> None:
     overrides = [o for o in str(settings.get("overrides", "")).split(";") if o.strip()]
     config = load_config(str(settings["config"]), overrides)
     run_dir = Path(str(settings.get("run-dir", ""))) if settings.get("run-dir") else new_run_dir(config)
-    splits = load_server_splits(config.data) if settings.get("deployment", False) else None
+    splits = load_server_splits(config.data, config.model.task) if settings.get("deployment", False) else None
     FederatedRun(config, run_dir, resume=bool(settings.get("resume", False)), splits=splits).run(grid)

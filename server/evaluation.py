@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from fedpeft.config import RunConfig
 from fedpeft.data import Splits
+from fedpeft.generation import exact_match, generate, get_extractor
+from fedpeft.instructions import encode_chats
 from fedpeft.lora import AdapterHost
-from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
+from fedpeft.models import CausalLMSpec, ClassifierSpec, load_causal_lm, load_classifier, load_tokenizer
 from fedpeft.state import GlobalState
-from fedpeft.training import encode, evaluate
+from fedpeft.training import encode, evaluate, evaluate_lm
+
+
+def make_evaluator(config: RunConfig, splits: Splits) -> CentralEvaluator | LMEvaluator:
+    """The evaluator for ``config.model.task``."""
+    return (LMEvaluator if config.model.task == "causal_lm" else CentralEvaluator)(config, splits)
 
 
 class CentralEvaluator:
@@ -31,3 +38,40 @@ class CentralEvaluator:
         self.host.load_state(state, init_seed=init_seed)
         scores = evaluate(self.host.model, self.tokenizer, self.data, self.batch_size)
         return {"eval_loss": scores["loss"], "eval_accuracy": scores["accuracy"]}
+
+
+class LMEvaluator:
+    """Held-out response loss and perplexity of a causal LM, and optionally greedy-generation
+    exact match (``[eval] generate = true``)."""
+
+    def __init__(self, config: RunConfig, splits: Splits) -> None:
+        if splits.test is None:
+            raise ValueError("central evaluation needs a held-out split: set data.test_source")
+        test = splits.test
+        if config.data.test_limit is not None:
+            test = test.select(range(min(config.data.test_limit, len(test))))
+        self.chats = list(test["messages"])
+        self.tokenizer = load_tokenizer(config.model.name)
+        self.data = encode_chats(self.chats, self.tokenizer, config.model.max_length)
+        self.extract = get_extractor(config.eval.extractor) if config.eval.generate else None
+        self.host = AdapterHost(
+            load_causal_lm(CausalLMSpec.from_config(config.model.name, config.lora, config.run.seed))
+        )
+        self.config = config
+
+    def __call__(self, state: GlobalState, init_seed: int) -> dict[str, float]:
+        self.host.load_state(state, init_seed=init_seed)
+        batch_size = self.config.train.eval_batch_size
+        scores = evaluate_lm(self.host.model, self.tokenizer, self.data, batch_size)
+        row = {"eval_loss": scores["loss"], "eval_perplexity": scores["perplexity"]}
+        if self.extract is not None:
+            predictions = generate(
+                self.host.model,
+                self.tokenizer,
+                self.chats,
+                max_new_tokens=self.config.eval.max_new_tokens,
+                batch_size=batch_size,
+            )
+            references = [chat[-1]["content"] for chat in self.chats]
+            row["eval_exact_match"] = exact_match(predictions, references, self.extract)
+        return row

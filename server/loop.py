@@ -12,13 +12,14 @@ from typing import Any
 
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from peft import TaskType
 from rich.console import Console
 from rich.table import Table
 
 from fedpeft.config import RunConfig, config_to_dict
 from fedpeft.data import Splits, load_splits
 from fedpeft.errors import UserError
-from fedpeft.export import export_adapter
+from fedpeft.export import export_adapter, export_merged
 from fedpeft.models import resolve_model
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
 from fedpeft.wire import (
@@ -32,12 +33,13 @@ from fedpeft.wire import (
 )
 from server.checkpoint import FILENAME as CHECKPOINT_FILE
 from server.checkpoint import load_checkpoint, save_checkpoint
-from server.evaluation import CentralEvaluator
+from server.evaluation import make_evaluator
 from server.replies import RoundReplies, receive
 from server.report import RunRecorder
 from strategies import StopFederation, Strategy, create_strategy
 
 NODE_WAIT_SECONDS = 120.0
+EVAL_METRICS = ("eval_accuracy", "eval_loss", "eval_perplexity", "eval_exact_match")
 
 
 class RunDirError(UserError):
@@ -96,11 +98,11 @@ class FederatedRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = console or Console()
         self.strategy = build_strategy(config)
-        self.splits = splits or load_splits(config.data, config.run.seed)
+        self.splits = splits or load_splits(config.data, config.run.seed, config.model.task)
         self.client_config = config.client_config()
         self.client_config.data.labels = self.splits.label_names
         self.recorder = RunRecorder(self.run_dir)
-        self.evaluator = CentralEvaluator(config, self.splits) if config.server.evaluate else None
+        self.evaluator = make_evaluator(config, self.splits) if config.server.evaluate else None
         self.rng = random.Random(config.run.seed)
         self.state = GlobalState()
         self.identities: dict[int, str] = {}  # Flower node id -> stable client id
@@ -282,11 +284,12 @@ class FederatedRun:
         self.console.print(f"resuming {self.run_dir} after round {self.state.round}")
 
     def _finish(self, seconds: float, stopped: str | None) -> dict[str, Any]:
-        adapter_dir = export_adapter(
-            self.state, self.run_dir / "adapter", resolve_model(self.config.model.name)
-        )
+        base = resolve_model(self.config.model.name)
+        causal = self.config.model.task == "causal_lm"
+        task_type = TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS
+        adapter_dir = export_adapter(self.state, self.run_dir / "adapter", base, task_type)
         rounds = [r for r in self.recorder.rounds if r["round"] > 0]
-        evals = [r for r in self.recorder.rounds if "eval_accuracy" in r]
+        evals = [r for r in self.recorder.rounds if "eval_loss" in r]
         summary: dict[str, Any] = {
             "rounds": self.state.round,
             "strategy": self.strategy.name,
@@ -297,12 +300,17 @@ class FederatedRun:
             "adapter": str(adapter_dir),
             "label_names": self.splits.label_names,
         }
+        if self.config.run.export_merged:
+            num_labels = None if causal else len(self.splits.label_names)
+            summary["merged_model"] = str(
+                export_merged(adapter_dir, base, self.run_dir / "merged", num_labels)
+            )
         if stopped:
             summary["stopped"] = stopped
-        if evals:
-            summary["initial_eval_accuracy"] = evals[0]["eval_accuracy"]
-            summary["final_eval_accuracy"] = evals[-1]["eval_accuracy"]
-            summary["final_eval_loss"] = evals[-1]["eval_loss"]
+        for key in EVAL_METRICS:
+            if evals and key in evals[-1]:
+                summary[f"initial_{key}"] = evals[0][key]
+                summary[f"final_{key}"] = evals[-1][key]
         self.recorder.write_summary(summary)
         self.recorder.plot()
         self._print_summary(summary)
@@ -315,6 +323,10 @@ class FederatedRun:
             parts.append(f"train_loss {row['train_loss']:.4f}")
         if "eval_accuracy" in row:
             parts.append(f"eval_loss {row['eval_loss']:.4f}  eval_acc {row['eval_accuracy']:.4f}")
+        elif "eval_perplexity" in row:
+            parts.append(f"eval_loss {row['eval_loss']:.4f}  eval_ppl {row['eval_perplexity']:.2f}")
+            if "eval_exact_match" in row:
+                parts.append(f"eval_em {row['eval_exact_match']:.4f}")
         if "epsilon" in row:
             parts.append(f"epsilon {row['epsilon']:.3f}")
         if row.get("discarded_energy", 0.0) > 1e-6:

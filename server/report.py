@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+SCORES = {"eval_accuracy": "accuracy", "eval_exact_match": "exact match", "eval_perplexity": "perplexity"}
+
 
 class RunRecorder:
     """Appends round records as they happen, and writes the summary and plot at the end."""
@@ -38,14 +40,17 @@ class RunRecorder:
         return path
 
     def plot(self) -> Path | None:
-        """Eval accuracy and train/eval loss per round, if any were recorded."""
-        evals = [r for r in self.rounds if "eval_accuracy" in r]
+        """The held-out score (accuracy, else exact match, else perplexity) and train/eval loss
+        per round, if any were recorded."""
+        score = next((k for k in SCORES if any(k in r for r in self.rounds)), None)
+        evals = [r for r in self.rounds if "eval_loss" in r]
         trains = [r for r in self.rounds if "train_loss" in r]
         if not evals and not trains:
             return None
         fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+        if score is not None:
+            acc_ax.plot([r["round"] for r in evals], [r[score] for r in evals], marker="o")
         if evals:
-            acc_ax.plot([r["round"] for r in evals], [r["eval_accuracy"] for r in evals], marker="o")
             loss_ax.plot(
                 [r["round"] for r in evals], [r["eval_loss"] for r in evals], marker="o", label="eval"
             )
@@ -53,7 +58,11 @@ class RunRecorder:
             loss_ax.plot(
                 [r["round"] for r in trains], [r["train_loss"] for r in trains], marker="s", label="train"
             )
-        acc_ax.set(title="held-out accuracy", xlabel="round", ylabel="accuracy")
+        acc_ax.set(
+            title=f"held-out {SCORES.get(score, 'accuracy')}",
+            xlabel="round",
+            ylabel=SCORES.get(score, "accuracy"),
+        )
         loss_ax.set(title="loss", xlabel="round", ylabel="cross-entropy")
         loss_ax.legend()
         for ax in (acc_ax, loss_ax):

@@ -45,7 +45,11 @@ def test_int_is_accepted_for_float():
         ("", ["rounds=3"], r"must look like section\.key=value"),
         ("", ["run.rounds=0"], r"run\.rounds must be at least 1"),
         ("", ["server.fraction=1.5"], r"server\.fraction must be in \(0, 1\]"),
-        ("", ["data.partition=random"], r"data\.partition must be 'iid' or 'dirichlet'"),
+        (
+            "",
+            ["data.partition=random"],
+            r"data\.partition must be one of iid, dirichlet, field, files, got 'random'",
+        ),
         (
             "",
             ["lora.client_ranks=[4, 4]"],

@@ -82,13 +82,13 @@ def test_node_config_carries_data_path_name_and_rank(tmp_path):
 
 
 def tls_server(certs_root: Path, port: int) -> threading.Thread:
-    """Accepts one TLS connection with the server certificate from `fedpeft certs`."""
+    """Accepts TLS connections with the server certificate from `fedpeft certs` (a daemon thread)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certs_root / "server.pem", certs_root / "server.key")
     listener = socket.create_server(("127.0.0.1", port))
 
     def serve() -> None:
-        with listener:
+        while True:
             conn, _ = listener.accept()
             try:
                 with context.wrap_socket(conn, server_side=True):
@@ -105,7 +105,8 @@ def test_probe_tells_tls_mismatches_apart(setup, tmp_path):
     certs, data = setup["certs"], setup["test"]
 
     def secure(port: int, ca: Path = certs / "ca.pem") -> ClientOptions:
-        return ClientOptions(f"127.0.0.1:{port}", data, "alice", key=certs / "clients/alice", ca=ca)
+        address = f"127.0.0.1:{port}"
+        return ClientOptions(address, data, "alice", key=certs / "clients/alice", ca=ca, connect_timeout=60)
 
     port = free_port()
     tls_server(certs, port)
@@ -114,7 +115,7 @@ def test_probe_tells_tls_mismatches_apart(setup, tmp_path):
     port = free_port()
     tls_server(certs, port)
     with pytest.raises(ClientError, match="requires TLS but this client was started with --insecure"):
-        probe_server(ClientOptions(f"127.0.0.1:{port}", data, "alice", insecure=True))
+        probe_server(ClientOptions(f"127.0.0.1:{port}", data, "alice", insecure=True, connect_timeout=60))
 
     other_ca = make_certs(tmp_path / "other", [], []).ca_cert
     port = free_port()
