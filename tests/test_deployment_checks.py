@@ -101,6 +101,20 @@ def tls_server(certs_root: Path, port: int) -> threading.Thread:
     return thread
 
 
+def plain_http_server(port: int) -> None:
+    """Answers every connection as a plain-HTTP server (a SuperLink started with --insecure) does."""
+    listener = socket.create_server(("127.0.0.1", port))
+
+    def serve() -> None:
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
 def test_probe_tells_tls_mismatches_apart(setup, tmp_path):
     certs, data = setup["certs"], setup["test"]
 
@@ -124,8 +138,7 @@ def test_probe_tells_tls_mismatches_apart(setup, tmp_path):
         probe_server(secure(port, ca=other_ca))
 
     port = free_port()
-    plain = socket.create_server(("127.0.0.1", port))
-    threading.Thread(target=lambda: plain.accept()[0].close(), daemon=True).start()
+    plain_http_server(port)
     with pytest.raises(ClientError, match="does not speak TLS"):
         probe_server(secure(port))
 
