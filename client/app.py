@@ -14,9 +14,19 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client import runtime
+from client.faults import inject_fault
+from client.settings import INJECT_FAULT
 from fedpeft.state import ClientUpdate, GlobalState
 from fedpeft.training import train as train_locally
-from fedpeft.wire import decode_instructions, decode_state, encode_identity, encode_state, encode_update
+from fedpeft.wire import (
+    decode_instructions,
+    decode_state,
+    encode_identity,
+    encode_state,
+    encode_update,
+    load_feedback,
+    store_feedback,
+)
 
 app = ClientApp()
 
@@ -42,13 +52,13 @@ def train(msg: Message, context: Context) -> Message:
     instructions = decode_instructions(msg.content)
     config = instructions.client_config
     torch.set_num_threads(config.threads)
-    partition_id = int(context.node_config["partition-id"])
     rank = runtime.client_rank(config, context)
 
     host = runtime.model_host(runtime.model_spec(config, rank))
     tokenizer = runtime.tokenizer(config.model.name)
-    data = runtime.partition_data(config, partition_id)
-    host.load_state(decode_state(msg.content), init_seed=instructions.init_seed)
+    data = runtime.client_data(config, context)
+    received = decode_state(msg.content)
+    host.load_state(received, init_seed=instructions.init_seed)
     metrics = train_locally(
         host.model,
         tokenizer,
@@ -57,7 +67,7 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=config.train.batch_size,
         lr=config.train.lr,
         weight_decay=config.train.weight_decay,
-        seed=hash((config.seed, instructions.round, partition_id)) & 0x7FFFFFFF,
+        seed=hash((config.seed, instructions.round, runtime.seed_key(context))) & 0x7FFFFFFF,
         train_lora_A=instructions.plan.train_lora_A,
     )
     factors, extras = host.read_update()
@@ -70,4 +80,14 @@ def train(msg: Message, context: Context) -> Message:
         alpha=config.lora.alpha,
         metrics=metrics,
     )
-    return Message(encode_update(update, send_A=instructions.plan.send_lora_A), reply_to=msg)
+    inject_fault(update, context.node_config.get(INJECT_FAULT))
+    feedback = load_feedback(context.state)
+    content = encode_update(
+        update,
+        send_A=instructions.plan.send_lora_A,
+        compression=config.train.compression,
+        reference=received.adapter,
+        feedback=feedback,
+    )
+    store_feedback(context.state, feedback)
+    return Message(content, reply_to=msg)

@@ -6,29 +6,51 @@ global state is applied afresh each round.
 
 from __future__ import annotations
 
+import zlib
 from functools import lru_cache
+from pathlib import Path
 
+from datasets import Dataset
 from flwr.app import Context
 from transformers import PreTrainedTokenizerBase
 
+from client.settings import CLIENT_ID, DATA_PATH, RANK
 from fedpeft.config import ClientConfig
-from fedpeft.data import load_splits, partition
+from fedpeft.data import Splits, load_client_file, load_splits, partition
 from fedpeft.instructions import encode_chats
 from fedpeft.lora import AdapterHost
 from fedpeft.models import CausalLMSpec, ClassifierSpec, ModelSpec, load_model, load_tokenizer
 from fedpeft.training import Batches, encode
 
 
+def is_deployed(context: Context) -> bool:
+    """A deployed client reads its own data file; a simulated one takes a partition."""
+    return DATA_PATH in context.node_config
+
+
 def client_id(context: Context) -> str:
     """A name for this client that is stable across runs (Flower's node ids are not)."""
+    if CLIENT_ID in context.node_config:
+        return str(context.node_config[CLIENT_ID])
+    if is_deployed(context):
+        return Path(str(context.node_config[DATA_PATH])).stem
     return f"partition-{int(context.node_config['partition-id'])}"
+
+
+def seed_key(context: Context) -> int:
+    """An integer that tells clients apart in their training seeds, the same in every process:
+    the partition id in simulation, a CRC of the client id when deployed (``hash`` of a string
+    differs between processes)."""
+    if is_deployed(context):
+        return zlib.crc32(client_id(context).encode())
+    return int(context.node_config["partition-id"])
 
 
 def client_rank(config: ClientConfig, context: Context) -> int:
     """This client's LoRA rank: the node setting ``rank`` (deployment), else ``lora.client_ranks``
     cycled over partitions (simulation), else ``lora.rank``."""
-    if "rank" in context.node_config:
-        return int(context.node_config["rank"])
+    if RANK in context.node_config:
+        return int(context.node_config[RANK])
     ranks = config.lora.client_ranks
     if not ranks:
         return config.lora.rank
@@ -55,18 +77,37 @@ def tokenizer(name: str) -> PreTrainedTokenizerBase:
     return load_tokenizer(name)
 
 
-_DATA_CACHE: dict[tuple[str, int], Batches] = {}
+def client_data(config: ClientConfig, context: Context) -> Batches:
+    """This client's training rows, tokenized: its own file when deployed, its share of the
+    training set in simulation (cached per process: the last few, so a process that serves many
+    virtual clients keeps bounded memory)."""
+    if is_deployed(context):
+        return _encoded_file(config.to_json(), str(context.node_config[DATA_PATH]))
+    return _encoded_partition(config.to_json(), int(context.node_config["partition-id"]))
 
 
-def partition_data(config: ClientConfig, partition_id: int) -> Batches:
-    """This simulated client's share of the training set, tokenized (cached per process)."""
-    key = (config.to_json(), partition_id)
-    if key not in _DATA_CACHE:
-        splits = load_splits(config.data, config.seed, config.model.task)
-        rows = partition(splits.train, config.data, partition_id, config.seed)
-        tok = tokenizer(config.model.name)
-        if config.model.task == "causal_lm":
-            _DATA_CACHE[key] = encode_chats(list(rows["messages"]), tok, config.model.max_length)
-        else:
-            _DATA_CACHE[key] = encode(rows, tok, config.model.max_length)
-    return _DATA_CACHE[key]
+@lru_cache(maxsize=8)
+def _encoded_file(config_json: str, path: str) -> Batches:
+    config = ClientConfig.from_json(config_json)
+    return _encode(load_client_file(path, config.data, config.model.task), config)
+
+
+@lru_cache(maxsize=8)
+def _encoded_partition(config_json: str, partition_id: int) -> Batches:
+    config = ClientConfig.from_json(config_json)
+    rows = partition(_splits(config_json).train, config.data, partition_id, config.seed)
+    return _encode(rows, config)
+
+
+@lru_cache(maxsize=1)
+def _splits(config_json: str) -> Splits:
+    """The dataset, loaded once per process and configuration, not once per partition."""
+    config = ClientConfig.from_json(config_json)
+    return load_splits(config.data, config.seed, config.model.task)
+
+
+def _encode(rows: Dataset, config: ClientConfig) -> Batches:
+    tok = tokenizer(config.model.name)
+    if config.model.task == "causal_lm":
+        return encode_chats(list(rows["messages"]), tok, config.model.max_length)
+    return encode(rows, tok, config.model.max_length)

@@ -11,12 +11,9 @@ from fedpeft.config import load_config
 from fedpeft.errors import UserError
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedpeft", description="Federated LoRA fine-tuning.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run N virtual clients on this machine")
-    sim.add_argument("config", type=Path, help="run configuration (TOML)")
-    sim.add_argument(
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """``--set``, ``--run-dir`` and ``--resume``: shared by ``simulate`` and ``server``."""
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -24,10 +21,64 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override a config value (repeatable), e.g. --set run.rounds=3",
     )
-    sim.add_argument(
+    parser.add_argument(
         "--run-dir", type=Path, help="where to write the run (default: a new folder in run.output_dir)"
     )
-    sim.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    parser.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpeft", description="Federated LoRA fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="run N virtual clients on this machine")
+    sim.add_argument("config", type=Path, help="run configuration (TOML)")
+    _add_run_options(sim)
+
+    certs = sub.add_parser("certs", help="make TLS certificates and client keys for a deployment")
+    certs.add_argument("dir", type=Path, help="directory to write (an existing CA in it is reused)")
+    certs.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        default=[],
+        help="a host name or IP address clients use to reach the server (repeatable; "
+        "localhost and 127.0.0.1 are always included)",
+    )
+    certs.add_argument("--clients", nargs="+", default=[], metavar="NAME", help="one key pair per client")
+
+    server = sub.add_parser("server", help="run a federation with real clients (a Flower SuperLink)")
+    server.add_argument("--config", type=Path, required=True, help="run configuration (TOML)")
+    server.add_argument("--certs", type=Path, help="directory made by `fedpeft certs`")
+    server.add_argument(
+        "--insecure", action="store_true", help="no TLS, no client authentication (local experiments only)"
+    )
+    server.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    server.add_argument("--port", type=int, default=9092, help="port for clients (default: 9092)")
+    _add_run_options(server)
+
+    client = sub.add_parser("client", help="join a federation with this machine's private data")
+    client.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address")
+    client.add_argument("--data", type=Path, required=True, help="this client's training data file")
+    client.add_argument("--rank", type=int, help="this client's LoRA rank (default: the server's lora.rank)")
+    client.add_argument("--key", type=Path, help="this client's private key (clients/NAME)")
+    client.add_argument("--ca", type=Path, help="the CA certificate (ca.pem from `fedpeft certs`)")
+    client.add_argument("--name", help="client name in the server's logs (default: the key's file name)")
+    client.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
+    client.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to keep trying to reach the server (default: 600)",
+    )
+    client.add_argument(
+        "--inject-fault",
+        metavar="KIND",
+        help="misbehave on purpose to test the server's fault handling: nan or wrong-shape",
+    )
     _add_models_parser(sub)
     return parser
 
@@ -68,14 +119,77 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from fedpeft.certs import make_certs
+
+    layout = make_certs(args.dir, args.hosts, args.clients)
+    print(f"server: {layout.server_cert} and {layout.server_key} (keep the key on the server)")
+    print(f"every client: {layout.ca_cert}")
+    for name in args.clients:
+        print(f"client {name}: {layout.client_key(name)} (its private key; give it to that client only)")
+    keys = len(layout.client_public_keys())
+    print(f"the server registers the {keys} client public keys in {args.dir}/clients")
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from server.deployment import ServerOptions, prepare, serve
+
+    options = ServerOptions(
+        config=args.config,
+        overrides=tuple(args.overrides),
+        run_dir=args.resume or args.run_dir,
+        resume=args.resume is not None,
+        certs_dir=args.certs,
+        insecure=args.insecure,
+        host=args.host,
+        port=args.port,
+    )
+    run_dir = serve(prepare(options), Console())
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    from client.supernode import ClientOptions, run_client
+
+    name = args.name or (args.key.name if args.key else args.data.stem)
+    options = ClientOptions(
+        server=args.server,
+        data=args.data,
+        name=name,
+        rank=args.rank,
+        key=args.key,
+        ca=args.ca,
+        insecure=args.insecure,
+        connect_timeout=args.connect_timeout,
+        inject_fault=args.inject_fault,
+    )
+    return run_client(options)
+
+
+COMMANDS = {
+    "simulate": _simulate,
+    "models": _models,
+    "certs": _certs,
+    "server": _server,
+    "client": _client,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes
     try:
-        return {"simulate": _simulate, "models": _models}[args.command](args)
+        return COMMANDS[args.command](args)
     except (UserError, FileNotFoundError) as exc:
         print(f"fedpeft: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the commands stop what they started on the way out
+        print("fedpeft: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

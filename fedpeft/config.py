@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedpeft.compression import CODECS
 from fedpeft.errors import UserError
 
 
@@ -80,6 +81,7 @@ class TrainSection:
     lr: float = 5e-4
     weight_decay: float = 0.0
     eval_batch_size: int = 64
+    compression: str = "none"
 
 
 @dataclass
@@ -277,6 +279,10 @@ def _validate(config: RunConfig) -> None:
         (config.train.local_steps >= 1, "train.local_steps must be at least 1"),
         (config.train.batch_size >= 1, "train.batch_size must be at least 1"),
         (config.train.lr > 0, "train.lr must be positive"),
+        (
+            config.train.compression in CODECS,
+            f"train.compression must be one of {', '.join(CODECS)}, got {config.train.compression!r}",
+        ),
         (0 < config.server.fraction <= 1, "server.fraction must be in (0, 1]"),
         (config.server.min_clients >= 1, "server.min_clients must be at least 1"),
         (

@@ -43,7 +43,9 @@ class DataError(UserError):
 
 @dataclass
 class Splits:
-    train: Dataset
+    """``train`` is ``None`` on a deployed server, which never reads training data."""
+
+    train: Dataset | None
     test: Dataset | None
     label_names: list[str]
 
@@ -63,18 +65,54 @@ def load_splits(spec: DataSection, seed: int, task: str = "classification") -> S
     return Splits(train, test, names)
 
 
+def load_server_splits(spec: DataSection, task: str = "classification") -> Splits:
+    """What a deployed server needs: its own held-out file (``data.test_source``, optional) and,
+    for classification, the label names (``data.labels``, which every client's file uses).
+    Training data stays on the clients."""
+    if task == "causal_lm":
+        return Splits(None, _read_chats(spec.test_source, spec) if spec.test_source else None, [])
+    if not spec.labels:
+        raise DataError(
+            "a deployed server never sees the clients' data, so it needs the label names: set "
+            'data.labels (e.g. data.labels=["billing", "delivery"]) to the labels in the clients\' files'
+        )
+    test = (
+        _to_dataset(read_table(spec.test_source, spec), spec.labels, spec.test_source)
+        if spec.test_source
+        else None
+    )
+    return Splits(None, test, list(spec.labels))
+
+
+def load_client_file(path: str, spec: DataSection, task: str = "classification") -> Dataset:
+    """A deployed client's own training file: chats for a causal LM, or rows labelled with the
+    server's ``data.labels``."""
+    if task == "causal_lm":
+        return _read_chats(path, spec)
+    if not spec.labels:
+        raise DataError("the server sent no label names (data.labels); set them in the server's config")
+    return _to_dataset(read_table(path, spec), spec.labels, path)
+
+
 def _instruction_splits(spec: DataSection) -> Splits:
     if spec.source == DEMO:
         raise DataError("the demo data is for classification; set data.source to instruction data")
-
-    def read(path: str | Path) -> pd.DataFrame:
-        frame = read_file(path, spec)
-        chats = to_messages(frame, spec, str(path))
-        return frame.drop(columns=[MESSAGES], errors="ignore").assign(**{MESSAGES: chats})
-
-    train = Dataset.from_pandas(read_sources(spec.source, read), preserve_index=False)
-    test = Dataset.from_pandas(read(spec.test_source), preserve_index=False) if spec.test_source else None
+    train = Dataset.from_pandas(
+        read_sources(spec.source, lambda p: _chat_frame(p, spec)), preserve_index=False
+    )
+    test = _read_chats(spec.test_source, spec) if spec.test_source else None
     return Splits(train, test, [])
+
+
+def _chat_frame(path: str | Path, spec: DataSection) -> pd.DataFrame:
+    """A file of instruction data with its rows as chats in a ``messages`` column."""
+    frame = read_file(path, spec)
+    chats = to_messages(frame, spec, str(path))
+    return frame.drop(columns=[MESSAGES], errors="ignore").assign(**{MESSAGES: chats})
+
+
+def _read_chats(path: str | Path, spec: DataSection) -> Dataset:
+    return Dataset.from_pandas(_chat_frame(path, spec), preserve_index=False)
 
 
 def source_files(source: str) -> list[Path]:

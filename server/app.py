@@ -1,7 +1,14 @@
 """The Flower ServerApp.
 
-``app`` is what ``flwr run .`` loads: it reads the fedpeft TOML named by the run config key
-``config`` (plus optional ``overrides``, ``;``-separated ``section.key=value``).
+``app`` is what ``flwr run .`` (and ``fedpeft server``) loads. Its run-config keys:
+
+- ``config``: the fedpeft TOML file; ``overrides``: ``;``-separated ``section.key=value``;
+- ``run-dir``: where to write the run (empty: a new folder in ``run.output_dir``);
+  ``resume``: continue the run in ``run-dir`` from its checkpoint;
+- ``deployment``: the clients are real SuperNodes with their own data files, so the server
+  reads no training data (``data.labels`` names the labels, ``data.test_source`` is its own
+  held-out file).
+
 ``make_server_app`` builds the same app around an already loaded config, for ``fedpeft simulate``.
 """
 
@@ -14,6 +21,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.config import RunConfig, load_config
+from fedpeft.data import load_server_splits
 from server.loop import FederatedRun
 
 
@@ -45,6 +53,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    overrides = [o for o in str(context.run_config.get("overrides", "")).split(";") if o.strip()]
-    config = load_config(str(context.run_config["config"]), overrides)
-    FederatedRun(config, new_run_dir(config)).run(grid)
+    settings = context.run_config
+    overrides = [o for o in str(settings.get("overrides", "")).split(";") if o.strip()]
+    config = load_config(str(settings["config"]), overrides)
+    run_dir = Path(str(settings.get("run-dir", ""))) if settings.get("run-dir") else new_run_dir(config)
+    splits = load_server_splits(config.data, config.model.task) if settings.get("deployment", False) else None
+    FederatedRun(config, run_dir, resume=bool(settings.get("resume", False)), splits=splits).run(grid)

@@ -48,8 +48,18 @@ def save_checkpoint(run_dir: Path, state: GlobalState, rng_state: Any) -> Path:
     save_file(
         {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fedpeft": json.dumps(meta)}
     )
+    _fsync(tmp)  # the bytes reach the disk before the rename makes them the checkpoint
     os.replace(tmp, path)
+    _fsync(run_dir)  # and the rename itself survives a power cut
     return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint:

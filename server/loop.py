@@ -31,10 +31,11 @@ from fedpeft.wire import (
     encode_train_message,
     record_nbytes,
 )
+from server.checkpoint import FILENAME as CHECKPOINT_FILE
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.evaluation import make_evaluator
+from server.replies import RoundReplies, receive
 from server.report import RunRecorder
-from server.validation import reference_signature, validate
 from strategies import StopFederation, Strategy, create_strategy
 
 NODE_WAIT_SECONDS = 120.0
@@ -51,11 +52,30 @@ class RoundFailed(RuntimeError):
 
 @dataclass
 class RoundOutcome:
-    updates: list[ClientUpdate] = field(default_factory=list)
+    replies: RoundReplies
     dropped: list[dict[str, str]] = field(default_factory=list)
     sampled: int = 0
     bytes_down: int = 0
     bytes_up: int = 0
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run needs a directory without one; a resumed run needs its checkpoint."""
+    if resume and not (run_dir / CHECKPOINT_FILE).is_file():
+        raise RunDirError(f"{run_dir} holds no checkpoint to resume; pass the directory of an earlier run")
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise RunDirError(
+            f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --run-dir"
+        )
+
+
+def build_strategy(config: RunConfig) -> Strategy:
+    """The configured strategy, told how many clients there are and how many train per round."""
+    return create_strategy(
+        config.strategy.name,
+        config.strategy.options,
+        context={"clients_per_round": config.clients_per_round, "num_clients": config.data.num_clients},
+    )
 
 
 class FederatedRun:
@@ -74,18 +94,10 @@ class FederatedRun:
         dataset if the caller has already loaded it)."""
         self.config = config
         self.run_dir = Path(run_dir)
-        if not resume and (self.run_dir / "metrics.jsonl").exists():
-            raise RunDirError(
-                f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} "
-                "or choose another --run-dir"
-            )
+        check_run_dir(self.run_dir, resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = console or Console()
-        self.strategy: Strategy = create_strategy(
-            config.strategy.name,
-            config.strategy.options,
-            context={"clients_per_round": config.clients_per_round, "num_clients": config.data.num_clients},
-        )
+        self.strategy = build_strategy(config)
         self.splits = splits or load_splits(config.data, config.run.seed, config.model.task)
         self.client_config = config.client_config()
         self.client_config.data.labels = self.splits.label_names
@@ -143,14 +155,14 @@ class FederatedRun:
 
     def _run_round(self, grid: Grid, rnd: int, plan: ClientPlan) -> None:
         t0 = time.perf_counter()
-        outcome = RoundOutcome()
         for attempt in range(1, self.config.server.max_retries + 2):
             outcome = self._attempt(grid, rnd, plan)
-            if len(outcome.updates) >= self.config.min_replies:
+            if outcome.replies.count >= self.config.min_replies:
                 break
             self.console.print(
-                f"[yellow]round {rnd} attempt {attempt}: {len(outcome.updates)} valid replies, "
-                f"need {self.config.min_replies}; retrying[/yellow]"
+                f"[yellow]round {rnd} attempt {attempt}: {outcome.replies.count} valid replies, "
+                f"need {self.config.min_replies}; retrying[/yellow]",
+                soft_wrap=True,
             )
         else:
             raise RoundFailed(
@@ -158,7 +170,7 @@ class FederatedRun:
                 f"{attempt} attempts; check the clients' logs or lower server.min_replies"
             )
         aggregation_started = time.perf_counter()
-        state = self.strategy.aggregate(rnd, self.state, outcome.updates)
+        state = outcome.replies.aggregate()
         aggregation_seconds = time.perf_counter() - aggregation_started
         state.round = rnd
         state.strategy_state = self.strategy.state_dict()
@@ -166,10 +178,11 @@ class FederatedRun:
         row: dict[str, Any] = {
             "round": rnd,
             "clients_sampled": outcome.sampled,
-            "clients_aggregated": len(outcome.updates),
+            "clients_aggregated": outcome.replies.count,
             "dropped": outcome.dropped,
+            "replies": [self._reply_summary(*accepted) for accepted in outcome.replies.accepted],
             "attempts": attempt,
-            "train_loss": _weighted_metric(outcome.updates, "train_loss"),
+            "train_loss": outcome.replies.train_loss,
             "bytes_down": outcome.bytes_down,
             "bytes_up": outcome.bytes_up,
             "aggregation_seconds": round(aggregation_seconds, 4),
@@ -189,34 +202,44 @@ class FederatedRun:
         messages = [
             Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes
         ]
-        replies = list(grid.send_and_receive(messages, timeout=self.config.server.round_timeout))
-        outcome = RoundOutcome(sampled=len(nodes), bytes_down=record_nbytes(content) * len(nodes))
-        decoded: list[ClientUpdate] = []
-        answered = set()
-        for reply in replies:
+        outcome = RoundOutcome(
+            RoundReplies(self.strategy, rnd, self.state),
+            sampled=len(nodes),
+            bytes_down=record_nbytes(content) * len(nodes),
+        )
+        unanswered = set(nodes)
+        for reply in receive(grid, messages, self.config.server.round_timeout):
             node = reply.metadata.src_node_id
-            answered.add(node)
-            if reply.has_error():
-                outcome.dropped.append(self._drop(node, f"client error: {reply.error.reason}"))
-                continue
-            outcome.bytes_up += record_nbytes(reply.content)
-            try:
-                decoded.append(decode_update(reply.content, str(node), frozen=self.state.adapter))
-            except WireError as exc:
-                outcome.dropped.append(self._drop(node, f"malformed reply: {exc}"))
-        for node in sorted(set(nodes) - answered):
+            unanswered.discard(node)
+            update = self._decode(reply, outcome)
+            del reply  # free the reply's bytes before the next one arrives: O(adapter) memory
+            reason = outcome.replies.offer(update) if isinstance(update, ClientUpdate) else update
+            if reason:
+                outcome.dropped.append(self._drop(node, reason))
+        for node in sorted(unanswered):
             outcome.dropped.append(self._drop(node, f"no reply within {self.config.server.round_timeout:g}s"))
-        reference = reference_signature(self.state, decoded)
-        for update in decoded:
-            reason = validate(update, rnd, reference)
-            if reason is None:
-                outcome.updates.append(update)
-            else:
-                outcome.dropped.append(self._drop(int(update.client_id), f"invalid update: {reason}"))
+        for client, reason in outcome.replies.close():
+            outcome.dropped.append(self._drop(int(client), f"invalid update: {reason}"))
         for drop in outcome.dropped:
             who = f"{drop['client']} (node {drop['node']})"
-            self.console.print(f"[yellow]round {rnd}: dropped {who}: {drop['reason']}[/yellow]")
+            line = f"[yellow]round {rnd}: dropped {who}: {drop['reason']}[/yellow]"
+            self.console.print(line, soft_wrap=True)
         return outcome
+
+    def _reply_summary(self, node: str, num_examples: int, train_loss: float | None) -> dict[str, Any]:
+        client = self.identities.get(int(node), "?")
+        return {"client": client, "node": node, "num_examples": num_examples, "train_loss": train_loss}
+
+    def _decode(self, reply: Message, outcome: RoundOutcome) -> ClientUpdate | str:
+        """The update a reply carries, or the reason to drop it."""
+        if reply.has_error():
+            return f"client error: {reply.error.reason}"
+        outcome.bytes_up += record_nbytes(reply.content)
+        node = str(reply.metadata.src_node_id)
+        try:
+            return decode_update(reply.content, node, self.state.adapter, outcome.replies.decode_buffer)
+        except WireError as exc:
+            return f"malformed reply: {exc}"
 
     def _drop(self, node: int, reason: str) -> dict[str, str]:
         return {"node": str(node), "client": self.identities.get(node, "?"), "reason": reason}
@@ -324,8 +347,3 @@ class FederatedRun:
             if key != "label_names":
                 table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
         self.console.print(table)
-
-
-def _weighted_metric(updates: list[ClientUpdate], key: str) -> float:
-    total = sum(u.num_examples for u in updates)
-    return sum(u.metrics.get(key, 0.0) * u.num_examples for u in updates) / total

@@ -57,6 +57,18 @@ def validate(update: ClientUpdate, rnd: int, reference: Signature | None) -> str
     tensors = [t for f in update.factors.values() for t in (f.A, f.B)] + list(update.extras.values())
     if any(not t.is_floating_point() for t in tensors):
         return "a tensor is not floating point"
-    if any(not bool(torch.isfinite(t).all()) for t in tensors):
+    if not all_finite(tensors):
         return "a tensor holds NaN or Inf"
     return None
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element is finite: one fused norm per tensor (NaN and Inf propagate into it),
+    and the exact element-wise test only for a tensor whose norm is not finite (it may merely
+    overflow)."""
+    norms = torch._foreach_norm(tensors)
+    return all(
+        bool(torch.isfinite(t).all())
+        for t, ok in zip(tensors, torch.stack(norms).isfinite().tolist(), strict=True)
+        if not ok
+    )

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedpeft.privacy import PrivacyAccountant, clip_update, gaussian_noise, global_norm
+from fedpeft.privacy import PrivacyAccountant, clip_factor, gaussian_noise
 from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
-from strategies.base import StopFederation, Strategy, require_updates
+from strategies.base import FlatLayout, StopFederation, Strategy, aggregate_stream, require_updates
 from strategies.registry import StrategyError, create_strategy
 
 
@@ -72,40 +72,12 @@ class DifferentialPrivacy:
                 )
         return self.inner.client_instructions(rnd, state)
 
+    def start(self, rnd: int, state: GlobalState) -> PrivateSum:
+        return PrivateSum(self, rnd, state)
+
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)
-        if state.adapter is None:
-            raise StrategyError(
-                "dp needs the global adapter the clients started from (one LoRA rank for all)"
-            )
-        trains_A = self.inner.client_instructions(rnd, state).train_lora_A
-        reference = _trained_tensors(state.adapter, state.extras, trains_A)
-        total = {k: torch.zeros_like(t, dtype=torch.float32) for k, t in reference.items()}
-        clipped = 0
-        norms = []
-        for update in updates:
-            sent = _trained_tensors(update.factors, update.extras, trains_A)
-            delta = {k: sent[k].float() - reference[k].float() for k in reference}
-            norms.append(global_norm(delta))
-            delta, was_clipped = clip_update(delta, self.clip_norm)
-            clipped += was_clipped
-            for k, t in delta.items():
-                total[k].add_(t)
-        std = self.noise_multiplier * self.clip_norm
-        noised = {
-            k: reference[k].float()
-            + (t + gaussian_noise(t.shape, std, self.generator)) / self.clients_per_round
-            for k, t in total.items()
-        }
-        self.accountant.step()
-        self.last_metrics = {
-            "epsilon": self.accountant.epsilon(),
-            "delta": self.accountant.delta,
-            "clipped_fraction": clipped / len(updates),
-            "median_update_norm": statistics.median(norms),  # what clip_norm is tuned against
-        }
-        virtual = _as_update(noised, state, updates[0], trains_A)
-        return self.inner.aggregate(rnd, state, [virtual])
+        return aggregate_stream(self, rnd, state, updates)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -120,19 +92,72 @@ class DifferentialPrivacy:
         self.inner.load_state_dict(state["inner"])
 
 
+class PrivateSum:
+    """dp's accumulator: the sum of the clients' clipped deltas from the global adapter, all
+    tensors of an update taken as one flat vector."""
+
+    def __init__(self, dp: DifferentialPrivacy, rnd: int, state: GlobalState) -> None:
+        if state.adapter is None:
+            raise StrategyError(
+                "dp needs the global adapter the clients started from (one LoRA rank for all)"
+            )
+        self.dp, self.rnd, self.state = dp, rnd, state
+        self.trains_A = dp.inner.client_instructions(rnd, state).train_lora_A
+        reference = _trained_tensors(state.adapter, state.extras, self.trains_A)
+        self.layout = FlatLayout(reference)
+        self.reference = self.layout.gather(list(reference.values())).clone()
+        self.total = torch.zeros(self.layout.numel)
+        self.delta = torch.empty(self.layout.numel)  # reused: no fresh allocation per client
+        self.norms: list[float] = []
+        self.clipped = 0
+        self.client: tuple[int, int, float] | None = None  # (round, rank, alpha) of the first update
+
+    def add(self, update: ClientUpdate) -> None:
+        sent = _trained_tensors(update.factors, update.extras, self.trains_A)
+        torch.sub(self.layout.gather([sent[k] for k in self.layout.keys]), self.reference, out=self.delta)
+        norm = float(torch.linalg.vector_norm(self.delta))
+        factor = clip_factor(norm, self.dp.clip_norm)
+        self.total.add_(self.delta, alpha=factor)
+        self.norms.append(norm)
+        self.clipped += factor < 1.0
+        self.client = self.client or (update.round, update.rank, update.alpha)
+
+    def result(self) -> GlobalState:
+        if self.client is None:
+            raise ValueError(f"strategy {self.dp.name!r} was given no client updates to aggregate")
+        dp = self.dp
+        std = dp.noise_multiplier * dp.clip_norm
+        for view in self.layout.views(self.total):
+            view.add_(gaussian_noise(view.shape, std, dp.generator))
+        self.total.div_(dp.clients_per_round).add_(self.reference)
+        dp.accountant.step()
+        dp.last_metrics = {
+            "epsilon": dp.accountant.epsilon(),
+            "delta": dp.accountant.delta,
+            "clipped_fraction": self.clipped / len(self.norms),
+            "median_update_norm": statistics.median(self.norms),  # what clip_norm is tuned against
+        }
+        noised = dict(zip(self.layout.keys, self.layout.views(self.total), strict=True))
+        rnd, rank, alpha = self.client
+        virtual = _as_update(noised, self.state, rnd, rank, alpha, self.trains_A)
+        return dp.inner.aggregate(self.rnd, self.state, [virtual])
+
+
 def _trained_tensors(
     factors: dict[str, AdapterFactors], extras: dict[str, Tensor], trains_A: bool
 ) -> dict[str, Tensor]:
-    out = {f"extra/{k}": t for k, t in extras.items()}
+    """What a client trained, in the order ``fedpeft.wire`` lays a reply out."""
+    out: dict[str, Tensor] = {}
     for module, f in factors.items():
-        out[f"B/{module}"] = f.B
         if trains_A:
             out[f"A/{module}"] = f.A
+        out[f"B/{module}"] = f.B
+    out.update({f"extra/{k}": t for k, t in extras.items()})
     return out
 
 
 def _as_update(
-    tensors: dict[str, Tensor], state: GlobalState, like: ClientUpdate, trains_A: bool
+    tensors: dict[str, Tensor], state: GlobalState, rnd: int, rank: int, alpha: float, trains_A: bool
 ) -> ClientUpdate:
     """The noised mean as one client's update (A kept from the state when it is not trained)."""
     assert state.adapter is not None
@@ -143,4 +168,4 @@ def _as_update(
         for module, f in state.adapter.items()
     }
     extras = {k.removeprefix("extra/"): t for k, t in tensors.items() if k.startswith("extra/")}
-    return ClientUpdate(factors, extras, num_examples=1, round=like.round, rank=like.rank, alpha=like.alpha)
+    return ClientUpdate(factors, extras, num_examples=1, round=rnd, rank=rank, alpha=alpha)

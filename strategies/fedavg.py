@@ -6,8 +6,10 @@ Kept because it is the baseline every paper compares against.
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
-from strategies.base import StatelessStrategy, example_weights, require_updates, weighted_sum
+from strategies.base import StatelessStrategy, WeightedSum, aggregate_stream, require_updates
 
 
 class FedAvg(StatelessStrategy):
@@ -16,26 +18,67 @@ class FedAvg(StatelessStrategy):
     name = "fedavg"
     linear = True
 
+    def start(self, rnd: int, state: GlobalState) -> FactorAverage:
+        return FactorAverage(self.name, rnd, state)
+
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)
-        check_same_ranks(self.name, updates)
-        p = example_weights(updates)
-        first = updates[0]
-        adapter = {
-            module: AdapterFactors(
-                A=weighted_sum((u.factors[module].A for u in updates), p),
-                B=weighted_sum((u.factors[module].B for u in updates), p),
-                scale=first.factors[module].scale,
-            )
-            for module in first.factors
-        }
-        extras = {name: weighted_sum((u.extras[name] for u in updates), p) for name in first.extras}
-        return GlobalState(round=rnd, merged=state.merged, adapter=adapter, extras=extras)
+        return aggregate_stream(self, rnd, state, updates)
 
 
-def check_same_ranks(strategy: str, updates: list[ClientUpdate]) -> None:
-    """Averaging factors needs one rank and alpha across clients."""
-    ranks = {(u.rank, u.alpha) for u in updates}
+class FactorAverage:
+    """The running example-weighted mean of the clients' factors and extras.
+
+    With ``frozen`` (FFA), A is not averaged: the result keeps the frozen A and its scale.
+    """
+
+    def __init__(
+        self, strategy: str, rnd: int, state: GlobalState, frozen: dict[str, AdapterFactors] | None = None
+    ) -> None:
+        self.strategy, self.rnd, self.state, self.frozen = strategy, rnd, state, frozen
+        self.sum = WeightedSum()
+        self.ranks: set[tuple[int, float]] = set()
+        self.scales: dict[str, float] = {}
+
+    def add(self, update: ClientUpdate) -> None:
+        self.ranks.add((update.rank, update.alpha))
+        check_same_ranks(self.strategy, self.ranks)
+        if not self.scales:
+            self.scales = {module: f.scale for module, f in update.factors.items()}
+        self.sum.add(summed_tensors(update, with_A=self.frozen is None), update.num_examples)
+
+    def result(self) -> GlobalState:
+        if self.sum.count == 0:
+            raise ValueError(f"strategy {self.strategy!r} was given no client updates to aggregate")
+        mean = self.sum.mean()
+        if self.frozen is None:
+            adapter = {
+                module: AdapterFactors(A=mean[f"A/{module}"], B=mean[f"B/{module}"], scale=scale)
+                for module, scale in self.scales.items()
+            }
+        else:
+            adapter = {
+                module: AdapterFactors(A=f.A, B=mean[f"B/{module}"], scale=f.scale)
+                for module, f in self.frozen.items()
+            }
+        extras = {k.removeprefix("extra/"): t for k, t in mean.items() if k.startswith("extra/")}
+        return GlobalState(round=self.rnd, merged=self.state.merged, adapter=adapter, extras=extras)
+
+
+def summed_tensors(update: ClientUpdate, with_A: bool) -> dict[str, Tensor]:
+    """The tensors a factor average sums, in the order ``fedpeft.wire`` lays a reply out (A and B
+    per module, then the extras), so a decoded reply is one span of memory."""
+    tensors: dict[str, Tensor] = {}
+    for module, f in update.factors.items():
+        if with_A:
+            tensors[f"A/{module}"] = f.A
+        tensors[f"B/{module}"] = f.B
+    tensors.update({f"extra/{name}": t for name, t in update.extras.items()})
+    return tensors
+
+
+def check_same_ranks(strategy: str, ranks: set[tuple[int, float]]) -> None:
+    """Averaging factors needs one (rank, alpha) across clients."""
     if len(ranks) > 1:
         raise ValueError(
             f"{strategy} needs every client at the same LoRA rank and alpha, got {sorted(ranks)}; "

@@ -6,9 +6,9 @@ in the updates, which makes it the right inner strategy under DP (noise lands on
 
 from __future__ import annotations
 
-from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
-from strategies.base import StatelessStrategy, example_weights, require_updates, weighted_sum
-from strategies.fedavg import check_same_ranks
+from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
+from strategies.base import StatelessStrategy, aggregate_stream, require_updates
+from strategies.fedavg import FactorAverage
 
 
 class FFA(StatelessStrategy):
@@ -18,19 +18,13 @@ class FFA(StatelessStrategy):
     def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
         return ClientPlan(train_lora_A=False, send_lora_A=False)
 
-    def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
-        require_updates(self.name, updates)
-        check_same_ranks(self.name, updates)
+    def start(self, rnd: int, state: GlobalState) -> FactorAverage:
         if state.adapter is None:
             raise ValueError(
                 "ffa needs the shared initial adapter; it cannot run with lora.client_ranks mixed"
             )
-        p = example_weights(updates)
-        adapter = {
-            module: AdapterFactors(
-                A=frozen.A, B=weighted_sum((u.factors[module].B for u in updates), p), scale=frozen.scale
-            )
-            for module, frozen in state.adapter.items()
-        }
-        extras = {name: weighted_sum((u.extras[name] for u in updates), p) for name in updates[0].extras}
-        return GlobalState(round=rnd, merged=state.merged, adapter=adapter, extras=extras)
+        return FactorAverage(self.name, rnd, state, frozen=state.adapter)
+
+    def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
+        require_updates(self.name, updates)
+        return aggregate_stream(self, rnd, state, updates)

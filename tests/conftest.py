@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -115,8 +116,8 @@ class LocalGrid:
     """Delivers messages to ClientApp functions in this process (no Ray, no network).
 
     Node ids are unrelated to partition ids, as in Flower. ``handlers`` maps a partition id to a
-    callable(message, context) -> reply for training messages; by default every node runs the real
-    fedpeft client. Queries go to the real query handlers.
+    callable(message, context) -> reply (or None: never replies) for training messages; by default
+    every node runs the real fedpeft client. Queries go to the real query handlers.
     """
 
     def __init__(
@@ -131,28 +132,46 @@ class LocalGrid:
         self.handlers = {n: train for n in self.nodes}
         self.handlers |= {self.nodes[i]: h for i, h in (handlers or {}).items()}
         self.queries = {"query.identify": identify, "query.initial_adapter": initial_adapter}
+        self.pushed: dict[str, Message] = {}
+        self.contexts = {  # one per node, kept across rounds as Flower keeps a node's Context
+            node: Context(
+                run_id=1, node_id=node, node_config={"partition-id": i}, state=RecordDict(), run_config={}
+            )
+            for i, node in enumerate(self.nodes)
+        }
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
         for msg in messages:
-            node = msg.metadata.dst_node_id
-            TaskIdentity.node_id = node
-            context = Context(
-                run_id=1,
-                node_id=node,
-                node_config={"partition-id": self.nodes.index(node)},
-                state=RecordDict(),
-                run_config={},
-            )
-            handler = self.queries.get(msg.metadata.message_type, self.handlers[node])
-            try:
-                reply = handler(msg, context)
-            except Exception as exc:  # as Flower's runtime does: an error reply, not a crash
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            TaskIdentity.node_id = 0
-            replies.append(reply)
+            msg.metadata.__dict__["_message_id"] = message_id = uuid.uuid4().hex  # as Flower's grids do
+            self.pushed[message_id] = msg
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """Run the handlers of the requested messages now; a handler returning ``None`` never replies."""
+        replies = []
+        for message_id in list(message_ids):
+            msg = self.pushed.pop(message_id, None)
+            if msg is not None and (reply := self._handle(msg)) is not None:
+                replies.append(reply)
         return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    def _handle(self, msg: Message) -> Message | None:
+        node = msg.metadata.dst_node_id
+        TaskIdentity.node_id = node
+        context = self.contexts[node]
+        handler = self.queries.get(msg.metadata.message_type, self.handlers[node])
+        try:
+            reply = handler(msg, context)
+        except Exception as exc:  # as Flower's runtime does: an error reply, not a crash
+            reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        TaskIdentity.node_id = 0
+        return reply

@@ -175,3 +175,14 @@ def test_stacking_reports_energy_discarded_by_a_small_rank_cap(tiny_bert_dir, tm
     FederatedRun(config, tmp_path).run(LocalGrid(3))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["merged_rank"] == 1 and rows[-1]["discarded_energy"] > 0
+
+
+def test_a_client_that_never_replies_is_dropped_at_the_timeout(tiny_bert_dir, tmp_path):
+    config = small_config(
+        tiny_bert_dir, **{"server.min_replies": 2, "server.round_timeout": 0.3, "run.rounds": 1}
+    )
+    FederatedRun(config, tmp_path).run(LocalGrid(3, {2: lambda msg, context: None}))
+    row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["clients_aggregated"] == 2
+    [drop] = row["dropped"]
+    assert drop["client"] == "partition-2" and drop["reason"] == "no reply within 0.3s"

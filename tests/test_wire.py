@@ -11,6 +11,7 @@ from fedpeft.lora import extract_adapter
 from fedpeft.models import ClassifierSpec, load_classifier
 from fedpeft.state import ClientPlan, ClientUpdate
 from fedpeft.wire import (
+    DecodeBuffer,
     RoundInstructions,
     WireError,
     decode_instructions,
@@ -130,3 +131,13 @@ def test_negative_example_count_is_a_wire_error():
 def test_empty_record_is_a_wire_error():
     with pytest.raises(WireError):
         decode_state(RecordDict())
+
+
+def test_a_decode_buffer_is_reused_and_decodes_bitwise():
+    buffer = DecodeBuffer()
+    first = decode_update(encode_update(factories.update(rank=4, seed=1, num_examples=3)), into=buffer)
+    pointer = first.factors["layer.0.q"].A.data_ptr()
+    update = factories.update(rank=4, seed=2, num_examples=3)
+    second = decode_update(encode_update(update), into=buffer)
+    assert second.factors["layer.0.q"].A.data_ptr() == pointer  # same memory, no new allocation
+    assert_same_factors(second.factors, update.factors)

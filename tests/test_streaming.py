@@ -1,0 +1,113 @@
+"""Streaming aggregation: each linear strategy's accumulator against an independent float64
+reference, in any arrival order, and a server that keeps no reply after folding it."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
+from server.replies import RoundReplies
+from strategies import create_strategy
+from tests import factories
+
+CONTEXT = {"clients_per_round": 4, "num_clients": 10}
+
+
+def start_state() -> GlobalState:
+    return GlobalState(round=0, adapter=factors_like(seed=100), extras=factories.extras(100))
+
+
+def factors_like(seed: int) -> dict[str, AdapterFactors]:
+    return factories.factors(rank=4, seed=seed, scale=16.0 / 4)
+
+
+def client(seed: int, num_examples: int, state: GlobalState, frozen_A: bool = False) -> ClientUpdate:
+    update = factories.update(rank=4, seed=seed, num_examples=num_examples)
+    if frozen_A:
+        for name, f in update.factors.items():
+            f.A = state.adapter[name].A
+    return update
+
+
+def weighted_mean64(updates: list[ClientUpdate], pick) -> torch.Tensor:
+    total = sum(u.num_examples for u in updates)
+    return sum(pick(u).double() * (u.num_examples / total) for u in updates).float()
+
+
+@pytest.mark.parametrize("name", ["fedavg", "ffa"])
+def test_accumulator_matches_a_float64_weighted_mean_in_any_order(name):
+    """fp32 tolerance, not bitwise: the running sum rounds after every add, so the order of
+    arrival changes the last bits."""
+    state = start_state()
+    counts = [(0, 5), (1, 17), (2, 1), (3, 40)]
+    updates = [client(seed, n, state, frozen_A=name == "ffa") for seed, n in counts]
+    strategy = create_strategy(name, {}, CONTEXT)
+    batch = strategy.aggregate(1, state, updates)
+    accumulator = strategy.start(1, state)
+    for update in reversed(updates):
+        accumulator.add(update)
+    streamed = accumulator.result()
+    for module in state.adapter:
+        for part in ("A", "B"):
+            expected = weighted_mean64(updates, lambda u, m=module, p=part: getattr(u.factors[m], p))
+            for result in (batch, streamed):
+                got = getattr(result.adapter[module], part)
+                torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        if name == "ffa":
+            assert torch.equal(batch.adapter[module].A, state.adapter[module].A)
+    for extra in state.extras:
+        expected = weighted_mean64(updates, lambda u, e=extra: u.extras[e])
+        torch.testing.assert_close(streamed.extras[extra], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_dp_accumulator_matches_batch_and_a_float64_clipped_mean():
+    state = start_state()
+    updates = [client(seed, 10, state, frozen_A=True) for seed in range(4)]
+    options = {"inner": "ffa", "clip_norm": 3.0, "noise_multiplier": 0.0}
+    batch = create_strategy("dp", options, CONTEXT).aggregate(1, state, updates)
+    accumulator = create_strategy("dp", options, CONTEXT).start(1, state)
+    for update in reversed(updates):
+        accumulator.add(update)
+    streamed = accumulator.result()
+
+    def delta(u: ClientUpdate) -> dict[str, torch.Tensor]:
+        d = {f"B/{m}": u.factors[m].B.double() - f.B.double() for m, f in state.adapter.items()}
+        return d | {f"extra/{k}": t.double() - state.extras[k].double() for k, t in u.extras.items()}
+
+    clipped = []
+    for u in updates:
+        d = delta(u)
+        norm = torch.sqrt(sum(t.pow(2).sum() for t in d.values()))
+        clipped.append({k: t * min(1.0, 3.0 / float(norm)) for k, t in d.items()})
+    for module, f in state.adapter.items():
+        expected = (f.B.double() + sum(c[f"B/{module}"] for c in clipped) / 4).float()
+        torch.testing.assert_close(batch.adapter[module].B, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(streamed.adapter[module].B, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_streaming_round_keeps_no_update_after_folding_it():
+    state = start_state()
+    replies = RoundReplies(create_strategy("fedavg", {}, CONTEXT), 1, state)
+    update = client(0, 5, state)
+    update.client_id = "1"
+    alive = weakref.ref(update.factors["layer.0.q"].B)
+    assert replies.offer(update) is None
+    del update
+    gc.collect()
+    assert alive() is None and replies.count == 1 and replies.pending == []
+    assert replies.close() == []
+
+
+def test_a_streaming_round_drops_an_invalid_update_on_arrival():
+    state = start_state()
+    replies = RoundReplies(create_strategy("ffa", {}, CONTEXT), 1, state)
+    bad = client(1, 5, state, frozen_A=True)
+    bad.factors["layer.0.q"].B[0, 0] = float("inf")
+    assert "NaN or Inf" in replies.offer(bad)
+    assert "round 2, not 1" in replies.offer(factories.update(rank=4, seed=2, num_examples=5, rnd=2))
+    assert replies.offer(client(3, 5, state, frozen_A=True)) is None
+    assert replies.count == 1
