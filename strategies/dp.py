@@ -105,7 +105,7 @@ class PrivateSum:
         self.trains_A = dp.inner.client_instructions(rnd, state).train_lora_A
         reference = _trained_tensors(state.adapter, state.extras, self.trains_A)
         self.layout = FlatLayout(reference)
-        self.reference = self.layout.gather(list(reference.values())).clone()
+        self.reference = self.layout.gather(list(reference.values()))  # read only: a view if it can be
         self.total = torch.zeros(self.layout.numel)
         self.delta = torch.empty(self.layout.numel)  # reused: no fresh allocation per client
         self.norms: list[float] = []
@@ -130,6 +130,7 @@ class PrivateSum:
         for view in self.layout.views(self.total):
             view.add_(gaussian_noise(view.shape, std, dp.generator))
         self.total.div_(dp.clients_per_round).add_(self.reference)
+        self.delta = torch.empty(0)  # not needed any more: free it before the inner strategy copies
         dp.accountant.step()
         dp.last_metrics = {
             "epsilon": dp.accountant.epsilon(),
