@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -132,17 +133,7 @@ def load_causal_lm(spec: CausalLMSpec) -> PeftModel:
                 f"cannot load causal LM {spec.name!r} ({str(exc).splitlines()[0]}); give a model "
                 f"directory, a .gguf file, or one of: {', '.join(model_store.KNOWN_MODELS)}"
             ) from exc
-        config = LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=spec.rank,
-            lora_alpha=spec.alpha,
-            lora_dropout=spec.dropout,
-            target_modules=list(spec.target_modules) if spec.target_modules else None,
-        )
-        try:
-            model = get_peft_model(base, config)  # LoRA weights stay fp32 over a bf16 base
-        except ValueError as exc:
-            raise ModelError(f"cannot add LoRA to {spec.name!r}: {exc}; set lora.target_modules") from exc
+        model = _add_lora(base, spec, TaskType.CAUSAL_LM)  # LoRA weights stay fp32 over a bf16 base
     return model.to(device)
 
 
@@ -164,14 +155,18 @@ def load_classifier(spec: ClassifierSpec) -> PeftModel:
                 f"cannot load model {spec.name!r} ({str(exc).splitlines()[0]}); give a local model "
                 f"directory or one of the embedded models: {', '.join(EMBEDDED_MODELS)}"
             ) from exc
-        config = LoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=spec.rank,
-            lora_alpha=spec.alpha,
-            lora_dropout=spec.dropout,
-            target_modules=list(spec.target_modules) if spec.target_modules else None,
-        )
-        try:
-            return get_peft_model(base, config)
-        except ValueError as exc:
-            raise ModelError(f"cannot add LoRA to {spec.name!r}: {exc}; set lora.target_modules") from exc
+        return _add_lora(base, spec, TaskType.SEQ_CLS)
+
+
+def _add_lora(base: PreTrainedModel, spec: ModelSpec, task_type: TaskType) -> PeftModel:
+    config = LoraConfig(
+        task_type=task_type,
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules) if spec.target_modules else None,
+    )
+    try:
+        return get_peft_model(base, config)
+    except ValueError as exc:
+        raise ModelError(f"cannot add LoRA to {spec.name!r}: {exc}; set lora.target_modules") from exc

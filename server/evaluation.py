@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datasets import Dataset
+
 from fedpeft.config import RunConfig
 from fedpeft.data import Splits
 from fedpeft.generation import exact_match, generate, get_extractor
@@ -17,15 +19,19 @@ def make_evaluator(config: RunConfig, splits: Splits) -> CentralEvaluator | LMEv
     return (LMEvaluator if config.model.task == "causal_lm" else CentralEvaluator)(config, splits)
 
 
+def held_out(config: RunConfig, splits: Splits) -> Dataset:
+    """The held-out rows the server scores: the test split, capped at ``data.test_limit``."""
+    if splits.test is None:
+        raise ValueError("central evaluation needs a held-out split: set data.test_source")
+    limit = config.data.test_limit
+    return splits.test if limit is None else splits.test.select(range(min(limit, len(splits.test))))
+
+
 class CentralEvaluator:
     """Loads the base model once and scores any ``GlobalState`` on the test split."""
 
     def __init__(self, config: RunConfig, splits: Splits) -> None:
-        if splits.test is None:
-            raise ValueError("central evaluation needs a held-out split: set data.test_source")
-        test = splits.test
-        if config.data.test_limit is not None:
-            test = test.select(range(min(config.data.test_limit, len(test))))
+        test = held_out(config, splits)
         spec = ClassifierSpec.from_config(
             config.model.name, len(splits.label_names), config.lora, config.run.seed
         )
@@ -45,11 +51,7 @@ class LMEvaluator:
     exact match (``[eval] generate = true``)."""
 
     def __init__(self, config: RunConfig, splits: Splits) -> None:
-        if splits.test is None:
-            raise ValueError("central evaluation needs a held-out split: set data.test_source")
-        test = splits.test
-        if config.data.test_limit is not None:
-            test = test.select(range(min(config.data.test_limit, len(test))))
+        test = held_out(config, splits)
         self.chats = list(test["messages"])
         self.tokenizer = load_tokenizer(config.model.name)
         self.data = encode_chats(self.chats, self.tokenizer, config.model.max_length)
