@@ -57,7 +57,7 @@ def train(msg: Message, context: Context) -> Message:
     data = runtime.client_data(config, context)
     received = decode_state(msg.content)
     host.load_state(received, init_seed=instructions.init_seed)
-    misbehaviour = faults.for_round(config, instructions.round, context)
+    misbehaviour = faults.for_round(config, instructions.round, msg.metadata.created_at, context)
     misbehaviour.start(host)
     metrics = train_locally(
         host.model,

@@ -13,11 +13,13 @@ The simulated kinds:
 
 - ``crash``: the ClientApp raises before training; Flower turns that into an error reply, which
   the server drops with its reason.
-- ``timeout``: the client trains, then replies ``server.round_timeout`` + ``TIMEOUT_MARGIN``
-  seconds after it started, when the server has stopped waiting (dropped as "no reply within").
-  In simulation the sleeping client holds its Ray worker that long: the round's other clients run
-  on the remaining workers meanwhile (with W workers, pick a round timeout that fits a round on
-  W - 1 of them), and the late reply is never read.
+- ``timeout``: the client trains, then replies ``TIMEOUT_MARGIN`` seconds after the server's
+  deadline (the round message's creation time + ``server.round_timeout``), when the server has
+  stopped waiting: it is dropped as "no reply within", and its late reply is never read. In
+  simulation the sleeping client holds its Ray worker until then (never into the next round): the
+  round's other clients run on the remaining workers, so with W workers up to W - 1 late clients
+  in a round leave the others unaffected, while W of them at once starve the clients still queued,
+  which then miss the deadline too (``benchmarks/soak.py`` counts these).
 - ``garbage``: the reply's records are malformed: random bytes in place of the arrays, truncated
   arrays, or a record missing.
 """
@@ -39,7 +41,7 @@ from fedpeft.lora import AdapterHost
 from fedpeft.state import AdapterFactors, ClientUpdate
 from fedpeft.wire import UPDATE_META
 
-TIMEOUT_MARGIN = 2.0  # seconds past the round timeout that a "timeout" client replies
+TIMEOUT_MARGIN = 1.0  # seconds past the server's deadline that a "timeout" client replies
 
 
 class SimulatedCrash(RuntimeError):
@@ -104,16 +106,14 @@ class Misbehaviour:
 
     fault: str | None = None
     poison_scale: float | None = None
-    reply_after: float = 0.0  # seconds from ``start`` to a late (``timeout``) reply
+    reply_at: float = 0.0  # when a late (``timeout``) client replies, as a ``time.time()``
     rng: random.Random | None = None
-    _started: float = field(default=0.0, init=False, repr=False)
     _received: tuple[dict[str, AdapterFactors], dict[str, Tensor]] | None = field(
         default=None, init=False, repr=False
     )
 
     def start(self, host: AdapterHost) -> None:
         """Call once the received state is loaded, before training."""
-        self._started = time.monotonic()
         if self.fault == "crash":
             raise SimulatedCrash("simulated crash (faults.rate in the run configuration)")
         self._received = host.read_update() if self.poison_scale is not None else None
@@ -131,7 +131,7 @@ class Misbehaviour:
             rng = self.rng or random.Random()
             rng.choice(GARBAGE)(content, rng)
         if self.fault == "timeout":
-            time.sleep(max(0.0, self._started + self.reply_after - time.monotonic()))
+            time.sleep(max(0.0, self.reply_at - time.time()))
         return content
 
 
@@ -149,9 +149,10 @@ def _amplify(
         update.extras[name] = extras[name] + scale * (t - extras[name])
 
 
-def for_round(config: ClientConfig, rnd: int, context: Context) -> Misbehaviour:
-    """This client's misbehaviour in round ``rnd``: its ``inject-fault`` node setting when
-    deployed, the ``[faults]`` draw in simulation."""
+def for_round(config: ClientConfig, rnd: int, sent_at: float, context: Context) -> Misbehaviour:
+    """This client's misbehaviour in round ``rnd`` (whose message the server created at
+    ``sent_at``, a ``time.time()``): its ``inject-fault`` node setting when deployed, the
+    ``[faults]`` draw in simulation."""
     faults = config.faults
     if runtime.is_deployed(context):
         faults.refuse_deployment()
@@ -163,6 +164,6 @@ def for_round(config: ClientConfig, rnd: int, context: Context) -> Misbehaviour:
     return Misbehaviour(
         fault=simulated_fault(faults, config.seed, rnd, partition),
         poison_scale=faults.poison_scale if partition in faults.poisoned else None,
-        reply_after=config.round_timeout + TIMEOUT_MARGIN,
+        reply_at=sent_at + config.round_timeout + TIMEOUT_MARGIN,
         rng=random.Random(f"fedpeft-garbage/{config.seed}/{rnd}/{partition}"),
     )
