@@ -245,20 +245,23 @@ class FederatedRun:
         return {"node": str(node), "client": self.identities.get(node, "?"), "reason": reason}
 
     def _sample(self, grid: Grid, count: int | None = None) -> list[int]:
-        """``count`` clients, or ``fraction`` of those connected (at least ``min_clients``)."""
+        """``count`` clients, or ``fraction`` of those connected and identified (at least
+        ``min_clients``: nodes still starting, that did not answer ``identify`` in time, are
+        asked again until enough have)."""
         need = self.config.server.min_clients
         deadline = time.monotonic() + NODE_WAIT_SECONDS
-        nodes = sorted(grid.get_node_ids())
-        while len(nodes) < need:
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            self._identify(grid, nodes)
+            known = sorted((n for n in nodes if n in self.identities), key=self.identities.__getitem__)
+            if len(known) >= need:
+                break
             if time.monotonic() > deadline:
                 raise RoundFailed(
-                    f"only {len(nodes)} clients connected after {NODE_WAIT_SECONDS:g}s, "
+                    f"only {len(known)} clients connected and identified after {NODE_WAIT_SECONDS:g}s, "
                     f"server.min_clients is {need}; start more clients or lower it"
                 )
             time.sleep(1.0)
-            nodes = sorted(grid.get_node_ids())
-        self._identify(grid, nodes)
-        known = sorted((n for n in nodes if n in self.identities), key=self.identities.__getitem__)
         k = count or min(len(known), max(need, math.ceil(self.config.server.fraction * len(known))))
         return self.rng.sample(known, k)
 
