@@ -102,6 +102,8 @@ class ServerSection:
     round_timeout: float = 600.0
     max_retries: int = 2
     evaluate: bool = True
+    max_reply_bytes: int = 0  # 0: derived from the global adapter's size (server/validation.py)
+    max_norm_ratio: float = 10.0  # 0: no norm check
 
 
 @dataclass
@@ -324,6 +326,14 @@ def _validate(config: RunConfig) -> None:
         (
             1 <= config.min_replies <= config.server.min_clients,
             "server.min_replies must be between 1 and server.min_clients",
+        ),
+        (
+            config.server.max_reply_bytes >= 0,
+            "server.max_reply_bytes must be a byte count >= 0 (0 derives the cap from the adapter's size)",
+        ),
+        (
+            config.server.max_norm_ratio == 0 or config.server.max_norm_ratio >= 1,
+            "server.max_norm_ratio must be 0 (no norm check) or at least 1, e.g. 10",
         ),
         (config.simulation.cpus_per_client >= 1, "simulation.cpus_per_client must be at least 1"),
         *_faults_checks(config),
