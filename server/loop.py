@@ -20,7 +20,7 @@ from fedpeft.config import RunConfig, config_to_dict
 from fedpeft.data import Splits, load_splits
 from fedpeft.errors import UserError
 from fedpeft.export import export_adapter, export_merged
-from fedpeft.models import resolve_model
+from fedpeft.models import check_rank_fits, resolve_model
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
 from fedpeft.wire import (
     RoundInstructions,
@@ -98,6 +98,7 @@ class FederatedRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = console or Console()
         self.strategy = build_strategy(config)
+        check_rank_fits(config.model.name, config.model.task, config.lora)
         self.splits = splits or load_splits(config.data, config.run.seed, config.model.task)
         self.client_config = config.client_config()
         self.client_config.data.labels = self.splits.label_names

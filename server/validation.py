@@ -65,8 +65,12 @@ def shape_problem(update: ClientUpdate) -> str | None:
     return None
 
 
-def validate(update: ClientUpdate, rnd: int, reference: Signature | None) -> str | None:
-    """``None`` if the update may be aggregated, else the reason to drop it."""
+def validate(
+    update: ClientUpdate, rnd: int, reference: Signature | None, sent: GlobalState | None = None
+) -> str | None:
+    """``None`` if the update may be aggregated, else the reason to drop it. When ``sent`` (the
+    state the server sent) holds a global adapter, each module's rank must be the adapter's: the
+    strategy combines the factors element-wise."""
     if update.round != rnd:
         return f"the update is for round {update.round}, not {rnd}"
     if update.num_examples <= 0:
@@ -76,6 +80,10 @@ def validate(update: ClientUpdate, rnd: int, reference: Signature | None) -> str
         return problem
     if reference is not None and signature(update) != reference:
         return "module names or layer shapes differ from the global adapter"
+    if sent is not None and sent.adapter is not None:
+        adapter = sent.adapter
+        if any(f.rank != adapter[name].rank for name, f in update.factors.items()):
+            return f"the declared rank {update.rank} differs from the global adapter's"
     tensors = [t for f in update.factors.values() for t in (f.A, f.B)] + list(update.extras.values())
     wrong = next((t.dtype for t in tensors if t.dtype != torch.float32), None)
     if wrong is not None:

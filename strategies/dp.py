@@ -58,6 +58,12 @@ class DifferentialPrivacy:
         self.noise_multiplier = noise_multiplier
         self.epsilon_budget = epsilon_budget
         self.accountant = PrivacyAccountant(noise_multiplier, clients_per_round / num_clients, delta)
+        if epsilon_budget is not None and self.accountant.epsilon(1) > epsilon_budget:
+            raise StrategyError(
+                f"dp: epsilon_budget = {epsilon_budget} cannot pay for a single round (epsilon after "
+                f"round 1 would be {self.accountant.epsilon(1):.3f}); raise epsilon_budget or "
+                "noise_multiplier"
+            )
         self.generator = torch.Generator().manual_seed(seed)
         self.last_metrics: dict[str, float] = {}
 
