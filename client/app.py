@@ -13,9 +13,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import runtime
-from client.faults import inject_fault
-from client.settings import INJECT_FAULT
+from client import faults, runtime
 from fedpeft.state import ClientUpdate, GlobalState
 from fedpeft.training import train as train_locally
 from fedpeft.wire import (
@@ -59,6 +57,8 @@ def train(msg: Message, context: Context) -> Message:
     data = runtime.client_data(config, context)
     received = decode_state(msg.content)
     host.load_state(received, init_seed=instructions.init_seed)
+    misbehaviour = faults.for_round(config, instructions.round, msg.metadata.created_at, context)
+    misbehaviour.start(host)
     metrics = train_locally(
         host.model,
         tokenizer,
@@ -80,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
         alpha=config.lora.alpha,
         metrics=metrics,
     )
-    inject_fault(update, context.node_config.get(INJECT_FAULT))
+    misbehaviour.edit_update(update)
     feedback = load_feedback(context.state)
     content = encode_update(
         update,
@@ -90,4 +90,4 @@ def train(msg: Message, context: Context) -> Message:
         feedback=feedback,
     )
     store_feedback(context.state, feedback)
-    return Message(content, reply_to=msg)
+    return Message(misbehaviour.edit_reply(content), reply_to=msg)
