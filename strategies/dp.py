@@ -79,6 +79,22 @@ class DifferentialPrivacy:
         require_updates(self.name, updates)
         return aggregate_stream(self, rnd, state, updates)
 
+    def aggregate_clipped_sum(
+        self,
+        rnd: int,
+        state: GlobalState,
+        clipped_sum: dict[str, Tensor],
+        count: int,
+        rank: int,
+        alpha: float,
+    ) -> GlobalState:
+        """The round's result from the sum of ``count`` deltas the clients clipped themselves to
+        ``clip_norm`` (secure aggregation: the server sees only the sum, so it reports no
+        per-client norms), named as ``start``'s accumulator names them."""
+        accumulator = self.start(rnd, state)
+        accumulator.add_sum(clipped_sum, count, (rnd, rank, alpha))
+        return accumulator.result()
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "accountant": self.accountant.state_dict(),
@@ -110,6 +126,7 @@ class PrivateSum:
         self.delta = torch.empty(self.layout.numel)  # reused: no fresh allocation per client
         self.norms: list[float] = []
         self.clipped = 0
+        self.count = 0
         self.client: tuple[int, int, float] | None = None  # (round, rank, alpha) of the first update
 
     def add(self, update: ClientUpdate) -> None:
@@ -120,7 +137,14 @@ class PrivateSum:
         self.total.add_(self.delta, alpha=factor)
         self.norms.append(norm)
         self.clipped += factor < 1.0
+        self.count += 1
         self.client = self.client or (update.round, update.rank, update.alpha)
+
+    def add_sum(self, clipped: dict[str, Tensor], count: int, client: tuple[int, int, float]) -> None:
+        """Fold in the sum of ``count`` deltas already clipped (by the clients themselves)."""
+        self.total.add_(self.layout.gather([clipped[k] for k in self.layout.keys]))
+        self.count += count
+        self.client = self.client or client
 
     def result(self) -> GlobalState:
         if self.client is None:
@@ -132,12 +156,11 @@ class PrivateSum:
         self.total.div_(dp.clients_per_round).add_(self.reference)
         self.delta = torch.empty(0)  # not needed any more: free it before the inner strategy copies
         dp.accountant.step()
-        dp.last_metrics = {
-            "epsilon": dp.accountant.epsilon(),
-            "delta": dp.accountant.delta,
-            "clipped_fraction": self.clipped / len(self.norms),
-            "median_update_norm": statistics.median(self.norms),  # what clip_norm is tuned against
-        }
+        dp.last_metrics = {"epsilon": dp.accountant.epsilon(), "delta": dp.accountant.delta}
+        if self.norms:  # the server saw the updates (not under secure aggregation)
+            dp.last_metrics["clipped_fraction"] = self.clipped / len(self.norms)
+            # what clip_norm is tuned against
+            dp.last_metrics["median_update_norm"] = statistics.median(self.norms)
         noised = dict(zip(self.layout.keys, self.layout.views(self.total), strict=True))
         rnd, rank, alpha = self.client
         virtual = _as_update(noised, self.state, rnd, rank, alpha, self.trains_A)

@@ -86,3 +86,19 @@ def mask(
 def pairwise_sign(me: int, peer: int) -> int:
     """+1 for the lower node id of a pair, -1 for the higher: the pair's masks cancel in the sum."""
     return 1 if me < peer else -1
+
+
+def unmask(
+    total: np.ndarray,
+    self_seeds: Iterable[bytes],
+    dropped: dict[int, bytes],
+    survivors: dict[int, bytes],
+) -> None:
+    """Take off ``total`` (in place) the self-masks of the survivors (their reconstructed
+    ``self_seeds``) and the pairwise masks each survivor (node id -> mask public key) added for
+    each ``dropped`` client (node id -> its reconstructed mask private key)."""
+    for seed in self_seeds:
+        add_prg(total, seed, -1)
+    for node, private in dropped.items():
+        for survivor, public in survivors.items():
+            add_prg(total, pairwise_seed(private, public), -pairwise_sign(survivor, node))
