@@ -15,9 +15,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import runtime, secure
-from client.faults import inject_fault
-from client.settings import INJECT_FAULT
+from client import faults, runtime, secure
 from fedpeft.secagg.messages import RECORD as SECAGG
 from fedpeft.state import ClientUpdate, GlobalState
 from fedpeft.training import train as train_locally
@@ -62,6 +60,8 @@ def train(msg: Message, context: Context) -> Message:
     data = runtime.client_data(config, context)
     received = decode_state(msg.content)
     host.load_state(received, init_seed=instructions.init_seed)
+    misbehaviour = faults.for_round(config, instructions.round, msg.metadata.created_at, context)
+    misbehaviour.start(host)
     metrics = train_locally(
         host.model,
         tokenizer,
@@ -83,10 +83,10 @@ def train(msg: Message, context: Context) -> Message:
         alpha=config.lora.alpha,
         metrics=metrics,
     )
-    inject_fault(update, context.node_config.get(INJECT_FAULT))
+    misbehaviour.edit_update(update)
     if SECAGG in msg.content:
         masked = secure.masked_reply(msg.content, update, received, instructions.plan.send_lora_A, context)
-        return Message(masked, reply_to=msg)
+        return Message(misbehaviour.edit_reply(masked), reply_to=msg)
     feedback = load_feedback(context.state)
     content = encode_update(
         update,
@@ -96,7 +96,7 @@ def train(msg: Message, context: Context) -> Message:
         feedback=feedback,
     )
     store_feedback(context.state, feedback)
-    return Message(content, reply_to=msg)
+    return Message(misbehaviour.edit_reply(content), reply_to=msg)
 
 
 @app.query("secagg_keys")

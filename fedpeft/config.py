@@ -27,6 +27,7 @@ class ConfigError(UserError):
 
 TASKS = ("classification", "causal_lm")
 PARTITIONS = ("iid", "dirichlet", "field", "files")
+SIMULATED_FAULTS = ("crash", "timeout", "garbage")
 
 
 @dataclass
@@ -102,6 +103,8 @@ class ServerSection:
     round_timeout: float = 600.0
     max_retries: int = 2
     evaluate: bool = True
+    max_reply_bytes: int = 0  # 0: derived from the global adapter's size (server/validation.py)
+    max_norm_ratio: float = 10.0  # 0: no norm check
     secure_aggregation: bool = False
 
 
@@ -127,6 +130,29 @@ class SimulationSection:
 
 
 @dataclass
+class FaultsSection:
+    """Simulated client misbehaviour, for testing the server's fault handling (simulation only;
+    see client/faults.py)."""
+
+    rate: float = 0.0
+    kinds: list[str] = field(default_factory=lambda: list(SIMULATED_FAULTS))
+    poisoned: list[int] = field(default_factory=list)
+    poison_scale: float = 100.0
+
+    @property
+    def active(self) -> bool:
+        return self.rate > 0 or bool(self.poisoned)
+
+    def refuse_deployment(self) -> None:
+        """Raise if set: deployed clients are real, their faults are not simulated."""
+        if self.active:
+            raise ConfigError(
+                "[faults] simulates misbehaving clients in `fedpeft simulate` only; remove it from a "
+                "deployment's config (a deployed client can misbehave with `fedpeft client --inject-fault`)"
+            )
+
+
+@dataclass
 class ClientConfig:
     """The part of the run configuration every client needs; sent in each round's message."""
 
@@ -136,6 +162,8 @@ class ClientConfig:
     data: DataSection
     train: TrainSection
     threads: int = 1
+    faults: FaultsSection = field(default_factory=FaultsSection)
+    round_timeout: float = 600.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -150,6 +178,8 @@ class ClientConfig:
             lora=LoraSection(**raw["lora"]),
             data=DataSection(**raw["data"]),
             train=TrainSection(**raw["train"]),
+            faults=FaultsSection(**raw["faults"]),
+            round_timeout=raw["round_timeout"],
         )
 
 
@@ -164,6 +194,7 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     strategy: StrategySection = field(default_factory=StrategySection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
     secure: SecureSection = field(default_factory=SecureSection)
 
     def client_config(self) -> ClientConfig:
@@ -175,6 +206,8 @@ class RunConfig:
             data=copy.deepcopy(self.data),
             train=copy.deepcopy(self.train),
             threads=self.simulation.cpus_per_client,
+            faults=copy.deepcopy(self.faults),
+            round_timeout=self.server.round_timeout,
         )
 
     @property
@@ -307,7 +340,16 @@ def _validate(config: RunConfig) -> None:
             1 <= config.min_replies <= config.server.min_clients,
             "server.min_replies must be between 1 and server.min_clients",
         ),
+        (
+            config.server.max_reply_bytes >= 0,
+            "server.max_reply_bytes must be a byte count >= 0 (0 derives the cap from the adapter's size)",
+        ),
+        (
+            config.server.max_norm_ratio == 0 or config.server.max_norm_ratio >= 1,
+            "server.max_norm_ratio must be 0 (no norm check) or at least 1, e.g. 10",
+        ),
         (config.simulation.cpus_per_client >= 1, "simulation.cpus_per_client must be at least 1"),
+        *_faults_checks(config),
     ]
     for ok, message in checks:
         if not ok:
@@ -344,6 +386,22 @@ def _validate_secure(config: RunConfig) -> None:
         raise ConfigError(
             f"secure aggregation: {exc}; lower secure.fraction_bits, secure.clip_range or secure.max_examples"
         ) from exc
+
+
+def _faults_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    faults = config.faults
+    return [
+        (0 <= faults.rate <= 1, f"faults.rate must be in [0, 1], got {faults.rate}"),
+        (
+            bool(faults.kinds) and set(faults.kinds) <= set(SIMULATED_FAULTS),
+            f"faults.kinds must be a non-empty list of {', '.join(SIMULATED_FAULTS)}, got {faults.kinds!r}",
+        ),
+        (
+            all(isinstance(p, int) and 0 <= p < config.data.num_clients for p in faults.poisoned),
+            f"faults.poisoned must list partition ids below data.num_clients "
+            f"({config.data.num_clients}), got {faults.poisoned!r}",
+        ),
+    ]
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from fedpeft.wire import (
     WireError,
     decode_identity,
     decode_state,
-    decode_update,
     encode_train_message,
     record_nbytes,
 )
@@ -37,6 +36,7 @@ from server.evaluation import make_evaluator
 from server.replies import RoundReplies, receive
 from server.report import RunRecorder
 from server.secure import SecureAggregation, SecureSum
+from server.validation import ReplyLimits
 from strategies import StopFederation, Strategy, create_strategy
 
 NODE_WAIT_SECONDS = 120.0
@@ -108,6 +108,7 @@ class FederatedRun:
         self.rng = random.Random(config.run.seed)
         self.state = GlobalState()
         self.identities: dict[int, str] = {}  # Flower node id -> stable client id
+        self.limits = ReplyLimits.from_config(config.server)
         if resume:
             self._resume()
         else:
@@ -177,12 +178,15 @@ class FederatedRun:
         state.round = rnd
         state.strategy_state = self.strategy.state_dict()
         self.state = state
+        self.limits.previous_norms = outcome.replies.norms
         row: dict[str, Any] = {
             "round": rnd,
             "clients_sampled": outcome.sampled,
             "clients_aggregated": outcome.replies.count,
             "dropped": outcome.dropped,
             "replies": [self._reply_summary(*accepted) for accepted in outcome.replies.accepted],
+            "rejected": outcome.replies.rejected,
+            "update_norms": outcome.replies.norms,
             "attempts": attempt,
             "train_loss": outcome.replies.train_loss,
             "bytes_down": outcome.bytes_down,
@@ -207,7 +211,7 @@ class FederatedRun:
             Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes
         ]
         outcome = RoundOutcome(
-            RoundReplies(self.strategy, rnd, self.state),
+            RoundReplies(self.strategy, rnd, self.state, self.limits),
             sampled=len(nodes),
             bytes_down=record_nbytes(content) * len(nodes),
         )
@@ -253,30 +257,29 @@ class FederatedRun:
         if reply.has_error():
             return f"client error: {reply.error.reason}"
         outcome.bytes_up += record_nbytes(reply.content)
-        node = str(reply.metadata.src_node_id)
-        try:
-            return decode_update(reply.content, node, self.state.adapter, outcome.replies.decode_buffer)
-        except WireError as exc:
-            return f"malformed reply: {exc}"
+        return outcome.replies.decode(reply.content, str(reply.metadata.src_node_id))
 
     def _drop(self, node: int, reason: str) -> dict[str, str]:
         return {"node": str(node), "client": self.identities.get(node, "?"), "reason": reason}
 
     def _sample(self, grid: Grid, count: int | None = None) -> list[int]:
-        """``count`` clients, or ``fraction`` of those connected (at least ``min_clients``)."""
+        """``count`` clients, or ``fraction`` of those connected and identified (at least
+        ``min_clients``: nodes still starting, that did not answer ``identify`` in time, are
+        asked again until enough have)."""
         need = self.config.server.min_clients
         deadline = time.monotonic() + NODE_WAIT_SECONDS
-        nodes = sorted(grid.get_node_ids())
-        while len(nodes) < need:
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            self._identify(grid, nodes)
+            known = sorted((n for n in nodes if n in self.identities), key=self.identities.__getitem__)
+            if len(known) >= need:
+                break
             if time.monotonic() > deadline:
                 raise RoundFailed(
-                    f"only {len(nodes)} clients connected after {NODE_WAIT_SECONDS:g}s, "
+                    f"only {len(known)} clients connected and identified after {NODE_WAIT_SECONDS:g}s, "
                     f"server.min_clients is {need}; start more clients or lower it"
                 )
             time.sleep(1.0)
-            nodes = sorted(grid.get_node_ids())
-        self._identify(grid, nodes)
-        known = sorted((n for n in nodes if n in self.identities), key=self.identities.__getitem__)
         k = count or min(len(known), max(need, math.ceil(self.config.server.fraction * len(known))))
         return self.rng.sample(known, k)
 
@@ -299,6 +302,8 @@ class FederatedRun:
         self.rng.setstate(checkpoint.rng_state)
         self.strategy.load_state_dict(self.state.strategy_state)
         self.recorder.truncate_after(self.state.round)
+        last = self.recorder.rounds[-1] if self.recorder.rounds else {}
+        self.limits.previous_norms = last.get("update_norms", [])  # the norm screen's starting pool
         self.console.print(f"resuming {self.run_dir} after round {self.state.round}")
 
     def _finish(self, seconds: float, stopped: str | None) -> dict[str, Any]:
@@ -315,6 +320,7 @@ class FederatedRun:
             "bytes_up": sum(r["bytes_up"] for r in rounds),
             "bytes_down": sum(r["bytes_down"] for r in rounds),
             "clients_dropped": sum(len(r["dropped"]) for r in rounds),
+            "replies_rejected": sum(r.get("rejected", 0) for r in rounds),
             "adapter": str(adapter_dir),
             "label_names": self.splits.label_names,
         }

@@ -4,6 +4,11 @@ A strategy with ``start`` (a linear one) gets each valid update as soon as it is
 validated; the server keeps no update, so its memory is O(adapter) for any number of clients.
 Other strategies (or a round without a global adapter to validate shapes against) keep the
 updates for one batch ``aggregate``, validated against the most common layout among replies.
+
+Every reply passes, in order: the byte cap (before decoding), the decoder, the structural checks
+of ``server.validation.validate``, then the norm screen (``server.validation.NormScreen``). A
+reply refused at any step is counted in ``rejected`` and its reason returned to the caller;
+nothing a client sends makes these methods raise.
 """
 
 from __future__ import annotations
@@ -11,12 +16,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft.state import ClientUpdate, GlobalState
-from fedpeft.wire import DecodeBuffer
-from server.validation import reference_signature, validate
+from fedpeft.wire import DecodeBuffer, WireError, decode_update, record_nbytes
+from server.validation import ReplyLimits, reference_signature, update_norm, validate
 from strategies.base import Accumulator, Strategy, StreamingStrategy
 
 POLL_SECONDS = 0.1
@@ -43,8 +48,15 @@ def receive(grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator
 class RoundReplies:
     """Validates decoded updates and hands them to the strategy for one attempt at a round."""
 
-    def __init__(self, strategy: Strategy, rnd: int, state: GlobalState) -> None:
+    def __init__(
+        self, strategy: Strategy, rnd: int, state: GlobalState, limits: ReplyLimits | None = None
+    ) -> None:
         self.strategy, self.rnd, self.state = strategy, rnd, state
+        self.limits = limits or ReplyLimits()
+        self.byte_cap = self.limits.byte_cap(state)
+        self.screen = self.limits.screen()
+        self.norms: list[float] = []  # of the accepted updates, in order (with the norm screen on)
+        self.rejected = 0
         self.accumulator: Accumulator | None = None
         self.decode_buffer: DecodeBuffer | None = None  # replies are folded one at a time: reuse it
         if isinstance(strategy, StreamingStrategy) and state.adapter is not None:
@@ -56,6 +68,21 @@ class RoundReplies:
         self.examples = 0
         self.loss_sum = 0.0
 
+    def decode(self, content: RecordDict, client_id: str) -> ClientUpdate | str:
+        """The update a reply's content carries, or the reason to refuse it (counted)."""
+        nbytes = record_nbytes(content)
+        if self.byte_cap is not None and nbytes > self.byte_cap:
+            return self._reject(
+                f"oversized reply: {nbytes} bytes of arrays, above the cap of {self.byte_cap} "
+                "(server.max_reply_bytes)"
+            )
+        try:
+            return decode_update(content, client_id, self.state.adapter, self.decode_buffer)
+        except WireError as exc:
+            return self._reject(f"malformed reply: {exc}")
+        except Exception as exc:  # a client's bytes must never stop the server
+            return self._reject(f"malformed reply: {type(exc).__name__}: {exc}")
+
     def offer(self, update: ClientUpdate) -> str | None:
         """Take ``update`` if valid (folding it in now when streaming); else why to drop it."""
         if self.accumulator is None:
@@ -63,23 +90,41 @@ class RoundReplies:
             return None
         reason = validate(update, self.rnd, self.reference)
         if reason is not None:
-            return f"invalid update: {reason}"
-        self._accept(update)
+            return self._reject(f"invalid update: {reason}")
+        norm = None
+        if self.screen.ratio:
+            norm = update_norm(update, self.state)
+            reason = self.screen.add(norm) or self.screen.verdict(norm)
+            if reason is not None:
+                return self._reject(f"invalid update: {reason}")
+        self._accept(update, norm)
         self.accumulator.add(update)
         return None
 
     def close(self) -> list[tuple[str, str]]:
-        """Validate the kept updates (batch mode); returns (client id, reason) for each invalid one."""
+        """Validate the kept updates (batch mode): structure first, then norms against the median
+        of the whole round's (and the previous round's); returns (client id, reason) for each
+        refused one."""
         reference = reference_signature(self.state, self.pending)
         dropped, valid = [], []
         for update in self.pending:
-            reason = validate(update, self.rnd, reference)
+            reason, norm = validate(update, self.rnd, reference), None
+            if reason is None and self.screen.ratio:
+                norm = update_norm(update, self.state)
+                reason = self.screen.add(norm)
             if reason is None:
-                self._accept(update)
-                valid.append(update)
+                valid.append((update, norm))
             else:
                 dropped.append((update.client_id, reason))
-        self.pending = valid
+        self.pending = []
+        for update, norm in valid:  # judged against the pool of the whole round
+            reason = None if norm is None else self.screen.verdict(norm)
+            if reason is None:
+                self._accept(update, norm)
+                self.pending.append(update)
+            else:
+                dropped.append((update.client_id, reason))
+        self.rejected += len(dropped)
         return dropped
 
     def aggregate(self) -> GlobalState:
@@ -97,7 +142,13 @@ class RoundReplies:
         """The example-weighted mean of the clients' reported training loss."""
         return self.loss_sum / self.examples if self.examples else 0.0
 
-    def _accept(self, update: ClientUpdate) -> None:
+    def _reject(self, reason: str) -> str:
+        self.rejected += 1
+        return reason
+
+    def _accept(self, update: ClientUpdate, norm: float | None) -> None:
+        if norm is not None:
+            self.norms.append(norm)
         self.accepted.append((update.client_id, update.num_examples, update.metrics.get("train_loss")))
         self.examples += update.num_examples
         self.loss_sum += update.metrics.get("train_loss", 0.0) * update.num_examples

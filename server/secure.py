@@ -80,6 +80,8 @@ class SecureSum:
     aggregate_fn: Callable[[], GlobalState] | None = None
     accepted: list[tuple[str, int, float | None]] = field(default_factory=list)  # (node, examples, None)
     train_loss: float = 0.0
+    rejected: int = 0  # masked replies of the wrong type or size (all the server can check)
+    norms: list[float] = field(default_factory=list)  # always empty: no single update is visible
 
     @property
     def count(self) -> int:
@@ -232,6 +234,7 @@ class _Attempt:
                 examples[node] = self._examples(reply.content)
             except WireError as exc:
                 self.result.dropped.append((node, f"malformed reply: {exc}"))
+                self.result.replies.rejected += 1
                 continue
             np.add(total, vector, out=total)  # wraps modulo 2^64
         self._forget_silent("train", examples)

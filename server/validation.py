@@ -1,14 +1,29 @@
-"""Server-side checks on a client reply before it may reach a strategy."""
+"""Server-side checks on a client reply before it may reach a strategy.
+
+Structural checks (``validate``) look at one update alone: its round, example count, declared
+rank against its shapes and its layers, layout against the global adapter, dtype, finiteness.
+``ReplyLimits`` holds what spans replies and rounds: the byte cap on a reply and the norm screen
+(``NormScreen``) that compares an update's size with those of its peers.
+"""
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
+from fedpeft.config import ServerSection
 from fedpeft.state import ClientUpdate, GlobalState
 
 Signature = tuple[tuple[str, tuple[int, int]], ...]
+
+BYTES_HEADROOM = 2  # a reply at the adapter's rank in float32 is about 1x the adapter (+ headers)
+BYTES_SLACK = 1 << 20  # one npy header (~128 bytes) per array, the meta and metric records
+MIN_NORM_POOL = 3  # fewer norms than this have no meaningful median: the screen lets the update in
 
 
 def signature(update: ClientUpdate) -> Signature:
@@ -29,9 +44,13 @@ def reference_signature(state: GlobalState, updates: list[ClientUpdate]) -> Sign
 
 
 def shape_problem(update: ClientUpdate) -> str | None:
-    """Internal consistency: A is (rank x d_in), B is (d_out x rank), 2-D, at the declared rank."""
+    """Internal consistency: A is (rank x d_in), B is (d_out x rank), 2-D, at the declared rank,
+    and the rank is at least 1 and at most the layer's smaller dimension (a LoRA rank above it
+    adds nothing a full-rank update could not hold: an absurd rank is a broken or hostile client)."""
     if not update.factors:
         return "the update carries no LoRA factors"
+    if update.rank < 1:
+        return f"the declared rank {update.rank} is not positive"
     for name, f in update.factors.items():
         if f.A.ndim != 2 or f.B.ndim != 2:
             return f"{name}: factors must be 2-D, got A{tuple(f.A.shape)} B{tuple(f.B.shape)}"
@@ -40,6 +59,9 @@ def shape_problem(update: ClientUpdate) -> str | None:
                 f"{name}: shapes A{tuple(f.A.shape)} B{tuple(f.B.shape)} do not match "
                 f"the declared rank {update.rank}"
             )
+        if update.rank > min(f.B.shape[0], f.A.shape[1]):
+            dims = (f.B.shape[0], f.A.shape[1])
+            return f"{name}: the declared rank {update.rank} exceeds the layer's dimensions {dims}"
     return None
 
 
@@ -55,10 +77,16 @@ def validate(update: ClientUpdate, rnd: int, reference: Signature | None) -> str
     if reference is not None and signature(update) != reference:
         return "module names or layer shapes differ from the global adapter"
     tensors = [t for f in update.factors.values() for t in (f.A, f.B)] + list(update.extras.values())
-    if any(not t.is_floating_point() for t in tensors):
-        return "a tensor is not floating point"
+    wrong = next((t.dtype for t in tensors if t.dtype != torch.float32), None)
+    if wrong is not None:
+        return f"a tensor is {wrong}, not float32 (the wire carries float32, float16 or int8)"
     if not all_finite(tensors):
         return "a tensor holds NaN or Inf"
+    scalars = [update.alpha, *(f.scale for f in update.factors.values())]
+    if not all(math.isfinite(s) and s > 0 for s in scalars):
+        return "alpha or a LoRA scale is not a positive finite number"
+    if not all(math.isfinite(v) for v in update.metrics.values()):
+        return "a reported metric is NaN or Inf"
     return None
 
 
@@ -72,3 +100,102 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
         for t, ok in zip(tensors, torch.stack(norms).isfinite().tolist(), strict=True)
         if not ok
     )
+
+
+def update_norm(update: ClientUpdate, state: GlobalState) -> float:
+    """The L2 norm of what the update changes, over everything it sends.
+
+    With a global adapter: the factors' and extras' difference from those the server sent (a
+    frozen A the client did not send is the sent one, so it adds nothing). Without one (each
+    client starts from a fresh seeded init whose B is zero): the weight delta ``scale B A`` of
+    each module, whose squared Frobenius norm is ``scale^2 <B^T B, A A^T>``, two r x r products.
+    Extras count as their difference from the server's when it sent them, else as themselves.
+    """
+    squares = 0.0
+    for name, f in update.factors.items():
+        if state.adapter is not None:
+            sent = state.adapter[name]
+            squares += _distance_squared(f.A, sent.A) + _distance_squared(f.B, sent.B)
+        else:
+            gram = (f.B.T @ f.B).mul_(f.A @ f.A.T).sum()
+            squares += f.scale**2 * max(float(gram), 0.0)
+    for name, t in update.extras.items():
+        sent_extra = state.extras.get(name)
+        if sent_extra is not None and sent_extra.shape == t.shape:
+            squares += _distance_squared(t, sent_extra)
+        else:
+            squares += float(torch.linalg.vector_norm(t)) ** 2
+    return math.sqrt(squares)
+
+
+def _distance_squared(a: Tensor, b: Tensor) -> float:
+    """``||a - b||^2``, one tensor at a time (one transient the size of the largest tensor)."""
+    return 0.0 if a is b else float(torch.dist(a, b)) ** 2
+
+
+class NormScreen:
+    """Refuses an update whose norm exceeds ``ratio`` x the median of a pool of norms.
+
+    A linear strategy folds each reply in as it arrives and keeps nothing of it, so the median of
+    the whole round is not known when a reply must be judged. The pool is therefore: the norms
+    the server accepted in the previous completed round, plus the norm of every structurally
+    valid update seen so far in this attempt at the round (refused ones included: the median
+    stays put while fewer than half the pool is hostile), this one included. Until the pool
+    holds ``MIN_NORM_POOL`` norms there is no meaningful median and the update is let in: in
+    the first round of a run the first two replies are not screened. Batch (non-streaming)
+    strategies judge every reply once all have arrived, so their pool holds the whole round.
+    """
+
+    def __init__(self, ratio: float, previous: list[float]) -> None:
+        self.ratio = ratio
+        self.pool = list(previous)
+
+    def add(self, norm: float) -> str | None:
+        """Put ``norm`` in the pool; the reason to refuse it outright if it is not finite."""
+        if not math.isfinite(norm):
+            return "the update's norm overflows float32 (absurdly large values)"
+        self.pool.append(norm)
+        return None
+
+    def verdict(self, norm: float) -> str | None:
+        """Whether ``norm`` passes against the pool as it stands (adds nothing)."""
+        if not self.ratio or len(self.pool) < MIN_NORM_POOL:
+            return None
+        median = statistics.median(self.pool)
+        if norm > self.ratio * median:
+            return (
+                f"the update's norm {norm:.4g} exceeds server.max_norm_ratio = {self.ratio:g} "
+                f"x the median {median:.4g}"
+            )
+        return None
+
+
+@dataclass
+class ReplyLimits:
+    """The limits on replies that outlive one round: the server keeps one per run.
+
+    ``previous_norms`` are the update norms accepted in the last completed round (rebuilt from
+    ``metrics.jsonl`` on resume), the starting pool of the next round's ``NormScreen``.
+    """
+
+    max_reply_bytes: int = 0
+    max_norm_ratio: float = 10.0
+    previous_norms: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, server: ServerSection) -> ReplyLimits:
+        return cls(server.max_reply_bytes, server.max_norm_ratio)
+
+    def byte_cap(self, state: GlobalState) -> int | None:
+        """The most bytes of array data a reply may carry: ``max_reply_bytes`` if set, else twice
+        the global adapter and extras in float32 plus 1 MiB; ``None`` (no cap) when neither is
+        known (clients start from a fresh init of their own rank: set the key to cap them)."""
+        if self.max_reply_bytes:
+            return self.max_reply_bytes
+        if state.adapter is None:
+            return None
+        tensors = [t for f in state.adapter.values() for t in (f.A, f.B)] + list(state.extras.values())
+        return BYTES_HEADROOM * 4 * sum(t.numel() for t in tensors) + BYTES_SLACK
+
+    def screen(self) -> NormScreen:
+        return NormScreen(self.max_norm_ratio, self.previous_norms)

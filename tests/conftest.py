@@ -32,7 +32,11 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT (hidden 32, intermediate 48) with MiniLM's tokenizer, saved as a model dir."""
-    path = tmp_path_factory.mktemp("tiny-bert")
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def save_tiny_bert(path: Path) -> Path:
+    """Write the ``tiny_bert_dir`` model to ``path`` (also used by benchmarks/soak.py)."""
     config = BertConfig(
         vocab_size=30522,
         hidden_size=32,

@@ -7,7 +7,7 @@ import torch
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, LowRankDelta
 
 # (d_out, d_in) per module: all rectangular, so a transposed factor cannot pass silently.
-SHAPES = {"layer.0.q": (6, 4), "layer.0.v": (5, 7), "layer.1.fc": (9, 3)}
+SHAPES = {"layer.0.q": (6, 4), "layer.0.v": (5, 7), "layer.1.fc": (9, 5)}
 
 
 def factors(rank: int, seed: int, scale: float = 2.0, shapes=SHAPES) -> dict[str, AdapterFactors]:

@@ -1,0 +1,185 @@
+"""Reply validation beyond structure: the norm screen, the byte cap, absurd ranks, dtypes, and
+their rejections counted in the metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import Message
+
+from client.app import train
+from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
+from fedpeft.wire import decode_state, decode_update, encode_update
+from server.loop import FederatedRun
+from server.replies import RoundReplies
+from server.validation import ReplyLimits, update_norm, validate
+from strategies import create_strategy
+from tests import factories
+from tests.conftest import LocalGrid
+from tests.test_server_loop import small_config
+
+CONTEXT = {"clients_per_round": 4, "num_clients": 10}
+
+
+def sent_state() -> GlobalState:
+    return GlobalState(adapter=factories.factors(4, 100, scale=4.0), extras=factories.extras(100))
+
+
+def trained(state: GlobalState, seed: int, boost: float = 1.0) -> ClientUpdate:
+    """What a client sends after training: the sent adapter plus a small step (``boost`` x it)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def step(t: torch.Tensor) -> torch.Tensor:
+        return t + boost * 0.01 * torch.randn(t.shape, generator=gen)
+
+    factors = {n: AdapterFactors(A=step(f.A), B=step(f.B), scale=f.scale) for n, f in state.adapter.items()}
+    extras = {k: step(t) for k, t in state.extras.items()}
+    return ClientUpdate(factors, extras, 10, round=1, rank=4, alpha=16.0, metrics={}, client_id=str(seed))
+
+
+def offer_all(replies: RoundReplies, updates: list[ClientUpdate]) -> list[str | None]:
+    reasons = [replies.offer(u) for u in updates]
+    closed = dict(replies.close())
+    return [closed.get(u.client_id, r) for u, r in zip(updates, reasons, strict=True)]
+
+
+def test_update_norm_is_the_distance_from_what_the_server_sent():
+    state = sent_state()
+    update = trained(state, 1)
+    sent = [t for f in state.adapter.values() for t in (f.A, f.B)] + list(state.extras.values())
+    got = [t for f in update.factors.values() for t in (f.A, f.B)] + list(update.extras.values())
+    expected = torch.cat([(g - s).flatten() for g, s in zip(got, sent, strict=True)]).norm()
+    assert update_norm(update, state) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_without_a_global_adapter_the_norm_is_that_of_the_weight_delta():
+    update = factories.update(rank=2, seed=3, num_examples=4)
+    squares = sum(f.delta().pow(2).sum() for f in update.factors.values())
+    squares += sum(t.pow(2).sum() for t in update.extras.values())
+    assert update_norm(update, GlobalState()) == pytest.approx(float(squares.sqrt()), rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "vcma"])  # streaming, and batch
+def test_a_scaled_update_is_refused_and_counted(strategy):
+    state = sent_state()
+    updates = [trained(state, 1), trained(state, 2), trained(state, 3, boost=100.0), trained(state, 4)]
+    replies = RoundReplies(create_strategy(strategy, {}, CONTEXT), 1, state)
+    reasons = offer_all(replies, updates)
+    assert reasons[:2] == [None, None] and reasons[3] is None
+    assert "exceeds server.max_norm_ratio = 10 x the median" in reasons[2]
+    assert replies.rejected == 1 and replies.count == 3 and len(replies.norms) == 3
+
+
+def test_streaming_lets_the_first_two_replies_of_a_run_in_and_the_previous_round_closes_that():
+    state = sent_state()
+    fedavg = create_strategy("fedavg", {}, CONTEXT)
+    first = [trained(state, 3, boost=100.0), trained(state, 1), trained(state, 2)]
+    assert offer_all(RoundReplies(fedavg, 1, state), first) == [None, None, None]  # the cold start
+
+    limits = ReplyLimits(previous_norms=[update_norm(trained(state, s), state) for s in (5, 6, 7)])
+    reasons = offer_all(RoundReplies(fedavg, 1, state, limits), first)
+    assert "max_norm_ratio" in reasons[0] and reasons[1:] == [None, None]
+
+
+def test_a_batch_strategy_judges_against_the_whole_round_in_any_order():
+    state = sent_state()
+    updates = [trained(state, 3, boost=100.0), trained(state, 1), trained(state, 2)]
+    reasons = offer_all(RoundReplies(create_strategy("vcma", {}, CONTEXT), 1, state), updates)
+    assert "max_norm_ratio" in reasons[0] and reasons[1:] == [None, None]
+
+
+def test_max_norm_ratio_zero_turns_the_screen_off():
+    state = sent_state()
+    updates = [trained(state, 1), trained(state, 2), trained(state, 3, boost=1e4)]
+    replies = RoundReplies(create_strategy("fedavg", {}, CONTEXT), 1, state, ReplyLimits(max_norm_ratio=0))
+    assert offer_all(replies, updates) == [None, None, None] and replies.norms == []
+
+
+def test_the_byte_cap_refuses_a_reply_before_decoding_it():
+    state = sent_state()
+    honest = encode_update(trained(state, 1))
+    padded = trained(state, 2)
+    padded.extras["padding"] = torch.zeros(10_000_000 // 4)
+    fedavg = create_strategy("fedavg", {}, CONTEXT)
+    replies = RoundReplies(fedavg, 1, state)  # the default: twice the adapter + 1 MiB
+    assert isinstance(replies.decode(honest, "1"), ClientUpdate)
+    reason = replies.decode(encode_update(padded), "2")
+    assert reason.startswith("oversized reply: ") and "server.max_reply_bytes" in reason
+    small_cap = RoundReplies(fedavg, 1, state, ReplyLimits(max_reply_bytes=100))
+    assert small_cap.decode(honest, "1").startswith("oversized reply")
+    assert replies.rejected == 1 and small_cap.rejected == 1
+
+
+def test_a_decoder_failure_it_does_not_anticipate_is_refused_not_raised(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("server.replies.decode_update", broken)
+    replies = RoundReplies(create_strategy("fedavg", {}, CONTEXT), 1, sent_state())
+    reason = replies.decode(encode_update(trained(sent_state(), 1)), "1")
+    assert reason == "malformed reply: RuntimeError: a bug"
+    assert replies.rejected == 1
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda u: setattr(u, "rank", 0), "the declared rank 0 is not positive"),
+        (lambda u: setattr(u, "rank", 8), "do not match the declared rank 8"),
+        (lambda u: _rerank(u, 6), "the declared rank 6 exceeds the layer's dimensions (6, 4)"),
+        (lambda u: _retype(u, torch.float64), "a tensor is torch.float64, not float32"),
+        (lambda u: _first(u).__setattr__("scale", float("inf")), "alpha or a LoRA scale"),
+        (lambda u: setattr(u, "alpha", -1.0), "alpha or a LoRA scale"),
+        (lambda u: u.metrics.__setitem__("train_loss", float("nan")), "a reported metric is NaN"),
+        (lambda u: setattr(u, "num_examples", 0), "no training examples"),
+    ],
+)
+def test_structural_problems_have_reasons(edit, reason):
+    update = factories.update(rank=4, seed=1, num_examples=3)
+    edit(update)
+    assert reason in validate(update, 1, None)
+
+
+def _first(update: ClientUpdate) -> AdapterFactors:
+    return next(iter(update.factors.values()))
+
+
+def _rerank(update: ClientUpdate, rank: int) -> None:
+    update.rank = rank
+    for f in update.factors.values():
+        f.A = torch.randn(rank, f.A.shape[1])
+        f.B = torch.randn(f.B.shape[0], rank)
+
+
+def _retype(update: ClientUpdate, dtype: torch.dtype) -> None:
+    _first(update).A = _first(update).A.to(dtype)
+
+
+def scaled_by(factor: float):
+    """A client that trains honestly, then sends ``factor`` x its change to the global adapter."""
+
+    def handler(msg: Message, context) -> Message:
+        sent = decode_state(msg.content)
+        reply = train(msg, context)
+        update = decode_update(reply.content, frozen=sent.adapter)
+        for name, f in update.factors.items():
+            f.A = sent.adapter[name].A + factor * (f.A - sent.adapter[name].A)
+            f.B = sent.adapter[name].B + factor * (f.B - sent.adapter[name].B)
+        return Message(encode_update(update), reply_to=msg)
+
+    return handler
+
+
+def test_the_loop_counts_rejections_and_a_resumed_run_keeps_the_norm_pool(tiny_bert_dir, tmp_path):
+    config = small_config(tiny_bert_dir, **{"server.min_replies": 2})
+    summary = FederatedRun(config, tmp_path).run(LocalGrid(3, {2: scaled_by(100.0)}))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]  # round 2 starts from round 1's accepted norms: no cold start
+    [drop] = last["dropped"]
+    assert drop["client"] == "partition-2" and "max_norm_ratio" in drop["reason"]
+    assert last["rejected"] == 1 and len(last["update_norms"]) == 2
+    assert summary["replies_rejected"] == sum(r["rejected"] for r in rows[1:]) >= 1
+    resumed = FederatedRun(config, tmp_path, resume=True)
+    assert resumed.limits.previous_norms == last["update_norms"]
