@@ -18,6 +18,7 @@ from typing import Any
 
 from fedpeft.compression import CODECS
 from fedpeft.errors import UserError
+from fedpeft.secagg.ring import FixedPoint, RingOverflowError
 
 
 class ConfigError(UserError):
@@ -104,6 +105,17 @@ class ServerSection:
     evaluate: bool = True
     max_reply_bytes: int = 0  # 0: derived from the global adapter's size (server/validation.py)
     max_norm_ratio: float = 10.0  # 0: no norm check
+    secure_aggregation: bool = False
+
+
+@dataclass
+class SecureSection:
+    """Secure aggregation's parameters (used when ``server.secure_aggregation``; docs/security.md)."""
+
+    threshold: float = 0.6  # fraction of an attempt's participants whose shares recover a secret
+    clip_range: float = 8.0  # each value is clipped to [-clip_range, clip_range] before encoding
+    fraction_bits: int = 30  # fixed-point precision: values are scaled by 2^fraction_bits
+    max_examples: int = 1_000_000  # the largest example count (weight) one client may report
 
 
 @dataclass
@@ -183,6 +195,7 @@ class RunConfig:
     strategy: StrategySection = field(default_factory=StrategySection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
     faults: FaultsSection = field(default_factory=FaultsSection)
+    secure: SecureSection = field(default_factory=SecureSection)
 
     def client_config(self) -> ClientConfig:
         """A copy of the clients' part of the configuration (editing it leaves this one alone)."""
@@ -341,6 +354,38 @@ def _validate(config: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if config.server.secure_aggregation:
+        _validate_secure(config)
+
+
+def _validate_secure(config: RunConfig) -> None:
+    """Secure aggregation's parameters, and that the sum of a round cannot overflow its ring."""
+    secure = config.secure
+    checks = [
+        (0 < secure.threshold <= 1, "secure.threshold must be in (0, 1], e.g. 0.6"),
+        (secure.clip_range > 0, "secure.clip_range must be positive"),
+        (8 <= secure.fraction_bits <= 48, "secure.fraction_bits must be between 8 and 48"),
+        (secure.max_examples >= 1, "secure.max_examples must be at least 1"),
+        (
+            config.clients_per_round >= 2,
+            "secure aggregation needs at least 2 clients per round; raise server.min_clients",
+        ),
+        (
+            not config.lora.client_ranks,
+            "secure aggregation sums one adapter layout; unset lora.client_ranks or "
+            "set server.secure_aggregation = false",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    codec = FixedPoint(secure.clip_range, secure.fraction_bits)
+    try:
+        codec.check_capacity(config.clients_per_round, secure.max_examples)
+    except RingOverflowError as exc:
+        raise ConfigError(
+            f"secure aggregation: {exc}; lower secure.fraction_bits, secure.clip_range or secure.max_examples"
+        ) from exc
 
 
 def _faults_checks(config: RunConfig) -> list[tuple[bool, str]]:

@@ -75,6 +75,10 @@ class DeltaClipper:
         return dataclasses.replace(update, factors=factors, extras=extras)
 
     def metrics(self) -> dict[str, float]:
+        """Clipping statistics over the updates measured (none under secure aggregation, where
+        the clients clip and the server sees only the sum)."""
+        if not self.norms:
+            return {}
         return {
             "clipped_fraction": self.clipped / len(self.norms),
             "median_update_norm": statistics.median(self.norms),  # what a bound is tuned against

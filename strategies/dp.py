@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from fedpeft.privacy import PrivacyAccountant, gaussian_noise
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
@@ -84,6 +85,22 @@ class DifferentialPrivacy:
         require_updates(self.name, updates)
         return aggregate_stream(self, rnd, state, updates)
 
+    def aggregate_clipped_sum(
+        self,
+        rnd: int,
+        state: GlobalState,
+        clipped_sum: dict[str, Tensor],
+        count: int,
+        rank: int,
+        alpha: float,
+    ) -> GlobalState:
+        """The round's result from the sum of ``count`` deltas the clients clipped themselves to
+        ``clip_norm`` (secure aggregation: the server sees only the sum, so it reports no
+        per-client norms), named as ``start``'s accumulator names them."""
+        accumulator = self.start(rnd, state)
+        accumulator.add_sum(clipped_sum, (rnd, rank, alpha))
+        return accumulator.result()
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "accountant": self.accountant.state_dict(),
@@ -112,6 +129,11 @@ class PrivateSum:
         factor = self.clipper.clip(update, self.dp.clip_norm)
         self.total.add_(self.clipper.delta, alpha=factor)
         self.client = self.client or (update.round, update.rank, update.alpha)
+
+    def add_sum(self, clipped: dict[str, Tensor], client: tuple[int, int, float]) -> None:
+        """Fold in a sum of deltas already clipped (by the clients themselves)."""
+        self.total.add_(self.clipper.layout.gather([clipped[k] for k in self.clipper.layout.keys]))
+        self.client = self.client or client
 
     def result(self) -> GlobalState:
         if self.client is None:
