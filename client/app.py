@@ -4,7 +4,9 @@ Message types it answers:
 - ``query.identify``: a client id that is stable across runs (Flower's node ids are not);
 - ``query.initial_adapter``: the untrained, seeded adapter and head, so the server holds the
   global adapter explicitly from round 1 (it never loads the model to build it);
-- ``train``: one round of local training.
+- ``train``: one round of local training;
+- ``query.secagg_keys``, ``query.secagg_shares``, ``query.secagg_unmask``: the stages of secure
+  aggregation around a ``train`` message that carries a ``secagg`` record (``client.secure``).
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import runtime
-from client.faults import inject_fault
-from client.settings import INJECT_FAULT
+from client import faults, runtime, secure
+from fedpeft.secagg.messages import RECORD as SECAGG
 from fedpeft.state import ClientUpdate, GlobalState
 from fedpeft.training import train as train_locally
 from fedpeft.wire import (
@@ -59,6 +60,8 @@ def train(msg: Message, context: Context) -> Message:
     data = runtime.client_data(config, context)
     received = decode_state(msg.content)
     host.load_state(received, init_seed=instructions.init_seed)
+    misbehaviour = faults.for_round(config, instructions.round, msg.metadata.created_at, context)
+    misbehaviour.start(host)
     metrics = train_locally(
         host.model,
         tokenizer,
@@ -80,7 +83,10 @@ def train(msg: Message, context: Context) -> Message:
         alpha=config.lora.alpha,
         metrics=metrics,
     )
-    inject_fault(update, context.node_config.get(INJECT_FAULT))
+    misbehaviour.edit_update(update)
+    if SECAGG in msg.content:
+        masked = secure.masked_reply(msg.content, update, received, instructions.plan.send_lora_A, context)
+        return Message(misbehaviour.edit_reply(masked), reply_to=msg)
     feedback = load_feedback(context.state)
     content = encode_update(
         update,
@@ -90,4 +96,19 @@ def train(msg: Message, context: Context) -> Message:
         feedback=feedback,
     )
     store_feedback(context.state, feedback)
-    return Message(content, reply_to=msg)
+    return Message(misbehaviour.edit_reply(content), reply_to=msg)
+
+
+@app.query("secagg_keys")
+def secagg_keys(msg: Message, context: Context) -> Message:
+    return secure.answer_keys(msg, context)
+
+
+@app.query("secagg_shares")
+def secagg_shares(msg: Message, context: Context) -> Message:
+    return secure.answer_shares(msg, context)
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return secure.answer_unmask(msg, context)

@@ -18,6 +18,7 @@ from typing import Any
 
 from fedpeft.compression import CODECS
 from fedpeft.errors import UserError
+from fedpeft.secagg.ring import FixedPoint, RingOverflowError
 
 
 class ConfigError(UserError):
@@ -26,6 +27,7 @@ class ConfigError(UserError):
 
 TASKS = ("classification", "causal_lm")
 PARTITIONS = ("iid", "dirichlet", "field", "files")
+SIMULATED_FAULTS = ("crash", "timeout", "garbage")
 
 
 @dataclass
@@ -103,6 +105,17 @@ class ServerSection:
     evaluate: bool = True
     max_reply_bytes: int = 0  # 0: derived from the global adapter's size (server/validation.py)
     max_norm_ratio: float = 10.0  # 0: no norm check
+    secure_aggregation: bool = False
+
+
+@dataclass
+class SecureSection:
+    """Secure aggregation's parameters (used when ``server.secure_aggregation``; docs/security.md)."""
+
+    threshold: float = 0.6  # fraction of an attempt's participants whose shares recover a secret
+    clip_range: float = 8.0  # each value is clipped to [-clip_range, clip_range] before encoding
+    fraction_bits: int = 30  # fixed-point precision: values are scaled by 2^fraction_bits
+    max_examples: int = 1_000_000  # the largest example count (weight) one client may report
 
 
 @dataclass
@@ -117,6 +130,29 @@ class SimulationSection:
 
 
 @dataclass
+class FaultsSection:
+    """Simulated client misbehaviour, for testing the server's fault handling (simulation only;
+    see client/faults.py)."""
+
+    rate: float = 0.0
+    kinds: list[str] = field(default_factory=lambda: list(SIMULATED_FAULTS))
+    poisoned: list[int] = field(default_factory=list)
+    poison_scale: float = 100.0
+
+    @property
+    def active(self) -> bool:
+        return self.rate > 0 or bool(self.poisoned)
+
+    def refuse_deployment(self) -> None:
+        """Raise if set: deployed clients are real, their faults are not simulated."""
+        if self.active:
+            raise ConfigError(
+                "[faults] simulates misbehaving clients in `fedpeft simulate` only; remove it from a "
+                "deployment's config (a deployed client can misbehave with `fedpeft client --inject-fault`)"
+            )
+
+
+@dataclass
 class ClientConfig:
     """The part of the run configuration every client needs; sent in each round's message."""
 
@@ -126,6 +162,8 @@ class ClientConfig:
     data: DataSection
     train: TrainSection
     threads: int = 1
+    faults: FaultsSection = field(default_factory=FaultsSection)
+    round_timeout: float = 600.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -140,6 +178,8 @@ class ClientConfig:
             lora=LoraSection(**raw["lora"]),
             data=DataSection(**raw["data"]),
             train=TrainSection(**raw["train"]),
+            faults=FaultsSection(**raw["faults"]),
+            round_timeout=raw["round_timeout"],
         )
 
 
@@ -154,6 +194,8 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     strategy: StrategySection = field(default_factory=StrategySection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
+    secure: SecureSection = field(default_factory=SecureSection)
 
     def client_config(self) -> ClientConfig:
         """A copy of the clients' part of the configuration (editing it leaves this one alone)."""
@@ -164,6 +206,8 @@ class RunConfig:
             data=copy.deepcopy(self.data),
             train=copy.deepcopy(self.train),
             threads=self.simulation.cpus_per_client,
+            faults=copy.deepcopy(self.faults),
+            round_timeout=self.server.round_timeout,
         )
 
     @property
@@ -305,10 +349,59 @@ def _validate(config: RunConfig) -> None:
             "server.max_norm_ratio must be 0 (no norm check) or at least 1, e.g. 10",
         ),
         (config.simulation.cpus_per_client >= 1, "simulation.cpus_per_client must be at least 1"),
+        *_faults_checks(config),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if config.server.secure_aggregation:
+        _validate_secure(config)
+
+
+def _validate_secure(config: RunConfig) -> None:
+    """Secure aggregation's parameters, and that the sum of a round cannot overflow its ring."""
+    secure = config.secure
+    checks = [
+        (0 < secure.threshold <= 1, "secure.threshold must be in (0, 1], e.g. 0.6"),
+        (secure.clip_range > 0, "secure.clip_range must be positive"),
+        (8 <= secure.fraction_bits <= 48, "secure.fraction_bits must be between 8 and 48"),
+        (secure.max_examples >= 1, "secure.max_examples must be at least 1"),
+        (
+            config.clients_per_round >= 2,
+            "secure aggregation needs at least 2 clients per round; raise server.min_clients",
+        ),
+        (
+            not config.lora.client_ranks,
+            "secure aggregation sums one adapter layout; unset lora.client_ranks or "
+            "set server.secure_aggregation = false",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    codec = FixedPoint(secure.clip_range, secure.fraction_bits)
+    try:
+        codec.check_capacity(config.clients_per_round, secure.max_examples)
+    except RingOverflowError as exc:
+        raise ConfigError(
+            f"secure aggregation: {exc}; lower secure.fraction_bits, secure.clip_range or secure.max_examples"
+        ) from exc
+
+
+def _faults_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    faults = config.faults
+    return [
+        (0 <= faults.rate <= 1, f"faults.rate must be in [0, 1], got {faults.rate}"),
+        (
+            bool(faults.kinds) and set(faults.kinds) <= set(SIMULATED_FAULTS),
+            f"faults.kinds must be a non-empty list of {', '.join(SIMULATED_FAULTS)}, got {faults.kinds!r}",
+        ),
+        (
+            all(isinstance(p, int) and 0 <= p < config.data.num_clients for p in faults.poisoned),
+            f"faults.poisoned must list partition ids below data.num_clients "
+            f"({config.data.num_clients}), got {faults.poisoned!r}",
+        ),
+    ]
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:

@@ -65,41 +65,49 @@ def resolve_model(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class ClassifierSpec:
-    """Everything that determines a client's model (hashable: used as a per-process cache key)."""
+class LoraModelSpec:
+    """Everything that determines a client's LoRA-wrapped model, whatever its head (hashable:
+    used as a per-process cache key)."""
 
     name: str
-    num_labels: int
     rank: int
     alpha: float
     dropout: float
     target_modules: tuple[str, ...] | None
     seed: int
+
+    @staticmethod
+    def lora_fields(lora: LoraSection, rank: int | None) -> dict[str, object]:
+        """The LoRA fields for ``lora`` at ``rank`` (default ``lora.rank``)."""
+        targets = tuple(lora.target_modules) if lora.target_modules else None
+        return {
+            "rank": rank or lora.rank,
+            "alpha": lora.alpha,
+            "dropout": lora.dropout,
+            "target_modules": targets,
+        }
+
+
+@dataclass(frozen=True)
+class ClassifierSpec(LoraModelSpec):
+    """A sequence classifier with ``num_labels`` outputs."""
+
+    num_labels: int = 2
 
     @classmethod
     def from_config(
         cls, name: str, num_labels: int, lora: LoraSection, seed: int, rank: int | None = None
     ) -> ClassifierSpec:
-        """The spec for ``lora`` at ``rank`` (default ``lora.rank``)."""
-        targets = tuple(lora.target_modules) if lora.target_modules else None
-        return cls(name, num_labels, rank or lora.rank, lora.alpha, lora.dropout, targets, seed)
+        return cls(name=name, seed=seed, num_labels=num_labels, **cls.lora_fields(lora, rank))
 
 
 @dataclass(frozen=True)
-class CausalLMSpec:
-    """Everything that determines a causal LM client's model (hashable, like ``ClassifierSpec``)."""
-
-    name: str
-    rank: int
-    alpha: float
-    dropout: float
-    target_modules: tuple[str, ...] | None
-    seed: int
+class CausalLMSpec(LoraModelSpec):
+    """A causal language model."""
 
     @classmethod
     def from_config(cls, name: str, lora: LoraSection, seed: int, rank: int | None = None) -> CausalLMSpec:
-        targets = tuple(lora.target_modules) if lora.target_modules else None
-        return cls(name, rank or lora.rank, lora.alpha, lora.dropout, targets, seed)
+        return cls(name=name, seed=seed, **cls.lora_fields(lora, rank))
 
 
 ModelSpec = ClassifierSpec | CausalLMSpec

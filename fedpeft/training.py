@@ -108,8 +108,7 @@ def evaluate(
     """Mean cross-entropy and accuracy over ``data``."""
     model.eval()
     loss_sum, correct = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        indices = list(range(start, min(start + batch_size, len(data))))
+    for indices in in_order(len(data), batch_size):
         batch = collate(data, indices, tokenizer)
         out = model(**batch)
         loss_sum += out.loss.item() * len(indices)
@@ -124,13 +123,19 @@ def evaluate_lm(
     """Token-weighted mean cross-entropy over the response tokens, and its perplexity."""
     model.eval()
     loss_sum, tokens = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        batch = _on(model, data.collate(list(range(start, min(start + batch_size, len(data)))), tokenizer))
+    for indices in in_order(len(data), batch_size):
+        batch = _on(model, data.collate(indices, tokenizer))
         count = int((batch["labels"][:, 1:] != IGNORE).sum())  # the loss shifts labels by one
         loss_sum += model(**batch).loss.item() * count
         tokens += count
     loss = loss_sum / tokens
     return {"loss": loss, "perplexity": math.exp(loss)}
+
+
+def in_order(size: int, batch_size: int) -> Iterator[list[int]]:
+    """The indices ``0 .. size-1`` in consecutive batches of at most ``batch_size``."""
+    for start in range(0, size, batch_size):
+        yield list(range(start, min(start + batch_size, size)))
 
 
 def _on(model: PeftModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:

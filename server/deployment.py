@@ -80,6 +80,7 @@ def prepare(options: ServerOptions) -> Deployment:
         # The federation is the registered clients; a user's own --set still wins.
         overrides.insert(0, f"data.num_clients={len(certs.client_public_keys())}")
     config = load_config(options.config, overrides)
+    config.faults.refuse_deployment()
     load_server_splits(config.data, config.model.task)
     if config.server.evaluate and not config.data.test_source:
         raise DeploymentError(

@@ -35,6 +35,7 @@ from server.checkpoint import load_checkpoint, save_checkpoint
 from server.evaluation import make_evaluator
 from server.replies import RoundReplies, receive
 from server.report import RunRecorder
+from server.secure import SecureAggregation, SecureSum
 from server.validation import ReplyLimits
 from strategies import StopFederation, Strategy, create_strategy
 
@@ -52,7 +53,7 @@ class RoundFailed(RuntimeError):
 
 @dataclass
 class RoundOutcome:
-    replies: RoundReplies
+    replies: RoundReplies | SecureSum
     dropped: list[dict[str, str]] = field(default_factory=list)
     sampled: int = 0
     bytes_down: int = 0
@@ -99,6 +100,7 @@ class FederatedRun:
         self.console = console or Console()
         self.strategy = build_strategy(config)
         check_rank_fits(config.model.name, config.model.task, config.lora)
+        self.secure = SecureAggregation(config, self.strategy) if config.server.secure_aggregation else None
         self.splits = splits or load_splits(config.data, config.run.seed, config.model.task)
         self.client_config = config.client_config()
         self.client_config.data.labels = self.splits.label_names
@@ -204,6 +206,8 @@ class FederatedRun:
         nodes = self._sample(grid)
         instructions = RoundInstructions(rnd, self.init_seed(rnd), plan, self.client_config)
         content = encode_train_message(self.state, instructions)
+        if self.secure is not None:
+            return self._log_drops(rnd, self._secure_attempt(grid, rnd, nodes, content, plan))
         messages = [
             Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes
         ]
@@ -225,6 +229,20 @@ class FederatedRun:
             outcome.dropped.append(self._drop(node, f"no reply within {self.config.server.round_timeout:g}s"))
         for client, reason in outcome.replies.close():
             outcome.dropped.append(self._drop(int(client), f"invalid update: {reason}"))
+        return self._log_drops(rnd, outcome)
+
+    def _secure_attempt(
+        self, grid: Grid, rnd: int, nodes: list[int], content: RecordDict, plan: ClientPlan
+    ) -> RoundOutcome:
+        """An attempt through secure aggregation (``server.secure``): the server sees only the sum."""
+        assert self.secure is not None
+        attempt = self.secure.attempt(grid, rnd, nodes, content, self.state, plan)
+        outcome = RoundOutcome(attempt.replies, sampled=len(nodes))
+        outcome.bytes_down, outcome.bytes_up = attempt.bytes_down, attempt.bytes_up
+        outcome.dropped = [self._drop(node, reason) for node, reason in attempt.dropped]
+        return outcome
+
+    def _log_drops(self, rnd: int, outcome: RoundOutcome) -> RoundOutcome:
         for drop in outcome.dropped:
             who = f"{drop['client']} (node {drop['node']})"
             line = f"[yellow]round {rnd}: dropped {who}: {drop['reason']}[/yellow]"
@@ -246,20 +264,23 @@ class FederatedRun:
         return {"node": str(node), "client": self.identities.get(node, "?"), "reason": reason}
 
     def _sample(self, grid: Grid, count: int | None = None) -> list[int]:
-        """``count`` clients, or ``fraction`` of those connected (at least ``min_clients``)."""
+        """``count`` clients, or ``fraction`` of those connected and identified (at least
+        ``min_clients``: nodes still starting, that did not answer ``identify`` in time, are
+        asked again until enough have)."""
         need = self.config.server.min_clients
         deadline = time.monotonic() + NODE_WAIT_SECONDS
-        nodes = sorted(grid.get_node_ids())
-        while len(nodes) < need:
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            self._identify(grid, nodes)
+            known = sorted((n for n in nodes if n in self.identities), key=self.identities.__getitem__)
+            if len(known) >= need:
+                break
             if time.monotonic() > deadline:
                 raise RoundFailed(
-                    f"only {len(nodes)} clients connected after {NODE_WAIT_SECONDS:g}s, "
+                    f"only {len(known)} clients connected and identified after {NODE_WAIT_SECONDS:g}s, "
                     f"server.min_clients is {need}; start more clients or lower it"
                 )
             time.sleep(1.0)
-            nodes = sorted(grid.get_node_ids())
-        self._identify(grid, nodes)
-        known = sorted((n for n in nodes if n in self.identities), key=self.identities.__getitem__)
         k = count or min(len(known), max(need, math.ceil(self.config.server.fraction * len(known))))
         return self.rng.sample(known, k)
 

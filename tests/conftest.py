@@ -32,7 +32,11 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT (hidden 32, intermediate 48) with MiniLM's tokenizer, saved as a model dir."""
-    path = tmp_path_factory.mktemp("tiny-bert")
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def save_tiny_bert(path: Path) -> Path:
+    """Write the ``tiny_bert_dir`` model to ``path`` (also used by benchmarks/soak.py)."""
     config = BertConfig(
         vocab_size=30522,
         hidden_size=32,
@@ -126,12 +130,17 @@ class LocalGrid:
         handlers: dict[int, Callable[[Message, Context], Message]] | None = None,
         node_ids: list[int] | None = None,
     ):
-        from client.app import identify, initial_adapter, train
+        from client.app import identify, initial_adapter, secagg_keys, secagg_shares, secagg_unmask, train
 
         self.nodes = node_ids or [1000 + 7 * i for i in range(num_nodes)]
         self.handlers = {n: train for n in self.nodes}
         self.handlers |= {self.nodes[i]: h for i, h in (handlers or {}).items()}
         self.queries = {"query.identify": identify, "query.initial_adapter": initial_adapter}
+        self.queries |= {
+            "query.secagg_keys": secagg_keys,
+            "query.secagg_shares": secagg_shares,
+            "query.secagg_unmask": secagg_unmask,
+        }
         self.pushed: dict[str, Message] = {}
         self.contexts = {  # one per node, kept across rounds as Flower keeps a node's Context
             node: Context(
