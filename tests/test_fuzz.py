@@ -397,7 +397,7 @@ def test_one_known_mutation_is_refused_exactly_when_it_breaks_the_reply(kind, se
     check(reply.content(), strategy, expected)
 
 
-@FUZZ
+@settings(FUZZ, max_examples=1000)
 @given(
     kind=st.sampled_from(KINDS),
     seed=st.integers(0, 10**6),
@@ -418,7 +418,7 @@ def stacked(kind: str, seed: int, mutations: list[Callable], data) -> None:
     check(reply.content(), "fedavg", UNKNOWN)
 
 
-@settings(FUZZ, max_examples=1000)
+@settings(FUZZ, max_examples=700)
 @given(content=RANDOM_CONTENT, strategy=st.sampled_from(["fedavg", "vcma"]))
 def test_random_records_are_refused_with_a_reason(content, strategy):
     reason, _ = judge(content, strategy)
