@@ -1,12 +1,17 @@
-"""Shared pieces of the AG News benchmarks: data location, configuration, baselines, machine facts."""
+"""Shared pieces of the AG News benchmarks: data location, configuration, options, federated runs
+scored on a test sample, baselines, machine facts and the results file."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,9 @@ from fedpeft.config import RunConfig, load_config
 from fedpeft.data import Splits, partition
 from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
 from fedpeft.training import encode, evaluate, train
+from server.checkpoint import load_checkpoint
+from server.evaluation import CentralEvaluator
+from server.simulation import simulate
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
@@ -39,6 +47,98 @@ def agnews_config(data_dir: Path, overrides: dict[str, Any]) -> RunConfig:
     }
     items = {**base, **overrides}
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in items.items()])
+
+
+def comparison_parser(description: str, out: Path, **defaults: Any) -> argparse.ArgumentParser:
+    """The options of a comparison of federated runs on AG News (``defaults`` by option name, e.g.
+    ``alpha=0.5``); the runs differ only in what the script varies."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder holding agnews/alps/")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration of the label split")
+    p.add_argument("--fraction", type=float, default=0.5, help="share of clients sampled per round")
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--test-limit", type=int, default=500, help="test rows for the per-round curve")
+    p.add_argument("--final-test-rows", type=int, default=2000, help="sampled test rows for final scores")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", help="comma-separated run labels (default: all)")
+    p.add_argument("--out", type=Path, default=out)
+    p.set_defaults(**defaults)
+    return p
+
+
+def comparison_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration every run of a comparison shares, from ``comparison_parser``'s options."""
+    return {
+        "run.seed": args.seed,
+        "run.rounds": args.rounds,
+        "data.num_clients": args.clients,
+        "data.dirichlet_alpha": args.alpha,
+        "data.test_limit": args.test_limit,
+        "train.local_steps": args.local_steps,
+        "train.batch_size": args.batch_size,
+        "train.lr": args.lr,
+        "lora.rank": args.rank,
+        "lora.alpha": 2.0 * args.rank,
+        "server.fraction": args.fraction,
+    }
+
+
+def sample_test(splits: Splits, rows: int, seed: int) -> Splits:
+    """``splits`` with its test split cut to a seeded random sample of ``rows`` rows: scoring one
+    model on all 7,600 takes minutes on 2 cores."""
+    if rows < len(splits.test):
+        splits.test = splits.test.shuffle(seed=seed).select(range(rows))
+    return splits
+
+
+def run_scored(
+    label: str, config: RunConfig, scorer: CentralEvaluator, run_dir: Path, metrics: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Simulate ``config`` into a fresh ``run_dir``, then score its final global state with
+    ``scorer``; per-round figures from ``metrics.jsonl``, and the last round's ``metrics`` keys."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun replaces the previous one
+    print(f"\n[{label}] -> {run_dir}", flush=True)
+    started = time.perf_counter()
+    simulate(config, run_dir)
+    seconds = time.perf_counter() - started
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    rounds = [r for r in rows if r["round"] > 0]
+    final = scorer(load_checkpoint(run_dir).state, init_seed=0)  # the state carries an adapter
+    result = {
+        "test_accuracy": final["eval_accuracy"],
+        "test_loss": final["eval_loss"],
+        "bytes_up_per_round": sum(r["bytes_up"] for r in rounds) / len(rounds),
+        "bytes_down_per_round": sum(r["bytes_down"] for r in rounds) / len(rounds),
+        "aggregation_seconds_per_round": sum(r["aggregation_seconds"] for r in rounds) / len(rounds),
+        "optimizer_steps": sum(r["clients_aggregated"] for r in rounds) * config.train.local_steps,
+        "replies_rejected": sum(r.get("rejected", 0) for r in rounds),
+        "curve": {r["round"]: r["eval_accuracy"] for r in rows},
+        "seconds": round(seconds, 1),
+    }
+    result.update({key: rounds[-1][key] for key in metrics if key in rounds[-1]})
+    print(f"[{label}] test accuracy {result['test_accuracy']:.4f}", flush=True)
+    return result
+
+
+def results_header(benchmark: str, argv: list[str] | None) -> dict[str, Any]:
+    """What every results file starts with: the benchmark, date, exact command and code version."""
+    args = argv if argv is not None else sys.argv[1:]
+    return {
+        "benchmark": benchmark,
+        "date": datetime.date.today().isoformat(),
+        "command": f"python benchmarks/{benchmark}.py " + " ".join(args),
+        "code": code_version(),
+    }
+
+
+def write_results(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def full_test(config: RunConfig) -> RunConfig:

@@ -19,12 +19,8 @@ the others; fedavg, fedex, vcma and ffa average factors and need one rank.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +29,25 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from common import (  # noqa: E402
-    DEFAULT_DATA_DIR,
     REPO,
     agnews_config,
-    code_version,
+    comparison_overrides,
+    comparison_parser,
     full_test,
     local_only,
     machine,
     missing_agnews,
+    results_header,
+    run_scored,
+    sample_test,
     train_and_score,
+    write_results,
 )
 
 from fedpeft.config import config_to_dict  # noqa: E402
 from fedpeft.data import load_splits  # noqa: E402
 from fedpeft.state import GlobalState  # noqa: E402
-from server.checkpoint import load_checkpoint  # noqa: E402
 from server.evaluation import CentralEvaluator  # noqa: E402
-from server.simulation import simulate  # noqa: E402
 
 
 def strategy_runs(clip_norm: float, noise_levels: list[float]) -> dict[str, dict[str, Any]]:
@@ -73,58 +71,19 @@ def strategy_runs(clip_norm: float, noise_levels: list[float]) -> dict[str, dict
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder holding agnews/alps/")
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration of the label split")
-    p.add_argument("--fraction", type=float, default=0.5)
-    p.add_argument("--local-steps", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--rank", type=int, default=8)
+    p = comparison_parser(__doc__.splitlines()[0], REPO / "benchmarks" / "results" / "strategies_agnews.json")
     p.add_argument("--clip-norm", type=float, default=1.0)
     p.add_argument("--noise", type=float, nargs="+", default=[0.5, 1.0], help="DP noise multipliers")
-    p.add_argument("--test-limit", type=int, default=500, help="test rows for the per-round curve")
-    p.add_argument("--final-test-rows", type=int, default=2000, help="sampled test rows for final scores")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", help="comma-separated run labels (default: all, with the baselines)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "strategies_agnews.json")
     return p.parse_args(argv)
 
 
 def run_one(
     label: str, overrides: dict[str, Any], scorer: CentralEvaluator, data_dir: Path
 ) -> dict[str, Any]:
+    name = label.replace(" ", "").replace("/", "-").replace("(", "-").replace(")", "")
+    metrics = ("epsilon", "median_update_norm", "clipped_fraction", "merged_rank")
     config = agnews_config(data_dir, overrides)
-    run_dir = (
-        REPO
-        / "runs"
-        / f"strategies-agnews-{label.replace(' ', '').replace('/', '-').replace('(', '-').replace(')', '')}"
-    )
-    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun replaces the previous one
-    print(f"\n[{label}] -> {run_dir}", flush=True)
-    started = time.perf_counter()
-    simulate(config, run_dir)
-    seconds = time.perf_counter() - started
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    rounds = [r for r in rows if r["round"] > 0]
-    final = scorer(load_checkpoint(run_dir).state, init_seed=0)
-    result = {
-        "test_accuracy": final["eval_accuracy"],
-        "test_loss": final["eval_loss"],
-        "bytes_up_per_round": sum(r["bytes_up"] for r in rounds) / len(rounds),
-        "bytes_down_per_round": sum(r["bytes_down"] for r in rounds) / len(rounds),
-        "aggregation_seconds_per_round": sum(r["aggregation_seconds"] for r in rounds) / len(rounds),
-        "optimizer_steps": sum(r["clients_aggregated"] for r in rounds) * config.train.local_steps,
-        "curve": {r["round"]: r["eval_accuracy"] for r in rows},
-        "seconds": round(seconds, 1),
-    }
-    for key in ("epsilon", "median_update_norm", "clipped_fraction", "merged_rank"):
-        if key in rounds[-1]:
-            result[key] = rounds[-1][key]
-    print(f"[{label}] test accuracy {result['test_accuracy']:.4f}", flush=True)
-    return result
+    return run_scored(label, config, scorer, REPO / "runs" / f"strategies-agnews-{name}", metrics)
 
 
 def last_rounds_mean(curve: dict[Any, float], last: int = 3) -> float:
@@ -207,33 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    load_before, code = os.getloadavg()[0], code_version()
-    common = {
-        "run.seed": args.seed,
-        "run.rounds": args.rounds,
-        "data.num_clients": args.clients,
-        "data.dirichlet_alpha": args.alpha,
-        "data.test_limit": args.test_limit,
-        "train.local_steps": args.local_steps,
-        "train.batch_size": args.batch_size,
-        "train.lr": args.lr,
-        "lora.rank": args.rank,
-        "lora.alpha": 2.0 * args.rank,
-        "server.fraction": args.fraction,
-    }
+    load_before = os.getloadavg()[0]
+    common = comparison_overrides(args)
     runs = strategy_runs(args.clip_norm, args.noise)
     selected = args.only.split(",") if args.only else list(runs)
     base = agnews_config(data_dir, common)
-    splits = load_splits(base.data, base.run.seed)
-    if args.final_test_rows < len(splits.test):
-        splits.test = splits.test.shuffle(seed=args.seed).select(range(args.final_test_rows))
+    splits = sample_test(load_splits(base.data, base.run.seed), args.final_test_rows, args.seed)
     scorer = CentralEvaluator(full_test(base), splits)
     result: dict[str, Any] = {
-        "benchmark": "strategies_agnews",
-        "date": datetime.date.today().isoformat(),
-        "command": "python benchmarks/strategies_agnews.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "code": code,
+        **results_header("strategies_agnews", argv),
         "config": config_to_dict(base),
         "final_test_rows": len(splits.test),
         "test_limit": args.test_limit,
@@ -248,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         result["centralized"] = train_and_score(base, splits, splits.train, steps)
         result["local_only"] = local_only(base, splits, args.rounds * args.local_steps)
     result["machine"] = machine(load_before)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(result, args.out)
     plot(result, args.out.with_suffix(".png"))
     print(f"\nresults: {args.out} and {args.out.with_suffix('.png')}\n")
     print(table(result))

@@ -180,7 +180,23 @@ def _to_dataset(frame: pd.DataFrame, names: list[str], source: str | None) -> Da
 
 def partition(train: Dataset, spec: DataSection, partition_id: int, seed: int) -> Dataset:
     """Client ``partition_id``'s share of ``train``: IID, Dirichlet over labels (or over
-    ``data.partition_field``) through flwr-datasets, by field value, or one source file each."""
+    ``data.partition_field``) through flwr-datasets, by field value, or one source file each.
+    An empty share is an error: that client could not train."""
+    if len(train) < spec.num_clients:
+        raise DataError(
+            f"{len(train)} rows cannot give each of data.num_clients = {spec.num_clients} clients a "
+            "row; lower data.num_clients or use more data"
+        )
+    share = _partition(train, spec, partition_id, seed)
+    if len(share) == 0:
+        raise DataError(
+            f"partition {partition_id} of {spec.num_clients} has no rows ({len(train)} rows in all); "
+            "lower data.num_clients or use more data"
+        )
+    return share
+
+
+def _partition(train: Dataset, spec: DataSection, partition_id: int, seed: int) -> Dataset:
     if not 0 <= partition_id < spec.num_clients:
         raise DataError(f"partition {partition_id} is out of range for {spec.num_clients} clients")
     if spec.partition == "files":

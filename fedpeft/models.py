@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -178,3 +180,36 @@ def _add_lora(base: PreTrainedModel, spec: ModelSpec, task_type: TaskType) -> Pe
         return get_peft_model(base, config)
     except ValueError as exc:
         raise ModelError(f"cannot add LoRA to {spec.name!r}: {exc}; set lora.target_modules") from exc
+
+
+def check_rank_fits(name: str, task: str, lora: LoraSection) -> None:
+    """``ModelError`` unless every configured LoRA rank is at most the smaller dimension of each
+    layer it adapts (peft builds such an adapter without complaint, but it is no low-rank update,
+    and the server refuses its replies as absurd ranks). Builds the model on the meta device: no
+    weights are read or allocated."""
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model(name))
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load model {name!r} ({str(exc).splitlines()[0]}); give a local model directory, "
+            f"a .gguf file, or one of: {', '.join([*EMBEDDED_MODELS, *model_store.KNOWN_MODELS])}"
+        ) from exc
+    with torch.device("meta"):
+        base = auto.from_config(model_config)
+    targets = list(lora.target_modules) if lora.target_modules else None
+    try:
+        model = get_peft_model(base, LoraConfig(r=1, target_modules=targets))
+    except ValueError as exc:
+        raise ModelError(f"cannot add LoRA to {name!r}: {exc}; set lora.target_modules") from exc
+    dims = [
+        (min(m.in_features, m.out_features), n) for n, m in model.named_modules() if isinstance(m, LoraLayer)
+    ]
+    rank = max([lora.rank, *(lora.client_ranks or [])])
+    smallest, layer = min(dims)
+    if rank > smallest:
+        raise ModelError(
+            f"LoRA rank {rank} exceeds the smaller dimension ({smallest}) of layer "
+            f"{layer.removeprefix('base_model.model.')}; set lora.rank (and lora.client_ranks) to at most "
+            f"{smallest}"
+        )

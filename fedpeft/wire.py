@@ -6,6 +6,7 @@ float32 on encode (the only lossless common type); receivers cast to their own w
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import SType
+from numpy.lib import format as npy_format
 from torch import Tensor
 
 from fedpeft.compression import ErrorFeedback, Packed, pack
@@ -46,11 +48,10 @@ def from_array(array: Array, out: Tensor | None = None) -> Tensor:
     factors. A C-order ``.npy`` payload is the tail of ``data``, with ``dtype`` and ``shape``
     already on the ``Array``; anything else takes Flower's path.
     """
-    if array.stype != SType.NUMPY:
-        raise WireError(f"unsupported array serialization {array.stype!r}")
-    dtype = np.dtype(array.dtype)
+    dtype = checked_dtype(array)
     nbytes = math.prod(array.shape) * dtype.itemsize
-    if dtype.hasobject or not _c_order_npy(array.data, len(array.data) - nbytes):
+    if not _c_order_npy(array.data, len(array.data) - nbytes):
+        _check_npy_header(array, dtype)  # so np.load allocates no more than the Array claims
         try:
             tensor = torch.from_numpy(array.numpy())
         except ValueError as exc:
@@ -61,6 +62,28 @@ def from_array(array: Array, out: Tensor | None = None) -> Tensor:
         return torch.from_numpy(flat.reshape(array.shape).copy())
     out.numpy().reshape(-1)[:] = flat
     return out
+
+
+NPY_MIN_HEADER = 10  # magic, version and header length: the smallest .npy header
+
+
+def checked_dtype(array: Array) -> np.dtype:
+    """The array's numpy dtype, if it is a plain native-order number or bool type and its data can
+    hold its shape after a ``.npy`` header; else ``WireError`` (checked before any allocation, so
+    a few bytes that claim a huge shape cost nothing)."""
+    if array.stype != SType.NUMPY:
+        raise WireError(f"unsupported array serialization {array.stype!r}")
+    try:
+        dtype = np.dtype(array.dtype)
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"unknown array dtype {array.dtype!r}") from exc
+    if dtype.kind not in "biuf" or not dtype.isnative:
+        raise WireError(f"unsupported array dtype {array.dtype!r}")
+    if any(d < 0 for d in array.shape):
+        raise WireError(f"negative array shape {array.shape}")
+    if len(array.data) < math.prod(array.shape) * dtype.itemsize + NPY_MIN_HEADER:
+        raise WireError(f"{len(array.data)} bytes cannot hold a {array.dtype} array of shape {array.shape}")
+    return dtype
 
 
 class DecodeBuffer:
@@ -84,6 +107,8 @@ def decode_arrays(arrays: ArrayRecord, into: DecodeBuffer | None = None) -> dict
     """Every array as a tensor. Floating-point ones (and int8 ones with their ``.scale``),
     in record order, become float32 views into one buffer (``into``'s, else a new one): one
     allocation per reply, and one span of memory a strategy can sum in one op."""
+    for array in arrays.values():
+        checked_dtype(array)
     scales = {k.removesuffix(SCALE_SUFFIX): a for k, a in arrays.items() if k.endswith(SCALE_SUFFIX)}
     if set(scales) - set(arrays):
         raise WireError(f"scales without values: {sorted(set(scales) - set(arrays))[:3]}")
@@ -119,6 +144,19 @@ def decode_arrays(arrays: ArrayRecord, into: DecodeBuffer | None = None) -> dict
                 raise WireError(f"the scale of {key!r} does not fit its values: {exc}") from exc
         out[key] = view
     return out
+
+
+def _check_npy_header(array: Array, dtype: np.dtype) -> None:
+    """``WireError`` unless ``array.data`` starts with a ``.npy`` header of its dtype and shape."""
+    stream = io.BytesIO(array.data)
+    try:
+        major, _ = npy_format.read_magic(stream)
+        read = npy_format.read_array_header_1_0 if major == 1 else npy_format.read_array_header_2_0
+        shape, _, header_dtype = read(stream)
+    except Exception as exc:  # numpy's parser of arbitrary bytes: ValueError, SyntaxError, ...
+        raise WireError(f"an array's .npy header does not parse: {type(exc).__name__}: {exc}") from exc
+    if (shape, header_dtype) != (tuple(array.shape), dtype):
+        raise WireError(f"an array's .npy header says {header_dtype} {shape}, not {dtype} {array.shape}")
 
 
 def _c_order_npy(data: bytes, header_end: int) -> bool:
@@ -239,9 +277,10 @@ def decode_update(
         if delta:
             for part, tensor in pair.items():
                 base = getattr(frozen[name], part)  # type: ignore[index]
-                if tensor.shape != base.shape:
+                if tensor.shape != base.shape or tensor.dtype != base.dtype:
                     raise WireError(
-                        f"{name}/{part} has shape {tuple(tensor.shape)}, the global {tuple(base.shape)}"
+                        f"{name}/{part} is {tensor.dtype} {tuple(tensor.shape)}, "
+                        f"the global adapter's {base.dtype} {tuple(base.shape)}"
                     )
                 tensor.add_(base)
         if not sent_A:

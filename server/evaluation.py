@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from fedpeft.config import RunConfig
+from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data import Splits
 from fedpeft.generation import exact_match, generate, get_extractor
 from fedpeft.instructions import encode_chats
@@ -22,7 +22,9 @@ def make_evaluator(config: RunConfig, splits: Splits) -> CentralEvaluator | LMEv
 def held_out(config: RunConfig, splits: Splits) -> Dataset:
     """The held-out rows the server scores: the test split, capped at ``data.test_limit``."""
     if splits.test is None:
-        raise ValueError("central evaluation needs a held-out split: set data.test_source")
+        raise ConfigError(
+            "central evaluation needs a held-out split: set data.test_source or server.evaluate = false"
+        )
     limit = config.data.test_limit
     return splits.test if limit is None else splits.test.select(range(min(limit, len(splits.test))))
 

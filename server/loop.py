@@ -20,7 +20,7 @@ from fedpeft.config import RunConfig, config_to_dict
 from fedpeft.data import Splits, load_splits
 from fedpeft.errors import UserError
 from fedpeft.export import export_adapter, export_merged
-from fedpeft.models import resolve_model
+from fedpeft.models import check_rank_fits, resolve_model
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
 from fedpeft.wire import (
     RoundInstructions,
@@ -99,6 +99,7 @@ class FederatedRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = console or Console()
         self.strategy = build_strategy(config)
+        check_rank_fits(config.model.name, config.model.task, config.lora)
         self.secure = SecureAggregation(config, self.strategy) if config.server.secure_aggregation else None
         self.splits = splits or load_splits(config.data, config.run.seed, config.model.task)
         self.client_config = config.client_config()

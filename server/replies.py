@@ -88,7 +88,7 @@ class RoundReplies:
         if self.accumulator is None:
             self.pending.append(update)
             return None
-        reason = validate(update, self.rnd, self.reference)
+        reason = validate(update, self.rnd, self.reference, self.state)
         if reason is not None:
             return self._reject(f"invalid update: {reason}")
         norm = None
@@ -108,7 +108,7 @@ class RoundReplies:
         reference = reference_signature(self.state, self.pending)
         dropped, valid = [], []
         for update in self.pending:
-            reason, norm = validate(update, self.rnd, reference), None
+            reason, norm = validate(update, self.rnd, reference, self.state), None
             if reason is None and self.screen.ratio:
                 norm = update_norm(update, self.state)
                 reason = self.screen.add(norm)

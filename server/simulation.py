@@ -16,8 +16,10 @@ from server.loop import FederatedRun
 def simulate(config: RunConfig, run_dir: Path, *, resume: bool = False) -> Path:
     """Run ``config.data.num_clients`` virtual clients; returns the run directory."""
     splits = load_splits(config.data, config.run.seed, config.model.task)
-    # Partitioning errors (too few rows for min_partition_size) surface here, not inside Ray actors.
-    partition(splits.train, config.data, 0, config.run.seed)
+    # Partitioning errors (too few rows for min_partition_size, an empty share) surface here, not
+    # inside Ray actors; IID shares shrink towards the last partition.
+    for partition_id in sorted({0, config.data.num_clients - 1}):
+        partition(splits.train, config.data, partition_id, config.run.seed)
     federated_run = FederatedRun(config, run_dir, resume=resume, splits=splits)
     from flwr.simulation import run_simulation
 

@@ -23,6 +23,7 @@ Signature = tuple[tuple[str, tuple[int, int]], ...]
 
 BYTES_HEADROOM = 2  # a reply at the adapter's rank in float32 is about 1x the adapter (+ headers)
 BYTES_SLACK = 1 << 20  # one npy header (~128 bytes) per array, the meta and metric records
+NORM_CHUNK_BYTES = 1 << 20  # per fused difference-and-norm in update_norm
 MIN_NORM_POOL = 3  # fewer norms than this have no meaningful median: the screen lets the update in
 
 
@@ -65,8 +66,12 @@ def shape_problem(update: ClientUpdate) -> str | None:
     return None
 
 
-def validate(update: ClientUpdate, rnd: int, reference: Signature | None) -> str | None:
-    """``None`` if the update may be aggregated, else the reason to drop it."""
+def validate(
+    update: ClientUpdate, rnd: int, reference: Signature | None, sent: GlobalState | None = None
+) -> str | None:
+    """``None`` if the update may be aggregated, else the reason to drop it. When ``sent`` (the
+    state the server sent) holds a global adapter, each module's rank must be the adapter's: the
+    strategy combines the factors element-wise."""
     if update.round != rnd:
         return f"the update is for round {update.round}, not {rnd}"
     if update.num_examples <= 0:
@@ -76,6 +81,10 @@ def validate(update: ClientUpdate, rnd: int, reference: Signature | None) -> str
         return problem
     if reference is not None and signature(update) != reference:
         return "module names or layer shapes differ from the global adapter"
+    if sent is not None and sent.adapter is not None:
+        adapter = sent.adapter
+        if any(f.rank != adapter[name].rank for name, f in update.factors.items()):
+            return f"the declared rank {update.rank} differs from the global adapter's"
     tensors = [t for f in update.factors.values() for t in (f.A, f.B)] + list(update.extras.values())
     wrong = next((t.dtype for t in tensors if t.dtype != torch.float32), None)
     if wrong is not None:
@@ -111,26 +120,37 @@ def update_norm(update: ClientUpdate, state: GlobalState) -> float:
     each module, whose squared Frobenius norm is ``scale^2 <B^T B, A A^T>``, two r x r products.
     Extras count as their difference from the server's when it sent them, else as themselves.
     """
+    got: list[Tensor] = []
+    sent: list[Tensor] = []
     squares = 0.0
     for name, f in update.factors.items():
         if state.adapter is not None:
-            sent = state.adapter[name]
-            squares += _distance_squared(f.A, sent.A) + _distance_squared(f.B, sent.B)
+            got += [f.A, f.B]
+            sent += [state.adapter[name].A, state.adapter[name].B]
         else:
             gram = (f.B.T @ f.B).mul_(f.A @ f.A.T).sum()
             squares += f.scale**2 * max(float(gram), 0.0)
     for name, t in update.extras.items():
         sent_extra = state.extras.get(name)
-        if sent_extra is not None and sent_extra.shape == t.shape:
-            squares += _distance_squared(t, sent_extra)
-        else:
-            squares += float(torch.linalg.vector_norm(t)) ** 2
-    return math.sqrt(squares)
+        got.append(t)
+        sent.append(sent_extra if sent_extra is not None and sent_extra.shape == t.shape else torch.zeros(()))
+    return math.sqrt(squares + _distances_squared(got, sent))
 
 
-def _distance_squared(a: Tensor, b: Tensor) -> float:
-    """``||a - b||^2``, one tensor at a time (one transient the size of the largest tensor)."""
-    return 0.0 if a is b else float(torch.dist(a, b)) ** 2
+def _distances_squared(got: list[Tensor], sent: list[Tensor]) -> float:
+    """``sum_i ||got_i - sent_i||^2`` by fused multi-tensor ops over chunks of about
+    ``NORM_CHUNK_BYTES`` (a few kernel launches instead of one per tensor, and differences small
+    enough to stay in cache). A tensor that is the one sent (a frozen A) adds nothing: skipped."""
+    total, chunk, size = 0.0, [], 0
+    pairs = [(g, s) for g, s in zip(got, sent, strict=True) if g is not s]
+    for i, (g, s) in enumerate(pairs):
+        chunk.append((g, s))
+        size += g.numel() * g.element_size()
+        if size >= NORM_CHUNK_BYTES or i == len(pairs) - 1:
+            diffs = torch._foreach_sub([g for g, _ in chunk], [s for _, s in chunk])
+            total += float(torch.stack(torch._foreach_norm(diffs)).double().square().sum())
+            chunk, size = [], 0
+    return total
 
 
 class NormScreen:

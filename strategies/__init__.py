@@ -2,28 +2,35 @@
 
 from fedpeft.state import ClientPlan
 from strategies.base import StopFederation, Strategy
+from strategies.clip import Clip, create_clip
 from strategies.dp import DifferentialPrivacy
 from strategies.fedavg import FedAvg
 from strategies.fedex import FedEx
 from strategies.ffa import FFA
+from strategies.median import Median
 from strategies.registry import StrategyError, available_strategies, create_strategy, register_strategy
 from strategies.stacking import Stacking
+from strategies.trimmed_mean import TrimmedMean
 from strategies.vcma import VCMA
 
-for _strategy in (FedAvg, Stacking, VCMA, FedEx, FFA, DifferentialPrivacy):
+for _strategy in (FedAvg, Stacking, VCMA, FedEx, FFA, DifferentialPrivacy, Median, TrimmedMean):
     register_strategy(_strategy.name)(_strategy)
+register_strategy(Clip.name)(create_clip)  # a factory: it picks the streaming variant when it can
 
 __all__ = [
     "FFA",
     "VCMA",
+    "Clip",
     "ClientPlan",
     "DifferentialPrivacy",
     "FedAvg",
     "FedEx",
+    "Median",
     "Stacking",
     "StopFederation",
     "Strategy",
     "StrategyError",
+    "TrimmedMean",
     "available_strategies",
     "create_strategy",
     "register_strategy",

@@ -13,15 +13,15 @@ avoids this and is the recommended inner strategy.
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedpeft.privacy import PrivacyAccountant, clip_factor, gaussian_noise
-from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
-from strategies.base import FlatLayout, StopFederation, Strategy, aggregate_stream, require_updates
+from fedpeft.privacy import PrivacyAccountant, gaussian_noise
+from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
+from strategies.base import StopFederation, Strategy, aggregate_stream, require_updates
+from strategies.clip import DeltaClipper, untrained_split
 from strategies.registry import StrategyError, create_strategy
 
 
@@ -58,6 +58,12 @@ class DifferentialPrivacy:
         self.noise_multiplier = noise_multiplier
         self.epsilon_budget = epsilon_budget
         self.accountant = PrivacyAccountant(noise_multiplier, clients_per_round / num_clients, delta)
+        if epsilon_budget is not None and self.accountant.epsilon(1) > epsilon_budget:
+            raise StrategyError(
+                f"dp: epsilon_budget = {epsilon_budget} cannot pay for a single round (epsilon after "
+                f"round 1 would be {self.accountant.epsilon(1):.3f}); raise epsilon_budget or "
+                "noise_multiplier"
+            )
         self.generator = torch.Generator().manual_seed(seed)
         self.last_metrics: dict[str, float] = {}
 
@@ -92,7 +98,7 @@ class DifferentialPrivacy:
         ``clip_norm`` (secure aggregation: the server sees only the sum, so it reports no
         per-client norms), named as ``start``'s accumulator names them."""
         accumulator = self.start(rnd, state)
-        accumulator.add_sum(clipped_sum, count, (rnd, rank, alpha))
+        accumulator.add_sum(clipped_sum, (rnd, rank, alpha))
         return accumulator.result()
 
     def state_dict(self) -> dict[str, Any]:
@@ -113,83 +119,39 @@ class PrivateSum:
     tensors of an update taken as one flat vector."""
 
     def __init__(self, dp: DifferentialPrivacy, rnd: int, state: GlobalState) -> None:
-        if state.adapter is None:
-            raise StrategyError(
-                "dp needs the global adapter the clients started from (one LoRA rank for all)"
-            )
         self.dp, self.rnd, self.state = dp, rnd, state
         self.trains_A = dp.inner.client_instructions(rnd, state).train_lora_A
-        reference = _trained_tensors(state.adapter, state.extras, self.trains_A)
-        self.layout = FlatLayout(reference)
-        self.reference = self.layout.gather(list(reference.values()))  # read only: a view if it can be
-        self.total = torch.zeros(self.layout.numel)
-        self.delta = torch.empty(self.layout.numel)  # reused: no fresh allocation per client
-        self.norms: list[float] = []
-        self.clipped = 0
-        self.count = 0
+        self.clipper = DeltaClipper(dp.name, state, self.trains_A)
+        self.total = torch.zeros(self.clipper.layout.numel)
         self.client: tuple[int, int, float] | None = None  # (round, rank, alpha) of the first update
 
     def add(self, update: ClientUpdate) -> None:
-        sent = _trained_tensors(update.factors, update.extras, self.trains_A)
-        torch.sub(self.layout.gather([sent[k] for k in self.layout.keys]), self.reference, out=self.delta)
-        norm = float(torch.linalg.vector_norm(self.delta))
-        factor = clip_factor(norm, self.dp.clip_norm)
-        self.total.add_(self.delta, alpha=factor)
-        self.norms.append(norm)
-        self.clipped += factor < 1.0
-        self.count += 1
+        factor = self.clipper.clip(update, self.dp.clip_norm)
+        self.total.add_(self.clipper.delta, alpha=factor)
         self.client = self.client or (update.round, update.rank, update.alpha)
 
-    def add_sum(self, clipped: dict[str, Tensor], count: int, client: tuple[int, int, float]) -> None:
-        """Fold in the sum of ``count`` deltas already clipped (by the clients themselves)."""
-        self.total.add_(self.layout.gather([clipped[k] for k in self.layout.keys]))
-        self.count += count
+    def add_sum(self, clipped: dict[str, Tensor], client: tuple[int, int, float]) -> None:
+        """Fold in a sum of deltas already clipped (by the clients themselves)."""
+        self.total.add_(self.clipper.layout.gather([clipped[k] for k in self.clipper.layout.keys]))
         self.client = self.client or client
 
     def result(self) -> GlobalState:
         if self.client is None:
             raise ValueError(f"strategy {self.dp.name!r} was given no client updates to aggregate")
-        dp = self.dp
+        dp, layout = self.dp, self.clipper.layout
         std = dp.noise_multiplier * dp.clip_norm
-        for view in self.layout.views(self.total):
+        for view in layout.views(self.total):
             view.add_(gaussian_noise(view.shape, std, dp.generator))
-        self.total.div_(dp.clients_per_round).add_(self.reference)
-        self.delta = torch.empty(0)  # not needed any more: free it before the inner strategy copies
+        self.total.div_(dp.clients_per_round).add_(self.clipper.reference)
+        self.clipper.delta = torch.empty(0)  # not needed any more: free it before the inner strategy copies
         dp.accountant.step()
-        dp.last_metrics = {"epsilon": dp.accountant.epsilon(), "delta": dp.accountant.delta}
-        if self.norms:  # the server saw the updates (not under secure aggregation)
-            dp.last_metrics["clipped_fraction"] = self.clipped / len(self.norms)
-            # what clip_norm is tuned against
-            dp.last_metrics["median_update_norm"] = statistics.median(self.norms)
-        noised = dict(zip(self.layout.keys, self.layout.views(self.total), strict=True))
+        dp.last_metrics = {
+            "epsilon": dp.accountant.epsilon(),
+            "delta": dp.accountant.delta,
+            **self.clipper.metrics(),
+        }
+        noised = dict(zip(layout.keys, layout.views(self.total), strict=True))
+        factors, extras = untrained_split(noised, self.state, self.trains_A)
         rnd, rank, alpha = self.client
-        virtual = _as_update(noised, self.state, rnd, rank, alpha, self.trains_A)
+        virtual = ClientUpdate(factors, extras, num_examples=1, round=rnd, rank=rank, alpha=alpha)
         return dp.inner.aggregate(self.rnd, self.state, [virtual])
-
-
-def _trained_tensors(
-    factors: dict[str, AdapterFactors], extras: dict[str, Tensor], trains_A: bool
-) -> dict[str, Tensor]:
-    """What a client trained, in the order ``fedpeft.wire`` lays a reply out."""
-    out: dict[str, Tensor] = {}
-    for module, f in factors.items():
-        if trains_A:
-            out[f"A/{module}"] = f.A
-        out[f"B/{module}"] = f.B
-    out.update({f"extra/{k}": t for k, t in extras.items()})
-    return out
-
-
-def _as_update(
-    tensors: dict[str, Tensor], state: GlobalState, rnd: int, rank: int, alpha: float, trains_A: bool
-) -> ClientUpdate:
-    """The noised mean as one client's update (A kept from the state when it is not trained)."""
-    assert state.adapter is not None
-    factors = {
-        module: AdapterFactors(
-            A=tensors[f"A/{module}"] if trains_A else f.A, B=tensors[f"B/{module}"], scale=f.scale
-        )
-        for module, f in state.adapter.items()
-    }
-    extras = {k.removeprefix("extra/"): t for k, t in tensors.items() if k.startswith("extra/")}
-    return ClientUpdate(factors, extras, num_examples=1, round=rnd, rank=rank, alpha=alpha)

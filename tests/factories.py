@@ -50,3 +50,22 @@ def merged(rank: int, seed: int) -> dict[str, LowRankDelta]:
 
 def state(seed: int = 0) -> GlobalState:
     return GlobalState(round=3, merged=merged(2, seed), adapter=factors(4, seed + 1), extras=extras(seed))
+
+
+def sent_state() -> GlobalState:
+    """What a server sends in round 1 of a rank-4 federation: an adapter and a head."""
+    return GlobalState(adapter=factors(4, 100, scale=4.0), extras=extras(100))
+
+
+def trained(state: GlobalState, seed: int, boost: float = 1.0) -> ClientUpdate:
+    """What a client replies after training from ``state``: its adapter and head plus a small
+    random step (``boost`` x it), for round 1."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def step(t: torch.Tensor) -> torch.Tensor:
+        return t + boost * 0.01 * torch.randn(t.shape, generator=gen)
+
+    adapter = state.adapter or {}
+    new = {n: AdapterFactors(A=step(f.A), B=step(f.B), scale=f.scale) for n, f in adapter.items()}
+    extras = {k: step(t) for k, t in state.extras.items()}
+    return ClientUpdate(new, extras, 10, round=1, rank=4, alpha=16.0, metrics={}, client_id=str(seed))

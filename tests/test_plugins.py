@@ -15,22 +15,25 @@ from strategies import StrategyError, available_strategies, create_strategy
 from tests.conftest import simulate_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = "simulations/custom_strategy/median.py:CoordinateMedian"
+EXAMPLE = "simulations/custom_strategy/krum.py:Krum"
 
 
-def test_file_strategy_computes_a_coordinate_median(monkeypatch):
+def test_file_strategy_picks_the_update_closest_to_its_neighbours(monkeypatch):
     monkeypatch.chdir(ROOT)
-    median = create_strategy(EXAMPLE)
-    values = [1.0, 2.0, 100.0]
+    krum = create_strategy(EXAMPLE, {"byzantine": 1})
+    # with 5 updates and f = 1, each is scored on its 2 nearest: 2.0 scores 0.4^2 + 1^2, the lowest
+    values = [1.0, 2.0, 2.4, 3.5, 100.0]
     updates = [
         ClientUpdate(
             {"m": AdapterFactors(torch.full((2, 3), v), torch.full((4, 2), -v), 1.0)}, {}, 1, 1, 2, 2.0
         )
         for v in values
     ]
-    out = median.aggregate(1, GlobalState(), updates)
+    out = krum.aggregate(1, GlobalState(), updates)
     assert torch.equal(out.adapter["m"].A, torch.full((2, 3), 2.0))
     assert torch.equal(out.adapter["m"].B, torch.full((4, 2), -2.0))
+    with pytest.raises(ValueError, match="needs at least 4 updates per round, got 3"):
+        krum.aggregate(1, GlobalState(), updates[:3])
 
 
 def test_missing_file_is_a_clear_error(monkeypatch):
@@ -56,5 +59,5 @@ def test_custom_strategy_example_runs_end_to_end(tmp_path):
         ["run.rounds=2", "data.demo_train_size=800", "data.demo_test_size=100", "train.local_steps=4"],
     )
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["strategy"] == "coordinate-median" and summary["rounds"] == 2
+    assert summary["strategy"] == "krum" and summary["rounds"] == 2
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

@@ -185,11 +185,26 @@ def one_client(rank=4, seed=0):
     return ClientUpdate(f, {"head": torch.randn(3, generator=gen)}, 10, 1, rank, 4.0)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "stacking", "vcma", "fedex", "ffa"])
-def test_single_client_gives_that_clients_model(name):
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("fedavg", {}),
+        ("stacking", {}),
+        ("vcma", {}),
+        ("fedex", {}),
+        ("ffa", {}),
+        ("median", {}),
+        ("trimmed_mean", {}),
+        ("clip", {"clip_norm": 1e6}),
+    ],
+)
+def test_single_client_gives_that_clients_model(name, options):
     update = one_client()
-    prior = GlobalState(adapter={"m": AdapterFactors(update.factors["m"].A, torch.zeros(5, 4), 1.0)})
-    out = create_strategy(name).aggregate(1, prior, [update])
+    prior = GlobalState(
+        adapter={"m": AdapterFactors(update.factors["m"].A, torch.zeros(5, 4), 1.0)},
+        extras={"head": torch.zeros(3)},
+    )
+    out = create_strategy(name, options).aggregate(1, prior, [update])
     torch.testing.assert_close(out.total_delta("m"), update.factors["m"].delta(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.extras["head"], update.extras["head"])
 
@@ -204,6 +219,9 @@ def test_single_client_gives_that_clients_model(name):
         ("ffa", {}),
         ("dp", {"inner": "ffa", "noise_multiplier": 0.7, "clip_norm": 0.5}),
         ("dp", {"inner": "fedavg", "noise_multiplier": 0.3, "clip_norm": 2.0, "epsilon_budget": 100.0}),
+        ("median", {}),
+        ("trimmed_mean", {"trim": 1}),
+        ("clip", {"inner": "dp", "inner_options": CONTEXT | {"clip_norm": 2.0}, "median_multiple": 1.0}),
     ],
 )
 def test_state_survives_save_and_load_mid_run(name, options):
@@ -229,6 +247,6 @@ def test_state_survives_save_and_load_mid_run(name, options):
 
 def test_mixed_ranks_are_refused_by_averaging_strategies():
     updates = [one_client(rank=2), one_client(rank=4)]
-    for name in ("fedavg", "vcma", "fedex", "ffa"):
+    for name in ("fedavg", "vcma", "fedex", "ffa", "median", "trimmed_mean"):
         with pytest.raises(ValueError, match="stacking"):
             create_strategy(name).aggregate(1, GlobalState(adapter=updates[0].factors), updates)

@@ -18,25 +18,10 @@ from server.validation import ReplyLimits, update_norm, validate
 from strategies import create_strategy
 from tests import factories
 from tests.conftest import LocalGrid
+from tests.factories import sent_state, trained
 from tests.test_server_loop import small_config
 
 CONTEXT = {"clients_per_round": 4, "num_clients": 10}
-
-
-def sent_state() -> GlobalState:
-    return GlobalState(adapter=factories.factors(4, 100, scale=4.0), extras=factories.extras(100))
-
-
-def trained(state: GlobalState, seed: int, boost: float = 1.0) -> ClientUpdate:
-    """What a client sends after training: the sent adapter plus a small step (``boost`` x it)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def step(t: torch.Tensor) -> torch.Tensor:
-        return t + boost * 0.01 * torch.randn(t.shape, generator=gen)
-
-    factors = {n: AdapterFactors(A=step(f.A), B=step(f.B), scale=f.scale) for n, f in state.adapter.items()}
-    extras = {k: step(t) for k, t in state.extras.items()}
-    return ClientUpdate(factors, extras, 10, round=1, rank=4, alpha=16.0, metrics={}, client_id=str(seed))
 
 
 def offer_all(replies: RoundReplies, updates: list[ClientUpdate]) -> list[str | None]:

@@ -1,0 +1,212 @@
+"""``clip(inner)``: each client's update bounded in L2 norm before the inner strategy sees it.
+
+A client's update is everything it trained (A unless the inner strategy freezes it, B, the dense
+extras) taken as one flat vector, as a delta from the global state it received. A delta longer
+than the bound is scaled down to it: the inner strategy gets ``reference + min(1, bound / norm) *
+delta``. The bound is fixed (``clip_norm``) or a multiple of the round's median update norm
+(``median_multiple``), which needs every norm before any update is handed on. With a fixed bound
+and an inner strategy that streams (fedavg, ffa), clipping streams too: each reply is clipped and
+folded in as it arrives.
+
+``DeltaClipper`` is the clipping of one whole update that ``dp`` (strategies/dp.py) shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedpeft.privacy import clip_factor
+from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
+from strategies.base import (
+    Accumulator,
+    FlatLayout,
+    Strategy,
+    StreamingStrategy,
+    aggregate_stream,
+    require_updates,
+)
+from strategies.registry import StrategyError, create_strategy
+
+
+class DeltaClipper:
+    """One round's updates as flat deltas from the global state the clients started from: their L2
+    norms, and each scaled down to a bound. Keeps one reused delta buffer, never K of them."""
+
+    def __init__(self, who: str, state: GlobalState, trains_A: bool) -> None:
+        if state.adapter is None:
+            raise StrategyError(
+                f"{who} needs the global adapter the clients started from (one LoRA rank for all)"
+            )
+        self.state, self.trains_A = state, trains_A
+        reference = trained_tensors(state.adapter, state.extras, trains_A)
+        self.layout = FlatLayout(reference)
+        self.reference = self.layout.gather(list(reference.values()))  # read only: a view if it can be
+        self.delta = torch.empty(self.layout.numel)  # reused: no fresh allocation per client
+        self.norms: list[float] = []
+        self.clipped = 0
+
+    def measure(self, update: ClientUpdate) -> float:
+        """Put ``update``'s delta in ``self.delta`` and return its L2 norm."""
+        sent = trained_tensors(update.factors, update.extras, self.trains_A)
+        torch.sub(self.layout.gather([sent[k] for k in self.layout.keys]), self.reference, out=self.delta)
+        return float(torch.linalg.vector_norm(self.delta))
+
+    def clip(self, update: ClientUpdate, max_norm: float) -> float:
+        """Measure ``update`` (its delta is left in ``self.delta``) and return the factor that brings
+        the delta within ``max_norm``; the norm and whether it was clipped go into the metrics."""
+        norm = self.measure(update)
+        factor = clip_factor(norm, max_norm)
+        self.norms.append(norm)
+        self.clipped += factor < 1.0
+        return factor
+
+    def clipped_update(self, update: ClientUpdate, factor: float) -> ClientUpdate:
+        """``update`` with the delta just measured scaled by ``factor`` (itself when 1)."""
+        if factor == 1.0:
+            return update
+        buffer = torch.add(self.reference, self.delta, alpha=factor)
+        tensors = dict(zip(self.layout.keys, self.layout.views(buffer), strict=True))
+        factors, extras = untrained_split(tensors, self.state, self.trains_A)
+        return dataclasses.replace(update, factors=factors, extras=extras)
+
+    def metrics(self) -> dict[str, float]:
+        """Clipping statistics over the updates measured (none under secure aggregation, where
+        the clients clip and the server sees only the sum)."""
+        if not self.norms:
+            return {}
+        return {
+            "clipped_fraction": self.clipped / len(self.norms),
+            "median_update_norm": statistics.median(self.norms),  # what a bound is tuned against
+        }
+
+
+def trained_tensors(
+    factors: dict[str, AdapterFactors], extras: dict[str, Tensor], trains_A: bool
+) -> dict[str, Tensor]:
+    """What a client trained, in the order ``fedpeft.wire`` lays a reply out."""
+    out: dict[str, Tensor] = {}
+    for module, f in factors.items():
+        if trains_A:
+            out[f"A/{module}"] = f.A
+        out[f"B/{module}"] = f.B
+    out.update({f"extra/{k}": t for k, t in extras.items()})
+    return out
+
+
+def untrained_split(
+    tensors: dict[str, Tensor], state: GlobalState, trains_A: bool
+) -> tuple[dict[str, AdapterFactors], dict[str, Tensor]]:
+    """The inverse of ``trained_tensors``: factors (A kept from ``state`` when it is not trained)
+    and extras."""
+    assert state.adapter is not None
+    factors = {
+        module: AdapterFactors(
+            A=tensors[f"A/{module}"] if trains_A else f.A, B=tensors[f"B/{module}"], scale=f.scale
+        )
+        for module, f in state.adapter.items()
+    }
+    extras = {k.removeprefix("extra/"): t for k, t in tensors.items() if k.startswith("extra/")}
+    return factors, extras
+
+
+class Clip:
+    """``clip(inner)`` on the whole list of a round's updates (the bound may depend on all norms)."""
+
+    name = "clip"
+    # The server must see each update to clip it, so no secure aggregation; and dp clips on its own.
+    linear = False
+
+    def __init__(self, inner: Strategy, clip_norm: float | None, median_multiple: float | None) -> None:
+        self.inner = inner
+        self.clip_norm, self.median_multiple = clip_norm, median_multiple
+        self.last_metrics: dict[str, float] = {}
+
+    def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
+        return self.inner.client_instructions(rnd, state)
+
+    def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
+        require_updates(self.name, updates)
+        clipper = self.clipper(rnd, state)
+        if self.clip_norm is not None:
+            bound = self.clip_norm
+        else:
+            assert self.median_multiple is not None
+            bound = self.median_multiple * statistics.median(clipper.measure(u) for u in updates)
+        clipped = [clipper.clipped_update(u, clipper.clip(u, bound)) for u in updates]
+        result = self.inner.aggregate(rnd, state, clipped)
+        self.record(clipper, bound)
+        return result
+
+    def clipper(self, rnd: int, state: GlobalState) -> DeltaClipper:
+        trains_A = self.inner.client_instructions(rnd, state).train_lora_A
+        return DeltaClipper(self.name, state, trains_A)
+
+    def record(self, clipper: DeltaClipper, bound: float) -> None:
+        self.last_metrics = {
+            **getattr(self.inner, "last_metrics", {}),
+            **clipper.metrics(),
+            "clip_bound": bound,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+
+
+class StreamingClip(Clip):
+    """``clip(inner)`` with a fixed bound around a streaming inner strategy: each update is clipped
+    and handed on as it arrives, so the server still holds O(adapter) memory."""
+
+    def start(self, rnd: int, state: GlobalState) -> ClippedStream:
+        assert isinstance(self.inner, StreamingStrategy)
+        return ClippedStream(self, self.clipper(rnd, state), self.inner.start(rnd, state))
+
+    def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
+        require_updates(self.name, updates)
+        return aggregate_stream(self, rnd, state, updates)
+
+
+class ClippedStream:
+    """The inner strategy's accumulator, fed clipped updates."""
+
+    def __init__(self, clip: StreamingClip, clipper: DeltaClipper, inner: Accumulator) -> None:
+        self.clip, self.clipper, self.inner = clip, clipper, inner
+        assert clip.clip_norm is not None
+        self.bound = clip.clip_norm
+
+    def add(self, update: ClientUpdate) -> None:
+        factor = self.clipper.clip(update, self.bound)
+        self.inner.add(self.clipper.clipped_update(update, factor))
+
+    def result(self) -> GlobalState:
+        result = self.inner.result()
+        self.clip.record(self.clipper, self.bound)
+        return result
+
+
+def create_clip(
+    inner: str = "fedavg",
+    inner_options: dict[str, Any] | None = None,
+    clip_norm: float | None = None,
+    median_multiple: float | None = None,
+) -> Clip:
+    """``clip(inner)`` with a fixed L2 bound ``clip_norm`` or a bound of ``median_multiple`` times
+    the round's median update norm; streaming when the bound is fixed and ``inner`` streams."""
+    if (clip_norm is None) == (median_multiple is None):
+        raise StrategyError(
+            "clip needs exactly one of clip_norm (a fixed L2 bound on each update) and "
+            "median_multiple (the bound as a multiple of the round's median update norm) in [strategy]"
+        )
+    bound = clip_norm if clip_norm is not None else median_multiple
+    if bound is not None and bound <= 0:
+        raise StrategyError("clip's clip_norm or median_multiple must be > 0")
+    wrapped = create_strategy(inner, inner_options)
+    streams = clip_norm is not None and isinstance(wrapped, StreamingStrategy)
+    return (StreamingClip if streams else Clip)(wrapped, clip_norm, median_multiple)
