@@ -145,8 +145,9 @@ def test_dp_clips_on_the_clients_and_noises_the_unmasked_sum(tiny_bert_dir, tmp_
 
 
 def test_strategies_that_need_individual_factors_refuse_secure_mode(tiny_bert_dir, tmp_path):
-    for name in ("stacking", "fedex", "vcma"):
-        config = secure_config(tiny_bert_dir, **{"strategy.name": f"'{name}'"})
+    for name in ("stacking", "fedex", "vcma", "median", "trimmed_mean", "clip"):
+        options = {"strategy.clip_norm": 1.0} if name == "clip" else {}
+        config = secure_config(tiny_bert_dir, **{"strategy.name": f"'{name}'"}, **options)
         with pytest.raises(SecureModeError, match=f"strategy '{name}' needs each client's factors"):
             FederatedRun(config, tmp_path / name)
 
