@@ -116,6 +116,7 @@ def run_scored(
         "bytes_down_per_round": sum(r["bytes_down"] for r in rounds) / len(rounds),
         "aggregation_seconds_per_round": sum(r["aggregation_seconds"] for r in rounds) / len(rounds),
         "optimizer_steps": sum(r["clients_aggregated"] for r in rounds) * config.train.local_steps,
+        "replies_rejected": sum(r.get("rejected", 0) for r in rounds),
         "curve": {r["round"]: r["eval_accuracy"] for r in rows},
         "seconds": round(seconds, 1),
     }

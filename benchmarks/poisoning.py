@@ -14,6 +14,7 @@ rule keeps accuracy within 1 point of clean FedAvg while poisoned FedAvg does no
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
@@ -67,6 +68,7 @@ def runs(poisoned: int, scale: float) -> dict[str, dict[str, Any]]:
 
 
 def table(result: dict[str, Any]) -> str:
+    """The results as a Markdown table, and the done-when per poisoned run."""
     clean = result["federated"][CLEAN]["test_accuracy"]
     lines = [
         f"| run | test accuracy ({result['final_test_rows']:,} rows) | vs clean FedAvg "
@@ -81,6 +83,11 @@ def table(result: dict[str, Any]) -> str:
             f"| {label} | {r['test_accuracy']:.4f} | {delta} | {curve} | {clipped} | {r['seconds']:.0f} s |"
         )
     lines.append(f"| untrained | {result['untrained']['eval_accuracy']:.4f} | – | – | – | – |")
+    lines.append("")
+    lines += [
+        f"{label}: {'within' if ok else 'NOT within'} 1 point of clean FedAvg"
+        for label, ok in verdict(result).items()
+    ]
     return "\n".join(lines)
 
 
@@ -105,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--poisoned", type=int, default=0, help="partition id of the poisoned client")
     p.add_argument("--scale", type=float, default=100.0, help="factor on the poisoned client's delta")
+    p.add_argument("--report", action="store_true", help="only print the table of the results file")
     args = p.parse_args(argv)
+    if args.report:
+        print(table(json.loads(args.out.read_text())))
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data_dir = args.data_dir.resolve()
     if (absent := missing_agnews(data_dir)) is not None:
@@ -136,10 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         name = label.replace(" ", "-").replace("(", "-").replace(")", "")
         run_dir = REPO / "runs" / f"poisoning-{name}"
         result["federated"][label] = run_scored(label, config, scorer, run_dir, METRICS)
+        result["within_1_point_of_clean_fedavg"] = verdict(result)
+        result["machine"] = machine(load_before)
         write_results(result, args.out)  # after every run: a long benchmark keeps what it measured
-    result["within_1_point_of_clean_fedavg"] = verdict(result)
-    result["machine"] = machine(load_before)
-    write_results(result, args.out)
     print(f"\nresults: {args.out}\n")
     print(table(result))
     return 0

@@ -375,6 +375,11 @@ def _validate_secure(config: RunConfig) -> None:
             "secure aggregation sums one adapter layout; unset lora.client_ranks or "
             "set server.secure_aggregation = false",
         ),
+        (
+            config.train.compression == "none",
+            "train.compression cannot apply under secure aggregation (a masked update is uniform "
+            "over the 64-bit ring); set train.compression = 'none'",
+        ),
     ]
     for ok, message in checks:
         if not ok:

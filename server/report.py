@@ -28,9 +28,15 @@ class RunRecorder:
             f.write(json.dumps(row) + "\n")
 
     def truncate_after(self, last_round: int) -> None:
-        """On resume: keep only rows up to the checkpointed round (later ones are redone)."""
+        """On resume: keep only rows up to the checkpointed round (later ones are redone).
+
+        A last line that does not parse is a row a kill cut short; it was being recorded before
+        its round's checkpoint, so it is one of the rows redone."""
         if self.metrics_path.is_file():
-            rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+            lines = [line for line in self.metrics_path.read_text().splitlines() if line]
+            if lines and not _parses(lines[-1]):
+                lines.pop()
+            rows = [json.loads(line) for line in lines]
             self.rounds = [r for r in rows if r["round"] <= last_round]
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rounds))
 
@@ -72,3 +78,11 @@ class RunRecorder:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True

@@ -144,24 +144,25 @@ class _Attempt:
         self.layout = SummandLayout(state.adapter, state.extras, plan.send_lora_A)
         self.result = SecureAttempt()
         self.alive: list[int] = []
+        self.threshold = 2
 
     def execute(self, nodes: list[int], content: RecordDict) -> None:
         self.alive = nodes
         keys = self._stage("keys", KEYS, lambda n: KeysRequest(self.session, self.rnd), PublicKeys)
         participants = sorted(keys)
-        threshold = max(2, math.ceil(self.secure.threshold * len(participants)))
-        self._require(threshold)
+        self.threshold = max(2, math.ceil(self.secure.threshold * len(participants)))
+        self._require()
         request = SharesRequest(
             self.session,
-            threshold,
+            self.threshold,
             participants,
             [keys[n].share_key for n in participants],
             [keys[n].mask_key for n in participants],
         )
         sealed = self._stage("shares", SHARES, lambda n: request, EncryptedShares)
-        self._require(threshold)
+        self._require()
         inbox = self._route(sealed)
-        total, examples = self._masked_sum(content, threshold)
+        total, examples = self._masked_sum(content)
         survivors = sorted(examples)
         dropouts = sorted(set(sealed) - set(examples))
         revealed = self._stage(
@@ -170,7 +171,7 @@ class _Attempt:
             lambda n: UnmaskRequest(self.session, survivors, dropouts, *inbox[n]),
             RevealedShares,
         )
-        self._require(threshold)
+        self._require()
         self._unmask(total, revealed, participants, keys, survivors, dropouts)
         self._finish(total, examples)
 
@@ -203,7 +204,7 @@ class _Attempt:
         self._cost(name, started, down, up)
         return answers
 
-    def _masked_sum(self, content: RecordDict, threshold: int) -> tuple[np.ndarray, dict[int, int]]:
+    def _masked_sum(self, content: RecordDict) -> tuple[np.ndarray, dict[int, int]]:
         """Stage 3: the train message to every client still in; each masked vector is folded into
         the running sum as it arrives. Returns the sum and each survivor's example count."""
         started = time.perf_counter()
@@ -239,7 +240,7 @@ class _Attempt:
             np.add(total, vector, out=total)  # wraps modulo 2^64
         self._forget_silent("train", examples)
         self._cost("train", started, down, up)
-        self._require(threshold)
+        self._require()
         return total, examples
 
     def _examples(self, content: RecordDict) -> int:
@@ -279,8 +280,7 @@ class _Attempt:
             for owner, share in zip(answer.owners, answer.shares, strict=False):
                 if owner in held:
                     held[owner][index] = share
-        threshold = max(2, math.ceil(self.secure.threshold * len(participants)))
-        short = [owner for owner, got in held.items() if len(got) < threshold]
+        short = [owner for owner, got in held.items() if len(got) < self.threshold]
         if short:
             raise AttemptFailed(f"too few shares to unmask node(s) {short[:3]}")
         dropped_keys = {node: shares.combine(held[node]) for node in dropouts}
@@ -326,9 +326,9 @@ class _Attempt:
                 self.result.dropped.append((node, f"no {stage} reply within {self.secure.timeout:g}s"))
         self.alive = [n for n in self.alive if n in answered]
 
-    def _require(self, threshold: int) -> None:
-        if len(self.alive) < threshold:
-            raise AttemptFailed(f"{len(self.alive)} clients left, fewer than the threshold {threshold}")
+    def _require(self) -> None:
+        if len(self.alive) < self.threshold:
+            raise AttemptFailed(f"{len(self.alive)} clients left, fewer than the threshold {self.threshold}")
 
     def _cost(self, stage: str, started: float, down: int, up: int) -> None:
         cost = self.result.stages.setdefault(stage, {"seconds": 0.0, "bytes_down": 0, "bytes_up": 0})

@@ -1,6 +1,7 @@
 """The AG News poisoning benchmark on a smaller scale: one client of 10 sends its update scaled by
-100; the robust rules stay near clean FedAvg and plain FedAvg does not (real data, several
-minutes: slow)."""
+100; the median stays near clean FedAvg and plain FedAvg does not (real data, 3 short runs of
+10 clients: minutes, slow). trimmed_mean and clip meet the same poisoned update in
+tests/test_robust.py, and at full scale in benchmarks/poisoning.py."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ AGNEWS = SHARED_DATA / "agnews" / "alps"
 )
 def test_robust_rules_withstand_one_client_scaled_by_100(tmp_path):
     out = tmp_path / "poisoning.json"
-    small = ["--rounds", "3", "--local-steps", "5", "--final-test-rows", "500", "--test-limit", "100"]
-    runs = "poisoned fedavg,poisoned median,poisoned clip(fedavg)"
+    small = ["--rounds", "3", "--local-steps", "8", "--final-test-rows", "500", "--test-limit", "100"]
+    runs = "poisoned fedavg,poisoned median"  # and clean fedavg, always run first
     subprocess.run(
         [sys.executable, "benchmarks/poisoning.py", *small, "--only", runs, "--out", str(out)],
         cwd=ROOT,
@@ -38,4 +39,3 @@ def test_robust_rules_withstand_one_client_scaled_by_100(tmp_path):
     assert federated["poisoned fedavg"]["test_accuracy"] < clean - 0.1
     # 500 test rows and 3 short rounds: a looser tolerance than the benchmark's 1 point
     assert abs(federated["poisoned median"]["test_accuracy"] - clean) <= 0.05
-    assert abs(federated["poisoned clip(fedavg)"]["test_accuracy"] - clean) <= 0.05

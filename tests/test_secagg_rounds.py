@@ -156,3 +156,5 @@ def test_configurations_secure_mode_cannot_run_are_refused(tiny_bert_dir):
         secure_config(tiny_bert_dir, **{"secure.fraction_bits": 48})
     with pytest.raises(ConfigError, match="unset lora.client_ranks"):
         secure_config(tiny_bert_dir, **{"lora.client_ranks": "[2, 4]"})
+    with pytest.raises(ConfigError, match="set train.compression = 'none'"):
+        secure_config(tiny_bert_dir, **{"train.compression": "'int8'"})
