@@ -143,7 +143,7 @@ def _retype(update: ClientUpdate, dtype: torch.dtype) -> None:
 
 
 def scaled_by(factor: float):
-    """A client that trains honestly, then sends ``factor`` x its change to the global adapter."""
+    """A client that trains honestly, then sends ``factor`` x its change to the global adapter and head."""
 
     def handler(msg: Message, context) -> Message:
         sent = decode_state(msg.content)
@@ -152,6 +152,8 @@ def scaled_by(factor: float):
         for name, f in update.factors.items():
             f.A = sent.adapter[name].A + factor * (f.A - sent.adapter[name].A)
             f.B = sent.adapter[name].B + factor * (f.B - sent.adapter[name].B)
+        for name, t in update.extras.items():
+            update.extras[name] = sent.extras[name] + factor * (t - sent.extras[name])
         return Message(encode_update(update), reply_to=msg)
 
     return handler
