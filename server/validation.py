@@ -187,7 +187,7 @@ class NormScreen:
         if norm > self.ratio * median:
             return (
                 f"the update's norm {norm:.4g} exceeds server.max_norm_ratio = {self.ratio:g} "
-                f"x the median {median:.4g}"
+                f"x the lower median {median:.4g}"
             )
         return None
 

@@ -53,7 +53,7 @@ def test_a_scaled_update_is_refused_and_counted(strategy):
     replies = RoundReplies(create_strategy(strategy, {}, CONTEXT), 1, state)
     reasons = offer_all(replies, updates)
     assert reasons[:2] == [None, None] and reasons[3] is None
-    assert "exceeds server.max_norm_ratio = 10 x the median" in reasons[2]
+    assert "exceeds server.max_norm_ratio = 10 x the lower median" in reasons[2]
     assert replies.rejected == 1 and replies.count == 3 and len(replies.norms) == 3
 
 
