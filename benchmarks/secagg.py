@@ -7,7 +7,10 @@ The real server (``server.secure.SecureAggregation``) and the real client code
 (``client.secure``) run in one process over an in-process grid; training is replaced by a
 synthetic update (the global adapter plus N(0, 0.01) noise, example counts 50..500), so the
 figures are the protocol's own cost. Each cell runs one attempt with every client replying and
-one where one client drops after masking (its pairwise masks are then recovered from shares).
+one where one client drops after masking (its pairwise masks are then recovered from shares);
+with a dropout the train stage's server time includes waiting ``round_timeout`` (0.1 s here) for
+the missing reply.
+
 Per stage: bytes down (server -> clients, summed over clients) and up, seconds spent in the
 clients' handlers (summed over clients: one client's share is that / K) and on the server (the
 stage's wall time minus the clients' time). ``plain`` is the same updates through plain FedAvg:
@@ -57,6 +60,7 @@ SHAPES = {
     ),
 }
 RANK = 8
+DROPOUT_WAIT = 0.1  # round_timeout: how long the train stage waits for the client that dropped
 
 
 def global_state(shape: str) -> GlobalState:
@@ -181,6 +185,7 @@ def cell(shape: str, clients: int, dropouts: int) -> dict:
             f"data.num_clients={clients}",
             f"server.min_clients={clients}",
             "server.fraction=1.0",
+            f"server.round_timeout={DROPOUT_WAIT}",
         ],
     )
     state = global_state(shape)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -14,12 +14,13 @@ from flwr.app import Message
 import client.app
 from client.app import train
 from fedpeft.config import ConfigError
+from fedpeft.secagg.messages import UNMASK, UnmaskRequest
 from fedpeft.secagg.ring import FixedPoint
 from fedpeft.state import ClientUpdate, GlobalState
 from server.loop import FederatedRun, RoundFailed
 from server.secure import SecureModeError
 from strategies import DifferentialPrivacy, FedAvg
-from tests.conftest import LocalGrid
+from tests.conftest import LocalGrid, simulate_cli
 from tests.test_server_loop import small_config
 
 CLIENTS = 5
@@ -145,8 +146,9 @@ def test_dp_clips_on_the_clients_and_noises_the_unmasked_sum(tiny_bert_dir, tmp_
 
 
 def test_strategies_that_need_individual_factors_refuse_secure_mode(tiny_bert_dir, tmp_path):
-    for name in ("stacking", "fedex", "vcma"):
-        config = secure_config(tiny_bert_dir, **{"strategy.name": f"'{name}'"})
+    for name in ("stacking", "fedex", "vcma", "median", "trimmed_mean", "clip"):
+        options = {"strategy.clip_norm": 1.0} if name == "clip" else {}
+        config = secure_config(tiny_bert_dir, **{"strategy.name": f"'{name}'"}, **options)
         with pytest.raises(SecureModeError, match=f"strategy '{name}' needs each client's factors"):
             FederatedRun(config, tmp_path / name)
 
@@ -158,3 +160,51 @@ def test_configurations_secure_mode_cannot_run_are_refused(tiny_bert_dir):
         secure_config(tiny_bert_dir, **{"lora.client_ranks": "[2, 4]"})
     with pytest.raises(ConfigError, match="set train.compression = 'none'"):
         secure_config(tiny_bert_dir, **{"train.compression": "'int8'"})
+
+
+class ProbingGrid(LocalGrid):
+    """Before delivering the first unmask request, sends the same client a forged one (a survivor
+    also listed as a dropout: both of its shares would unmask it); after, replays the real one."""
+
+    def __init__(self, num_nodes: int) -> None:
+        super().__init__(num_nodes)
+        self.refusals: list[str | None] = []
+
+    def _handle(self, msg: Message) -> Message | None:
+        if msg.metadata.message_type != UNMASK or self.refusals:
+            return super()._handle(msg)
+        request = UnmaskRequest.from_content(msg.content)
+        forged = replace(request, dropouts=[*request.dropouts, request.survivors[0]])
+        self.refusals.append(self._probe(msg, forged))
+        reply = super()._handle(msg)
+        self.refusals.append(self._probe(msg, request))
+        return reply
+
+    def _probe(self, msg: Message, request: UnmaskRequest) -> str | None:
+        probe = Message(request.to_content(), dst_node_id=msg.metadata.dst_node_id, message_type=UNMASK)
+        reply = super()._handle(probe)
+        return reply.error.reason if reply.has_error() else None
+
+
+def test_a_client_refuses_forged_and_repeated_unmask_requests(tiny_bert_dir, tmp_path):
+    grid = ProbingGrid(CLIENTS)
+    FederatedRun(secure_config(tiny_bert_dir), tmp_path).run(grid)
+    forged, replayed = grid.refusals
+    assert forged is not None and "both a survivor and a dropout" in forged
+    assert replayed is not None and "no secure aggregation session" in replayed
+    assert rows(tmp_path)[-1]["clients_aggregated"] == CLIENTS  # the real request was answered
+
+
+@pytest.mark.slow
+def test_quickstart_simulation_with_secure_aggregation(tmp_path):
+    """``fedpeft simulate`` through Flower's Ray engine: the secure stages run between real
+    simulated nodes (their Context.state keeps each node's secrets between messages)."""
+    run_dir = tmp_path / "run"
+    overrides = ["server.secure_aggregation=true", "run.rounds=2", "data.demo_train_size=800"]
+    simulate_cli("simulations/quickstart.toml", run_dir, [*overrides, "data.demo_test_size=200"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["clients_dropped"] == 0
+    assert summary["final_eval_accuracy"] >= summary["initial_eval_accuracy"] + 0.2
+    for row in rows(run_dir)[1:]:
+        assert row["clients_aggregated"] == 4 and row["attempts"] == 1
+        assert all(reply["train_loss"] is None for reply in row["replies"])
