@@ -39,7 +39,6 @@ from client.settings import FAULT_KINDS, INJECT_FAULT
 from fedpeft.config import ClientConfig, FaultsSection
 from fedpeft.lora import AdapterHost
 from fedpeft.state import AdapterFactors, ClientUpdate
-from fedpeft.wire import UPDATE_META
 
 TIMEOUT_MARGIN = 1.0  # seconds past the server's deadline that a "timeout" client replies
 
@@ -77,7 +76,7 @@ def _truncated(content: RecordDict, rng: random.Random) -> None:
 
 
 def _missing_record(content: RecordDict, rng: random.Random) -> None:
-    del content[UPDATE_META]
+    del content[rng.choice(sorted(content.keys()))]
 
 
 def _with_data(array: Array, data: bytes) -> Array:

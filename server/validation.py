@@ -154,7 +154,9 @@ def _distances_squared(got: list[Tensor], sent: list[Tensor]) -> float:
 
 
 class NormScreen:
-    """Refuses an update whose norm exceeds ``ratio`` x the median of a pool of norms.
+    """Refuses an update whose norm exceeds ``ratio`` x the lower median of a pool of norms
+    (the middle one, or the lower of the two middle ones: an outlier that got in, e.g. during
+    the cold start below, cannot pull the reference up).
 
     A linear strategy folds each reply in as it arrives and keeps nothing of it, so the median of
     the whole round is not known when a reply must be judged. The pool is therefore: the norms
@@ -181,11 +183,11 @@ class NormScreen:
         """Whether ``norm`` passes against the pool as it stands (adds nothing)."""
         if not self.ratio or len(self.pool) < MIN_NORM_POOL:
             return None
-        median = statistics.median(self.pool)
+        median = statistics.median_low(self.pool)
         if norm > self.ratio * median:
             return (
                 f"the update's norm {norm:.4g} exceeds server.max_norm_ratio = {self.ratio:g} "
-                f"x the median {median:.4g}"
+                f"x the lower median {median:.4g}"
             )
         return None
 

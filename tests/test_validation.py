@@ -53,7 +53,7 @@ def test_a_scaled_update_is_refused_and_counted(strategy):
     replies = RoundReplies(create_strategy(strategy, {}, CONTEXT), 1, state)
     reasons = offer_all(replies, updates)
     assert reasons[:2] == [None, None] and reasons[3] is None
-    assert "exceeds server.max_norm_ratio = 10 x the median" in reasons[2]
+    assert "exceeds server.max_norm_ratio = 10 x the lower median" in reasons[2]
     assert replies.rejected == 1 and replies.count == 3 and len(replies.norms) == 3
 
 
@@ -143,7 +143,7 @@ def _retype(update: ClientUpdate, dtype: torch.dtype) -> None:
 
 
 def scaled_by(factor: float):
-    """A client that trains honestly, then sends ``factor`` x its change to the global adapter."""
+    """A client that trains honestly, then sends ``factor`` x its change to the global adapter and head."""
 
     def handler(msg: Message, context) -> Message:
         sent = decode_state(msg.content)
@@ -152,6 +152,8 @@ def scaled_by(factor: float):
         for name, f in update.factors.items():
             f.A = sent.adapter[name].A + factor * (f.A - sent.adapter[name].A)
             f.B = sent.adapter[name].B + factor * (f.B - sent.adapter[name].B)
+        for name, t in update.extras.items():
+            update.extras[name] = sent.extras[name] + factor * (t - sent.extras[name])
         return Message(encode_update(update), reply_to=msg)
 
     return handler
