@@ -33,7 +33,7 @@ from fedpeft.wire import (
 from server.checkpoint import FILENAME as CHECKPOINT_FILE
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.evaluation import make_evaluator
-from server.replies import RoundReplies, receive
+from server.replies import RoundReplies, client_error, receive
 from server.report import RunRecorder
 from server.secure import SecureAggregation, SecureSum
 from server.validation import ReplyLimits
@@ -256,7 +256,7 @@ class FederatedRun:
     def _decode(self, reply: Message, outcome: RoundOutcome) -> ClientUpdate | str:
         """The update a reply carries, or the reason to drop it."""
         if reply.has_error():
-            return f"client error: {reply.error.reason}"
+            return client_error(reply)
         outcome.bytes_up += record_nbytes(reply.content)
         return outcome.replies.decode(reply.content, str(reply.metadata.src_node_id))
 

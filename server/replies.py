@@ -13,6 +13,8 @@ nothing a client sends makes these methods raise.
 
 from __future__ import annotations
 
+import re
+import textwrap
 import time
 from collections.abc import Iterable, Iterator
 
@@ -25,6 +27,16 @@ from server.validation import ReplyLimits, reference_signature, update_norm, val
 from strategies.base import Accumulator, Strategy, StreamingStrategy
 
 POLL_SECONDS = 0.1
+MAX_REASON_CHARS = 300
+FLOWER_REASON = re.compile(r"^<class '[^']+'>:<'|'>$")  # Flower wraps it: <class 'Type'>:<'message'>
+
+
+def client_error(reply: Message) -> str:
+    """Why a client answered with an error, in one line: the last line of Flower's reason, i.e.
+    the exception's message (a simulated client's reason embeds Ray's whole traceback)."""
+    lines = [line.strip() for line in reply.error.reason.splitlines() if line.strip()]
+    last = FLOWER_REASON.sub("", lines[-1]) if lines else f"error code {reply.error.code}"
+    return f"client error: {textwrap.shorten(last, MAX_REASON_CHARS)}"
 
 
 def receive(grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator[Message]:

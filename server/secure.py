@@ -50,7 +50,7 @@ from fedpeft.secagg.ring import FixedPoint
 from fedpeft.secagg.summand import SummandLayout
 from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
 from fedpeft.wire import NUM_EXAMPLES, UPDATE_METRICS, WireError, record_nbytes
-from server.replies import receive
+from server.replies import client_error, receive
 from strategies import DifferentialPrivacy, Strategy
 
 SESSION_BYTES = 16
@@ -187,9 +187,7 @@ class _Attempt:
         for reply in self.grid.send_and_receive(messages, timeout=self.secure.timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self.result.dropped.append(
-                    (node, f"secure aggregation {name}: client error: {reply.error.reason}")
-                )
+                self.result.dropped.append((node, f"secure aggregation {name}: {client_error(reply)}"))
                 continue
             up += _nbytes(reply.content)
             try:
@@ -227,7 +225,7 @@ class _Attempt:
         for reply in receive(self.grid, messages, self.secure.timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self.result.dropped.append((node, f"client error: {reply.error.reason}"))
+                self.result.dropped.append((node, client_error(reply)))
                 continue
             up += _nbytes(reply.content)
             try:

@@ -44,7 +44,9 @@ def assert_drops_match_the_draws(config, rows) -> Counter:
         dropped = {d["client"]: d["reason"] for d in row["dropped"]}
         assert set(dropped) == {f"partition-{p}" for p in faults}, row["round"]
         for p, kind in faults.items():
-            assert REASONS[kind] in dropped[f"partition-{p}"]
+            reason = dropped[f"partition-{p}"]
+            assert REASONS[kind] in reason
+            assert "\n" not in reason and len(reason) < 400, reason  # no traceback in the metrics
             seen[kind] += 1
         assert row["clients_aggregated"] == config.data.num_clients - len(faults)
     return seen
