@@ -61,8 +61,9 @@ class RoundOutcome:
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """A new run needs a directory without one; a resumed run needs its checkpoint."""
-    if resume and not (run_dir / CHECKPOINT_FILE).is_file():
+    """A new run needs a directory without one; a resumed run needs an earlier run's directory
+    (one stopped before its first checkpoint starts again from round 0)."""
+    if resume and not (run_dir / CHECKPOINT_FILE).is_file() and not (run_dir / "config.json").is_file():
         raise RunDirError(f"{run_dir} holds no checkpoint to resume; pass the directory of an earlier run")
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise RunDirError(
@@ -298,6 +299,10 @@ class FederatedRun:
                     pass  # a node that cannot say who it is is not sampled
 
     def _resume(self) -> None:
+        if not (self.run_dir / CHECKPOINT_FILE).is_file():
+            self.recorder.truncate_after(-1)
+            self.console.print(f"{self.run_dir} stopped before its first round ended; starting it again")
+            return
         checkpoint = load_checkpoint(self.run_dir)
         self.state = checkpoint.state
         self.rng.setstate(checkpoint.rng_state)

@@ -26,6 +26,14 @@ def test_resume_drops_a_metrics_row_cut_short_by_a_kill(tiny_bert_dir, tmp_path)
     assert [r["round"] for r in metrics_rows(tmp_path)] == [0, 1, 2]
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(tiny_bert_dir, tmp_path):
+    """Killed in round 1: config.json and the round-0 row are there, no checkpoint yet."""
+    FederatedRun(small_config(tiny_bert_dir), tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"round": 0, "eval_loss": 1.0}\n')
+    FederatedRun(small_config(tiny_bert_dir), tmp_path, resume=True).run(LocalGrid(3))
+    assert [r["round"] for r in metrics_rows(tmp_path)] == [0, 1, 2]
+
+
 @pytest.mark.slow
 def test_a_faulty_simulation_killed_three_times_resumes_to_the_end(tmp_path):
     """benchmarks/soak.py in small: 5 rounds x 6 clients at a 30% fault rate, SIGKILLed 3 times
