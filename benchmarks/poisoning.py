@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         config = agnews_config(data_dir, {**common, **all_runs[label]})
         name = label.replace(" ", "-").replace("(", "-").replace(")", "")
         run_dir = REPO / "runs" / f"poisoning-{name}"
-        result["federated"][label] = run_scored(label, config, scorer, run_dir, METRICS)
+        scored = run_scored(label, config, scorer, run_dir, METRICS)
+        result["federated"][label] = {"overrides": all_runs[label], **scored}
         result["within_1_point_of_clean_fedavg"] = verdict(result)
         result["machine"] = machine(load_before)
         write_results(result, args.out)  # after every run: a long benchmark keeps what it measured
