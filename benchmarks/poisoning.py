@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from common import (
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--poisoned", type=int, default=0, help="partition id of the poisoned client")
     p.add_argument("--scale", type=float, default=100.0, help="factor on the poisoned client's delta")
+    p.add_argument("--runs-dir", type=Path, default=REPO / "runs", help="where the run directories go")
     p.add_argument("--report", action="store_true", help="only print the table of the results file")
     args = p.parse_args(argv)
     if args.report:
@@ -145,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     for label in selected:
         config = agnews_config(data_dir, {**common, **all_runs[label]})
         name = label.replace(" ", "-").replace("(", "-").replace(")", "")
-        run_dir = REPO / "runs" / f"poisoning-{name}"
-        result["federated"][label] = run_scored(label, config, scorer, run_dir, METRICS)
+        run_dir = args.runs_dir / f"poisoning-{name}"
+        scored = run_scored(label, config, scorer, run_dir, METRICS)
+        result["federated"][label] = {"overrides": all_runs[label], **scored}
         result["within_1_point_of_clean_fedavg"] = verdict(result)
         result["machine"] = machine(load_before)
         write_results(result, args.out)  # after every run: a long benchmark keeps what it measured

@@ -28,7 +28,8 @@ def test_robust_rules_withstand_one_client_scaled_by_100(tmp_path):
     small = ["--rounds", "3", "--local-steps", "8", "--final-test-rows", "500", "--test-limit", "100"]
     runs = "poisoned fedavg,poisoned median"  # and clean fedavg, always run first
     subprocess.run(
-        [sys.executable, "benchmarks/poisoning.py", *small, "--only", runs, "--out", str(out)],
+        [sys.executable, "benchmarks/poisoning.py", *small, "--only", runs, "--out", str(out)]
+        + ["--runs-dir", str(tmp_path)],
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         check=True,
