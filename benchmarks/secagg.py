@@ -28,24 +28,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from common import REPO, code_version, machine
-from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Context, Message
 
 from client import secure as client_secure
 from fedpeft.config import load_config
-from fedpeft.secagg.messages import KEYS, SHARES, UNMASK
 from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
 from fedpeft.wire import RoundInstructions, decode_state, encode_train_message, encode_update
 from server.secure import SecureAggregation
 from strategies import FedAvg
+
+sys.path.insert(0, str(REPO))  # tests/ is not an installed package
+from tests.conftest import LocalGrid  # noqa: E402
 
 SHAPES = {
     "minilm-l6": (
@@ -78,61 +79,27 @@ def global_state(shape: str) -> GlobalState:
     )
 
 
-class Grid:
-    """Delivers messages to the client handlers in this process, timing them per message type."""
+class TimedGrid(LocalGrid):
+    """The test suite's in-process grid, with synthetic training in place of the real one (the
+    clients in ``drop`` never send their masked vector) and the time spent in each client stage
+    summed per message type."""
 
     def __init__(self, nodes: list[int], updates: dict[int, ClientUpdate], drop: set[int]) -> None:
-        self.nodes, self.updates, self.drop = nodes, updates, drop
-        self.contexts = {
-            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in nodes
-        }
-        self.pushed: dict[str, Message] = {}
+        self.updates, self.drop = updates, drop
+        super().__init__(len(nodes), {i: self.train for i in range(len(nodes))}, node_ids=nodes)
         self.client_seconds: dict[str, float] = defaultdict(float)
-        self.handlers = {
-            KEYS: client_secure.answer_keys,
-            SHARES: client_secure.answer_shares,
-            UNMASK: client_secure.answer_unmask,
-        }
-        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = message_id = uuid.uuid4().hex
-            self.pushed[message_id] = msg
-            ids.append(message_id)
-        return ids
-
-    def pull_messages(self, message_ids) -> list[Message]:
-        replies = []
-        for message_id in list(message_ids):
-            msg = self.pushed.pop(message_id, None)
-            if msg is not None and (reply := self._handle(msg)) is not None:
-                replies.append(reply)
-        return replies
-
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        return self.pull_messages(self.push_messages(messages))
+    def train(self, msg: Message, context: Context) -> Message | None:
+        node = msg.metadata.dst_node_id
+        received = decode_state(msg.content)
+        masked = client_secure.masked_reply(msg.content, self.updates[node], received, True, context)
+        return None if node in self.drop else Message(masked, reply_to=msg)
 
     def _handle(self, msg: Message) -> Message | None:
-        node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
-        TaskIdentity.node_id = node
         started = time.perf_counter()
-        if kind in self.handlers:
-            reply = self.handlers[kind](msg, self.contexts[node])
-        else:
-            received = decode_state(msg.content)
-            masked = client_secure.masked_reply(
-                msg.content, self.updates[node], received, True, self.contexts[node]
-            )
-            reply = None if node in self.drop else Message(masked, reply_to=msg)
-        self.client_seconds["train" if kind == "train" else kind.removeprefix("query.secagg_")] += (
-            time.perf_counter() - started
-        )
-        TaskIdentity.node_id = 0
+        reply = super()._handle(msg)
+        stage = msg.metadata.message_type.removeprefix("query.secagg_")
+        self.client_seconds[stage] += time.perf_counter() - started
         return reply
 
 
@@ -192,7 +159,7 @@ def cell(shape: str, clients: int, dropouts: int) -> dict:
     nodes = [1000 + 7 * i for i in range(clients)]
     updates = synthetic_updates(state, nodes)
     drop = set(nodes[:dropouts])
-    grid = Grid(nodes, updates, drop)
+    grid = TimedGrid(nodes, updates, drop)
     secure = SecureAggregation(config, FedAvg())
     content = encode_train_message(state, RoundInstructions(1, 0, ClientPlan(), config.client_config()))
     started = time.perf_counter()

@@ -97,3 +97,17 @@ class GlobalState:
         if not parts:
             raise KeyError(f"module {name!r} is in neither the merged delta nor the adapter")
         return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+
+
+def trained_tensors(
+    factors: dict[str, AdapterFactors], extras: dict[str, Tensor], trains_A: bool
+) -> dict[str, Tensor]:
+    """What a client trained, named and ordered as ``fedpeft.wire`` lays a reply out:
+    ``A/<module>`` (when A is trained), ``B/<module>``, then ``extra/<name>``."""
+    out: dict[str, Tensor] = {}
+    for module, f in factors.items():
+        if trains_A:
+            out[f"A/{module}"] = f.A
+        out[f"B/{module}"] = f.B
+    out.update({f"extra/{k}": t for k, t in extras.items()})
+    return out

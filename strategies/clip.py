@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fedpeft.privacy import clip_factor
-from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
+from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState, trained_tensors
 from strategies.base import (
     Accumulator,
     FlatLayout,
@@ -83,19 +83,6 @@ class DeltaClipper:
             "clipped_fraction": self.clipped / len(self.norms),
             "median_update_norm": statistics.median(self.norms),  # what a bound is tuned against
         }
-
-
-def trained_tensors(
-    factors: dict[str, AdapterFactors], extras: dict[str, Tensor], trains_A: bool
-) -> dict[str, Tensor]:
-    """What a client trained, in the order ``fedpeft.wire`` lays a reply out."""
-    out: dict[str, Tensor] = {}
-    for module, f in factors.items():
-        if trains_A:
-            out[f"A/{module}"] = f.A
-        out[f"B/{module}"] = f.B
-    out.update({f"extra/{k}": t for k, t in extras.items()})
-    return out
 
 
 def untrained_split(

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fedpeft.privacy import clip_factor
 from fedpeft.secagg.ring import FixedPoint
-from fedpeft.state import AdapterFactors, ClientUpdate
+from fedpeft.state import AdapterFactors, ClientUpdate, trained_tensors
 
 LOSS_SCALE = 1024.0  # the loss travels divided by this, so losses up to clip_range * 1024 fit
 
@@ -39,12 +39,7 @@ class SummandLayout:
     """Named tensor shapes laid end to end, then the loss coordinate."""
 
     def __init__(self, adapter: dict[str, AdapterFactors], extras: dict[str, Tensor], send_A: bool) -> None:
-        tensors: dict[str, Tensor] = {}
-        for module, f in adapter.items():
-            if send_A:
-                tensors[f"A/{module}"] = f.A
-            tensors[f"B/{module}"] = f.B
-        tensors.update({f"extra/{name}": t for name, t in extras.items()})
+        tensors = trained_tensors(adapter, extras, send_A)
         self.shapes = {key: tuple(t.shape) for key, t in tensors.items()}
         self.numel = sum(math.prod(shape) for shape in self.shapes.values())
 
