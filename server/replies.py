@@ -13,6 +13,7 @@ nothing a client sends makes these methods raise.
 
 from __future__ import annotations
 
+import copy
 import re
 import textwrap
 import time
@@ -76,6 +77,7 @@ class RoundReplies:
             self.decode_buffer = DecodeBuffer()
         self.reference = reference_signature(state, []) if state.adapter is not None else None
         self.pending: list[ClientUpdate] = []
+        self.held: list[tuple[ClientUpdate, float]] = []  # streaming, until the norm screen can judge
         self.accepted: list[tuple[str, int, float | None]] = []  # (node, examples, train loss)
         self.examples = 0
         self.loss_sum = 0.0
@@ -106,19 +108,31 @@ class RoundReplies:
         norm = None
         if self.screen.ratio:
             norm = update_norm(update, self.state)
-            reason = self.screen.add(norm) or self.screen.verdict(norm)
+            reason = self.screen.add(norm)
+            if reason is None and not self.screen.can_judge:
+                # cold start: no median yet; hold it (a copy: the decode buffer is reused) for close()
+                self.held.append((copy.deepcopy(update), norm))
+                return None
+            reason = reason or self.screen.verdict(norm)
             if reason is not None:
                 return self._reject(f"invalid update: {reason}")
-        self._accept(update, norm)
-        self.accumulator.add(update)
+        self._fold(update, norm)
         return None
 
     def close(self) -> list[tuple[str, str]]:
-        """Validate the kept updates (batch mode): structure first, then norms against the median
-        of the whole round's (and the previous round's); returns (client id, reason) for each
-        refused one."""
+        """Judge what was kept: the updates a streaming cold start held, and every update in batch
+        mode (structure first, then norms), against the norms of the whole round (and of the
+        previous round); returns (client id, reason) for each refused one."""
+        dropped = []
+        for update, norm in self.held:
+            reason = self.screen.verdict(norm)
+            if reason is None:
+                self._fold(update, norm)
+            else:
+                dropped.append((update.client_id, reason))
+        self.held = []
         reference = reference_signature(self.state, self.pending)
-        dropped, valid = [], []
+        valid = []
         for update in self.pending:
             reason, norm = validate(update, self.rnd, reference, self.state), None
             if reason is None and self.screen.ratio:
@@ -153,6 +167,11 @@ class RoundReplies:
     def train_loss(self) -> float:
         """The example-weighted mean of the clients' reported training loss."""
         return self.loss_sum / self.examples if self.examples else 0.0
+
+    def _fold(self, update: ClientUpdate, norm: float | None) -> None:
+        assert self.accumulator is not None
+        self._accept(update, norm)
+        self.accumulator.add(update)
 
     def _reject(self, reason: str) -> str:
         self.rejected += 1

@@ -24,7 +24,7 @@ Signature = tuple[tuple[str, tuple[int, int]], ...]
 BYTES_HEADROOM = 2  # a reply at the adapter's rank in float32 is about 1x the adapter (+ headers)
 BYTES_SLACK = 1 << 20  # one npy header (~128 bytes) per array, the meta and metric records
 NORM_CHUNK_BYTES = 1 << 20  # per fused difference-and-norm in update_norm
-MIN_NORM_POOL = 3  # fewer norms than this have no meaningful median: the screen lets the update in
+MIN_NORM_POOL = 3  # fewer norms than this have no meaningful median (see NormScreen)
 
 
 def signature(update: ClientUpdate) -> Signature:
@@ -163,9 +163,11 @@ class NormScreen:
     the server accepted in the previous completed round, plus the norm of every structurally
     valid update seen so far in this attempt at the round (refused ones included: the median
     stays put while fewer than half the pool is hostile), this one included. Until the pool
-    holds ``MIN_NORM_POOL`` norms there is no meaningful median and the update is let in: in
-    the first round of a run the first two replies are not screened. Batch (non-streaming)
-    strategies judge every reply once all have arrived, so their pool holds the whole round.
+    holds ``MIN_NORM_POOL`` norms there is no meaningful median: in the first round of a run the
+    first two replies are held (``can_judge`` is false; ``RoundReplies`` keeps a copy of each) and
+    judged, then folded, when the round closes, against the pool of the whole round. Batch
+    (non-streaming) strategies judge every reply once all have arrived, so their pool holds the
+    whole round.
     """
 
     def __init__(self, ratio: float, previous: list[float]) -> None:
@@ -179,9 +181,14 @@ class NormScreen:
         self.pool.append(norm)
         return None
 
+    @property
+    def can_judge(self) -> bool:
+        """Whether the pool is large enough for a meaningful median."""
+        return len(self.pool) >= MIN_NORM_POOL
+
     def verdict(self, norm: float) -> str | None:
         """Whether ``norm`` passes against the pool as it stands (adds nothing)."""
-        if not self.ratio or len(self.pool) < MIN_NORM_POOL:
+        if not self.ratio or not self.can_judge:
             return None
         median = statistics.median_low(self.pool)
         if norm > self.ratio * median:

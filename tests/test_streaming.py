@@ -11,6 +11,7 @@ import torch
 
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
 from server.replies import RoundReplies
+from server.validation import ReplyLimits, update_norm
 from strategies import create_strategy
 from tests import factories
 
@@ -91,9 +92,10 @@ def test_dp_accumulator_matches_batch_and_a_float64_clipped_mean():
 
 def test_a_streaming_round_keeps_no_update_after_folding_it():
     state = start_state()
-    replies = RoundReplies(create_strategy("fedavg", {}, CONTEXT), 1, state)
     update = client(0, 5, state)
     update.client_id = "1"
+    limits = ReplyLimits(previous_norms=[update_norm(update, state)] * 3)  # no cold start to hold it
+    replies = RoundReplies(create_strategy("fedavg", {}, CONTEXT), 1, state, limits)
     alive = weakref.ref(update.factors["layer.0.q"].B)
     assert replies.offer(update) is None
     del update
@@ -110,4 +112,4 @@ def test_a_streaming_round_drops_an_invalid_update_on_arrival():
     assert "NaN or Inf" in replies.offer(bad)
     assert "round 2, not 1" in replies.offer(factories.update(rank=4, seed=2, num_examples=5, rnd=2))
     assert replies.offer(client(3, 5, state, frozen_A=True)) is None
-    assert replies.count == 1
+    assert replies.close() == [] and replies.count == 1

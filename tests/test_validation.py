@@ -57,15 +57,24 @@ def test_a_scaled_update_is_refused_and_counted(strategy):
     assert replies.rejected == 1 and replies.count == 3 and len(replies.norms) == 3
 
 
-def test_streaming_lets_the_first_two_replies_of_a_run_in_and_the_previous_round_closes_that():
+def test_a_streaming_cold_start_holds_its_first_replies_until_the_round_can_judge_them():
+    """Round 1 of a run has no previous norms: the first two replies are held, not folded, and
+    judged with the whole round, so a x100 reply that arrives early is refused too. The held
+    replies are copies: the decode buffer they were decoded into is reused by the next reply."""
     state = sent_state()
     fedavg = create_strategy("fedavg", {}, CONTEXT)
-    first = [trained(state, 3, boost=100.0), trained(state, 1), trained(state, 2)]
-    assert offer_all(RoundReplies(fedavg, 1, state), first) == [None, None, None]  # the cold start
+    updates = [trained(state, 3, boost=100.0), trained(state, 1), trained(state, 2), trained(state, 4)]
+    replies = RoundReplies(fedavg, 1, state)
+    reasons = [replies.offer(replies.decode(encode_update(u), str(i))) for i, u in enumerate(updates)]
+    assert reasons == [None] * 4 and replies.count == 2  # two held, the others folded on arrival
+    [(client, reason)] = replies.close()
+    assert client == "0" and "max_norm_ratio" in reason and replies.count == 3
+    expected = fedavg.aggregate(1, state, updates[1:])
+    for name, f in replies.aggregate().adapter.items():
+        torch.testing.assert_close(f.B, expected.adapter[name].B)
 
     limits = ReplyLimits(previous_norms=[update_norm(trained(state, s), state) for s in (5, 6, 7)])
-    reasons = offer_all(RoundReplies(fedavg, 1, state, limits), first)
-    assert "max_norm_ratio" in reasons[0] and reasons[1:] == [None, None]
+    assert "max_norm_ratio" in RoundReplies(fedavg, 1, state, limits).offer(updates[0])  # no cold start
 
 
 def test_a_batch_strategy_judges_against_the_whole_round_in_any_order():
