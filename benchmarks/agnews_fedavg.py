@@ -20,7 +20,6 @@ Run from the repository root (half an hour or more on a 2-core CPU):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -32,11 +31,12 @@ from common import (
     DEFAULT_DATA_DIR,
     REPO,
     agnews_config,
-    code_version,
     full_test,
     machine,
     missing_agnews,
+    results_header,
     train_and_score,
+    write_results,
 )
 
 from fedpeft.config import RunConfig, config_to_dict
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             f"agnews_fedavg: {absent} not found; pass --data-dir <folder with agnews/alps/>", file=sys.stderr
         )
         return 2
-    load_before, code = os.getloadavg(), code_version()
+    load_before, header = os.getloadavg(), results_header("agnews_fedavg", argv)
     config = build_config(args, data_dir)
     splits = load_splits(config.data, config.run.seed)
     run_dir = args.run_dir or new_run_dir(config)
@@ -160,11 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     centralized = train_and_score(config, splits, splits.train, steps)
 
     result = {
-        "benchmark": "agnews_fedavg",
-        "date": datetime.date.today().isoformat(),
-        "command": "python benchmarks/agnews_fedavg.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "code": code,
+        **header,
         "machine": machine(load_before[0]),
         "config": config_to_dict(config),
         "train_rows": len(splits.train),
@@ -174,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "federated": federated,
         "centralized": centralized,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(result, args.out)
     print(f"\nresults written to {args.out}\n")
     print(markdown_table(result))
     return 0

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from common import DEFAULT_DATA_DIR, REPO, code_version, machine
+from common import DEFAULT_DATA_DIR, REPO, machine, results_header, write_results
 from llm_common import run_centralized, run_federated, shape_overrides, simulation_config
 
 from fedpeft.config import config_to_dict
@@ -82,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (data_dir / "dolly15k_fedit_10clients" / "global_test.json").is_file():
         print(f"llm_dolly: no dolly15k_fedit_10clients/ in {data_dir}; pass --data-dir", file=sys.stderr)
         return 2
-    load_before, code = os.getloadavg(), code_version()
+    load_before, header = os.getloadavg(), results_header("llm_dolly", argv)
     base = simulation_config(SIMULATION, data_dir, shape_overrides(args))
     splits = load_splits(base.data, base.run.seed, base.model.task)
     scorer = LMEvaluator(base, splits)
@@ -96,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     result["centralized"] = run_centralized(base, splits, result["fedavg"]["optimizer_steps"], scorer)
 
     result = {
-        "benchmark": "llm_dolly",
-        "date": datetime.date.today().isoformat(),
-        "command": "python benchmarks/llm_dolly.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "code": code,
+        **header,
         "machine": machine(load_before[0]),
         "config": config_to_dict(base),
         "clients_per_round": base.clients_per_round,
@@ -109,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_rows_truncated": scorer.data.truncated,
         **result,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(result, args.out)
     print(f"\nresults written to {args.out}\n")
     print(markdown_table(result))
     return 0

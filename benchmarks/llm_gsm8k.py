@@ -17,15 +17,13 @@ Run from the repository root after ``fedpeft models fetch smollm2-135m-instruct`
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import random
 import sys
 from pathlib import Path
 from typing import Any
 
-from common import DEFAULT_DATA_DIR, REPO, code_version, machine
+from common import DEFAULT_DATA_DIR, REPO, machine, results_header, write_results
 from llm_common import run_federated, shape_overrides, simulation_config
 
 from fedpeft.config import config_to_dict
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (data_dir / "gsm8k" / "test.jsonl").is_file():
         print(f"llm_gsm8k: no gsm8k/test.jsonl in {data_dir}; pass --data-dir", file=sys.stderr)
         return 2
-    load_before, code = os.getloadavg(), code_version()
+    load_before, header = os.getloadavg(), results_header("llm_gsm8k", argv)
     overrides = {
         "run.name": "llm-gsm8k",
         "server.evaluate": False,  # scored below, before and after, on the seeded subset
@@ -91,10 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     federated = {**facts, **scorer(state, init_seed=0)}
 
     result = {
-        "benchmark": "llm_gsm8k",
-        "date": datetime.date.today().isoformat(),
-        "command": "python benchmarks/llm_gsm8k.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "code": code,
+        **header,
         "machine": machine(load_before[0]),
         "config": config_to_dict(config),
         "clients_per_round": config.clients_per_round,
@@ -103,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "untrained": untrained,
         "federated": federated,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(result, args.out)
     print(f"\nresults written to {args.out}\n")
     print(markdown_table(result))
     return 0
