@@ -146,8 +146,11 @@ def full_test(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, data=dataclasses.replace(config.data, test_limit=None))
 
 
-def train_and_score(config: RunConfig, splits: Splits, rows: Any, steps: int) -> dict[str, Any]:
-    """Train the run's model (same init) on ``rows`` for ``steps`` and score it on the test split."""
+def train_and_score(
+    config: RunConfig, splits: Splits, rows: Any, steps: int, held_out: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Train the run's model (same init) on ``rows`` for ``steps`` and score it on the test split
+    (``test_accuracy``) and on each of ``held_out``'s datasets (``<name>_accuracy``)."""
     spec = ClassifierSpec.from_config(
         config.model.name, len(splits.label_names), config.lora, config.run.seed
     )
@@ -164,19 +167,13 @@ def train_and_score(config: RunConfig, splits: Splits, rows: Any, steps: int) ->
         weight_decay=config.train.weight_decay,
         seed=config.run.seed,
     )
-    scores = evaluate(
-        model,
-        tokenizer,
-        encode(splits.test, tokenizer, config.model.max_length),
-        config.train.eval_batch_size,
-    )
-    return {
-        "optimizer_steps": steps,
-        "train_loss": metrics["train_loss"],
-        "test_accuracy": scores["accuracy"],
-        "test_loss": scores["loss"],
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    result: dict[str, Any] = {"optimizer_steps": steps, "train_loss": metrics.train_loss}
+    for name, rows in {"test": splits.test, **(held_out or {})}.items():
+        data = encode(rows, tokenizer, config.model.max_length)
+        scores = evaluate(model, tokenizer, data, config.train.eval_batch_size)
+        result |= {f"{name}_accuracy": scores["accuracy"], f"{name}_loss": scores["loss"]}
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
 
 
 def local_only(config: RunConfig, splits: Splits, steps: int) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def run_centralized(config: RunConfig, splits: Splits, steps: int, scorer: LMEva
     scores = scorer(GlobalState(adapter=factors, extras=extras), init_seed=0)
     return {
         "optimizer_steps": steps,
-        "train_loss": round(metrics["train_loss"], 4),
+        "train_loss": round(metrics.train_loss, 4),
         "seconds": seconds,
         **scores,
     }

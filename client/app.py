@@ -59,33 +59,36 @@ def train(msg: Message, context: Context) -> Message:
     tokenizer = runtime.tokenizer(config.model.name)
     data = runtime.client_data(config, context)
     received = decode_state(msg.content)
-    host.load_state(received, init_seed=instructions.init_seed)
+    host.load_state(received, init_seed=runtime.init_seed(config, instructions.init_seed, context))
     misbehaviour = faults.for_round(config, instructions.round, msg.metadata.created_at, context)
     misbehaviour.start(host)
-    metrics = train_locally(
+    local = train_locally(
         host.model,
         tokenizer,
         data,
         steps=config.train.local_steps,
         batch_size=config.train.batch_size,
-        lr=config.train.lr,
+        lr=config.train.round_lr(instructions.round),
         weight_decay=config.train.weight_decay,
         seed=hash((config.seed, instructions.round, runtime.seed_key(context))) & 0x7FFFFFFF,
         train_lora_A=instructions.plan.train_lora_A,
+        proximal_mu=config.train.proximal_mu,
+        logit_adjustment=runtime.logit_adjustment(config, data),
     )
     factors, extras = host.read_update()
     update = ClientUpdate(
         factors=factors,
         extras=extras,
         num_examples=len(data),
+        num_trained=local.examples,
         round=instructions.round,
         rank=rank,
         alpha=config.lora.alpha,
-        metrics=metrics,
+        metrics={"train_loss": local.train_loss},
     )
     misbehaviour.edit_update(update)
     if SECAGG in msg.content:
-        masked = secure.masked_reply(msg.content, update, received, instructions.plan.send_lora_A, context)
+        masked = secure.masked_reply(msg.content, update, received, instructions.plan, context)
         return Message(misbehaviour.edit_reply(masked), reply_to=msg)
     feedback = load_feedback(context.state)
     content = encode_update(

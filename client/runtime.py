@@ -12,15 +12,17 @@ from pathlib import Path
 
 from datasets import Dataset
 from flwr.app import Context
+from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from client.settings import CLIENT_ID, DATA_PATH, RANK
 from fedpeft.config import ClientConfig
 from fedpeft.data import Splits, load_client_file, load_splits, partition
 from fedpeft.instructions import encode_chats
+from fedpeft.label_skew import logit_adjustment as label_skew_adjustment
 from fedpeft.lora import AdapterHost
 from fedpeft.models import CausalLMSpec, ClassifierSpec, ModelSpec, load_model, load_tokenizer
-from fedpeft.training import Batches, encode
+from fedpeft.training import Batches, Encoded, encode
 
 
 def is_deployed(context: Context) -> bool:
@@ -44,6 +46,14 @@ def seed_key(context: Context) -> int:
     if is_deployed(context):
         return zlib.crc32(client_id(context).encode())
     return int(context.node_config["partition-id"])
+
+
+def init_seed(config: ClientConfig, round_seed: int, context: Context) -> int:
+    """The seed of a fresh adapter (when the server sends none): the round's seed, shared by every
+    client, or with ``lora.init = "per_client"`` one mixed with this client's ``seed_key``."""
+    if config.lora.init == "shared":
+        return round_seed
+    return zlib.crc32(f"{round_seed}/{seed_key(context)}".encode())
 
 
 def client_rank(config: ClientConfig, context: Context) -> int:
@@ -84,6 +94,16 @@ def client_data(config: ClientConfig, context: Context) -> Batches:
     if is_deployed(context):
         return _encoded_file(config.to_json(), str(context.node_config[DATA_PATH]))
     return _encoded_partition(config.to_json(), int(context.node_config["partition-id"]))
+
+
+def logit_adjustment(config: ClientConfig, data: Batches) -> Tensor | None:
+    """The training-loss logit adjustment ``train.label_skew`` asks for, from this client's labels."""
+    if config.train.label_skew == "none":
+        return None
+    assert isinstance(data, Encoded) and config.data.labels, "label_skew needs labelled classification data"
+    return label_skew_adjustment(
+        data.labels, len(config.data.labels), config.train.label_skew, config.train.label_skew_tau
+    )
 
 
 @lru_cache(maxsize=8)

@@ -35,8 +35,8 @@ from fedpeft.secagg.messages import (
 )
 from fedpeft.secagg.ring import FixedPoint
 from fedpeft.secagg.summand import SummandLayout
-from fedpeft.state import ClientUpdate, GlobalState
-from fedpeft.wire import NUM_EXAMPLES, UPDATE_METRICS
+from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, update_weight
+from fedpeft.wire import NUM_EXAMPLES, UPDATE_METRICS, WEIGHT
 
 STATE = "secagg"
 log = logging.getLogger(__name__)
@@ -87,9 +87,10 @@ def answer_shares(msg: Message, context: Context) -> Message:
 
 
 def masked_reply(
-    content: RecordDict, update: ClientUpdate, received: GlobalState, send_A: bool, context: Context
+    content: RecordDict, update: ClientUpdate, received: GlobalState, plan: ClientPlan, context: Context
 ) -> RecordDict:
-    """The reply to a ``train`` message that carries a ``secagg`` record: ``update`` masked."""
+    """The reply to a ``train`` message that carries a ``secagg`` record: ``update`` masked,
+    weighted as ``plan.weighting`` says."""
     request = MaskingRequest.from_content(content)
     secrets = _secrets(context, request.session, "shares")
     me, participants = context.node_id, unpack_nodes(secrets["nodes"])
@@ -97,25 +98,25 @@ def masked_reply(
         raise ProtocolError("the masking set is not a subset of the participants")
     if len(request.nodes) < secrets["threshold"]:
         raise ProtocolError("fewer clients mask than the threshold that recovers them")
-    if update.num_examples > request.max_weight:
+    weight = int(update_weight(update, plan.weighting))
+    if max(weight, update.num_examples) > request.max_weight:
         raise ProtocolError(
-            f"{update.num_examples} examples exceed secure.max_examples = {request.max_weight}, the "
-            "largest weight the ring was sized for; raise it on the server"
+            f"a weight of {max(weight, update.num_examples)} exceeds secure.max_examples = "
+            f"{request.max_weight}, the largest weight the ring was sized for; raise it on the server"
         )
     if received.adapter is None:
         raise ProtocolError("secure aggregation needs the global adapter in the train message")
-    layout = SummandLayout(received.adapter, received.extras, send_A)
+    layout = SummandLayout(received.adapter, received.extras, plan.send_lora_A)
     codec = FixedPoint(request.clip_range, request.fraction_bits)
-    summand = layout.encode(update, (received.adapter, received.extras), codec, request.clip_norm)
+    summand = layout.encode(update, (received.adapter, received.extras), codec, request.clip_norm, weight)
     if summand.clipped:
         log.warning("secure aggregation clipped %d values to +-%g", summand.clipped, request.clip_range)
     keys = dict(zip(participants, secrets["mask-keys"], strict=True))
     peers = [(node, keys[node]) for node in request.nodes]
     masked = masks.mask(summand.vector, secrets["self-seed"], secrets["mask-key"], me, peers)
     secrets.update({"stage": "masked", "masked-with": pack_nodes(request.nodes)})
-    return RecordDict(
-        {MASKED: encode_masked(masked), UPDATE_METRICS: MetricRecord({NUM_EXAMPLES: update.num_examples})}
-    )
+    counts = MetricRecord({NUM_EXAMPLES: update.num_examples, WEIGHT: weight})
+    return RecordDict({MASKED: encode_masked(masked), UPDATE_METRICS: counts})
 
 
 def answer_unmask(msg: Message, context: Context) -> Message:

@@ -18,6 +18,7 @@ from typing import Any
 
 from fedpeft.compression import CODECS
 from fedpeft.errors import UserError
+from fedpeft.label_skew import LABEL_SKEW_METHODS
 from fedpeft.secagg.ring import FixedPoint, RingOverflowError
 
 
@@ -26,6 +27,7 @@ class ConfigError(UserError):
 
 
 TASKS = ("classification", "causal_lm")
+LORA_INITS = ("shared", "per_client")
 PARTITIONS = ("iid", "dirichlet", "field", "files")
 SIMULATED_FAULTS = ("crash", "timeout", "garbage")
 
@@ -53,6 +55,7 @@ class LoraSection:
     dropout: float = 0.0
     target_modules: list[str] | None = None
     client_ranks: list[int] | None = None
+    init: str = "shared"  # "per_client": each client draws its first A from a seed of its own id
 
 
 @dataclass
@@ -81,9 +84,17 @@ class TrainSection:
     local_steps: int = 10
     batch_size: int = 16
     lr: float = 5e-4
+    lr_decay: float = 1.0  # round r trains at lr * lr_decay ** (r - 1)
     weight_decay: float = 0.0
+    proximal_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 on the trainable tensors
+    label_skew: str = "none"  # a client-side remedy for label skew (fedpeft/label_skew.py)
+    label_skew_tau: float = 1.0
     eval_batch_size: int = 64
     compression: str = "none"
+
+    def round_lr(self, rnd: int) -> float:
+        """The local learning rate of round ``rnd`` (from 1)."""
+        return self.lr * self.lr_decay ** (rnd - 1)
 
 
 @dataclass
@@ -307,6 +318,10 @@ def _validate(config: RunConfig) -> None:
             config.lora.client_ranks is None or len(set(config.lora.client_ranks)) > 1,
             "lora.client_ranks must mix at least two ranks; for one rank on every client set lora.rank",
         ),
+        (
+            config.lora.init in LORA_INITS,
+            f"lora.init must be one of {', '.join(LORA_INITS)}, got {config.lora.init!r}",
+        ),
         (config.data.num_clients >= 1, "data.num_clients must be at least 1"),
         (
             config.model.task in TASKS,
@@ -325,6 +340,18 @@ def _validate(config: RunConfig) -> None:
         (config.train.local_steps >= 1, "train.local_steps must be at least 1"),
         (config.train.batch_size >= 1, "train.batch_size must be at least 1"),
         (config.train.lr > 0, "train.lr must be positive"),
+        (0 < config.train.lr_decay <= 1, "train.lr_decay must be in (0, 1], e.g. 0.9 (1: a constant lr)"),
+        (config.train.proximal_mu >= 0, "train.proximal_mu must be >= 0 (0: no proximal term)"),
+        (
+            config.train.label_skew in LABEL_SKEW_METHODS,
+            f"train.label_skew must be one of {', '.join(LABEL_SKEW_METHODS)}, "
+            f"got {config.train.label_skew!r}",
+        ),
+        (config.train.label_skew_tau > 0, "train.label_skew_tau must be positive"),
+        (
+            config.train.label_skew == "none" or config.model.task == "classification",
+            "train.label_skew applies to classification only; set it to 'none' for a causal LM",
+        ),
         (
             config.train.compression in CODECS,
             f"train.compression must be one of {', '.join(CODECS)}, got {config.train.compression!r}",
@@ -374,6 +401,11 @@ def _validate_secure(config: RunConfig) -> None:
             not config.lora.client_ranks,
             "secure aggregation sums one adapter layout; unset lora.client_ranks or "
             "set server.secure_aggregation = false",
+        ),
+        (
+            config.lora.init == "shared",
+            "secure aggregation needs the shared initial adapter to mask against; set "
+            "lora.init = 'shared' or server.secure_aggregation = false",
         ),
         (
             config.train.compression == "none",

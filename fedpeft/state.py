@@ -14,13 +14,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# How a weighted rule weighs client k (``update_weight``):
+# - "examples": n_k, the rows the client holds (the objective sum_k n_k f_k / n, as FedAvg defines it);
+# - "steps": the examples the client actually trained on this round (batch x steps);
+# - "uniform": 1 for every client.
+WEIGHTINGS = ("examples", "steps", "uniform")
+
 
 @dataclass(frozen=True)
 class ClientPlan:
-    """What a strategy asks clients to do this round, beyond applying the global state."""
+    """What a strategy asks clients to do this round, beyond applying the global state.
+
+    ``weighting`` is the strategy's weighting (``WEIGHTINGS``): a client under secure aggregation
+    weighs its masked summand with it, since the server never sees the update alone.
+    """
 
     train_lora_A: bool = True
     send_lora_A: bool = True
+    weighting: str = "examples"
     options: dict[str, bool | int | float | str] = field(default_factory=dict)
 
 
@@ -57,7 +68,11 @@ class LowRankDelta:
 
 @dataclass
 class ClientUpdate:
-    """What one client sends back after a round of local training."""
+    """What one client sends back after a round of local training.
+
+    ``num_examples`` is the size of the client's training data; ``num_trained`` the examples it
+    trained on this round (local steps x batch size, fewer for a client with less than a batch).
+    """
 
     factors: dict[str, AdapterFactors]
     extras: dict[str, Tensor]
@@ -67,6 +82,7 @@ class ClientUpdate:
     alpha: float
     metrics: dict[str, float] = field(default_factory=dict)
     client_id: str = ""
+    num_trained: int = 0
 
 
 @dataclass
@@ -97,6 +113,19 @@ class GlobalState:
         if not parts:
             raise KeyError(f"module {name!r} is in neither the merged delta nor the adapter")
         return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+
+
+def update_weight(update: ClientUpdate, weighting: str) -> float:
+    """The raw (unnormalised) weight of ``update`` under ``weighting`` (one of ``WEIGHTINGS``)."""
+    if weighting == "examples":
+        return float(update.num_examples)
+    if weighting == "steps":
+        if update.num_trained <= 0:
+            raise ValueError("weighting 'steps' needs the examples each client trained on (num_trained)")
+        return float(update.num_trained)
+    if weighting == "uniform":
+        return 1.0
+    raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
 
 
 def trained_tensors(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from peft import PeftModel
 from torch import Tensor
@@ -62,6 +63,15 @@ def sample_batches(size: int, batch_size: int, steps: int, seed: int) -> Iterato
         yield batch
 
 
+@dataclass(frozen=True)
+class LocalResult:
+    """What one round of local training reports: the mean training loss and the number of
+    examples trained on (steps x batch, or fewer when the data is smaller than a batch)."""
+
+    train_loss: float
+    examples: int
+
+
 def train(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -73,10 +83,16 @@ def train(
     weight_decay: float,
     seed: int,
     train_lora_A: bool = True,
-) -> dict[str, float]:
-    """Run ``steps`` AdamW steps on the trainable parameters; returns the mean training loss.
+    proximal_mu: float = 0.0,
+    logit_adjustment: Tensor | None = None,
+) -> LocalResult:
+    """Run ``steps`` AdamW steps on the trainable parameters.
 
-    Batches and dropout masks are drawn from ``seed``, so a round is reproducible.
+    ``proximal_mu`` adds FedProx's term mu/2 ||w - w_start||^2 over the trainable tensors (w_start:
+    their values when training starts, i.e. the global state received), applied as its gradient
+    mu (w - w_start). ``logit_adjustment`` (one value per class, see ``fedpeft.label_skew``) is
+    added to a classifier's logits inside the training loss only. Batches and dropout masks are
+    drawn from ``seed``, so a round is reproducible.
     """
     if len(data) == 0:
         raise ValueError("this client has no training examples")
@@ -86,19 +102,34 @@ def train(
             if "lora_A" in name:
                 param.requires_grad_(train_lora_A)
         params = [p for p in model.parameters() if p.requires_grad]
+        start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         model.train()
-        total = 0.0
+        total, examples = 0.0, 0
         for indices in sample_batches(len(data), batch_size, steps, seed):
-            loss = model(**_on(model, data.collate(indices, tokenizer))).loss
+            loss = _loss(model, _on(model, data.collate(indices, tokenizer)), logit_adjustment)
             loss.backward()
+            if start:
+                torch._foreach_add_(
+                    [p.grad for p in params], torch._foreach_sub(params, start), alpha=proximal_mu
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             total += loss.item()
+            examples += len(indices)
         for name, param in model.named_parameters():
             if "lora_A" in name:
                 param.requires_grad_(True)
-    return {"train_loss": total / steps}
+    return LocalResult(train_loss=total / steps, examples=examples)
+
+
+def _loss(model: PeftModel, batch: dict[str, Tensor], logit_adjustment: Tensor | None) -> Tensor:
+    """The model's own loss, or cross-entropy over adjusted logits."""
+    if logit_adjustment is None:
+        return model(**batch).loss
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    return F.cross_entropy(logits + logit_adjustment.to(logits.device), labels)
 
 
 @torch.no_grad()

@@ -24,6 +24,8 @@ from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState,
 STATE_ARRAYS, STATE_META = "state", "state-meta"
 UPDATE_ARRAYS, UPDATE_META, UPDATE_METRICS = "update", "update-meta", "metrics"
 NUM_EXAMPLES = "num-examples"
+NUM_TRAINED = "num-trained"
+WEIGHT = "weight"  # a masked reply's weight under the strategy's weighting (secure aggregation)
 
 
 SCALE_SUFFIX = ".scale"
@@ -246,7 +248,7 @@ def encode_update(
         meta[f"scale/{name}"] = f.scale
     for name, t in update.extras.items():
         arrays[f"extra/{name}"] = to_array(t)
-    metrics = {NUM_EXAMPLES: update.num_examples, **update.metrics}
+    metrics = {NUM_EXAMPLES: update.num_examples, NUM_TRAINED: update.num_trained, **update.metrics}
     return RecordDict(
         {
             UPDATE_ARRAYS: ArrayRecord(array_dict=arrays),
@@ -289,13 +291,15 @@ def decode_update(
         n: AdapterFactors(A=p["A"], B=p["B"], scale=_meta(meta, f"scale/{n}", float))
         for n, p in groups["lora"].items()
     }
-    num_examples = metrics.pop(NUM_EXAMPLES, None)
-    if not isinstance(num_examples, int) or num_examples < 0:
-        raise WireError(f"'{NUM_EXAMPLES}' must be a non-negative integer, got {num_examples!r}")
+    num_examples, num_trained = metrics.pop(NUM_EXAMPLES, None), metrics.pop(NUM_TRAINED, 0)
+    for key, count in ((NUM_EXAMPLES, num_examples), (NUM_TRAINED, num_trained)):
+        if not isinstance(count, int) or count < 0:
+            raise WireError(f"'{key}' must be a non-negative integer, got {count!r}")
     return ClientUpdate(
         factors=factors,
         extras=extras,
         num_examples=num_examples,
+        num_trained=num_trained,
         round=_meta(meta, "round", int),
         rank=_meta(meta, "rank", int),
         alpha=_meta(meta, "alpha", float),
@@ -388,6 +392,7 @@ def encode_instructions(instructions: RoundInstructions) -> ConfigRecord:
         "init-seed": instructions.init_seed,
         "train-lora-A": instructions.plan.train_lora_A,
         "send-lora-A": instructions.plan.send_lora_A,
+        "weighting": instructions.plan.weighting,
         "client-config": instructions.client_config.to_json(),
     }
     record.update({f"option/{k}": v for k, v in instructions.plan.options.items()})
@@ -403,6 +408,7 @@ def decode_instructions(content: RecordDict) -> RoundInstructions:
         plan=ClientPlan(
             train_lora_A=_meta(record, "train-lora-A", bool),
             send_lora_A=_meta(record, "send-lora-A", bool),
+            weighting=_meta(record, "weighting", str),
             options=options,
         ),
         client_config=ClientConfig.from_json(_meta(record, "client-config", str)),

@@ -37,7 +37,7 @@ from server.replies import RoundReplies, client_error, receive
 from server.report import RunRecorder
 from server.secure import SecureAggregation, SecureSum
 from server.validation import ReplyLimits
-from strategies import StopFederation, Strategy, create_strategy
+from strategies import StopFederation, Strategy, StrategyError, create_strategy
 
 NODE_WAIT_SECONDS = 120.0
 EVAL_METRICS = ("eval_accuracy", "eval_loss", "eval_perplexity", "eval_exact_match")
@@ -80,6 +80,20 @@ def build_strategy(config: RunConfig) -> Strategy:
     )
 
 
+def check_fresh_start(config: RunConfig, strategy: Strategy) -> None:
+    """Refuse a strategy that freezes or withholds A when clients start without a shared adapter
+    (mixed ranks, or ``lora.init = "per_client"``): there is no A to freeze or fill in then."""
+    if not (config.lora.client_ranks or config.lora.init == "per_client"):
+        return
+    plan = strategy.client_instructions(1, GlobalState())
+    if not (plan.train_lora_A and plan.send_lora_A):
+        raise StrategyError(
+            f"strategy '{strategy.name}' keeps A frozen at the shared initial adapter, which clients "
+            "starting from their own adapters (lora.client_ranks mixed or lora.init = 'per_client') "
+            "do not have; use another strategy or lora.init = 'shared'"
+        )
+
+
 class FederatedRun:
     """Runs ``config.run.rounds`` rounds against a Flower ``Grid`` and writes the run directory."""
 
@@ -100,6 +114,7 @@ class FederatedRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = console or Console()
         self.strategy = build_strategy(config)
+        check_fresh_start(config, self.strategy)
         check_rank_fits(config.model.name, config.model.task, config.lora)
         self.secure = SecureAggregation(config, self.strategy) if config.server.secure_aggregation else None
         self.splits = splits or load_splits(config.data, config.run.seed, config.model.task)
@@ -142,10 +157,11 @@ class FederatedRun:
     def _fetch_initial_adapter(self, grid: Grid) -> None:
         """Make the untrained global adapter explicit: ask one client for its seeded init.
 
-        Skipped when clients train at different ranks: there is no single adapter then, and each
-        client starts from its own seeded init (``GlobalState.adapter is None``).
+        Skipped when clients train at different ranks or initialise their adapters themselves
+        (``lora.init = "per_client"``): there is no single adapter then, and each client starts
+        round 1 from its own seeded init (``GlobalState.adapter is None``).
         """
-        if self.config.lora.client_ranks:
+        if self.config.lora.client_ranks or self.config.lora.init == "per_client":
             return
         node = self._sample(grid, count=1)[0]
         instructions = RoundInstructions(0, self.init_seed(1), ClientPlan(), self.client_config)

@@ -49,7 +49,7 @@ from fedpeft.secagg.messages import (
 from fedpeft.secagg.ring import FixedPoint
 from fedpeft.secagg.summand import SummandLayout
 from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
-from fedpeft.wire import NUM_EXAMPLES, UPDATE_METRICS, WireError, record_nbytes
+from fedpeft.wire import NUM_EXAMPLES, UPDATE_METRICS, WEIGHT, WireError, record_nbytes
 from server.replies import client_error, receive
 from strategies import DifferentialPrivacy, Strategy
 
@@ -202,9 +202,9 @@ class _Attempt:
         self._cost(name, started, down, up)
         return answers
 
-    def _masked_sum(self, content: RecordDict) -> tuple[np.ndarray, dict[int, int]]:
+    def _masked_sum(self, content: RecordDict) -> tuple[np.ndarray, dict[int, tuple[int, int]]]:
         """Stage 3: the train message to every client still in; each masked vector is folded into
-        the running sum as it arrives. Returns the sum and each survivor's example count."""
+        the running sum as it arrives. Returns the sum and each survivor's (example count, weight)."""
         started = time.perf_counter()
         request = MaskingRequest(
             self.session,
@@ -220,7 +220,7 @@ class _Attempt:
             Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in self.alive
         ]
         total = np.zeros(self.layout.size, dtype=np.uint64)
-        examples: dict[int, int] = {}
+        examples: dict[int, tuple[int, int]] = {}
         up = 0
         for reply in receive(self.grid, messages, self.secure.timeout):
             node = reply.metadata.src_node_id
@@ -230,7 +230,7 @@ class _Attempt:
             up += _nbytes(reply.content)
             try:
                 vector = decode_masked(reply.content, self.layout.size)
-                examples[node] = self._examples(reply.content)
+                examples[node] = self._counts(reply.content)
             except WireError as exc:
                 self.result.dropped.append((node, f"malformed reply: {exc}"))
                 self.result.replies.rejected += 1
@@ -241,14 +241,16 @@ class _Attempt:
         self._require()
         return total, examples
 
-    def _examples(self, content: RecordDict) -> int:
+    def _counts(self, content: RecordDict) -> tuple[int, int]:
+        """A masked reply's example count and weight (what its summand was multiplied by)."""
         metrics = content.get(UPDATE_METRICS)
-        examples = metrics.get(NUM_EXAMPLES) if metrics is not None else None
-        if not isinstance(examples, int) or not 0 <= examples <= self.secure.max_examples:
-            raise WireError(
-                f"'{NUM_EXAMPLES}' must be an integer in [0, secure.max_examples], got {examples!r}"
-            )
-        return examples
+        counts = []
+        for key in (NUM_EXAMPLES, WEIGHT):
+            value = metrics.get(key) if metrics is not None else None
+            if not isinstance(value, int) or not 0 <= value <= self.secure.max_examples:
+                raise WireError(f"'{key}' must be an integer in [0, secure.max_examples], got {value!r}")
+            counts.append(value)
+        return counts[0], counts[1]
 
     def _route(self, sealed: dict[int, EncryptedShares]) -> dict[int, tuple[list[int], list[bytes]]]:
         """For each client, the (senders, encrypted bundles) addressed to it."""
@@ -289,32 +291,34 @@ class _Attempt:
         masks.unmask(total, (shares.combine(held[n]) for n in survivors), dropped_keys, survivor_keys)
         self._cost("unmask", started, 0, 0)
 
-    def _finish(self, total: np.ndarray, examples: dict[int, int]) -> None:
+    def _finish(self, total: np.ndarray, counts: dict[int, tuple[int, int]]) -> None:
         """Decode the sum and hand it to the strategy (when the round loop asks to aggregate)."""
         decoded = self.secure.codec.decode(total)
-        count, total_examples = len(examples), sum(examples.values())
+        count = len(counts)
+        total_examples = sum(n for n, _ in counts.values())
+        total_weight = sum(w for _, w in counts.values())
         replies = self.result.replies
-        replies.accepted = [(str(node), n, None) for node, n in sorted(examples.items())]
+        replies.accepted = [(str(node), n, None) for node, (n, _) in sorted(counts.items())]
         replies.train_loss = self.layout.loss(decoded) / total_examples if total_examples else 0.0
         summed = self.layout.unflatten(decoded)
-        replies.aggregate_fn = lambda: self._aggregate(summed, count, total_examples)
+        replies.aggregate_fn = lambda: self._aggregate(summed, count, total_weight)
 
-    def _aggregate(self, summed: dict[str, torch.Tensor], count: int, total_examples: int) -> GlobalState:
+    def _aggregate(self, summed: dict[str, torch.Tensor], count: int, total_weight: int) -> GlobalState:
         strategy, state = self.secure.strategy, self.state
         assert state.adapter is not None
         rank = next(iter(state.adapter.values())).rank
         if isinstance(strategy, DifferentialPrivacy):
             return strategy.aggregate_clipped_sum(self.rnd, state, summed, count, rank, self.secure.alpha)
-        if total_examples <= 0:
+        if total_weight <= 0:
             raise ValueError("cannot aggregate: the replies report no training examples in total")
-        mean = {key: t / total_examples for key, t in summed.items()}
+        mean = {key: t / total_weight for key, t in summed.items()}
         factors = {
             module: AdapterFactors(A=mean.get(f"A/{module}", f.A), B=mean[f"B/{module}"], scale=f.scale)
             for module, f in state.adapter.items()
         }
         extras = {k.removeprefix("extra/"): t for k, t in mean.items() if k.startswith("extra/")}
         virtual = ClientUpdate(
-            factors, extras, total_examples, round=self.rnd, rank=rank, alpha=self.secure.alpha
+            factors, extras, total_weight, round=self.rnd, rank=rank, alpha=self.secure.alpha, num_trained=1
         )
         return strategy.aggregate(self.rnd, state, [virtual])
 

@@ -4,8 +4,12 @@ from fedpeft.state import ClientPlan
 from strategies.base import StopFederation, Strategy
 from strategies.clip import Clip, create_clip
 from strategies.dp import DifferentialPrivacy
+from strategies.fedadagrad import FedAdagrad
+from strategies.fedadam import FedAdam
 from strategies.fedavg import FedAvg
+from strategies.fedavgm import FedAvgM
 from strategies.fedex import FedEx
+from strategies.fedyogi import FedYogi
 from strategies.ffa import FFA
 from strategies.median import Median
 from strategies.registry import StrategyError, available_strategies, create_strategy, register_strategy
@@ -13,7 +17,20 @@ from strategies.stacking import Stacking
 from strategies.trimmed_mean import TrimmedMean
 from strategies.vcma import VCMA
 
-for _strategy in (FedAvg, Stacking, VCMA, FedEx, FFA, DifferentialPrivacy, Median, TrimmedMean):
+for _strategy in (
+    FedAvg,
+    Stacking,
+    VCMA,
+    FedEx,
+    FFA,
+    DifferentialPrivacy,
+    Median,
+    TrimmedMean,
+    FedAvgM,
+    FedAdam,
+    FedYogi,
+    FedAdagrad,
+):
     register_strategy(_strategy.name)(_strategy)
 register_strategy(Clip.name)(create_clip)  # a factory: it picks the streaming variant when it can
 
@@ -23,8 +40,12 @@ __all__ = [
     "Clip",
     "ClientPlan",
     "DifferentialPrivacy",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedAvgM",
     "FedEx",
+    "FedYogi",
     "Median",
     "Stacking",
     "StopFederation",

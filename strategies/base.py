@@ -9,7 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
+from fedpeft.state import WEIGHTINGS, ClientPlan, ClientUpdate, GlobalState, update_weight
 
 
 class StopFederation(Exception):
@@ -182,18 +182,35 @@ class StatelessStrategy:
         pass
 
 
+class WeightedStrategy(StatelessStrategy):
+    """Defaults for a stateless rule that weighs its clients: ``weighting`` is one of
+    ``fedpeft.state.WEIGHTINGS`` (examples, steps, uniform), told to clients in the plan."""
+
+    def __init__(self, weighting: str = "examples") -> None:
+        self.weighting = check_weighting(weighting)
+
+    def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
+        return ClientPlan(weighting=self.weighting)
+
+    def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
+        """p_k = w_k / sum_j w_j over this round's replies, w_k by ``weighting``."""
+        raw = [update_weight(u, self.weighting) for u in updates]
+        total = sum(raw)
+        if total <= 0:
+            raise ValueError("cannot aggregate: the replies report no training examples in total")
+        return [w / total for w in raw]
+
+
+def check_weighting(weighting: str) -> str:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    return weighting
+
+
 def check_rank_cap(name: str, rank_cap: int) -> int:
     if rank_cap < 1:
         raise ValueError(f"{name}'s rank_cap must be at least 1")
     return rank_cap
-
-
-def example_weights(updates: Sequence[ClientUpdate]) -> list[float]:
-    """p_k = n_k / sum_j n_j over this round's replies."""
-    total = sum(u.num_examples for u in updates)
-    if total <= 0:
-        raise ValueError("cannot aggregate: the replies report no training examples in total")
-    return [u.num_examples / total for u in updates]
 
 
 def weighted_sum(tensors: Iterable[Tensor], weights: Iterable[float]) -> Tensor:

@@ -40,7 +40,8 @@ class DeltaClipper:
     def __init__(self, who: str, state: GlobalState, trains_A: bool) -> None:
         if state.adapter is None:
             raise StrategyError(
-                f"{who} needs the global adapter the clients started from (one LoRA rank for all)"
+                f"{who} needs the global adapter the clients started from (one LoRA rank for all, "
+                "lora.init = 'shared')"
             )
         self.state, self.trains_A = state, trains_A
         reference = trained_tensors(state.adapter, state.extras, trains_A)

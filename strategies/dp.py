@@ -153,5 +153,5 @@ class PrivateSum:
         noised = dict(zip(layout.keys, layout.views(self.total), strict=True))
         factors, extras = untrained_split(noised, self.state, self.trains_A)
         rnd, rank, alpha = self.client
-        virtual = ClientUpdate(factors, extras, num_examples=1, round=rnd, rank=rank, alpha=alpha)
+        virtual = ClientUpdate(factors, extras, 1, round=rnd, rank=rank, alpha=alpha, num_trained=1)
         return dp.inner.aggregate(self.rnd, self.state, [virtual])

@@ -1,4 +1,4 @@
-"""FedAvg over LoRA factors: A and B averaged separately, weighted by examples.
+"""FedAvg over LoRA factors: A and B averaged separately, weighted by ``weighting``.
 
 Inexact by design: mean(B) mean(A) != mean(B A); the error is sum_k p_k (B_k - B̄)(A_k - Ā).
 Kept because it is the baseline every paper compares against.
@@ -8,18 +8,18 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
-from strategies.base import StatelessStrategy, WeightedSum, aggregate_stream, require_updates
+from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, update_weight
+from strategies.base import WeightedStrategy, WeightedSum, aggregate_stream, require_updates
 
 
-class FedAvg(StatelessStrategy):
-    """Example-weighted average of A, B and the dense extras."""
+class FedAvg(WeightedStrategy):
+    """Weighted average of A, B and the dense extras (``weighting``: examples, steps or uniform)."""
 
     name = "fedavg"
     linear = True
 
     def start(self, rnd: int, state: GlobalState) -> FactorAverage:
-        return FactorAverage(self.name, rnd, state)
+        return FactorAverage(self.name, rnd, state, self.weighting)
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)
@@ -27,15 +27,21 @@ class FedAvg(StatelessStrategy):
 
 
 class FactorAverage:
-    """The running example-weighted mean of the clients' factors and extras.
+    """The running weighted mean of the clients' factors and extras.
 
     With ``frozen`` (FFA), A is not averaged: the result keeps the frozen A and its scale.
     """
 
     def __init__(
-        self, strategy: str, rnd: int, state: GlobalState, frozen: dict[str, AdapterFactors] | None = None
+        self,
+        strategy: str,
+        rnd: int,
+        state: GlobalState,
+        weighting: str,
+        frozen: dict[str, AdapterFactors] | None = None,
     ) -> None:
         self.strategy, self.rnd, self.state, self.frozen = strategy, rnd, state, frozen
+        self.weighting = weighting
         self.sum = WeightedSum()
         self.ranks: set[tuple[int, float]] = set()
         self.scales: dict[str, float] = {}
@@ -45,7 +51,9 @@ class FactorAverage:
         check_same_ranks(self.strategy, self.ranks)
         if not self.scales:
             self.scales = {module: f.scale for module, f in update.factors.items()}
-        self.sum.add(summed_tensors(update, with_A=self.frozen is None), update.num_examples)
+        self.sum.add(
+            summed_tensors(update, with_A=self.frozen is None), update_weight(update, self.weighting)
+        )
 
     def result(self) -> GlobalState:
         if self.sum.count == 0:

@@ -23,12 +23,14 @@ class FedEx(MergedDeltaStrategy):
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)
-        averaged = FedAvg().aggregate(rnd, state, updates)
-        total = sum(u.num_examples for u in updates)
+        averaged = FedAvg(self.weighting).aggregate(rnd, state, updates)
+        p = self.weights(updates)
         residuals = {}
         for module, mean in averaged.adapter.items():
             s = mean.scale
-            Us = [s * (u.num_examples / total) * u.factors[module].B.float() for u in updates] + [-s * mean.B]
+            Us = [s * pk * u.factors[module].B.float() for pk, u in zip(p, updates, strict=True)] + [
+                -s * mean.B
+            ]
             Vs = [u.factors[module].A.float() for u in updates] + [mean.A]
             residuals[module] = LowRankDelta(U=torch.cat(Us, dim=1), V=torch.cat(Vs, dim=0))
         merged = self.merge(state.merged, residuals)

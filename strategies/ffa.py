@@ -7,23 +7,25 @@ in the updates, which makes it the right inner strategy under DP (noise lands on
 from __future__ import annotations
 
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
-from strategies.base import StatelessStrategy, aggregate_stream, require_updates
+from strategies.base import WeightedStrategy, aggregate_stream, require_updates
 from strategies.fedavg import FactorAverage
+from strategies.registry import StrategyError
 
 
-class FFA(StatelessStrategy):
+class FFA(WeightedStrategy):
     name = "ffa"
     linear = True
 
     def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
-        return ClientPlan(train_lora_A=False, send_lora_A=False)
+        return ClientPlan(train_lora_A=False, send_lora_A=False, weighting=self.weighting)
 
     def start(self, rnd: int, state: GlobalState) -> FactorAverage:
         if state.adapter is None:
-            raise ValueError(
-                "ffa needs the shared initial adapter; it cannot run with lora.client_ranks mixed"
+            raise StrategyError(
+                "ffa needs the shared initial adapter; it cannot run with lora.client_ranks mixed "
+                "or lora.init = 'per_client'"
             )
-        return FactorAverage(self.name, rnd, state, frozen=state.adapter)
+        return FactorAverage(self.name, rnd, state, self.weighting, frozen=state.adapter)
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fedpeft.state import LowRankDelta
-from strategies.base import StatelessStrategy, check_rank_cap
+from strategies.base import WeightedStrategy, check_rank_cap
 
 # Singular values below this fraction of the largest are numerical zeros (float32 inputs).
 RELATIVE_TOLERANCE = 1e-6
@@ -57,12 +57,13 @@ def add_to_merged(
     return out, worst
 
 
-class MergedDeltaStrategy(StatelessStrategy):
+class MergedDeltaStrategy(WeightedStrategy):
     """Base of the strategies that add exact low-rank terms to ``merged`` (stacking, fedex)."""
 
     name = "merged-delta"
 
-    def __init__(self, rank_cap: int = 64) -> None:
+    def __init__(self, rank_cap: int = 64, weighting: str = "examples") -> None:
+        super().__init__(weighting)
         self.rank_cap = check_rank_cap(self.name, rank_cap)
         self.last_metrics: dict[str, float] = {}
 

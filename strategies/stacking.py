@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fedpeft.state import ClientUpdate, GlobalState, LowRankDelta
-from strategies.base import example_weights, require_updates, weighted_sum
+from strategies.base import require_updates, weighted_sum
 from strategies.lowrank import MergedDeltaStrategy, weighted_rows
 
 
@@ -22,7 +22,7 @@ class Stacking(MergedDeltaStrategy):
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)
-        p = example_weights(updates)
+        p = self.weights(updates)
         stacked = {
             module: LowRankDelta(
                 U=torch.cat([u.factors[module].B.float() for u in updates], dim=1),

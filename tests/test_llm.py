@@ -62,7 +62,7 @@ def test_training_lowers_the_response_loss(tiny_llama_dir):
     after = evaluate_lm(model, tokenizer, data, batch_size=8)
     assert after["loss"] < before["loss"] - 1.0
     assert after["perplexity"] == pytest.approx(torch.tensor(after["loss"]).exp().item())
-    assert metrics["train_loss"] < before["loss"]
+    assert metrics.train_loss < before["loss"]
 
 
 def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny_llama_dir):

@@ -115,6 +115,16 @@ def test_a_client_dropping_after_masking_is_recovered_and_the_sum_is_exact(tiny_
     assert row["train_loss"] == pytest.approx(loss, abs=1e-5)
 
 
+def test_clients_weigh_their_masked_update_by_the_strategys_weighting(tiny_bert_dir, tmp_path, masked):
+    config = secure_config(tiny_bert_dir, **{"strategy.weighting": "uniform", "data.partition": "dirichlet"})
+    run = FederatedRun(config, tmp_path)
+    run.run(LocalGrid(CLIENTS))
+    updates = list(masked.updates.values())
+    assert len({u.num_examples for u in updates}) > 1  # example weights would differ from uniform ones
+    plain = FedAvg(weighting="uniform").aggregate(1, masked.received, updates)
+    assert max_difference(run.state, plain) <= FixedPoint().max_error + 1e-6
+
+
 def test_too_many_dropouts_fail_the_attempt_cleanly_and_it_is_retried(tiny_bert_dir, tmp_path):
     calls: list[int] = []
     config = secure_config(tiny_bert_dir)  # threshold 0.6 of 5: 3 survivors needed to unmask

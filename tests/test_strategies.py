@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, LowRankDelta
-from strategies import FFA, VCMA, FedEx, Stacking, create_strategy
+from strategies import FFA, VCMA, FedAvg, FedEx, Stacking, StrategyError, create_strategy
 from strategies.lowrank import recompress
 
 RANKS = [1, 4, 8, 16]
@@ -43,9 +43,18 @@ def federation(draw, mixed_ranks: bool):
             for n, (do, di) in shapes.items()
         }
 
+    trained = [draw(st.integers(1, 640)) for _ in range(k)]
     updates = [
-        ClientUpdate(factors(r), {"head": torch.randn(4, 5, generator=gen)}, n, round=1, rank=r, alpha=alpha)
-        for r, n in zip(ranks, counts, strict=True)
+        ClientUpdate(
+            factors(r),
+            {"head": torch.randn(4, 5, generator=gen)},
+            n,
+            round=1,
+            rank=r,
+            alpha=alpha,
+            num_trained=t,
+        )
+        for r, n, t in zip(ranks, counts, trained, strict=True)
     ]
     merged = {
         n: LowRankDelta(torch.randn(do, 2, generator=gen), torch.randn(2, di, generator=gen))
@@ -57,13 +66,18 @@ def federation(draw, mixed_ranks: bool):
     return prior, updates
 
 
-def weights(updates):
-    total = sum(u.num_examples for u in updates)
-    return [u.num_examples / total for u in updates]
+def weights(updates, weighting="examples"):
+    raw = {
+        "examples": [u.num_examples for u in updates],
+        "steps": [u.num_trained for u in updates],
+        "uniform": [1] * len(updates),
+    }[weighting]
+    return [w / sum(raw) for w in raw]
 
 
-def exact_sum(updates, module):
-    return sum(p * u.factors[module].delta() for p, u in zip(weights(updates), updates, strict=True))
+def exact_sum(updates, module, weighting="examples"):
+    p = weights(updates, weighting)
+    return sum(pk * u.factors[module].delta() for pk, u in zip(p, updates, strict=True))
 
 
 def merged_delta(state, module):
@@ -98,6 +112,37 @@ def test_fedex_adds_the_exact_residual(case):
     assert strategy.last_metrics["discarded_energy"] < 1e-10
 
 
+@settings(max_examples=30, deadline=None)
+@given(federation(mixed_ranks=False), st.sampled_from(["steps", "uniform"]))
+def test_every_weighting_gives_its_weights_to_fedavg_stacking_and_fedex(case, weighting):
+    prior, updates = case
+    p = weights(updates, weighting)
+    averaged = create_strategy("fedavg", {"weighting": weighting}).aggregate(1, prior, updates)
+    for module in prior.merged:
+        mean_B = sum(pk * u.factors[module].B for pk, u in zip(p, updates, strict=True))
+        torch.testing.assert_close(averaged.adapter[module].B, mean_B)
+    head = sum(pk * u.extras["head"] for pk, u in zip(p, updates, strict=True))
+    torch.testing.assert_close(averaged.extras["head"], head)
+    for name in ("stacking", "fedex"):
+        strategy = create_strategy(name, {"weighting": weighting})
+        assert strategy.client_instructions(1, prior).weighting == weighting
+        out = strategy.aggregate(1, prior, updates)
+        for module in prior.merged:
+            expected = prior.merged[module].delta() + exact_sum(updates, module, weighting)
+            torch.testing.assert_close(out.total_delta(module), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_unknown_weighting_is_refused_naming_the_choices():
+    with pytest.raises(StrategyError, match="weighting must be one of examples, steps, uniform"):
+        create_strategy("fedavg", {"weighting": "rows"})
+
+
+def test_steps_weighting_needs_the_examples_trained():
+    update = one_client()
+    with pytest.raises(ValueError, match="num_trained"):
+        create_strategy("fedavg", {"weighting": "steps"}).aggregate(1, GlobalState(), [update, update])
+
+
 @settings(max_examples=60, deadline=None)
 @given(federation(mixed_ranks=False))
 def test_ffa_is_exact_with_frozen_A(case):
@@ -114,50 +159,83 @@ def test_ffa_is_exact_with_frozen_A(case):
 
 @settings(max_examples=60, deadline=None)
 @given(federation(mixed_ranks=False))
-def test_vcma_output_variance_is_the_mean_client_variance(case):
+def test_vcma_restores_the_unweighted_mean_client_variance_of_A_and_keeps_its_mean(case):
     prior, updates = case
-    out = VCMA().aggregate(1, prior, updates)
+    out = VCMA(epsilon=0.0).aggregate(1, prior, updates)
     p = weights(updates)
     for module in prior.merged:
-        for part in ("A", "B"):
-            target = sum(
-                pk * getattr(u.factors[module], part).var(unbiased=False)
-                for pk, u in zip(p, updates, strict=True)
-            )
-            got = getattr(out.adapter[module], part)
-            mean = sum(pk * getattr(u.factors[module], part) for pk, u in zip(p, updates, strict=True))
-            torch.testing.assert_close(got.var(unbiased=False), target, rtol=1e-3, atol=1e-7)
-            torch.testing.assert_close(got.mean(), mean.mean(), rtol=1e-4, atol=1e-5)
+        clients = [u.factors[module].A for u in updates]
+        mean = sum(pk * a for pk, a in zip(p, clients, strict=True))
+        got = out.adapter[module].A
+        if got.numel() > 1:  # a single value has no variance to restore
+            target = sum(a.var() for a in clients) / len(clients)  # unweighted, as the paper's code
+            torch.testing.assert_close(got.var(), target, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(got.mean(), mean.mean(), rtol=1e-4, atol=1e-5)
 
 
-def test_vcma_skips_tensors_with_zero_target_variance():
-    zero_B = {"m": AdapterFactors(torch.randn(2, 3), torch.zeros(5, 2), 1.0)}
-    updates = [ClientUpdate(zero_B, {}, 1, 1, 2, 2.0), ClientUpdate(zero_B, {}, 3, 1, 2, 2.0)]
-    out = VCMA().aggregate(1, GlobalState(), updates)
-    assert not out.adapter["m"].B.any()
-
-
-def test_vcma_epsilon_is_relative_to_the_tensor_scale():
-    """LoRA-sized values (std 1e-3, variance 1e-6): a fixed 1e-4 epsilon would undo the correction."""
+def test_vcma_weighted_target_weighs_the_variances_like_the_average():
     gen = torch.Generator().manual_seed(0)
     updates = [
         ClientUpdate(
-            {
-                "m": AdapterFactors(
-                    torch.randn(4, 30, generator=gen) * 1e-3, torch.randn(20, 4, generator=gen) * 1e-3, 1.0
-                )
-            },
+            {"m": AdapterFactors(s * torch.randn(4, 30, generator=gen), torch.zeros(5, 4), 1.0)},
             {},
+            n,
+            1,
+            4,
+            4.0,
+        )
+        for s, n in ((1.0, 1), (3.0, 3))
+    ]
+    out = VCMA(epsilon=0.0, weighted_target=True).aggregate(1, GlobalState(), updates)
+    target = (1 * updates[0].factors["m"].A.var() + 3 * updates[1].factors["m"].A.var()) / 4
+    torch.testing.assert_close(out.adapter["m"].A.var(), target, rtol=1e-4, atol=0)
+
+
+def vcma_round(extras_per_client):
+    gen = torch.Generator().manual_seed(1)
+    updates = [
+        ClientUpdate(
+            {"m": AdapterFactors(torch.randn(4, 30, generator=gen), torch.randn(5, 4, generator=gen), 1.0)},
+            extras,
             1,
             1,
             4,
             4.0,
         )
-        for _ in range(8)
+        for extras in extras_per_client
     ]
-    out = VCMA().aggregate(1, GlobalState(), updates)
-    target = sum(u.factors["m"].A.var(unbiased=False) for u in updates) / 8
-    torch.testing.assert_close(out.adapter["m"].A.var(unbiased=False), target, rtol=1e-3, atol=0)
+    return updates, VCMA().aggregate(1, GlobalState(), updates), FedAvg().aggregate(1, GlobalState(), updates)
+
+
+def test_vcma_leaves_B_as_averaged():
+    _, out, plain = vcma_round([{}, {}, {}])
+    assert torch.equal(out.adapter["m"].B, plain.adapter["m"].B)
+    assert not torch.equal(out.adapter["m"].A, plain.adapter["m"].A)
+
+
+def test_vcma_leaves_biases_as_averaged_and_rescales_dense_weights():
+    gen = torch.Generator().manual_seed(2)
+    heads = [
+        {"head.bias": torch.randn(4, generator=gen), "head.weight": torch.randn(4, 6, generator=gen)}
+        for _ in range(3)
+    ]
+    _, out, plain = vcma_round(heads)
+    assert torch.equal(out.extras["head.bias"], plain.extras["head.bias"])
+    target = sum(h["head.weight"].var() for h in heads) / 3
+    assert abs(float(out.extras["head.weight"].var() / target) - 1) < 0.1  # the fixed epsilon leaves a little
+
+
+def test_vcma_leaves_single_values_as_averaged():
+    _, out, plain = vcma_round([{"temperature": torch.tensor([float(k)])} for k in range(3)])
+    assert torch.equal(out.extras["temperature"], plain.extras["temperature"])
+
+
+def test_vcma_reports_the_variance_ratio_of_A_before_and_after_correction():
+    updates, _, _ = vcma_round([{}] * 8)  # 8 independent A's: averaging leaves about 1/8 of the variance
+    strategy = VCMA(epsilon=0.0)
+    strategy.aggregate(1, GlobalState(), updates)
+    assert 0.08 < strategy.last_metrics["variance_ratio"] < 0.2
+    assert strategy.last_metrics["variance_ratio_corrected"] == pytest.approx(1.0)
 
 
 @settings(max_examples=30, deadline=None)
@@ -196,6 +274,7 @@ def one_client(rank=4, seed=0):
         ("median", {}),
         ("trimmed_mean", {}),
         ("clip", {"clip_norm": 1e6}),
+        ("fedavgm", {"momentum": 0.0}),
     ],
 )
 def test_single_client_gives_that_clients_model(name, options):
@@ -222,6 +301,10 @@ def test_single_client_gives_that_clients_model(name, options):
         ("median", {}),
         ("trimmed_mean", {"trim": 1}),
         ("clip", {"inner": "dp", "inner_options": CONTEXT | {"clip_norm": 2.0}, "median_multiple": 1.0}),
+        ("fedavgm", {"inner": "ffa"}),
+        ("fedadam", {}),
+        ("fedyogi", {"inner_options": {"weighting": "uniform"}}),
+        ("dp", {"inner": "fedadagrad", "clip_norm": 2.0, "noise_multiplier": 0.3}),
     ],
 )
 def test_state_survives_save_and_load_mid_run(name, options):

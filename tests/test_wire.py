@@ -49,9 +49,10 @@ def test_fresh_state_has_no_adapter():
 
 def test_update_round_trip_is_bitwise():
     update = factories.update(rank=4, seed=1, num_examples=37, rnd=2)
+    update.num_trained = 640
     back = decode_update(encode_update(update), client_id="node-9")
     assert_same_factors(back.factors, update.factors)
-    assert (back.num_examples, back.round, back.rank, back.alpha) == (37, 2, 4, 16.0)
+    assert (back.num_examples, back.num_trained, back.round, back.rank, back.alpha) == (37, 640, 2, 4, 16.0)
     assert back.metrics == update.metrics and back.client_id == "node-9"
     for name, t in update.extras.items():
         assert torch.equal(back.extras[name], t)
@@ -92,15 +93,13 @@ def test_instructions_round_trip():
     config.data.labels = ["a", "b"]
     content = encode_train_message(
         factories.GlobalState(),
-        RoundInstructions(
-            4, 99, ClientPlan(train_lora_A=False, send_lora_A=False, options={"mu": 0.1}), config
-        ),
+        RoundInstructions(4, 99, ClientPlan(False, False, weighting="uniform", options={"mu": 0.1}), config),
     )
     back = decode_instructions(content)
     assert (back.round, back.init_seed, back.plan) == (
         4,
         99,
-        ClientPlan(train_lora_A=False, send_lora_A=False, options={"mu": 0.1}),
+        ClientPlan(train_lora_A=False, send_lora_A=False, weighting="uniform", options={"mu": 0.1}),
     )
     assert back.client_config == config
 

@@ -6,7 +6,8 @@ A) and B, then the dense extras, named as the linear strategies name them (``A/<
 only the example-weighted mean loss reaches the server.
 
 Two ways to weight (``docs/security.md``):
-- by examples (fedavg, ffa): the client sends n_k * x_k; the server divides the sum by sum n_k;
+- by the strategy's weighting (fedavg, ffa): the client sends w_k * x_k; the server divides the sum
+  by sum w_k (w_k: the example count, the examples trained this round, or 1);
 - clipped (dp): the client sends its delta from the global state, clipped to L2 norm C, with
   weight 1 (the server cannot clip what it cannot see); the server adds the noise to the sum.
 """
@@ -81,12 +82,13 @@ class SummandLayout:
         received: tuple[dict[str, AdapterFactors], dict[str, Tensor]],
         codec: FixedPoint,
         clip_norm: float,
+        weight: int,
     ) -> Summand:
-        """``update`` weighted by its example count (``clip_norm == 0``), or its delta from
-        ``received`` (the global adapter and extras) clipped to L2 norm ``clip_norm`` with weight
-        1; the loss coordinate is always weighted by the example count."""
+        """``update`` times ``weight`` (its weight under the strategy's weighting, when
+        ``clip_norm == 0``), or its delta from ``received`` (the global adapter and extras) clipped
+        to L2 norm ``clip_norm`` with weight 1; the loss coordinate is always weighted by the
+        example count."""
         values = self.flatten(update.factors, update.extras)
-        weight = update.num_examples
         if clip_norm > 0:
             values = values - self.flatten(*received)
             values *= clip_factor(float(np.linalg.norm(values.astype(np.float64))), clip_norm)

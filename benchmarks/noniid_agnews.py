@@ -1,0 +1,557 @@
+"""AG News under non-IID label skew: federated strategies against centralized and local-only LoRA.
+
+MiniLM-L6 with LoRA r = 8 (alpha 16) on query/value plus the classifier head; 10 clients holding
+a Dirichlet label split of the training rows (at least 50 rows each); 20 local AdamW steps of
+batch 32 per client and round; three settings of 1,000 client steps each:
+
+- S1: alpha = 0.1, all 10 clients every round, 5 rounds;
+- S2: alpha = 0.1, 5 of 10 clients every round, 10 rounds;
+- S3: alpha = 1.0, all 10 clients every round, 5 rounds.
+
+Rows: ``dev.tsv`` (10,001 rows) is the training data. A fixed, seeded 1,000 of its rows are held
+out as the validation split, on which every hyperparameter is chosen; the other 9,001 rows are
+what clients (and the baselines) train on. Final accuracy is on a fixed, seeded 2,000-row sample
+of ``test.tsv``, the same rows for every run; the per-round curve is on its first 500 rows.
+
+The work comes in pieces, each appended to one results file as it finishes (``--only`` picks
+pieces by name pattern; ``--list`` shows them and what is done; a piece already in the file is
+skipped unless ``--redo``):
+
+- ``ablation/...``: the client-side recipe (weighting of clients, label-skew remedy) on S2 seed 0
+  with fedavg at lr 1e-3, scored on the validation split; the recipe used everywhere else is
+  ``RECIPE`` below, chosen from these.
+- ``search/<method>/lr=<lr>``: S1, seed 0, each method at each learning rate of ``LRS``, scored on
+  the validation split (and the test sample); a method's lr is the one with the best validation
+  accuracy. The best server optimizer of ``SERVER_OPTIMIZERS`` is chosen the same way. These runs
+  are also the S1 seed-0 runs at the chosen lr.
+- ``S1|S2|S3/<method>/seed=<s>``: the other seeds and settings, at the chosen lr.
+- ``central/lr=<lr>`` then ``central/seed=<s>``: centralized LoRA, 1,000 steps on all 9,001 rows,
+  lr chosen on the validation split the same way.
+- ``local/alpha=<a>/seed=<s>``: each client alone on its own rows for 100 steps (what it trains
+  in a federation of 1,000 client steps), at the centralized lr; mean over the 10 clients.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/noniid_agnews.py --list
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/noniid_agnews.py --only 'search/*'
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/noniid_agnews.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_DATA_DIR,
+    REPO,
+    TEST_FILE,
+    TRAIN_FILE,
+    agnews_config,
+    code_version,
+    cpu_model,
+    missing_agnews,
+    run_scored,
+    train_and_score,
+    write_results,
+)
+
+from fedpeft.data import Splits, load_splits, partition  # noqa: E402
+from server.checkpoint import load_checkpoint  # noqa: E402
+from server.evaluation import CentralEvaluator  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Setting:
+    alpha: float
+    fraction: float
+    rounds: int
+
+
+SETTINGS = {
+    "S1": Setting(alpha=0.1, fraction=1.0, rounds=5),
+    "S2": Setting(alpha=0.1, fraction=0.5, rounds=10),
+    "S3": Setting(alpha=1.0, fraction=1.0, rounds=5),
+}
+CLIENTS, LOCAL_STEPS, BATCH, MIN_ROWS = 10, 20, 32, 50
+CLIENT_STEPS = 1000  # per setting: rounds x clients per round x local steps
+LRS = (3e-4, 1e-3, 3e-3)
+SEEDS = (0, 1, 2)
+VAL_ROWS, TEST_ROWS, CURVE_ROWS, SPLIT_SEED = 1000, 2000, 500, 12345
+BASE_METHODS = ("fedavg", "stacking", "fedex", "ffa", "vcma")
+SERVER_OPTIMIZERS = ("fedavgm", "fedadam")  # the best of these is reported as "server optimizer"
+# The client-side recipe every federated run uses, chosen on the ablation pieces (see README).
+RECIPE = {"weighting": "uniform", "label_skew": "fedlc"}
+ABLATION = {  # label -> (weighting, label_skew)
+    "examples+none": ("examples", "none"),
+    "examples+fedlc": ("examples", "fedlc"),
+    "uniform+none": ("uniform", "none"),
+    "uniform+fedlc": ("uniform", "fedlc"),
+}
+LABELS = ("Business", "Sci/Tech", "Sports", "World")
+OUT = REPO / "benchmarks" / "results" / "noniid_agnews.json"
+WORK = REPO / "runs" / "noniid-agnews"
+
+
+def method_overrides(method: str, weighting: str) -> dict[str, Any]:
+    """The [strategy] of ``method`` with clients weighted by ``weighting``."""
+    if method in SERVER_OPTIMIZERS:
+        return {"strategy.name": method, "strategy.inner_options": {"weighting": weighting}}
+    return {"strategy.name": method, "strategy.weighting": weighting}
+
+
+def setting_overrides(setting: Setting, seed: int, lr: float, files: dict[str, Path]) -> dict[str, Any]:
+    return {
+        "run.seed": seed,
+        "run.rounds": setting.rounds,
+        "data.source": str(files["train"]),
+        "data.test_source": str(files["test"]),
+        "data.test_limit": CURVE_ROWS,
+        "data.num_clients": CLIENTS,
+        "data.dirichlet_alpha": setting.alpha,
+        "data.min_partition_size": MIN_ROWS,
+        "server.fraction": setting.fraction,
+        "server.min_clients": round(setting.fraction * CLIENTS),
+        "train.local_steps": LOCAL_STEPS,
+        "train.batch_size": BATCH,
+        "train.eval_batch_size": 128,
+        "train.lr": lr,
+        "lora.rank": 8,
+        "lora.alpha": 16.0,
+        "data.labels": list(LABELS),
+    }
+
+
+# ---------------------------------------------------------------------------- the results file
+
+
+class Results:
+    """The results file: one entry per piece, appended as each finishes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+
+    def get(self, piece: str) -> dict[str, Any] | None:
+        return next((r for r in self.data["runs"] if r["piece"] == piece), None)
+
+    def add(self, run: dict[str, Any]) -> None:
+        self.data["runs"] = [r for r in self.data["runs"] if r["piece"] != run["piece"]] + [run]
+        version = code_version()
+        self.data.update(
+            {
+                "benchmark": "noniid_agnews",
+                "machine": {"processor": cpu_model(), "cpu_count": os.cpu_count()},
+                "date": run["date"],
+                "commit": version["commit"],
+            }
+        )
+        write_results(self.data, self.path)
+
+    def chosen_lr(self, method: str) -> float | None:
+        """The lr of ``method``'s (or the centralized baseline's) best validation accuracy, once
+        its whole search is in."""
+        prefix = "central" if method == "central" else f"search/{method}"
+        found = [self.get(f"{prefix}/lr={lr:g}") for lr in LRS]
+        if any(r is None for r in found):
+            return None
+        return max(found, key=lambda r: r["val_accuracy"])["lr"]
+
+    def best_server_optimizer(self) -> str | None:
+        lrs = {m: self.chosen_lr(m) for m in SERVER_OPTIMIZERS}
+        if any(lr is None for lr in lrs.values()):
+            return None
+        return max(SERVER_OPTIMIZERS, key=lambda m: self.get(f"search/{m}/lr={lrs[m]:g}")["val_accuracy"])
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def prepare_files(data_dir: Path) -> dict[str, Path]:
+    """The training rows less the validation split, the validation split and the test sample, as
+    TSV files under ``WORK`` (written once; seeded, so the same rows every time)."""
+    files = {name: WORK / "data" / f"{name}.tsv" for name in ("train", "val", "test")}
+    if all(f.is_file() for f in files.values()):
+        return files
+    read = lambda p: pd.read_csv(p, sep="\t", header=None, names=["text", "label"])  # noqa: E731
+    rows = read(data_dir / TRAIN_FILE).sample(frac=1.0, random_state=SPLIT_SEED)
+    test = read(data_dir / TEST_FILE).sample(n=TEST_ROWS, random_state=SPLIT_SEED)
+    files["train"].parent.mkdir(parents=True, exist_ok=True)
+    for name, frame in (("val", rows[:VAL_ROWS]), ("train", rows[VAL_ROWS:]), ("test", test)):
+        frame.to_csv(files[name], sep="\t", header=False, index=False)
+    return files
+
+
+class Scorers:
+    """The training rows, the validation split and the test sample, and one evaluator for each
+    held-out set (each loads the model once)."""
+
+    def __init__(self, files: dict[str, Path], data_dir: Path) -> None:
+        base = {"data.source": str(files["train"]), "train.eval_batch_size": 128, "data.labels": list(LABELS)}
+        self.config = agnews_config(data_dir, base)
+        rows = {
+            name: load_splits(dataclasses.replace(self.config.data, source=str(path)), 0).train
+            for name, path in files.items()
+        }
+        self.train = rows.pop("train")
+        self.sets = rows
+        self.evaluators: dict[str, CentralEvaluator] = {}
+
+    def with_test(self, name: str = "test") -> Splits:
+        return Splits(self.train, self.sets[name], list(LABELS))
+
+    def evaluator(self, name: str) -> CentralEvaluator:
+        if name not in self.evaluators:
+            self.evaluators[name] = CentralEvaluator(self.config, self.with_test(name))
+        return self.evaluators[name]
+
+
+# ---------------------------------------------------------------------------- the pieces
+
+SERVER_OPTIMIZER = "server_optimizer"  # the method slot filled by the best of SERVER_OPTIMIZERS
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One measurement: a federated run, a centralized run or a local-only set of runs.
+
+    ``lr`` None means the lr chosen on the validation split (known once the search is in), and
+    ``method`` ``SERVER_OPTIMIZER`` the best server optimizer of the search."""
+
+    name: str
+    kind: str
+    setting: str = "S1"
+    method: str = "fedavg"
+    seed: int = 0
+    lr: float | None = None
+    weighting: str = RECIPE["weighting"]
+    label_skew: str = RECIPE["label_skew"]
+    alpha: float = 0.1
+
+
+def all_pieces() -> list[Piece]:
+    """Every piece, in the order they are worth running."""
+    out = [
+        Piece(f"ablation/S2/{label}", "federated", "S2", "fedavg", 0, 1e-3, weighting, label_skew)
+        for label, (weighting, label_skew) in ABLATION.items()
+    ]
+    out += [
+        Piece(f"search/{method}/lr={lr:g}", "federated", "S1", method, 0, lr)
+        for method in (*BASE_METHODS, *SERVER_OPTIMIZERS)
+        for lr in LRS
+    ]
+    out += [Piece(f"central/lr={lr:g}", "centralized", lr=lr) for lr in LRS]
+    for setting in SETTINGS:
+        out += [
+            Piece(f"{setting}/{method}/seed={seed}", "federated", setting, method, seed)
+            for method in (*BASE_METHODS, SERVER_OPTIMIZER)
+            for seed in SEEDS
+            if (setting, seed) != ("S1", 0)  # that run is the search run at the chosen lr
+        ]
+        if setting == "S1":
+            out += [Piece(f"central/seed={seed}", "centralized", seed=seed) for seed in SEEDS[1:]]
+    alphas = sorted({s.alpha for s in SETTINGS.values()})
+    out += [
+        Piece(f"local/alpha={alpha:g}/seed={seed}", "local", seed=seed, alpha=alpha)
+        for alpha in alphas
+        for seed in SEEDS
+    ]
+    return out
+
+
+def resolve(piece: Piece, results: Results) -> tuple[str, float] | None:
+    """The method and lr ``piece`` runs with, or None while the search that picks them is missing."""
+    method = piece.method
+    if piece.kind != "federated":
+        method = "central"
+    elif method == SERVER_OPTIMIZER:
+        method = results.best_server_optimizer()
+        if method is None:
+            return None
+    lr = piece.lr if piece.lr is not None else results.chosen_lr(method)
+    return None if lr is None else (method, lr)
+
+
+class Bench:
+    """Runs pieces and appends their results."""
+
+    def __init__(self, data_dir: Path, results: Results) -> None:
+        self.data_dir, self.results = data_dir, results
+        self.files = prepare_files(data_dir)
+        self.scorers = Scorers(self.files, data_dir)
+
+    def run(self, piece: Piece, method: str, lr: float) -> dict[str, Any]:
+        load_before = os.getloadavg()[0]
+        if piece.kind == "federated":
+            result = self.federated(piece, method, lr)
+        elif piece.kind == "centralized":
+            result = self.centralized(piece.seed, lr)
+        else:
+            result = self.local_only(piece.alpha, piece.seed, lr)
+        return {
+            "piece": piece.name,
+            **result,
+            "date": time.strftime("%Y-%m-%d"),
+            "commit": code_version(),
+            "command": "python benchmarks/noniid_agnews.py " + " ".join(sys.argv[1:]),
+            "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        }
+
+    def config(self, setting: Setting, seed: int, lr: float, extra: dict[str, Any] | None = None) -> Any:
+        return agnews_config(
+            self.data_dir, {**setting_overrides(setting, seed, lr, self.files), **(extra or {})}
+        )
+
+    def federated(self, piece: Piece, method: str, lr: float) -> dict[str, Any]:
+        extra = {**method_overrides(method, piece.weighting), "train.label_skew": piece.label_skew}
+        config = self.config(SETTINGS[piece.setting], piece.seed, lr, extra)
+        run_dir = WORK / "runs" / piece.name.replace("/", "-").replace("=", "")
+        metrics = ("variance_ratio", "merged_rank", "discarded_energy")
+        label = f"{piece.name}: {method} lr {lr:g}"
+        result = run_scored(label, config, self.scorers.evaluator("test"), run_dir, metrics)
+        val = self.scorers.evaluator("val")(load_checkpoint(run_dir).state, init_seed=0)
+        return {
+            "setting": piece.setting,
+            "method": method,
+            "kind": "federated",
+            "seed": piece.seed,
+            "lr": lr,
+            "weighting": piece.weighting,
+            "label_skew": piece.label_skew,
+            "final_accuracy": result["test_accuracy"],
+            "val_accuracy": val["eval_accuracy"],
+            "test_rows": TEST_ROWS,
+            "curve": [result["curve"][k] for k in sorted(result["curve"], key=int)],
+            "seconds": result["seconds"],
+            "bytes_up_per_round": result["bytes_up_per_round"],
+            **{k: result[k] for k in metrics if k in result},
+        }
+
+    def centralized(self, seed: int, lr: float) -> dict[str, Any]:
+        config = self.config(SETTINGS["S1"], seed, lr)
+        splits = self.scorers.with_test()
+        print(
+            f"\n[centralized] seed {seed} lr {lr:g}: {CLIENT_STEPS} steps on {len(splits.train)} rows",
+            flush=True,
+        )
+        result = train_and_score(
+            config, splits, splits.train, CLIENT_STEPS, {"val": self.scorers.sets["val"]}
+        )
+        print(f"[centralized] test accuracy {result['test_accuracy']:.4f}", flush=True)
+        return {
+            "setting": "all",
+            "method": "centralized",
+            "kind": "centralized",
+            "seed": seed,
+            "lr": lr,
+            "final_accuracy": result["test_accuracy"],
+            "val_accuracy": result["val_accuracy"],
+            "test_rows": TEST_ROWS,
+            "optimizer_steps": CLIENT_STEPS,
+            "seconds": result["seconds"],
+        }
+
+    def local_only(self, alpha: float, seed: int, lr: float) -> dict[str, Any]:
+        config = self.config(Setting(alpha=alpha, fraction=1.0, rounds=5), seed, lr)
+        splits = self.scorers.with_test()
+        steps = CLIENT_STEPS // CLIENTS
+        started, scores = time.perf_counter(), []
+        for k in range(CLIENTS):
+            rows = partition(splits.train, config.data, k, seed)
+            scores.append(train_and_score(config, splits, rows, steps)["test_accuracy"])
+            print(f"[local-only] alpha {alpha:g} seed {seed} client {k}: {len(rows)} rows, {scores[-1]:.4f}")
+        return {
+            "setting": f"alpha={alpha:g}",
+            "method": "local",
+            "kind": "local",
+            "seed": seed,
+            "lr": lr,
+            "alpha": alpha,
+            "final_accuracy": statistics.fmean(scores),
+            "per_client": scores,
+            "test_rows": TEST_ROWS,
+            "optimizer_steps_per_client": steps,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+
+
+# ---------------------------------------------------------------------------- the report
+
+GOALS = {"S1": 0.97, "S2": 0.93, "S3": 0.99}  # the best method's share of centralized accuracy
+
+
+def runs_of(results: Results, setting: str) -> dict[str, list[dict[str, Any]]]:
+    """The final runs of ``setting`` by method (the search runs at the chosen lr count as S1 seed 0),
+    with the best server optimizer under its own name."""
+    chosen = {m: results.chosen_lr(m) for m in (*BASE_METHODS, *SERVER_OPTIMIZERS)}
+    best = results.best_server_optimizer()
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for run in results.data["runs"]:
+        piece = run["piece"]
+        final = piece.startswith(f"{setting}/")
+        searched = (
+            setting == "S1" and piece == f"search/{run['method']}/lr={chosen.get(run['method']) or 0:g}"
+        )
+        if run["kind"] == "federated" and (final or searched):
+            if run["method"] in SERVER_OPTIMIZERS and run["method"] != best:
+                continue
+            by_method.setdefault(run["method"], []).append(run)
+    return by_method
+
+
+def baseline(results: Results, kind: str, alpha: float | None = None) -> list[float]:
+    """Final accuracies of the centralized runs (seed 0: the search run at the chosen lr) or of the
+    local-only runs at ``alpha``, one per seed."""
+    if kind == "centralized":
+        lr = results.chosen_lr("central")
+        names = [f"central/lr={lr:g}", *(f"central/seed={seed}" for seed in SEEDS[1:])] if lr else []
+        return [r["final_accuracy"] for r in map(results.get, names) if r]
+    return [r["final_accuracy"] for r in results.data["runs"] if r["kind"] == kind and r["alpha"] == alpha]
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.4f} ± {spread:.4f} (n={len(values)})"
+
+
+def report(results: Results) -> str:
+    lines = ["## search (S1, seed 0): validation accuracy per lr", ""]
+    lines += [
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | chosen |",
+        "|---|" + "---:|" * (len(LRS) + 1),
+    ]
+    for method in (*BASE_METHODS, *SERVER_OPTIMIZERS, "central"):
+        prefix = "central" if method == "central" else f"search/{method}"
+        cells = [results.get(f"{prefix}/lr={lr:g}") for lr in LRS]
+        values = [f"{c['val_accuracy']:.4f}" if c else "–" for c in cells]
+        chosen = results.chosen_lr(method)
+        lines.append(f"| {method} | " + " | ".join(values) + f" | {chosen if chosen else '–'} |")
+    lines += [
+        "",
+        "## ablation (S2, seed 0, fedavg, lr 1e-3)",
+        "",
+        "| weighting + label skew | validation | test |",
+        "|---|---:|---:|",
+    ]
+    for label in ABLATION:
+        run = results.get(f"ablation/S2/{label}")
+        if run:
+            lines.append(f"| {label} | {run['val_accuracy']:.4f} | {run['final_accuracy']:.4f} |")
+    central = baseline(results, "centralized")
+    for setting, spec in SETTINGS.items():
+        local = baseline(results, "local", spec.alpha)
+        lines += [
+            "",
+            f"## {setting} (alpha {spec.alpha:g}, {spec.fraction:.0%} of clients, {spec.rounds} rounds)",
+            "",
+        ]
+        lines += [
+            "| method | lr | test accuracy, mean ± std | share of centralized | minus local-only | seeds |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for method, runs in runs_of(results, setting).items():
+            accs = [r["final_accuracy"] for r in sorted(runs, key=lambda r: r["seed"])]
+            share = f"{statistics.fmean(accs) / statistics.fmean(central):.1%}" if central else "–"
+            gap = f"{(statistics.fmean(accs) - statistics.fmean(local)) * 100:+.1f} pt" if local else "–"
+            lines.append(
+                f"| {method} | {runs[0]['lr']:g} | {mean_std(accs)} | {share} | {gap} | "
+                + ", ".join(f"{a:.4f}" for a in accs)
+                + " |"
+            )
+        central_lr = results.chosen_lr("central") or "–"
+        lines.append(
+            f"| centralized (1,000 steps, all rows) | {central_lr} | {mean_std(central)} | 100% | | |"
+        )
+        lines.append(f"| local-only (100 steps per client, mean of clients) | | {mean_std(local)} | | | |")
+    return "\n".join(lines)
+
+
+def plot(results: Results, path: Path) -> None:
+    fig, axes = plt.subplots(1, len(SETTINGS), figsize=(15, 4.5), sharey=True)
+    central = baseline(results, "centralized")
+    for ax, (setting, spec) in zip(axes, SETTINGS.items(), strict=True):
+        for method, runs in runs_of(results, setting).items():
+            curves = [r["curve"] for r in runs]
+            rounds = range(len(curves[0]))
+            per_round = list(zip(*curves, strict=True))
+            ax.plot(rounds, [statistics.fmean(v) for v in per_round], marker="o", ms=3, label=method)
+            ax.fill_between(rounds, [min(v) for v in per_round], [max(v) for v in per_round], alpha=0.15)
+        if central:
+            ax.axhline(statistics.fmean(central), color="gray", linestyle="--", label="centralized")
+        local = baseline(results, "local", spec.alpha)
+        if local:
+            ax.axhline(statistics.fmean(local), color="gray", linestyle=":", label="local-only")
+        ax.set(title=f"{setting}: α={spec.alpha:g}, {spec.fraction:.0%} of clients", xlabel="round")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"accuracy (first {CURVE_ROWS} test-sample rows); band: min-max over seeds")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder holding agnews/alps/")
+    p.add_argument("--only", help="comma-separated name patterns of pieces to run, e.g. 'search/*,central/*'")
+    p.add_argument("--list", action="store_true", help="list the pieces and which are done")
+    p.add_argument("--report", action="store_true", help="print the tables and write the plot only")
+    p.add_argument("--redo", action="store_true", help="rerun pieces already in the results file")
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    results = Results(args.out)
+    everything = all_pieces()
+    patterns = args.only.split(",") if args.only else ["*"]
+    selected = [x for x in everything if any(fnmatch.fnmatch(x.name, pat) for pat in patterns)]
+    if args.list:
+        for piece in everything:
+            done = results.get(piece.name)
+            state = (
+                f"done ({done['final_accuracy']:.4f})"
+                if done
+                else ("ready" if resolve(piece, results) else "waits")
+            )
+            print(f"{piece.name:40s} {state}")
+        return 0
+    if not args.report:
+        data_dir = args.data_dir.resolve()
+        if (absent := missing_agnews(data_dir)) is not None:
+            print(
+                f"noniid_agnews: {absent} not found; pass --data-dir <folder with agnews/alps/>",
+                file=sys.stderr,
+            )
+            return 2
+        bench = Bench(data_dir, results)
+        for piece in selected:
+            if results.get(piece.name) and not args.redo:
+                continue
+            chosen = resolve(piece, results)
+            if chosen is None:
+                print(f"[{piece.name}] skipped: it waits for the search that picks its lr (--list)")
+                continue
+            results.add(bench.run(piece, *chosen))
+    plot(results, args.out.with_suffix(".png"))
+    print(report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
