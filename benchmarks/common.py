@@ -13,13 +13,15 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from fedpeft.config import RunConfig, load_config
-from fedpeft.data import Splits, partition
+from fedpeft.data import Splits, load_splits, partition
 from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
 from fedpeft.training import encode, evaluate, train
 from server.checkpoint import load_checkpoint
@@ -226,3 +228,86 @@ def machine(load_before: float) -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
+
+
+# ---------------------------------------------------------------------------- benchmarks in pieces
+
+
+class RunsFile:
+    """A results file that grows one piece at a time, so a long benchmark can run in parts:
+    ``{"runs": [...], "benchmark", "machine", "date", "commit"}``, each run stamped with its own
+    date, code version, command and load."""
+
+    def __init__(self, path: Path, benchmark: str) -> None:
+        self.path, self.benchmark = path, benchmark
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+
+    def get(self, piece: str) -> dict[str, Any] | None:
+        return next((r for r in self.data["runs"] if r["piece"] == piece), None)
+
+    def measure(self, piece: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run one piece, stamp it, and add it (replacing an earlier run of the same piece)."""
+        load_before = os.getloadavg()[0]
+        result = {
+            "piece": piece,
+            **run(),
+            "date": datetime.date.today().isoformat(),
+            "commit": code_version(),
+            "command": f"python benchmarks/{self.benchmark}.py " + " ".join(sys.argv[1:]),
+            "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        }
+        self.data["runs"] = [r for r in self.data["runs"] if r["piece"] != piece] + [result]
+        self.data.update(
+            {
+                "benchmark": self.benchmark,
+                "machine": {"processor": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__},
+                "date": result["date"],
+                "commit": result["commit"]["commit"],
+            }
+        )
+        write_results(self.data, self.path)
+        return result
+
+
+def write_splits(
+    train: pd.DataFrame, test: pd.DataFrame, folder: Path, val_rows: int, test_rows: int, seed: int
+) -> dict[str, Path]:
+    """``train`` less a seeded validation split of ``val_rows``, that split, and a seeded sample of
+    ``test_rows`` of ``test`` (all of it if fewer), as header-less text/label TSV files in
+    ``folder`` (written once: the same rows every time)."""
+    files = {name: folder / f"{name}.tsv" for name in ("train", "val", "test")}
+    if all(f.is_file() for f in files.values()):
+        return files
+    rows = train.sample(frac=1.0, random_state=seed)
+    test = test.sample(n=min(test_rows, len(test)), random_state=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, frame in (("val", rows[:val_rows]), ("train", rows[val_rows:]), ("test", test)):
+        frame[["text", "label"]].to_csv(files[name], sep="\t", header=False, index=False)
+    return files
+
+
+class HeldOut:
+    """The training rows, the validation split and the test sample of ``write_splits``'s files,
+    with one evaluator per held-out set (each loads the model once)."""
+
+    def __init__(self, config: RunConfig, files: dict[str, Path], labels: list[str]) -> None:
+        self.config, self.labels = config, labels
+        rows = {
+            name: load_splits(dataclasses.replace(config.data, source=str(path), labels=labels), 0).train
+            for name, path in files.items()
+        }
+        self.train = rows.pop("train")
+        self.sets = rows
+        self.evaluators: dict[str, CentralEvaluator] = {}
+
+    def with_test(self, name: str = "test") -> Splits:
+        return Splits(self.train, self.sets[name], list(self.labels))
+
+    def evaluator(self, name: str) -> CentralEvaluator:
+        if name not in self.evaluators:
+            self.evaluators[name] = CentralEvaluator(self.config, self.with_test(name))
+        return self.evaluators[name]
+
+    def score(self, run_dir: Path, name: str) -> float:
+        """The accuracy of the final global state in ``run_dir`` on held-out set ``name``."""
+        return self.evaluator(name)(load_checkpoint(run_dir).state, init_seed=0)["eval_accuracy"]

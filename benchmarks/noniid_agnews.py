@@ -38,9 +38,7 @@ skipped unless ``--redo``):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import fnmatch
-import json
 import os
 import statistics
 import sys
@@ -59,18 +57,16 @@ from common import (  # noqa: E402
     REPO,
     TEST_FILE,
     TRAIN_FILE,
+    HeldOut,
+    RunsFile,
     agnews_config,
-    code_version,
-    cpu_model,
     missing_agnews,
     run_scored,
     train_and_score,
-    write_results,
+    write_splits,
 )
 
-from fedpeft.data import Splits, load_splits, partition  # noqa: E402
-from server.checkpoint import load_checkpoint  # noqa: E402
-from server.evaluation import CentralEvaluator  # noqa: E402
+from fedpeft.data import partition  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -137,28 +133,11 @@ def setting_overrides(setting: Setting, seed: int, lr: float, files: dict[str, P
 # ---------------------------------------------------------------------------- the results file
 
 
-class Results:
-    """The results file: one entry per piece, appended as each finishes."""
+class Results(RunsFile):
+    """The results file, and the choices the search pieces make."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"runs": []}
-
-    def get(self, piece: str) -> dict[str, Any] | None:
-        return next((r for r in self.data["runs"] if r["piece"] == piece), None)
-
-    def add(self, run: dict[str, Any]) -> None:
-        self.data["runs"] = [r for r in self.data["runs"] if r["piece"] != run["piece"]] + [run]
-        version = code_version()
-        self.data.update(
-            {
-                "benchmark": "noniid_agnews",
-                "machine": {"processor": cpu_model(), "cpu_count": os.cpu_count()},
-                "date": run["date"],
-                "commit": version["commit"],
-            }
-        )
-        write_results(self.data, self.path)
+        super().__init__(path, "noniid_agnews")
 
     def chosen_lr(self, method: str) -> float | None:
         """The lr of ``method``'s (or the centralized baseline's) best validation accuracy, once
@@ -176,46 +155,11 @@ class Results:
         return max(SERVER_OPTIMIZERS, key=lambda m: self.get(f"search/{m}/lr={lrs[m]:g}")["val_accuracy"])
 
 
-# ---------------------------------------------------------------------------- data
-
-
 def prepare_files(data_dir: Path) -> dict[str, Path]:
-    """The training rows less the validation split, the validation split and the test sample, as
-    TSV files under ``WORK`` (written once; seeded, so the same rows every time)."""
-    files = {name: WORK / "data" / f"{name}.tsv" for name in ("train", "val", "test")}
-    if all(f.is_file() for f in files.values()):
-        return files
+    """dev.tsv less the validation split, the split, and the test sample (``write_splits``)."""
     read = lambda p: pd.read_csv(p, sep="\t", header=None, names=["text", "label"])  # noqa: E731
-    rows = read(data_dir / TRAIN_FILE).sample(frac=1.0, random_state=SPLIT_SEED)
-    test = read(data_dir / TEST_FILE).sample(n=TEST_ROWS, random_state=SPLIT_SEED)
-    files["train"].parent.mkdir(parents=True, exist_ok=True)
-    for name, frame in (("val", rows[:VAL_ROWS]), ("train", rows[VAL_ROWS:]), ("test", test)):
-        frame.to_csv(files[name], sep="\t", header=False, index=False)
-    return files
-
-
-class Scorers:
-    """The training rows, the validation split and the test sample, and one evaluator for each
-    held-out set (each loads the model once)."""
-
-    def __init__(self, files: dict[str, Path], data_dir: Path) -> None:
-        base = {"data.source": str(files["train"]), "train.eval_batch_size": 128, "data.labels": list(LABELS)}
-        self.config = agnews_config(data_dir, base)
-        rows = {
-            name: load_splits(dataclasses.replace(self.config.data, source=str(path)), 0).train
-            for name, path in files.items()
-        }
-        self.train = rows.pop("train")
-        self.sets = rows
-        self.evaluators: dict[str, CentralEvaluator] = {}
-
-    def with_test(self, name: str = "test") -> Splits:
-        return Splits(self.train, self.sets[name], list(LABELS))
-
-    def evaluator(self, name: str) -> CentralEvaluator:
-        if name not in self.evaluators:
-            self.evaluators[name] = CentralEvaluator(self.config, self.with_test(name))
-        return self.evaluators[name]
+    train, test = read(data_dir / TRAIN_FILE), read(data_dir / TEST_FILE)
+    return write_splits(train, test, WORK / "data", VAL_ROWS, TEST_ROWS, SPLIT_SEED)
 
 
 # ---------------------------------------------------------------------------- the pieces
@@ -290,24 +234,15 @@ class Bench:
     def __init__(self, data_dir: Path, results: Results) -> None:
         self.data_dir, self.results = data_dir, results
         self.files = prepare_files(data_dir)
-        self.scorers = Scorers(self.files, data_dir)
+        base = {"data.source": str(self.files["train"]), "train.eval_batch_size": 128}
+        self.scorers = HeldOut(agnews_config(data_dir, base), self.files, list(LABELS))
 
     def run(self, piece: Piece, method: str, lr: float) -> dict[str, Any]:
-        load_before = os.getloadavg()[0]
         if piece.kind == "federated":
-            result = self.federated(piece, method, lr)
-        elif piece.kind == "centralized":
-            result = self.centralized(piece.seed, lr)
-        else:
-            result = self.local_only(piece.alpha, piece.seed, lr)
-        return {
-            "piece": piece.name,
-            **result,
-            "date": time.strftime("%Y-%m-%d"),
-            "commit": code_version(),
-            "command": "python benchmarks/noniid_agnews.py " + " ".join(sys.argv[1:]),
-            "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        }
+            return self.federated(piece, method, lr)
+        if piece.kind == "centralized":
+            return self.centralized(piece.seed, lr)
+        return self.local_only(piece.alpha, piece.seed, lr)
 
     def config(self, setting: Setting, seed: int, lr: float, extra: dict[str, Any] | None = None) -> Any:
         return agnews_config(
@@ -321,7 +256,7 @@ class Bench:
         metrics = ("variance_ratio", "merged_rank", "discarded_energy")
         label = f"{piece.name}: {method} lr {lr:g}"
         result = run_scored(label, config, self.scorers.evaluator("test"), run_dir, metrics)
-        val = self.scorers.evaluator("val")(load_checkpoint(run_dir).state, init_seed=0)
+        val = self.scorers.score(run_dir, "val")
         return {
             "setting": piece.setting,
             "method": method,
@@ -331,7 +266,7 @@ class Bench:
             "weighting": piece.weighting,
             "label_skew": piece.label_skew,
             "final_accuracy": result["test_accuracy"],
-            "val_accuracy": val["eval_accuracy"],
+            "val_accuracy": val,
             "test_rows": TEST_ROWS,
             "curve": [result["curve"][k] for k in sorted(result["curve"], key=int)],
             "seconds": result["seconds"],
@@ -547,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             if chosen is None:
                 print(f"[{piece.name}] skipped: it waits for the search that picks its lr (--list)")
                 continue
-            results.add(bench.run(piece, *chosen))
+            results.measure(piece.name, lambda piece=piece, chosen=chosen: bench.run(piece, *chosen))
     plot(results, args.out.with_suffix(".png"))
     print(report(results))
     return 0

@@ -62,6 +62,7 @@ def train(msg: Message, context: Context) -> Message:
     host.load_state(received, init_seed=runtime.init_seed(config, instructions.init_seed, context))
     misbehaviour = faults.for_round(config, instructions.round, msg.metadata.created_at, context)
     misbehaviour.start(host)
+    accountant = runtime.example_accountant(config, data, context)
     local = train_locally(
         host.model,
         tokenizer,
@@ -74,17 +75,23 @@ def train(msg: Message, context: Context) -> Message:
         train_lora_A=instructions.plan.train_lora_A,
         proximal_mu=config.train.proximal_mu,
         logit_adjustment=runtime.logit_adjustment(config, data),
+        example_dp=accountant.dp if accountant else None,
     )
+    metrics, trained = {"train_loss": local.train_loss}, local.examples
+    if accountant is not None:  # the loss and the Poisson batch sizes are private: send neither
+        steps = config.train.local_steps
+        metrics = {"example_epsilon": runtime.record_example_steps(context, accountant, steps)}
+        trained = steps * min(config.train.batch_size, len(data))
     factors, extras = host.read_update()
     update = ClientUpdate(
         factors=factors,
         extras=extras,
         num_examples=len(data),
-        num_trained=local.examples,
+        num_trained=trained,
         round=instructions.round,
         rank=rank,
         alpha=config.lora.alpha,
-        metrics={"train_loss": local.train_loss},
+        metrics=metrics,
     )
     misbehaviour.edit_update(update)
     if SECAGG in msg.content:

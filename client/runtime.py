@@ -11,13 +11,15 @@ from functools import lru_cache
 from pathlib import Path
 
 from datasets import Dataset
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from client.settings import CLIENT_ID, DATA_PATH, RANK
 from fedpeft.config import ClientConfig
 from fedpeft.data import Splits, load_client_file, load_splits, partition
+from fedpeft.dp_sgd import ExampleAccountant, ExampleDP
+from fedpeft.errors import UserError
 from fedpeft.instructions import encode_chats
 from fedpeft.label_skew import logit_adjustment as label_skew_adjustment
 from fedpeft.lora import AdapterHost
@@ -104,6 +106,40 @@ def logit_adjustment(config: ClientConfig, data: Batches) -> Tensor | None:
     return label_skew_adjustment(
         data.labels, len(config.data.labels), config.train.label_skew, config.train.label_skew_tau
     )
+
+
+EXAMPLE_DP_STEPS = "example-dp-steps"  # the DP-SGD steps this client has taken in the run
+
+
+class ExampleBudgetSpent(UserError):
+    """This client's example-level privacy budget cannot pay for another round."""
+
+
+def example_accountant(config: ClientConfig, data: Batches, context: Context) -> ExampleAccountant | None:
+    """This client's example-level DP accountant (``[example_dp]``), with the steps it has taken so
+    far (kept in the node's state, which lasts the run); None when example-level DP is off.
+    Raises ``ExampleBudgetSpent`` when one more round would exceed ``epsilon_budget``."""
+    settings = config.example_dp
+    if not settings.enabled:
+        return None
+    dp = ExampleDP(settings.noise_multiplier, settings.max_grad_norm, settings.delta)
+    record = context.state.get(EXAMPLE_DP_STEPS)
+    steps = int(record["steps"]) if isinstance(record, ConfigRecord) else 0
+    accountant = ExampleAccountant(dp, min(1.0, config.train.batch_size / len(data)), steps)
+    after = accountant.epsilon(steps + config.train.local_steps)
+    if settings.epsilon_budget is not None and after > settings.epsilon_budget:
+        raise ExampleBudgetSpent(
+            f"example-level privacy budget: one more round would bring this client's epsilon to "
+            f"{after:.3f}, above example_dp.epsilon_budget = {settings.epsilon_budget}"
+        )
+    return accountant
+
+
+def record_example_steps(context: Context, accountant: ExampleAccountant, steps: int) -> float:
+    """Count ``steps`` more DP-SGD steps in the node's state; returns the client's ε after them."""
+    accountant.steps += steps
+    context.state[EXAMPLE_DP_STEPS] = ConfigRecord({"steps": accountant.steps})
+    return accountant.epsilon()
 
 
 @lru_cache(maxsize=8)

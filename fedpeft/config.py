@@ -98,6 +98,17 @@ class TrainSection:
 
 
 @dataclass
+class ExampleDPSection:
+    """Example-level differential privacy: DP-SGD on every client (fedpeft/dp_sgd.py)."""
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0  # C, the L2 bound on each example's gradient
+    delta: float = 1e-5
+    epsilon_budget: float | None = None  # a client stops training before a round would exceed it
+
+
+@dataclass
 class EvalSection:
     """Central evaluation of causal LMs beyond held-out loss: greedy generation + exact match."""
 
@@ -175,6 +186,7 @@ class ClientConfig:
     threads: int = 1
     faults: FaultsSection = field(default_factory=FaultsSection)
     round_timeout: float = 600.0
+    example_dp: ExampleDPSection = field(default_factory=ExampleDPSection)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -191,6 +203,7 @@ class ClientConfig:
             train=TrainSection(**raw["train"]),
             faults=FaultsSection(**raw["faults"]),
             round_timeout=raw["round_timeout"],
+            example_dp=ExampleDPSection(**raw["example_dp"]),
         )
 
 
@@ -207,6 +220,7 @@ class RunConfig:
     simulation: SimulationSection = field(default_factory=SimulationSection)
     faults: FaultsSection = field(default_factory=FaultsSection)
     secure: SecureSection = field(default_factory=SecureSection)
+    example_dp: ExampleDPSection = field(default_factory=ExampleDPSection)
 
     def client_config(self) -> ClientConfig:
         """A copy of the clients' part of the configuration (editing it leaves this one alone)."""
@@ -219,6 +233,7 @@ class RunConfig:
             threads=self.simulation.cpus_per_client,
             faults=copy.deepcopy(self.faults),
             round_timeout=self.server.round_timeout,
+            example_dp=copy.deepcopy(self.example_dp),
         )
 
     @property
@@ -377,6 +392,7 @@ def _validate(config: RunConfig) -> None:
         ),
         (config.simulation.cpus_per_client >= 1, "simulation.cpus_per_client must be at least 1"),
         *_faults_checks(config),
+        *_example_dp_checks(config),
     ]
     for ok, message in checks:
         if not ok:
@@ -437,6 +453,21 @@ def _faults_checks(config: RunConfig) -> list[tuple[bool, str]]:
             all(isinstance(p, int) and 0 <= p < config.data.num_clients for p in faults.poisoned),
             f"faults.poisoned must list partition ids below data.num_clients "
             f"({config.data.num_clients}), got {faults.poisoned!r}",
+        ),
+    ]
+
+
+def _example_dp_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    dp = config.example_dp
+    return [
+        (dp.noise_multiplier > 0, "example_dp.noise_multiplier must be positive"),
+        (dp.max_grad_norm > 0, "example_dp.max_grad_norm must be positive"),
+        (0 < dp.delta < 1, "example_dp.delta must be in (0, 1), e.g. 1e-5"),
+        (dp.epsilon_budget is None or dp.epsilon_budget > 0, "example_dp.epsilon_budget must be positive"),
+        (
+            not dp.enabled or config.train.label_skew == "none",
+            "train.label_skew computes from each client's label counts, which example-level DP protects; "
+            "set train.label_skew = 'none' with example_dp.enabled",
         ),
     ]
 

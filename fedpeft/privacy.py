@@ -1,13 +1,21 @@
-"""Differential privacy primitives: L2 clipping of a whole update, Gaussian noise, and an (ε, δ)
-accountant over rounds (opacus' RDP accountant, with its state made persistable)."""
+"""Differential privacy primitives: L2 clipping of a whole update, Gaussian noise and uniform draws
+from a cryptographically secure stream, and an (ε, δ) accountant over rounds (opacus' RDP
+accountant, with its state made persistable)."""
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
 from typing import Any
 
+import numpy as np
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from opacus.accountants import RDPAccountant
 from torch import Tensor
+
+KEY_BYTES = 32
 
 
 def global_norm(tensors: dict[str, Tensor]) -> float:
@@ -35,8 +43,58 @@ def clip_update(tensors: dict[str, Tensor], max_norm: float) -> tuple[dict[str, 
     return {k: t * factor for k, t in tensors.items()}, True
 
 
-def gaussian_noise(shape: torch.Size, std: float, generator: torch.Generator) -> Tensor:
-    return torch.randn(shape, generator=generator, dtype=torch.float32) * std
+class SecureRandom:
+    """Uniform and Gaussian draws from the ChaCha20 keystream of a secret 256-bit key.
+
+    The key is drawn from the OS (``os.urandom``) unless given; whoever holds it can regenerate
+    every draw, so it lives only in the server's checkpoint (``state_dict``). Each call uses the
+    keystream under a fresh nonce (its call number), so a source restored from ``state_dict``
+    continues exactly where the original stopped. ``insecure_for_tests`` derives the key from a
+    small seed: reproducible, and no privacy at all.
+
+    Written by hand because torch's and numpy's generators are not cryptographically secure (their
+    state can be recovered from outputs, and a known seed regenerates them) and opacus' secure mode
+    needs the unmaintained torchcsprng; the stream cipher is ``cryptography``'s.
+    """
+
+    def __init__(self, key: bytes | None = None, calls: int = 0) -> None:
+        self.key = key if key is not None else os.urandom(KEY_BYTES)
+        if len(self.key) != KEY_BYTES:
+            raise ValueError(f"a SecureRandom key is {KEY_BYTES} bytes")
+        self.calls = calls
+
+    @classmethod
+    def insecure_for_tests(cls, seed: int) -> SecureRandom:
+        """A deterministic source (key derived from ``seed``): for tests only, never for privacy."""
+        return cls(hashlib.sha256(f"fedpeft insecure test noise {seed}".encode()).digest())
+
+    def _words(self, count: int) -> np.ndarray:
+        """``count`` uniformly random 64-bit words."""
+        nonce = (0).to_bytes(4, "little") + self.calls.to_bytes(12, "little")  # block counter, call
+        self.calls += 1
+        encryptor = Cipher(algorithms.ChaCha20(self.key, nonce), mode=None).encryptor()
+        return np.frombuffer(encryptor.update(bytes(8 * count)), dtype=np.uint64)
+
+    def uniform(self, count: int) -> np.ndarray:
+        """``count`` float64 values uniform on [0, 1), 53 random bits each."""
+        return (self._words(count) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+    def normal(self, count: int, std: float) -> Tensor:
+        """``count`` float32 draws of N(0, std²) (Box-Muller on float64 uniforms)."""
+        pairs = (count + 1) // 2
+        words = self._words(2 * pairs) >> np.uint64(11)
+        u1 = (words[:pairs].astype(np.float64) + 1.0) * 2.0**-53  # (0, 1]: log is finite
+        u2 = words[pairs:].astype(np.float64) * 2.0**-53
+        radius, angle = np.sqrt(-2.0 * np.log(u1)), 2.0 * math.pi * u2
+        z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
+        return torch.from_numpy(z * std).to(torch.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"key": torch.frombuffer(bytearray(self.key), dtype=torch.uint8), "calls": self.calls}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> SecureRandom:
+        return cls(bytes(state["key"].tolist()), int(state["calls"]))
 
 
 class PrivacyAccountant:

@@ -18,6 +18,7 @@ from peft import PeftModel
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from fedpeft.dp_sgd import ExampleDP, PrivateGradients, poisson_batches
 from fedpeft.instructions import IGNORE, InstructionBatches
 
 
@@ -85,6 +86,7 @@ def train(
     train_lora_A: bool = True,
     proximal_mu: float = 0.0,
     logit_adjustment: Tensor | None = None,
+    example_dp: ExampleDP | None = None,
 ) -> LocalResult:
     """Run ``steps`` AdamW steps on the trainable parameters.
 
@@ -92,7 +94,8 @@ def train(
     their values when training starts, i.e. the global state received), applied as its gradient
     mu (w - w_start). ``logit_adjustment`` (one value per class, see ``fedpeft.label_skew``) is
     added to a classifier's logits inside the training loss only. Batches and dropout masks are
-    drawn from ``seed``, so a round is reproducible.
+    drawn from ``seed``, so a round is reproducible; with ``example_dp`` the steps are DP-SGD's
+    (``fedpeft.dp_sgd``: Poisson batches and noise from a secret stream, not reproducible).
     """
     if len(data) == 0:
         raise ValueError("this client has no training examples")
@@ -105,21 +108,34 @@ def train(
         start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         model.train()
+        private = None
+        batches = sample_batches(len(data), batch_size, steps, seed)
+        if example_dp is not None:
+            rate = min(1.0, batch_size / len(data))
+            private = PrivateGradients(model, params, example_dp, expected_batch=rate * len(data))
+            batches = poisson_batches(len(data), rate, steps, private.random)
         total, examples = 0.0, 0
-        for indices in sample_batches(len(data), batch_size, steps, seed):
-            loss = _loss(model, _on(model, data.collate(indices, tokenizer)), logit_adjustment)
-            loss.backward()
-            if start:
-                torch._foreach_add_(
-                    [p.grad for p in params], torch._foreach_sub(params, start), alpha=proximal_mu
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            total += loss.item()
-            examples += len(indices)
-        for name, param in model.named_parameters():
-            if "lora_A" in name:
-                param.requires_grad_(True)
+        try:
+            for indices in batches:
+                batch = _on(model, data.collate(indices, tokenizer)) if indices else None
+                if private is not None:
+                    total += private.backward(batch)
+                else:
+                    loss = _loss(model, batch, logit_adjustment)
+                    loss.backward()
+                    total += loss.item()
+                if start:
+                    grads = [p.grad for p in params]
+                    torch._foreach_add_(grads, torch._foreach_sub(params, start), alpha=proximal_mu)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                examples += len(indices)
+        finally:
+            if private is not None:
+                private.close()
+            for name, param in model.named_parameters():
+                if "lora_A" in name:
+                    param.requires_grad_(True)
     return LocalResult(train_loss=total / steps, examples=examples)
 
 

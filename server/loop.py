@@ -126,6 +126,13 @@ class FederatedRun:
         self.state = GlobalState()
         self.identities: dict[int, str] = {}  # Flower node id -> stable client id
         self.limits = ReplyLimits.from_config(config.server)
+        # A private strategy (dp) samples its own clients, runs each round once with whatever
+        # arrives, and nothing per client reaches the logs. The norm screen is off: refusing a
+        # reply for its norm relative to the others' would let one client's update change whether
+        # another's counts, which clipping alone bounds.
+        self.private = bool(getattr(self.strategy, "private", False))
+        if self.private:
+            self.limits.max_norm_ratio = 0.0
         if resume:
             self._resume()
         else:
@@ -176,9 +183,11 @@ class FederatedRun:
 
     def _run_round(self, grid: Grid, rnd: int, plan: ClientPlan) -> None:
         t0 = time.perf_counter()
-        for attempt in range(1, self.config.server.max_retries + 2):
+        attempts = 1 if self.private else self.config.server.max_retries + 1
+        need = 0 if self.private else self.config.min_replies
+        for attempt in range(1, attempts + 1):
             outcome = self._attempt(grid, rnd, plan)
-            if outcome.replies.count >= self.config.min_replies:
+            if outcome.replies.count >= need:
                 break
             self.console.print(
                 f"[yellow]round {rnd} attempt {attempt}: {outcome.replies.count} valid replies, "
@@ -199,19 +208,28 @@ class FederatedRun:
         self.limits.previous_norms = outcome.replies.norms
         row: dict[str, Any] = {
             "round": rnd,
-            "clients_sampled": outcome.sampled,
-            "clients_aggregated": outcome.replies.count,
-            "dropped": outcome.dropped,
-            "replies": [self._reply_summary(*accepted) for accepted in outcome.replies.accepted],
-            "rejected": outcome.replies.rejected,
-            "update_norms": outcome.replies.norms,
             "attempts": attempt,
-            "train_loss": outcome.replies.train_loss,
-            "bytes_down": outcome.bytes_down,
-            "bytes_up": outcome.bytes_up,
             "aggregation_seconds": round(aggregation_seconds, 4),
-            **getattr(self.strategy, "last_metrics", {}),
         }
+        if not self.private:  # who took part, and how each fared: nothing of it under DP
+            row |= {
+                "clients_sampled": outcome.sampled,
+                "clients_aggregated": outcome.replies.count,
+                "dropped": outcome.dropped,
+                "replies": [self._reply_summary(*accepted) for accepted in outcome.replies.accepted],
+                "rejected": outcome.replies.rejected,
+                "update_norms": outcome.replies.norms,
+                "train_loss": outcome.replies.train_loss,
+                "bytes_down": outcome.bytes_down,
+                "bytes_up": outcome.bytes_up,
+            }
+        if isinstance(outcome.replies, RoundReplies) and not self.private:
+            ratio = outcome.replies.variance_ratio(state)
+            if ratio is not None:
+                row["variance_ratio"] = ratio
+            if outcome.replies.example_epsilon > 0:  # example-level DP on the clients
+                row["example_epsilon"] = outcome.replies.example_epsilon
+        row |= getattr(self.strategy, "last_metrics", {})
         if self.evaluator is not None:
             row.update(self.evaluator(self.state, self.init_seed(rnd + 1)))
         row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -220,7 +238,7 @@ class FederatedRun:
         self._print_round(row)
 
     def _attempt(self, grid: Grid, rnd: int, plan: ClientPlan) -> RoundOutcome:
-        nodes = self._sample(grid)
+        nodes = self._sample(grid, rnd=rnd)
         instructions = RoundInstructions(rnd, self.init_seed(rnd), plan, self.client_config)
         content = encode_train_message(self.state, instructions)
         if self.secure is not None:
@@ -260,6 +278,8 @@ class FederatedRun:
         return outcome
 
     def _log_drops(self, rnd: int, outcome: RoundOutcome) -> RoundOutcome:
+        if self.private:
+            return outcome
         for drop in outcome.dropped:
             who = f"{drop['client']} (node {drop['node']})"
             line = f"[yellow]round {rnd}: dropped {who}: {drop['reason']}[/yellow]"
@@ -280,7 +300,7 @@ class FederatedRun:
     def _drop(self, node: int, reason: str) -> dict[str, str]:
         return {"node": str(node), "client": self.identities.get(node, "?"), "reason": reason}
 
-    def _sample(self, grid: Grid, count: int | None = None) -> list[int]:
+    def _sample(self, grid: Grid, count: int | None = None, rnd: int = 0) -> list[int]:
         """``count`` clients, or ``fraction`` of those connected and identified (at least
         ``min_clients``: nodes still starting, that did not answer ``identify`` in time, are
         asked again until enough have)."""
@@ -298,6 +318,8 @@ class FederatedRun:
                     f"server.min_clients is {need}; start more clients or lower it"
                 )
             time.sleep(1.0)
+        if count is None and self.private:
+            return self.strategy.select_clients(rnd, known)  # type: ignore[attr-defined]
         k = count or min(len(known), max(need, math.ceil(self.config.server.fraction * len(known))))
         return self.rng.sample(known, k)
 
@@ -339,9 +361,9 @@ class FederatedRun:
             "rounds": self.state.round,
             "strategy": self.strategy.name,
             "seconds": round(seconds, 2),
-            "bytes_up": sum(r["bytes_up"] for r in rounds),
-            "bytes_down": sum(r["bytes_down"] for r in rounds),
-            "clients_dropped": sum(len(r["dropped"]) for r in rounds),
+            "bytes_up": sum(r.get("bytes_up", 0) for r in rounds),
+            "bytes_down": sum(r.get("bytes_down", 0) for r in rounds),
+            "clients_dropped": sum(len(r.get("dropped", [])) for r in rounds),
             "replies_rejected": sum(r.get("rejected", 0) for r in rounds),
             "adapter": str(adapter_dir),
             "label_names": self.splits.label_names,
@@ -382,6 +404,7 @@ class FederatedRun:
             )
         if "bytes_up" in row:
             parts.append(f"up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB")
+        if row["round"] > 0:
             parts.append(f"{row['seconds']:.1f}s")
         self.console.print("  ".join(parts), soft_wrap=True)
 

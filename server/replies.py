@@ -81,6 +81,8 @@ class RoundReplies:
         self.accepted: list[tuple[str, int, float | None]] = []  # (node, examples, train loss)
         self.examples = 0
         self.loss_sum = 0.0
+        self.example_epsilon = 0.0  # the largest example-level epsilon a client reported
+        self.client_variance: dict[str, float] = {}  # per module, the sum over clients of var(A_k)
 
     def decode(self, content: RecordDict, client_id: str) -> ClientUpdate | str:
         """The update a reply's content carries, or the reason to refuse it (counted)."""
@@ -183,3 +185,20 @@ class RoundReplies:
         self.accepted.append((update.client_id, update.num_examples, update.metrics.get("train_loss")))
         self.examples += update.num_examples
         self.loss_sum += update.metrics.get("train_loss", 0.0) * update.num_examples
+        self.example_epsilon = max(self.example_epsilon, update.metrics.get("example_epsilon", 0.0))
+        for module, f in update.factors.items():
+            self.client_variance[module] = self.client_variance.get(module, 0.0) + float(f.A.var())
+
+    def variance_ratio(self, result: GlobalState) -> float | None:
+        """The variance of the aggregated A over the clients' mean variance of A, averaged over
+        modules: about 1 when clients start from one shared A, about 1/K when K clients start from
+        independent ones and are plainly averaged (what VCMA corrects). None without an adapter."""
+        if result.adapter is None or not self.client_variance or not self.accepted:
+            return None
+        count = len(self.accepted)
+        ratios = [
+            float(result.adapter[m].A.var()) / (total / count)
+            for m, total in self.client_variance.items()
+            if m in result.adapter and total > 0
+        ]
+        return sum(ratios) / len(ratios) if ratios else None

@@ -71,6 +71,11 @@ def check_strategy(strategy: Strategy) -> None:
             f"strategy '{strategy.name}' needs each client's factors, which secure aggregation hides; "
             "use fedavg, ffa or dp (around either), or set server.secure_aggregation = false"
         )
+    if isinstance(strategy, DifferentialPrivacy) and strategy.adaptive is not None:
+        raise SecureModeError(
+            "dp's adaptive clipping needs each client's clipped-or-not bit, which secure aggregation "
+            "hides; set a fixed clip_norm (no target_quantile) or server.secure_aggregation = false"
+        )
 
 
 @dataclass
@@ -130,6 +135,8 @@ class SecureAggregation:
             run.execute(nodes, content)
         except AttemptFailed as failure:
             run.result.dropped += [(node, f"secure aggregation: {failure}") for node in run.alive]
+            if isinstance(self.strategy, DifferentialPrivacy):  # never retried: the round releases noise only
+                run.result.replies.aggregate_fn = lambda: self.strategy.aggregate(rnd, state, [])
         return run.result
 
 
@@ -308,7 +315,7 @@ class _Attempt:
         assert state.adapter is not None
         rank = next(iter(state.adapter.values())).rank
         if isinstance(strategy, DifferentialPrivacy):
-            return strategy.aggregate_clipped_sum(self.rnd, state, summed, count, rank, self.secure.alpha)
+            return strategy.aggregate_clipped_sum(self.rnd, state, summed)
         if total_weight <= 0:
             raise ValueError("cannot aggregate: the replies report no training examples in total")
         mean = {key: t / total_weight for key, t in summed.items()}

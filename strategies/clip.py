@@ -196,5 +196,10 @@ def create_clip(
     if bound is not None and bound <= 0:
         raise StrategyError("clip's clip_norm or median_multiple must be > 0")
     wrapped = create_strategy(inner, inner_options)
+    if getattr(wrapped, "private", False):
+        raise StrategyError(
+            "clip around dp would bound each update by the others' norms (or clip twice): dp clips "
+            "every update itself; set clip_norm (or target_quantile) in dp instead"
+        )
     streams = clip_norm is not None and isinstance(wrapped, StreamingStrategy)
     return (StreamingClip if streams else Clip)(wrapped, clip_norm, median_multiple)

@@ -1,10 +1,24 @@
-"""Client-level differential privacy around a linear strategy (central DP at the server).
+"""Client-level differential privacy around a linear strategy (central DP at the server; DP-FedAvg,
+McMahan et al. 2018, with adaptive clipping from Andrew et al. 2021).
 
-Each client's whole update (every tensor it trained, as a delta from what it received) is clipped
-to L2 norm ``clip_norm``; the server sums the clipped deltas, adds N(0, (z C)^2) per coordinate,
-and divides by the fixed number of sampled clients m (not by the replies that arrived, so one
-client's presence changes the result by at most C/m). The noised mean delta is handed to the
-inner strategy as a single virtual client, which for a linear strategy returns it unchanged.
+Each round the server samples every connected client independently with probability q = m / N
+(Poisson sampling: m = ``clients_per_round`` expected clients of N = ``num_clients``), from a
+secret cryptographically secure stream. Each reply's whole update (every tensor the client
+trained, as a delta from what it received) is clipped to L2 norm C; the server sums the clipped
+deltas, adds N(0, (z C)²) per coordinate from the same secret stream, and divides by m (not by the
+replies that arrived, so one client changes the result by at most C / m). The noised mean delta
+is handed to the inner strategy as a single virtual client, which for a linear strategy returns it
+unchanged. A round runs whatever arrives, even nothing (then it releases noise only), and is never
+retried: a retry would condition the sample the accountant assumes.
+
+The accountant (opacus' RDP) is the Poisson-subsampled Gaussian mechanism with sampling rate q and
+noise multiplier z under add/remove-one-client adjacency: exactly the mechanism run.
+
+Adaptive clipping (``target_quantile``): C follows the γ-quantile of the update norms,
+C ← C exp(-η (b̃ - γ)), with b̃ the noised fraction of updates at most C long,
+b̃ = (sum_k 1[‖Δ_k‖ <= C] + N(0, σ_b²)) / m. The updates then get noise multiplier
+z_Δ = (z⁻² - (2 σ_b)⁻²)^(-1/2), so that the two releases together cost what one Gaussian with z
+does (Andrew et al., Theorem 1): the accountant charges z.
 
 Noise amplification: with FedAvg both A and B get noise, and the product
 (B + N_B)(A + N_A) = BA + N_B A + B N_A + N_B N_A multiplies it; FFA (A frozen, only B noised)
@@ -13,23 +27,26 @@ avoids this and is the recommended inner strategy.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedpeft.privacy import PrivacyAccountant, gaussian_noise
+from fedpeft.privacy import PrivacyAccountant, SecureRandom
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
-from strategies.base import StopFederation, Strategy, aggregate_stream, require_updates
+from strategies.base import StopFederation, Strategy, aggregate_stream
 from strategies.clip import DeltaClipper, untrained_split
 from strategies.registry import StrategyError, create_strategy
 
 
 class DifferentialPrivacy:
-    """``dp(inner)``: clipping, Gaussian noise and (ε, δ) accounting with an optional budget."""
+    """``dp(inner)``: Poisson sampling, clipping (fixed or adaptive), Gaussian noise and (ε, δ)
+    accounting with an optional budget."""
 
     name = "dp"
     linear = True
+    private = True  # the server samples through select_clients and logs nothing per client
 
     def __init__(
         self,
@@ -41,8 +58,11 @@ class DifferentialPrivacy:
         noise_multiplier: float = 1.0,
         delta: float = 1e-5,
         epsilon_budget: float | None = None,
-        seed: int = 0,
+        target_quantile: float | None = None,
+        clip_norm_lr: float = 0.2,
+        count_noise_std: float | None = None,
         allow_nonlinear: bool = False,
+        insecure_noise_seed: int | None = None,
     ) -> None:
         self.inner: Strategy = create_strategy(inner, inner_options)
         if not getattr(self.inner, "linear", False) and not allow_nonlinear:
@@ -53,19 +73,40 @@ class DifferentialPrivacy:
             )
         if clip_norm <= 0 or noise_multiplier < 0:
             raise StrategyError("dp needs clip_norm > 0 and noise_multiplier >= 0")
+        if not 0 < clients_per_round <= num_clients:
+            raise StrategyError("dp needs 0 < clients_per_round <= num_clients")
         self.clients_per_round = clients_per_round
+        self.sample_rate = clients_per_round / num_clients
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.epsilon_budget = epsilon_budget
-        self.accountant = PrivacyAccountant(noise_multiplier, clients_per_round / num_clients, delta)
+        self.adaptive = AdaptiveClip.create(
+            target_quantile, clip_norm_lr, count_noise_std, noise_multiplier, clients_per_round
+        )
+        self.accountant = PrivacyAccountant(noise_multiplier, self.sample_rate, delta)
         if epsilon_budget is not None and self.accountant.epsilon(1) > epsilon_budget:
             raise StrategyError(
                 f"dp: epsilon_budget = {epsilon_budget} cannot pay for a single round (epsilon after "
                 f"round 1 would be {self.accountant.epsilon(1):.3f}); raise epsilon_budget or "
                 "noise_multiplier"
             )
-        self.generator = torch.Generator().manual_seed(seed)
+        self.random = (
+            SecureRandom()
+            if insecure_noise_seed is None
+            else SecureRandom.insecure_for_tests(insecure_noise_seed)
+        )
         self.last_metrics: dict[str, float] = {}
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The noise multiplier on the summed updates (below z when adaptive clipping spends part
+        of the budget on the clipped count)."""
+        return self.adaptive.update_noise if self.adaptive else self.noise_multiplier
+
+    def select_clients(self, rnd: int, candidates: list[int]) -> list[int]:
+        """Poisson sampling: each candidate independently with probability q, from the secret stream."""
+        draws = self.random.uniform(len(candidates))
+        return [c for c, u in zip(candidates, draws, strict=True) if u < self.sample_rate]
 
     def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
         if self.epsilon_budget is not None:
@@ -82,36 +123,65 @@ class DifferentialPrivacy:
         return PrivateSum(self, rnd, state)
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
-        require_updates(self.name, updates)
+        """The round's release; with no updates (nobody sampled or nobody replied), noise only."""
         return aggregate_stream(self, rnd, state, updates)
 
     def aggregate_clipped_sum(
-        self,
-        rnd: int,
-        state: GlobalState,
-        clipped_sum: dict[str, Tensor],
-        count: int,
-        rank: int,
-        alpha: float,
+        self, rnd: int, state: GlobalState, clipped_sum: dict[str, Tensor]
     ) -> GlobalState:
-        """The round's result from the sum of ``count`` deltas the clients clipped themselves to
-        ``clip_norm`` (secure aggregation: the server sees only the sum, so it reports no
-        per-client norms), named as ``start``'s accumulator names them."""
+        """The round's result from the sum of the deltas the clients clipped themselves to
+        ``clip_norm`` (secure aggregation: the server sees only the sum), named as ``start``'s
+        accumulator names them."""
         accumulator = self.start(rnd, state)
-        accumulator.add_sum(clipped_sum, (rnd, rank, alpha))
+        accumulator.add_sum(clipped_sum)
         return accumulator.result()
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "accountant": self.accountant.state_dict(),
-            "noise_rng": self.generator.get_state(),
+            "random": self.random.state_dict(),
+            "clip_norm": self.clip_norm,
             "inner": self.inner.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
-        self.generator.set_state(state["noise_rng"])
+        self.random = SecureRandom.from_state_dict(state["random"])
+        self.clip_norm = float(state["clip_norm"])
         self.inner.load_state_dict(state["inner"])
+
+
+class AdaptiveClip:
+    """Andrew et al. 2021's geometric update of the clipping norm towards a quantile of the norms."""
+
+    def __init__(self, quantile: float, lr: float, count_std: float, update_noise: float) -> None:
+        self.quantile, self.lr, self.count_std, self.update_noise = quantile, lr, count_std, update_noise
+
+    @classmethod
+    def create(
+        cls, quantile: float | None, lr: float, count_std: float | None, noise_multiplier: float, m: int
+    ) -> AdaptiveClip | None:
+        """None for a fixed clipping norm; else the rule, with σ_b = ``count_std`` (default m / 20,
+        as in the paper) and the update noise multiplier that keeps the total at z."""
+        if quantile is None:
+            return None
+        if not 0 <= quantile <= 1 or lr <= 0:
+            raise StrategyError("dp's adaptive clipping needs target_quantile in [0, 1] and clip_norm_lr > 0")
+        count_std = m / 20 if count_std is None else count_std
+        if noise_multiplier == 0:
+            return cls(quantile, lr, 0.0, 0.0)
+        if count_std <= noise_multiplier / 2:
+            raise StrategyError(
+                f"dp: count_noise_std = {count_std:g} must exceed noise_multiplier / 2 = "
+                f"{noise_multiplier / 2:g} for adaptive clipping to fit in the noise budget; raise it"
+            )
+        return cls(quantile, lr, count_std, (noise_multiplier**-2 - (2 * count_std) ** -2) ** -0.5)
+
+    def next_norm(self, norm: float, unclipped: int, m: int, random: SecureRandom) -> tuple[float, float]:
+        """The next clipping norm and the noised fraction of unclipped updates it came from."""
+        noise = float(random.normal(1, self.count_std)[0]) if self.count_std > 0 else 0.0
+        fraction = (unclipped + noise) / m
+        return norm * math.exp(-self.lr * (fraction - self.quantile)), fraction
 
 
 class PrivateSum:
@@ -123,35 +193,40 @@ class PrivateSum:
         self.trains_A = dp.inner.client_instructions(rnd, state).train_lora_A
         self.clipper = DeltaClipper(dp.name, state, self.trains_A)
         self.total = torch.zeros(self.clipper.layout.numel)
-        self.client: tuple[int, int, float] | None = None  # (round, rank, alpha) of the first update
+        self.unclipped = 0
 
     def add(self, update: ClientUpdate) -> None:
         factor = self.clipper.clip(update, self.dp.clip_norm)
+        self.unclipped += factor == 1.0
         self.total.add_(self.clipper.delta, alpha=factor)
-        self.client = self.client or (update.round, update.rank, update.alpha)
 
-    def add_sum(self, clipped: dict[str, Tensor], client: tuple[int, int, float]) -> None:
+    def add_sum(self, clipped: dict[str, Tensor]) -> None:
         """Fold in a sum of deltas already clipped (by the clients themselves)."""
         self.total.add_(self.clipper.layout.gather([clipped[k] for k in self.clipper.layout.keys]))
-        self.client = self.client or client
 
     def result(self) -> GlobalState:
-        if self.client is None:
-            raise ValueError(f"strategy {self.dp.name!r} was given no client updates to aggregate")
         dp, layout = self.dp, self.clipper.layout
-        std = dp.noise_multiplier * dp.clip_norm
-        for view in layout.views(self.total):
-            view.add_(gaussian_noise(view.shape, std, dp.generator))
+        std = dp.update_noise_multiplier * dp.clip_norm
+        if std > 0:
+            self.total.add_(dp.random.normal(layout.numel, std))
         self.total.div_(dp.clients_per_round).add_(self.clipper.reference)
         self.clipper.delta = torch.empty(0)  # not needed any more: free it before the inner strategy copies
         dp.accountant.step()
-        dp.last_metrics = {
+        metrics = {
             "epsilon": dp.accountant.epsilon(),
             "delta": dp.accountant.delta,
-            **self.clipper.metrics(),
+            "clip_norm": dp.clip_norm,
         }
+        if dp.adaptive is not None:
+            dp.clip_norm, fraction = dp.adaptive.next_norm(
+                dp.clip_norm, self.unclipped, dp.clients_per_round, dp.random
+            )
+            metrics["noised_unclipped_fraction"] = fraction
+        dp.last_metrics = metrics
         noised = dict(zip(layout.keys, layout.views(self.total), strict=True))
         factors, extras = untrained_split(noised, self.state, self.trains_A)
-        rnd, rank, alpha = self.client
-        virtual = ClientUpdate(factors, extras, 1, round=rnd, rank=rank, alpha=alpha, num_trained=1)
+        first = next(iter(factors.values()))
+        virtual = ClientUpdate(
+            factors, extras, 1, self.rnd, first.rank, first.scale * first.rank, num_trained=1
+        )
         return dp.inner.aggregate(self.rnd, self.state, [virtual])

@@ -6,13 +6,15 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
-from fedpeft.privacy import PrivacyAccountant, clip_update, global_norm
+from fedpeft.privacy import PrivacyAccountant, SecureRandom, clip_update, global_norm
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
 from server.checkpoint import load_checkpoint, save_checkpoint
 from strategies import StopFederation, StrategyError, create_strategy
+from strategies.clip import DeltaClipper
 
 M, N = 4, 20  # clients per round, clients in all
 
@@ -59,7 +61,7 @@ def test_each_clients_contribution_is_bounded_by_clip_norm_over_m():
 
 def test_noise_std_is_z_c_over_m():
     state, C, z = start_state(), 0.8, 1.3
-    strategy = dp(inner="ffa", clip_norm=C, noise_multiplier=z, seed=123)
+    strategy = dp(inner="ffa", clip_norm=C, noise_multiplier=z, insecure_noise_seed=123)
     out = strategy.aggregate(1, state, [client(state) for _ in range(M)])  # zero deltas: output = noise / m
     noise = torch.cat([out.adapter["m"].B.flatten(), out.extras["head"]])
     assert noise.numel() == 200 * 4 + 10
@@ -138,14 +140,14 @@ def test_budget_stops_before_the_round_that_would_exceed_it():
 
 def test_resume_restores_the_accountant_and_the_noise(tmp_path):
     state = start_state()
-    first = dp(inner="ffa", clip_norm=1.0, noise_multiplier=1.0, seed=5)
+    first = dp(inner="ffa", clip_norm=1.0, noise_multiplier=1.0)
     first.aggregate(1, state, [client(state)] * M)
     saved = GlobalState(
         round=1, adapter=state.adapter, extras=state.extras, strategy_state=first.state_dict()
     )
     save_checkpoint(tmp_path, saved, random.Random(0).getstate())
 
-    restored = dp(inner="ffa", clip_norm=1.0, noise_multiplier=1.0, seed=5)
+    restored = dp(inner="ffa", clip_norm=1.0, noise_multiplier=1.0)  # its own key, until loaded
     restored.load_state_dict(load_checkpoint(tmp_path).state.strategy_state)
     assert restored.accountant.epsilon() == first.accountant.epsilon() > 0
     a = first.aggregate(2, state, [client(state)] * M)
@@ -162,3 +164,124 @@ def test_nonlinear_inner_is_refused_unless_opted_in():
 def test_dp_needs_run_facts():
     with pytest.raises(StrategyError, match="needs the option"):
         create_strategy("dp", {"inner": "ffa"})
+
+
+def test_two_runs_draw_different_noise_unless_in_the_insecure_test_mode():
+    state = start_state()
+    zero_deltas = [client(state) for _ in range(M)]
+
+    def noise(**options):
+        out = dp(inner="ffa", clip_norm=1.0, noise_multiplier=1.0, **options).aggregate(1, state, zero_deltas)
+        return out.adapter["m"].B
+
+    assert not torch.equal(noise(), noise())  # a secret key drawn from the OS for each run
+    assert torch.equal(noise(insecure_noise_seed=7), noise(insecure_noise_seed=7))
+
+
+def test_the_secure_stream_resumes_exactly_from_its_state():
+    source = SecureRandom()
+    source.normal(10, 1.0)
+    restored = SecureRandom.from_state_dict(source.state_dict())
+    assert torch.equal(source.normal(1000, 1.0), restored.normal(1000, 1.0))
+    assert np.array_equal(source.uniform(100), restored.uniform(100))
+
+
+def test_secure_normals_have_the_moments_of_a_gaussian():
+    z = SecureRandom().normal(200_001, 3.0).double()
+    assert abs(float(z.mean())) < 5 * 3.0 / math.sqrt(z.numel())
+    assert float(z.std()) == pytest.approx(3.0, rel=0.01)
+    assert float((z.abs() > 3.0).double().mean()) == pytest.approx(0.3173, abs=0.005)  # P(|Z| > 1 sigma)
+
+
+def test_poisson_sampling_takes_each_client_independently_with_probability_q():
+    strategy = dp(inner="ffa")  # q = M / N = 0.2
+    candidates = list(range(100, 100 + N))
+    draws = [strategy.select_clients(r, candidates) for r in range(3000)]
+    counts = np.array([len(d) for d in draws])
+    assert counts.mean() == pytest.approx(M, rel=0.03)
+    assert counts.var() == pytest.approx(N * 0.2 * 0.8, rel=0.1)  # binomial: independent draws
+    per_client = np.array([sum(c in d for d in draws) for c in candidates]) / len(draws)
+    assert np.all(np.abs(per_client - 0.2) < 0.035)
+    assert (counts == 0).any()  # a round may sample nobody
+
+
+def test_a_round_without_replies_releases_noise_only_and_is_charged():
+    state, C, z = start_state(), 0.5, 1.0
+    strategy = dp(inner="ffa", clip_norm=C, noise_multiplier=z)
+    out = strategy.aggregate(1, state, [])
+    noise = torch.cat([(out.adapter["m"].B - state.adapter["m"].B).flatten(), out.extras["head"]])
+    assert float(noise.std()) == pytest.approx(z * C / M, rel=0.1)
+    assert strategy.accountant.rounds == 1 and strategy.last_metrics["epsilon"] > 0
+
+
+def test_adaptive_clipping_follows_the_geometric_rule_towards_the_quantile():
+    state = start_state()
+    strategy = dp(inner="ffa", clip_norm=0.1, noise_multiplier=0.0, target_quantile=0.8, clip_norm_lr=0.2)
+    updates = [client(state, shift_B=s, seed=k) for k, s in enumerate((0.0, 1e-4, 1.0, 1.0))]  # 2 of 4 short
+    norms = []
+    for rnd in range(1, 4):
+        before = strategy.clip_norm
+        strategy.aggregate(rnd, state, updates)
+        unclipped = sum(DeltaClipper("t", state, False).measure(u) <= before for u in updates)
+        assert strategy.last_metrics["noised_unclipped_fraction"] == unclipped / M  # no count noise at z = 0
+        assert strategy.clip_norm == pytest.approx(before * math.exp(-0.2 * (unclipped / M - 0.8)))
+        norms.append(strategy.clip_norm)
+    assert 0.1 < norms[0] < norms[1] < norms[2]  # half unclipped, below the 0.8 target: C grows
+
+
+def test_adaptive_clipping_spends_part_of_the_noise_on_the_count_and_the_total_is_charged():
+    strategy = dp(inner="ffa", clip_norm=1.0, noise_multiplier=1.0, target_quantile=0.5, count_noise_std=2.0)
+    z_delta = strategy.update_noise_multiplier
+    assert z_delta == pytest.approx(
+        (1.0 - (2 * 2.0) ** -2) ** -0.5
+    )  # Andrew et al.: z^-2 = z_d^-2 + (2 s_b)^-2
+    assert strategy.accountant.noise_multiplier == 1.0
+    with pytest.raises(StrategyError, match="count_noise_std = 0.4 must exceed noise_multiplier / 2"):
+        dp(inner="ffa", noise_multiplier=1.0, target_quantile=0.5, count_noise_std=0.4)
+
+
+def test_prv_accountant_agrees_that_the_rdp_epsilon_is_an_upper_bound():
+    """A second accountant of another kind (opacus' PRV: numerical composition of privacy loss
+    distributions) is tighter than RDP, and not by much in this regime."""
+    from opacus.accountants import PRVAccountant
+
+    q, sigma, rounds = 0.1, 1.0, 50
+    rdp = PrivacyAccountant(sigma, q, delta=1e-5)
+    prv = PRVAccountant()
+    for _ in range(rounds):
+        rdp.step()
+        prv.step(noise_multiplier=sigma, sample_rate=q)
+    tight = prv.get_epsilon(delta=1e-5)
+    assert 0.6 * rdp.epsilon() < tight <= rdp.epsilon()
+
+
+def test_a_dp_run_logs_nothing_per_client_and_survives_a_round_that_samples_nobody(tiny_bert_dir, tmp_path):
+    import io
+    import json
+
+    from rich.console import Console
+
+    from server.loop import FederatedRun
+    from tests.conftest import LocalGrid
+    from tests.test_server_loop import small_config
+
+    dp_options = {"strategy.name": "dp", "strategy.inner": "ffa", "strategy.clip_norm": 0.5, "run.rounds": 3}
+    config = small_config(tiny_bert_dir, **dp_options)
+    out = io.StringIO()
+    run = FederatedRun(config, tmp_path, console=Console(file=out, width=200))
+    sampled = []
+    poisson = run.strategy.select_clients
+
+    def select(rnd, candidates):
+        chosen = [] if rnd == 2 else poisson(rnd, candidates)
+        sampled.append(chosen)
+        return chosen
+
+    run.strategy.select_clients = select
+    run.run(LocalGrid(3))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and sampled[1] == []
+    per_client = {"replies", "update_norms", "train_loss", "dropped", "clients_sampled", "clients_aggregated"}
+    assert all(not per_client & set(r) for r in rows)
+    assert 0 < rows[1]["epsilon"] < rows[2]["epsilon"] < rows[3]["epsilon"]  # the empty round is charged
+    assert "train_loss" not in out.getvalue() and "partition-" not in out.getvalue()

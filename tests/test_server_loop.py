@@ -136,12 +136,14 @@ def test_every_strategy_runs_through_the_server_loop(tiny_bert_dir, tmp_path, st
     config = small_config(tiny_bert_dir, **{"strategy.name": f"'{strategy}'", **extra})
     summary = FederatedRun(config, tmp_path).run(LocalGrid(3))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert summary["rounds"] == 2 and all(r["clients_aggregated"] == 3 for r in rows[1:])
+    assert summary["rounds"] == 2
+    assert strategy == "dp" or all(r["clients_aggregated"] == 3 for r in rows[1:])  # dp logs no participation
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     if strategy in ("stacking", "fedex"):
         assert rows[-1]["merged_rank"] > 0 and rows[-1]["discarded_energy"] < 1e-6
     if strategy == "dp":
         assert 0 < rows[1]["epsilon"] < rows[2]["epsilon"]
+        assert not {"clients_aggregated", "replies", "update_norms", "train_loss"} & set(rows[1])
 
 
 def test_ffa_uploads_only_B(tiny_bert_dir, tmp_path):

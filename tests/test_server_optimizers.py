@@ -132,7 +132,7 @@ def test_around_ffa_the_frozen_A_stays_and_only_B_and_extras_move():
 def test_inside_dp_it_steps_on_the_noised_mean():
     state = factories.sent_state()
     updates = round_updates(state, 1)
-    dp_options = {"clip_norm": 0.05, "noise_multiplier": 0.5, "seed": 3, **CONTEXT}
+    dp_options = {"clip_norm": 0.05, "noise_multiplier": 0.5, "insecure_noise_seed": 3, **CONTEXT}
     wrapped = create_strategy("dp", {"inner": "fedadam", "inner_options": {"server_lr": 0.05}, **dp_options})
     plain = create_strategy("dp", {"inner": "fedavg", **dp_options})
     noised_mean = plain.aggregate(1, state, updates)  # same noise generator seed: the same noise
