@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import fnmatch
 import json
 import os
 import platform
@@ -311,3 +312,31 @@ class HeldOut:
     def score(self, run_dir: Path, name: str) -> float:
         """The accuracy of the final global state in ``run_dir`` on held-out set ``name``."""
         return self.evaluator(name)(load_checkpoint(run_dir).state, init_seed=0)["eval_accuracy"]
+
+
+def pieces_parser(description: str, out: Path, data: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that runs in pieces (``run_pieces``)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"folder holding {data}")
+    p.add_argument("--only", help="comma-separated name patterns of the pieces to run")
+    p.add_argument("--list", action="store_true", help="list the pieces and which are done")
+    p.add_argument("--report", action="store_true", help="print the tables only")
+    p.add_argument("--out", type=Path, default=out)
+    return p
+
+
+def run_pieces(
+    results: RunsFile, names: list[str], execute: Callable[[str], dict[str, Any]], args: argparse.Namespace
+) -> None:
+    """``--list`` the pieces, or run those ``--only`` selects that the results file lacks, each
+    appended as it finishes (``execute(name)`` sets up what it needs on first use)."""
+    if args.list:
+        for name in names:
+            print(f"{name:40s} {'done' if results.get(name) else 'to run'}")
+        return
+    if args.report:
+        return
+    patterns = args.only.split(",") if args.only else ["*"]
+    for name in names:
+        if not results.get(name) and any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
+            results.measure(name, lambda name=name: execute(name))

@@ -19,8 +19,7 @@ setting for every run). Final accuracy on all 1,821 rows of ``test-labeled.tsv``
 
 from __future__ import annotations
 
-import argparse
-import fnmatch
+import functools
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from common import DEFAULT_DATA_DIR, REPO, HeldOut, RunsFile, run_scored, write_splits
+from common import REPO, HeldOut, RunsFile, pieces_parser, run_pieces, run_scored, write_splits
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedpeft.config import RunConfig, load_config
@@ -169,37 +168,26 @@ def report(results: RunsFile) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder holding sst2_glue/")
-    p.add_argument("--only", help="comma-separated name patterns of runs, e.g. 'client/eps=8/*'")
-    p.add_argument("--list", action="store_true", help="list the runs and which are done")
-    p.add_argument("--report", action="store_true", help="print the table only")
-    p.add_argument("--out", type=Path, default=OUT)
-    args = p.parse_args(argv)
+    args = pieces_parser(__doc__.splitlines()[0], OUT, "sst2_glue/").parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = RunsFile(args.out, "dp_sst2")
-    patterns = args.only.split(",") if args.only else ["*"]
-    if args.list:
-        for name, *_ in pieces():
-            done = results.get(name)
-            print(f"{name:28s} " + (f"done ({done['accuracy']:.4f})" if done else "to run"))
-        return 0
-    if not args.report:
-        data_dir = args.data_dir.resolve()
-        missing = [f for f in (TRAIN, TEST) if not (data_dir / f).is_file()]
-        if missing:
-            print(
-                f"dp_sst2: {data_dir / missing[0]} not found; pass --data-dir <folder with sst2_glue/>",
-                file=sys.stderr,
-            )
-            return 2
+    data_dir = args.data_dir.resolve()
+    missing = [f for f in (TRAIN, TEST) if not (data_dir / f).is_file()]
+    if not (args.list or args.report) and missing:
+        print(
+            f"dp_sst2: {data_dir / missing[0]} not found; pass --data-dir <folder with sst2_glue/>",
+            file=sys.stderr,
+        )
+        return 2
+    runs = {name: (mode, eps, seed) for name, mode, eps, seed in pieces()}
+
+    @functools.cache
+    def held_out() -> tuple[HeldOut, dict[str, Path]]:
         read = lambda f: pd.read_csv(data_dir / f, sep="\t").rename(columns={"sentence": "text"})  # noqa: E731
         files = write_splits(read(TRAIN), read(TEST), WORK / "data", 1000, 10**9, 12345)
-        held_out = HeldOut(config_of(base_config(files, "client", 0)), files, LABELS)
-        for name, mode, eps, seed in pieces():
-            if results.get(name) or not any(fnmatch.fnmatch(name, pat) for pat in patterns):
-                continue
-            results.measure(name, lambda a=(name, mode, eps, seed): run(held_out, files, *a))
+        return HeldOut(config_of(base_config(files, "client", 0)), files, LABELS), files
+
+    run_pieces(results, list(runs), lambda name: run(*held_out(), name, *runs[name]), args)
     print(report(results))
     return 0
 

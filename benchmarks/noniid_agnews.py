@@ -88,14 +88,17 @@ SEEDS = (0, 1, 2)
 VAL_ROWS, TEST_ROWS, CURVE_ROWS, SPLIT_SEED = 1000, 2000, 500, 12345
 BASE_METHODS = ("fedavg", "stacking", "fedex", "ffa", "vcma")
 SERVER_OPTIMIZERS = ("fedavgm", "fedadam")  # the best of these is reported as "server optimizer"
-# The client-side recipe every federated run uses, chosen on the ablation pieces (see README).
-RECIPE = {"weighting": "uniform", "label_skew": "fedlc"}
-ABLATION = {  # label -> (weighting, label_skew)
-    "examples+none": ("examples", "none"),
-    "examples+fedlc": ("examples", "fedlc"),
-    "uniform+none": ("uniform", "none"),
-    "uniform+fedlc": ("uniform", "fedlc"),
+# Client recipes: name -> (the strategy's weighting, [train] overrides). The ablation pieces run
+# each with fedavg on S2; every other federated run uses RECIPE, chosen from them (see README).
+RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "examples+none": ("examples", {"train.label_skew": "none"}),
+    "examples+fedlc": ("examples", {"train.label_skew": "fedlc"}),
+    "uniform+none": ("uniform", {"train.label_skew": "none"}),
+    "uniform+fedlc": ("uniform", {"train.label_skew": "fedlc"}),
+    "uniform+fedlc+prox": ("uniform", {"train.label_skew": "fedlc", "train.proximal_mu": 0.1}),
+    "uniform+fedlc+decay": ("uniform", {"train.label_skew": "fedlc", "train.lr_decay": 0.8}),
 }
+RECIPE = "uniform+fedlc"
 LABELS = ("Business", "Sci/Tech", "Sports", "World")
 OUT = REPO / "benchmarks" / "results" / "noniid_agnews.json"
 WORK = REPO / "runs" / "noniid-agnews"
@@ -180,17 +183,13 @@ class Piece:
     method: str = "fedavg"
     seed: int = 0
     lr: float | None = None
-    weighting: str = RECIPE["weighting"]
-    label_skew: str = RECIPE["label_skew"]
+    recipe: str = RECIPE
     alpha: float = 0.1
 
 
 def all_pieces() -> list[Piece]:
     """Every piece, in the order they are worth running."""
-    out = [
-        Piece(f"ablation/S2/{label}", "federated", "S2", "fedavg", 0, 1e-3, weighting, label_skew)
-        for label, (weighting, label_skew) in ABLATION.items()
-    ]
+    out = [Piece(f"ablation/S2/{recipe}", "federated", "S2", "fedavg", 0, 1e-3, recipe) for recipe in RECIPES]
     out += [
         Piece(f"search/{method}/lr={lr:g}", "federated", "S1", method, 0, lr)
         for method in (*BASE_METHODS, *SERVER_OPTIMIZERS)
@@ -250,7 +249,8 @@ class Bench:
         )
 
     def federated(self, piece: Piece, method: str, lr: float) -> dict[str, Any]:
-        extra = {**method_overrides(method, piece.weighting), "train.label_skew": piece.label_skew}
+        weighting, train = RECIPES[piece.recipe]
+        extra = {**method_overrides(method, weighting), **train}
         config = self.config(SETTINGS[piece.setting], piece.seed, lr, extra)
         run_dir = WORK / "runs" / piece.name.replace("/", "-").replace("=", "")
         metrics = ("variance_ratio", "merged_rank", "discarded_energy")
@@ -263,8 +263,9 @@ class Bench:
             "kind": "federated",
             "seed": piece.seed,
             "lr": lr,
-            "weighting": piece.weighting,
-            "label_skew": piece.label_skew,
+            "recipe": piece.recipe,
+            "weighting": weighting,
+            "train": train,
             "final_accuracy": result["test_accuracy"],
             "val_accuracy": val,
             "test_rows": TEST_ROWS,
@@ -382,10 +383,10 @@ def report(results: Results) -> str:
         "| weighting + label skew | validation | test |",
         "|---|---:|---:|",
     ]
-    for label in ABLATION:
-        run = results.get(f"ablation/S2/{label}")
+    for recipe in RECIPES:
+        run = results.get(f"ablation/S2/{recipe}")
         if run:
-            lines.append(f"| {label} | {run['val_accuracy']:.4f} | {run['final_accuracy']:.4f} |")
+            lines.append(f"| {recipe} | {run['val_accuracy']:.4f} | {run['final_accuracy']:.4f} |")
     central = baseline(results, "centralized")
     for setting, spec in SETTINGS.items():
         local = baseline(results, "local", spec.alpha)

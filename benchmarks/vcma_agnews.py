@@ -17,15 +17,23 @@ of a LoRA A (about 9e-4 for MiniLM's 384-wide layers), so it leaves part of the 
 
 from __future__ import annotations
 
-import argparse
-import fnmatch
+import functools
 import json
 import os
 import statistics
 import sys
 from pathlib import Path
 
-from common import DEFAULT_DATA_DIR, REPO, HeldOut, RunsFile, agnews_config, missing_agnews, run_scored
+from common import (
+    REPO,
+    HeldOut,
+    RunsFile,
+    agnews_config,
+    missing_agnews,
+    pieces_parser,
+    run_pieces,
+    run_scored,
+)
 from noniid_agnews import LABELS, prepare_files
 
 OUT = REPO / "benchmarks" / "results" / "vcma_agnews.json"
@@ -121,35 +129,23 @@ def report(results: RunsFile) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder holding agnews/alps/")
-    p.add_argument("--only", help="comma-separated name patterns of runs, e.g. 'per_client/*'")
-    p.add_argument("--list", action="store_true", help="list the runs and which are done")
-    p.add_argument("--report", action="store_true", help="print the table only")
-    p.add_argument("--out", type=Path, default=OUT)
-    args = p.parse_args(argv)
+    args = pieces_parser(__doc__.splitlines()[0], OUT, "agnews/alps/").parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = RunsFile(args.out, "vcma_agnews")
-    patterns = args.only.split(",") if args.only else ["*"]
-    if args.list:
-        for name, *_ in pieces():
-            done = results.get(name)
-            print(f"{name:35s} " + (f"done ({done['final_accuracy']:.4f})" if done else "to run"))
-        return 0
-    if not args.report:
-        data_dir = args.data_dir.resolve()
-        if (absent := missing_agnews(data_dir)) is not None:
-            print(
-                f"vcma_agnews: {absent} not found; pass --data-dir <folder with agnews/alps/>",
-                file=sys.stderr,
-            )
-            return 2
+    data_dir = args.data_dir.resolve()
+    if not (args.list or args.report) and (absent := missing_agnews(data_dir)) is not None:
+        print(f"vcma_agnews: {absent} not found; pass --data-dir <folder with agnews/alps/>", file=sys.stderr)
+        return 2
+    runs = {name: (init, method, seed) for name, init, method, seed in pieces()}
+
+    @functools.cache
+    def held_out() -> tuple[HeldOut, dict[str, Path]]:
         files = prepare_files(data_dir)
-        held_out = HeldOut(agnews_config(data_dir, {"data.source": str(files["train"])}), files, list(LABELS))
-        for name, init, method, seed in pieces():
-            if results.get(name) or not any(fnmatch.fnmatch(name, pat) for pat in patterns):
-                continue
-            results.measure(name, lambda a=(name, init, method, seed): run(held_out, files, data_dir, *a))
+        return HeldOut(
+            agnews_config(data_dir, {"data.source": str(files["train"])}), files, list(LABELS)
+        ), files
+
+    run_pieces(results, list(runs), lambda name: run(*held_out(), data_dir, name, *runs[name]), args)
     print(report(results))
     return 0
 
