@@ -95,6 +95,7 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "examples+fedlc": ("examples", {"train.label_skew": "fedlc"}),
     "uniform+none": ("uniform", {"train.label_skew": "none"}),
     "uniform+fedlc": ("uniform", {"train.label_skew": "fedlc"}),
+    "uniform+balanced": ("uniform", {"train.label_skew": "balanced_softmax"}),
     "uniform+fedlc+prox": ("uniform", {"train.label_skew": "fedlc", "train.proximal_mu": 0.1}),
     "uniform+fedlc+decay": ("uniform", {"train.label_skew": "fedlc", "train.lr_decay": 0.8}),
 }

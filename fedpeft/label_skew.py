@@ -7,6 +7,10 @@ training loss only (evaluation and the exported model see the plain logits).
   does not push the shared head away from the classes other clients hold. As in the FedLC code
   released with FL-bench and fluke, the counts are raw (not normalised) and absent classes are
   masked.
+- ``balanced_softmax`` (Ren et al. 2020, "Balanced Meta-Softmax"; the logit-adjusted loss of Menon
+  et al. 2021, "Long-tail learning via logit adjustment"): logits f_c + tau * log(n_c / n). At
+  tau = 1 the loss is minimised by a model whose plain logits are those of the class-balanced
+  distribution, whatever the client's label mix; absent classes get -inf, as above.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-LABEL_SKEW_METHODS = ("none", "fedlc")
+LABEL_SKEW_METHODS = ("none", "fedlc", "balanced_softmax")
 
 
 def logit_adjustment(labels: Sequence[int], num_labels: int, method: str, tau: float) -> Tensor | None:
@@ -24,9 +28,9 @@ def logit_adjustment(labels: Sequence[int], num_labels: int, method: str, tau: f
     ``"none"``."""
     if method == "none":
         return None
-    if method != "fedlc":
-        raise ValueError(
-            f"unknown label-skew method {method!r}; choose one of {', '.join(LABEL_SKEW_METHODS)}"
-        )
     counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_labels).float()
-    return -tau * counts.pow(-0.25)  # 0 ** -0.25 = inf: an absent class is masked
+    if method == "fedlc":
+        return -tau * counts.pow(-0.25)  # 0 ** -0.25 = inf: an absent class is masked
+    if method == "balanced_softmax":
+        return tau * (counts / counts.sum()).log()  # log 0 = -inf: an absent class is masked
+    raise ValueError(f"unknown label-skew method {method!r}; choose one of {', '.join(LABEL_SKEW_METHODS)}")

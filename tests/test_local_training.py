@@ -43,11 +43,17 @@ def test_fedlc_adjustment_is_minus_tau_over_the_fourth_root_of_the_counts_and_ma
     assert logit_adjustment([0, 1], 2, "none", tau=1.0) is None
 
 
+def test_balanced_softmax_adds_tau_times_the_log_prior_and_masks_absent_classes():
+    adjustment = logit_adjustment([0, 0, 0, 2], 3, "balanced_softmax", tau=0.5)
+    torch.testing.assert_close(adjustment[[0, 2]], 0.5 * torch.tensor([0.75, 0.25]).log())
+    assert adjustment[1] == float("-inf")
+
+
 def test_under_fedlc_a_client_leaves_the_head_rows_of_classes_it_lacks_untouched(tiny_bert_dir):
     tokenizer = load_tokenizer(str(tiny_bert_dir))
     data = toy_data([0, 2] * 8)  # no class 1
     kwargs = dict(steps=5, batch_size=4, lr=1e-2, weight_decay=0.0, seed=0)
-    for method, untouched in (("fedlc", True), ("none", False)):
+    for method, untouched in (("fedlc", True), ("balanced_softmax", True), ("none", False)):
         model = tiny(tiny_bert_dir)
         before = trainable(model)
         adjustment = logit_adjustment(data.labels, 3, method, tau=1.0)
@@ -124,7 +130,7 @@ def test_round_lr_decays_geometrically():
         ("train.lr_decay=0", r"train\.lr_decay must be in \(0, 1\]"),
         ("train.lr_decay=1.5", r"train\.lr_decay must be in \(0, 1\]"),
         ("train.proximal_mu=-1", r"train\.proximal_mu must be >= 0"),
-        ("train.label_skew=balanced", "train.label_skew must be one of none, fedlc, got 'balanced'"),
+        ("train.label_skew=balanced", "train.label_skew must be one of none, fedlc, balanced_softmax, got"),
         ("train.label_skew_tau=0", "train.label_skew_tau must be positive"),
     ],
 )
