@@ -140,3 +140,17 @@ def trained_tensors(
         out[f"B/{module}"] = f.B
     out.update({f"extra/{k}": t for k, t in extras.items()})
     return out
+
+
+def split_trained(
+    tensors: dict[str, Tensor], template: dict[str, AdapterFactors]
+) -> tuple[dict[str, AdapterFactors], dict[str, Tensor]]:
+    """The inverse of ``trained_tensors``: per module of ``template``, A from ``tensors`` when they
+    hold it (else the template's: a frozen A), B from ``tensors``, the scale from the template;
+    and the extras."""
+    factors = {
+        module: AdapterFactors(A=tensors.get(f"A/{module}", f.A), B=tensors[f"B/{module}"], scale=f.scale)
+        for module, f in template.items()
+    }
+    extras = {k.removeprefix("extra/"): t for k, t in tensors.items() if k.startswith("extra/")}
+    return factors, extras

@@ -48,7 +48,7 @@ from fedpeft.secagg.messages import (
 )
 from fedpeft.secagg.ring import FixedPoint
 from fedpeft.secagg.summand import SummandLayout
-from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
+from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, split_trained
 from fedpeft.wire import NUM_EXAMPLES, UPDATE_METRICS, WEIGHT, WireError, record_nbytes
 from server.replies import client_error, receive
 from strategies import DifferentialPrivacy, Strategy
@@ -319,11 +319,7 @@ class _Attempt:
         if total_weight <= 0:
             raise ValueError("cannot aggregate: the replies report no training examples in total")
         mean = {key: t / total_weight for key, t in summed.items()}
-        factors = {
-            module: AdapterFactors(A=mean.get(f"A/{module}", f.A), B=mean[f"B/{module}"], scale=f.scale)
-            for module, f in state.adapter.items()
-        }
-        extras = {k.removeprefix("extra/"): t for k, t in mean.items() if k.startswith("extra/")}
+        factors, extras = split_trained(mean, state.adapter)
         virtual = ClientUpdate(
             factors, extras, total_weight, round=self.rnd, rank=rank, alpha=self.secure.alpha, num_trained=1
         )

@@ -18,10 +18,9 @@ import statistics
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from fedpeft.privacy import clip_factor
-from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState, trained_tensors
+from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, split_trained, trained_tensors
 from strategies.base import (
     Accumulator,
     FlatLayout,
@@ -72,7 +71,7 @@ class DeltaClipper:
             return update
         buffer = torch.add(self.reference, self.delta, alpha=factor)
         tensors = dict(zip(self.layout.keys, self.layout.views(buffer), strict=True))
-        factors, extras = untrained_split(tensors, self.state, self.trains_A)
+        factors, extras = split_trained(tensors, self.state.adapter)
         return dataclasses.replace(update, factors=factors, extras=extras)
 
     def metrics(self) -> dict[str, float]:
@@ -84,22 +83,6 @@ class DeltaClipper:
             "clipped_fraction": self.clipped / len(self.norms),
             "median_update_norm": statistics.median(self.norms),  # what a bound is tuned against
         }
-
-
-def untrained_split(
-    tensors: dict[str, Tensor], state: GlobalState, trains_A: bool
-) -> tuple[dict[str, AdapterFactors], dict[str, Tensor]]:
-    """The inverse of ``trained_tensors``: factors (A kept from ``state`` when it is not trained)
-    and extras."""
-    assert state.adapter is not None
-    factors = {
-        module: AdapterFactors(
-            A=tensors[f"A/{module}"] if trains_A else f.A, B=tensors[f"B/{module}"], scale=f.scale
-        )
-        for module, f in state.adapter.items()
-    }
-    extras = {k.removeprefix("extra/"): t for k, t in tensors.items() if k.startswith("extra/")}
-    return factors, extras
 
 
 class Clip:

@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from fedpeft.privacy import PrivacyAccountant, SecureRandom
-from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
+from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, split_trained
 from strategies.base import StopFederation, Strategy, aggregate_stream
-from strategies.clip import DeltaClipper, untrained_split
+from strategies.clip import DeltaClipper
 from strategies.registry import StrategyError, create_strategy
 
 
@@ -224,7 +224,7 @@ class PrivateSum:
             metrics["noised_unclipped_fraction"] = fraction
         dp.last_metrics = metrics
         noised = dict(zip(layout.keys, layout.views(self.total), strict=True))
-        factors, extras = untrained_split(noised, self.state, self.trains_A)
+        factors, extras = split_trained(noised, self.state.adapter)
         first = next(iter(factors.values()))
         virtual = ClientUpdate(
             factors, extras, 1, self.rnd, first.rank, first.scale * first.rank, num_trained=1

@@ -6,9 +6,7 @@ Kept because it is the baseline every paper compares against.
 
 from __future__ import annotations
 
-from torch import Tensor
-
-from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, update_weight
+from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, trained_tensors, update_weight
 from strategies.base import WeightedStrategy, WeightedSum, aggregate_stream, require_updates
 
 
@@ -52,7 +50,8 @@ class FactorAverage:
         if not self.scales:
             self.scales = {module: f.scale for module, f in update.factors.items()}
         self.sum.add(
-            summed_tensors(update, with_A=self.frozen is None), update_weight(update, self.weighting)
+            trained_tensors(update.factors, update.extras, trains_A=self.frozen is None),
+            update_weight(update, self.weighting),
         )
 
     def result(self) -> GlobalState:
@@ -71,18 +70,6 @@ class FactorAverage:
             }
         extras = {k.removeprefix("extra/"): t for k, t in mean.items() if k.startswith("extra/")}
         return GlobalState(round=self.rnd, merged=self.state.merged, adapter=adapter, extras=extras)
-
-
-def summed_tensors(update: ClientUpdate, with_A: bool) -> dict[str, Tensor]:
-    """The tensors a factor average sums, in the order ``fedpeft.wire`` lays a reply out (A and B
-    per module, then the extras), so a decoded reply is one span of memory."""
-    tensors: dict[str, Tensor] = {}
-    for module, f in update.factors.items():
-        if with_A:
-            tensors[f"A/{module}"] = f.A
-        tensors[f"B/{module}"] = f.B
-    tensors.update({f"extra/{name}": t for name, t in update.extras.items()})
-    return tensors
 
 
 def check_same_ranks(strategy: str, ranks: set[tuple[int, float]]) -> None:

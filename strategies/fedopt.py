@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, trained_tensors
+from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, split_trained, trained_tensors
 from strategies.base import Accumulator, Strategy, StreamingStrategy, aggregate_stream, require_updates
-from strategies.clip import untrained_split
 from strategies.registry import StrategyError, create_strategy
 
 
@@ -99,7 +98,7 @@ class ServerOptimizer(ABC):
         for key, x in current.items():
             delta = averaged[key].float() - x.float()
             stepped[key] = x.float() + self.direction(key, delta)
-        factors, extras = untrained_split(stepped, state, trains_A)
+        factors, extras = split_trained(stepped, state.adapter)
         self.last_metrics = getattr(self.inner, "last_metrics", {})
         return GlobalState(round=rnd, merged=mean.merged, adapter=factors, extras=extras)
 
