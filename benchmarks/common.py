@@ -4,7 +4,6 @@ scored on a test sample, baselines, machine facts and the results file."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import fnmatch
 import json
@@ -146,7 +145,7 @@ def write_results(result: dict[str, Any], out: Path) -> None:
 
 def full_test(config: RunConfig) -> RunConfig:
     """The same configuration, evaluating on the whole test file."""
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, test_limit=None))
+    return config.replace(data=config.data.replace(test_limit=None))
 
 
 def train_and_score(
@@ -294,7 +293,7 @@ class HeldOut:
     def __init__(self, config: RunConfig, files: dict[str, Path], labels: list[str]) -> None:
         self.config, self.labels = config, labels
         rows = {
-            name: load_splits(dataclasses.replace(config.data, source=str(path), labels=labels), 0).train
+            name: load_splits(config.data.replace(source=str(path), labels=labels), 0).train
             for name, path in files.items()
         }
         self.train = rows.pop("train")

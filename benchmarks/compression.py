@@ -101,8 +101,9 @@ def bytes_table(config) -> list[dict]:
 
 
 def accuracy(config, codec: str, data_dir: Path) -> dict:
-    config.train.compression = codec
-    config.run.name = f"agnews-{codec}"
+    config = config.replace(
+        train=config.train.replace(compression=codec), run=config.run.replace(name=f"agnews-{codec}")
+    )
     run_dir = REPO / "runs" / f"compression-{codec}-{time.strftime('%Y%m%d-%H%M%S')}"
     started = time.perf_counter()
     simulate(config, run_dir)

@@ -18,7 +18,6 @@ Run from the repository root after ``fedpeft models fetch smollm2-135m-instruct`
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -87,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[untrained] scoring on {len(scorer.data)} of {len(splits.test)} test rows", flush=True)
     result: dict[str, Any] = {"untrained": scorer(GlobalState(), init_seed=base.run.seed)}
     for name in ("fedavg", "stacking"):
-        config = dataclasses.replace(base, strategy=dataclasses.replace(base.strategy, name=name))
-        config = dataclasses.replace(config, run=dataclasses.replace(config.run, name=f"llm-dolly-{name}"))
+        config = base.replace(
+            strategy=base.strategy.replace(name=name), run=base.run.replace(name=f"llm-dolly-{name}")
+        )
         state, facts = run_federated(config, REPO / "runs" / f"llm-dolly-{name}")
         result[name] = {**facts, **scorer(state, init_seed=0)}
     result["centralized"] = run_centralized(base, splits, result["fedavg"]["optimizer_steps"], scorer)

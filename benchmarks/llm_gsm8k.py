@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         **shape_overrides(args),
     }
     config = simulation_config(SIMULATION, data_dir, overrides)
-    config.data.test_limit = None  # the seeded subset below replaces the simulation's first 16
+    config = config.replace(
+        data=config.data.replace(test_limit=None)
+    )  # the seeded subset below replaces the first 16
     splits = load_splits(config.data, config.run.seed, config.model.task)
     chosen = sorted(random.Random(args.subset_seed).sample(range(len(splits.test)), args.questions))
     scorer = LMEvaluator(config, Splits(splits.train, splits.test.select(chosen), []))

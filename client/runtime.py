@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from client.settings import CLIENT_ID, DATA_PATH, RANK
-from fedpeft.config import ClientConfig
+from fedpeft.config import ClientConfig, DataSection, ModelSection
 from fedpeft.data import Splits, load_client_file, load_splits, partition
 from fedpeft.dp_sgd import ExampleAccountant, ExampleDP
 from fedpeft.errors import UserError
@@ -94,8 +94,10 @@ def client_data(config: ClientConfig, context: Context) -> Batches:
     training set in simulation (cached per process: the last few, so a process that serves many
     virtual clients keeps bounded memory)."""
     if is_deployed(context):
-        return _encoded_file(config.to_json(), str(context.node_config[DATA_PATH]))
-    return _encoded_partition(config.to_json(), int(context.node_config["partition-id"]))
+        return _encoded_file(config.data, config.model, str(context.node_config[DATA_PATH]))
+    return _encoded_partition(
+        config.data, config.model, config.seed, int(context.node_config["partition-id"])
+    )
 
 
 def logit_adjustment(config: ClientConfig, data: Batches) -> Tensor | None:
@@ -143,27 +145,24 @@ def record_example_steps(context: Context, accountant: ExampleAccountant, steps:
 
 
 @lru_cache(maxsize=8)
-def _encoded_file(config_json: str, path: str) -> Batches:
-    config = ClientConfig.from_json(config_json)
-    return _encode(load_client_file(path, config.data, config.model.task), config)
+def _encoded_file(data: DataSection, model: ModelSection, path: str) -> Batches:
+    return _encode(load_client_file(path, data, model.task), model)
 
 
 @lru_cache(maxsize=8)
-def _encoded_partition(config_json: str, partition_id: int) -> Batches:
-    config = ClientConfig.from_json(config_json)
-    rows = partition(_splits(config_json).train, config.data, partition_id, config.seed)
-    return _encode(rows, config)
+def _encoded_partition(data: DataSection, model: ModelSection, seed: int, partition_id: int) -> Batches:
+    rows = partition(_splits(data, model.task, seed).train, data, partition_id, seed)
+    return _encode(rows, model)
 
 
 @lru_cache(maxsize=1)
-def _splits(config_json: str) -> Splits:
+def _splits(data: DataSection, task: str, seed: int) -> Splits:
     """The dataset, loaded once per process and configuration, not once per partition."""
-    config = ClientConfig.from_json(config_json)
-    return load_splits(config.data, config.seed, config.model.task)
+    return load_splits(data, seed, task)
 
 
-def _encode(rows: Dataset, config: ClientConfig) -> Batches:
-    tok = tokenizer(config.model.name)
-    if config.model.task == "causal_lm":
-        return encode_chats(list(rows["messages"]), tok, config.model.max_length)
-    return encode(rows, tok, config.model.max_length)
+def _encode(rows: Dataset, model: ModelSection) -> Batches:
+    tok = tokenizer(model.name)
+    if model.task == "causal_lm":
+        return encode_chats(list(rows["messages"]), tok, model.max_length)
+    return encode(rows, tok, model.max_length)

@@ -1,24 +1,24 @@
-"""Typed run configuration: TOML file + ``--set section.key=value`` overrides, validated.
+"""Typed run configuration: a TOML file plus ``--set section.key=value`` overrides, validated.
 
-Every mistake a user can make here raises ``ConfigError`` with one line naming the key and the fix.
+Each section is a frozen pydantic model whose fields carry their type, default, constraint and
+description (``docs/configuration.md`` is generated from them: ``python -m fedpeft.config``). Every
+mistake a user can make here raises ``ConfigError`` with one line naming the key and the fix.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import json
 import math
 import tomllib
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fedpeft.compression import CODECS
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
 from fedpeft.errors import UserError
-from fedpeft.label_skew import LABEL_SKEW_METHODS
 from fedpeft.secagg.ring import FixedPoint, RingOverflowError
 
 
@@ -32,134 +32,239 @@ PARTITIONS = ("iid", "dirichlet", "field", "files")
 SIMULATED_FAULTS = ("crash", "timeout", "garbage")
 
 
-@dataclass
-class RunSection:
-    name: str = "run"
-    output_dir: str = "runs"
-    seed: int = 0
-    rounds: int = 5
-    export_merged: bool = False
+class Section(BaseModel):
+    """A configuration section: unknown keys refused, types strict (an int is accepted for a
+    float), frozen and hashable (a client caches its model and data by configuration)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @cached_property
+    def _hash(self) -> int:
+        return hash(self.model_dump_json())
+
+    def __hash__(self) -> int:  # lists inside make the default field hash fail
+        return self._hash
+
+    def replace(self, **changes: Any) -> typing.Self:
+        """A validated copy with ``changes`` (sections are frozen)."""
+        return type(self).model_validate({**self.model_dump(), **changes})
 
 
-@dataclass
-class ModelSection:
-    name: str = "all-MiniLM-L6-v2"
-    max_length: int = 64
-    task: str = "classification"
+class RunSection(Section):
+    name: str = Field("run", description="name of the run; the run directory is `<output_dir>/<name>-<time>`")
+    output_dir: str = Field("runs", description="where new run directories are created")
+    seed: int = Field(0, description="seeds the partition, the initial adapter, client sampling and batches")
+    rounds: int = Field(5, ge=1, description="federated rounds")
+    export_merged: bool = Field(False, description="also export the base model with the adapter merged in")
 
 
-@dataclass
-class LoraSection:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] | None = None
-    client_ranks: list[int] | None = None
-    init: str = "shared"  # "per_client": each client draws its first A from a seed of its own id
+class ModelSection(Section):
+    name: str = Field(
+        "all-MiniLM-L6-v2",
+        description="an embedded model, a fetched one (`fedpeft models`), a model directory, a .gguf file "
+        "or a hub id",
+    )
+    max_length: int = Field(64, ge=1, description="inputs are truncated to this many tokens")
+    task: Literal["classification", "causal_lm"] = Field(
+        "classification", description="sequence classification or causal language modelling"
+    )
 
 
-@dataclass
-class DataSection:
-    source: str = "demo"
-    test_source: str | None = None
-    text_field: str = "text"
-    label_field: str = "label"
-    columns: list[str] | None = None
-    labels: list[str] | None = None
-    num_clients: int = 8
-    partition: str = "iid"
-    partition_field: str | None = None
-    instruction_field: str | None = None
-    input_field: str | None = None
-    response_field: str | None = None
-    dirichlet_alpha: float = 0.5
-    min_partition_size: int = 10
-    demo_train_size: int = 2000
-    demo_test_size: int = 400
-    test_limit: int | None = None
+class LoraSection(Section):
+    rank: int = Field(8, ge=1, description="the LoRA rank r of every client (unless `client_ranks`)")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha: the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA path")
+    target_modules: list[str] | None = Field(
+        None, description="the modules to adapt (peft's default for the architecture when unset)"
+    )
+    client_ranks: list[int] | None = Field(
+        None, description="per-client ranks, cycled over clients (e.g. `[4, 8, 16]`), for `stacking`"
+    )
+    init: Literal["shared", "per_client"] = Field(
+        "shared",
+        description="`shared`: every client starts from one seeded adapter; `per_client`: each draws its "
+        "first adapter from a seed of its own (the setting `vcma` is for)",
+    )
+
+    @field_validator("client_ranks")
+    @classmethod
+    def _mixed_positive_ranks(cls, ranks: list[int] | None) -> list[int] | None:
+        if ranks is None:
+            return ranks
+        if not all(r >= 1 for r in ranks):
+            raise ValueError("lora.client_ranks must be a list of positive integers, e.g. [4, 8, 16]")
+        if len(set(ranks)) < 2:
+            raise ValueError(
+                "lora.client_ranks must mix at least two ranks; for one rank on every client set lora.rank"
+            )
+        return ranks
 
 
-@dataclass
-class TrainSection:
-    local_steps: int = 10
-    batch_size: int = 16
-    lr: float = 5e-4
-    lr_decay: float = 1.0  # round r trains at lr * lr_decay ** (r - 1)
-    weight_decay: float = 0.0
-    proximal_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 on the trainable tensors
-    label_skew: str = "none"  # a client-side remedy for label skew (fedpeft/label_skew.py)
-    label_skew_tau: float = 1.0
-    eval_batch_size: int = 64
-    compression: str = "none"
+class DataSection(Section):
+    source: str = Field("demo", description="`demo` (generated), a file, or a glob of one file per client")
+    test_source: str | None = Field(None, description="the held-out file the server evaluates on")
+    text_field: str = Field("text", description="the field holding the text (classification)")
+    label_field: str = Field("label", description="the field holding the label (classification)")
+    columns: list[str] | None = Field(None, description="column names of a CSV/TSV file without a header")
+    labels: list[str] | None = Field(
+        None, description="the label names (default: the sorted labels of the training data)"
+    )
+    num_clients: int = Field(8, ge=1, description="clients in the federation")
+    partition: Literal["iid", "dirichlet", "field", "files"] = Field(
+        "iid", description="how the training data is split into clients (flwr-datasets partitioners)"
+    )
+    partition_field: str | None = Field(
+        None,
+        description="`field`: the field whose values are dealt to clients; `dirichlet`: the field split over",
+    )
+    instruction_field: str | None = Field(
+        None, description="causal LM data: the instruction field (detected)"
+    )
+    input_field: str | None = Field(None, description="causal LM data: the optional input field (detected)")
+    response_field: str | None = Field(None, description="causal LM data: the response field (detected)")
+    dirichlet_alpha: float = Field(0.5, gt=0, description="concentration of the Dirichlet label split")
+    min_partition_size: int = Field(
+        10, ge=0, description="redraw the Dirichlet split until every client has this many rows"
+    )
+    demo_train_size: int = Field(2000, ge=1, description="rows of generated training data")
+    demo_test_size: int = Field(400, ge=1, description="rows of generated held-out data")
+    test_limit: int | None = Field(
+        None, ge=1, description="evaluate each round on at most this many held-out rows"
+    )
+
+
+class TrainSection(Section):
+    local_steps: int = Field(10, ge=1, description="AdamW steps each client takes per round")
+    batch_size: int = Field(16, ge=1, description="rows per step")
+    lr: float = Field(5e-4, gt=0, description="the clients' learning rate")
+    lr_decay: float = Field(1.0, gt=0, le=1, description="round r trains at `lr` x `lr_decay`^(r-1)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    proximal_mu: float = Field(
+        0.0, ge=0, description="FedProx: mu/2 ‖w - w_global‖² on the trainable tensors"
+    )
+    label_skew: Literal["none", "fedlc", "balanced_softmax"] = Field(
+        "none", description="a client-side logit adjustment against label skew (classification only)"
+    )
+    label_skew_tau: float = Field(1.0, gt=0, description="tau of the label-skew adjustment")
+    eval_batch_size: int = Field(64, ge=1, description="rows per forward pass when evaluating")
+    compression: Literal["none", "fp16", "int8"] = Field(
+        "none",
+        description="how clients send their factors: fp32, half precision, or int8 with error feedback",
+    )
 
     def round_lr(self, rnd: int) -> float:
         """The local learning rate of round ``rnd`` (from 1)."""
         return self.lr * self.lr_decay ** (rnd - 1)
 
 
-@dataclass
-class ExampleDPSection:
+class ExampleDPSection(Section):
     """Example-level differential privacy: DP-SGD on every client (fedpeft/dp_sgd.py)."""
 
-    enabled: bool = False
-    noise_multiplier: float = 1.0
-    max_grad_norm: float = 1.0  # C, the L2 bound on each example's gradient
-    delta: float = 1e-5
-    epsilon_budget: float | None = None  # a client stops training before a round would exceed it
+    enabled: bool = Field(False, description="train every client with DP-SGD")
+    noise_multiplier: float = Field(1.0, gt=0, description="z: noise std over the clipping norm")
+    max_grad_norm: float = Field(1.0, gt=0, description="C, the L2 bound on each example's gradient")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of each client's (ε, δ)")
+    epsilon_budget: float | None = Field(
+        None, gt=0, description="a client refuses a round that would take its ε above this"
+    )
 
 
-@dataclass
-class EvalSection:
+class EvalSection(Section):
     """Central evaluation of causal LMs beyond held-out loss: greedy generation + exact match."""
 
-    generate: bool = False
-    max_new_tokens: int = 256
-    extractor: str = "gsm8k"
+    generate: bool = Field(False, description="greedy generation on the held-out rows, scored by exact match")
+    max_new_tokens: int = Field(256, ge=1, description="tokens generated per row")
+    extractor: str = Field("gsm8k", description="how the answer is read from a generation")
 
 
-@dataclass
-class ServerSection:
-    fraction: float = 0.5
-    min_clients: int = 2
-    min_replies: int | None = None
-    round_timeout: float = 600.0
-    max_retries: int = 2
-    evaluate: bool = True
-    max_reply_bytes: int = 0  # 0: derived from the global adapter's size (server/validation.py)
-    max_norm_ratio: float = 10.0  # 0: no norm check
-    secure_aggregation: bool = False
+class ServerSection(Section):
+    fraction: float = Field(0.5, gt=0, le=1, description="share of the connected clients sampled per round")
+    min_clients: int = Field(2, ge=1, description="sample at least this many (and wait for them to connect)")
+    min_replies: int | None = Field(None, description="valid replies a round needs (default `min_clients`)")
+    round_timeout: float = Field(600.0, gt=0, description="seconds a round waits for replies")
+    max_retries: int = Field(2, ge=0, description="attempts at a round beyond the first")
+    evaluate: bool = Field(True, description="evaluate the global state on the held-out data each round")
+    max_reply_bytes: int = Field(
+        0, description="refuse larger replies before decoding; 0: twice the adapter's size plus 1 MiB"
+    )
+    max_norm_ratio: float = Field(
+        10.0, description="refuse an update longer than this times its peers' median; 0: no norm check"
+    )
+    secure_aggregation: bool = Field(
+        False, description="the server learns only the sum of each round's updates"
+    )
+
+    @field_validator("max_reply_bytes")
+    @classmethod
+    def _byte_count(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(
+                "server.max_reply_bytes must be a byte count >= 0 (0 derives the cap from the adapter's size)"
+            )
+        return value
+
+    @field_validator("max_norm_ratio")
+    @classmethod
+    def _norm_ratio(cls, value: float) -> float:
+        if value != 0 and value < 1:
+            raise ValueError("server.max_norm_ratio must be 0 (no norm check) or at least 1, e.g. 10")
+        return value
 
 
-@dataclass
-class SecureSection:
+class SecureSection(Section):
     """Secure aggregation's parameters (used when ``server.secure_aggregation``; docs/security.md)."""
 
-    threshold: float = 0.6  # fraction of an attempt's participants whose shares recover a secret
-    clip_range: float = 8.0  # each value is clipped to [-clip_range, clip_range] before encoding
-    fraction_bits: int = 30  # fixed-point precision: values are scaled by 2^fraction_bits
-    max_examples: int = 1_000_000  # the largest example count (weight) one client may report
+    threshold: float = Field(
+        0.6, gt=0, le=1, description="fraction of an attempt's participants whose shares recover a secret"
+    )
+    clip_range: float = Field(8.0, gt=0, description="each value is clipped to [-clip_range, clip_range]")
+    fraction_bits: int = Field(
+        30, ge=8, le=48, description="fixed-point precision: values are scaled by 2^bits"
+    )
+    max_examples: int = Field(
+        1_000_000, ge=1, description="the largest weight (example count) one client may report"
+    )
 
 
-@dataclass
-class StrategySection:
-    name: str = "fedavg"
-    options: dict[str, Any] = field(default_factory=dict)
+class StrategySection(Section):
+    name: str = Field("fedavg", description="a registered strategy, `module:Class` or `path/file.py:Class`")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="every other key of [strategy]: the strategy's keyword arguments"
+    )
 
 
-@dataclass
-class SimulationSection:
-    cpus_per_client: int = 1
+class SimulationSection(Section):
+    cpus_per_client: int = Field(1, ge=1, description="CPU cores (and torch threads) per virtual client")
 
 
-@dataclass
-class FaultsSection:
+class FaultsSection(Section):
     """Simulated client misbehaviour, for testing the server's fault handling (simulation only;
     see client/faults.py)."""
 
-    rate: float = 0.0
-    kinds: list[str] = field(default_factory=lambda: list(SIMULATED_FAULTS))
-    poisoned: list[int] = field(default_factory=list)
-    poison_scale: float = 100.0
+    rate: float = Field(0.0, description="each sampled client fails a round with this probability")
+    kinds: list[str] = Field(
+        default_factory=lambda: list(SIMULATED_FAULTS), description="how a failing client fails"
+    )
+    poisoned: list[int] = Field(
+        default_factory=list, description="partition ids that send every update scaled by `poison_scale`"
+    )
+    poison_scale: float = Field(100.0, description="the factor a poisoned client scales its delta by")
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, rate: float) -> float:
+        if not 0 <= rate <= 1:
+            raise ValueError(f"faults.rate must be in [0, 1], got {rate}")
+        return rate
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds(cls, kinds: list[str]) -> list[str]:
+        if not kinds or not set(kinds) <= set(SIMULATED_FAULTS):
+            raise ValueError(
+                f"faults.kinds must be a non-empty list of {', '.join(SIMULATED_FAULTS)}, got {kinds!r}"
+            )
+        return kinds
 
     @property
     def active(self) -> bool:
@@ -174,8 +279,7 @@ class FaultsSection:
             )
 
 
-@dataclass
-class ClientConfig:
+class ClientConfig(Section):
     """The part of the run configuration every client needs; sent in each round's message."""
 
     seed: int
@@ -184,57 +288,81 @@ class ClientConfig:
     data: DataSection
     train: TrainSection
     threads: int = 1
-    faults: FaultsSection = field(default_factory=FaultsSection)
+    faults: FaultsSection = Field(default_factory=FaultsSection)
     round_timeout: float = 600.0
-    example_dp: ExampleDPSection = field(default_factory=ExampleDPSection)
+    example_dp: ExampleDPSection = Field(default_factory=ExampleDPSection)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return self.model_dump_json()
 
     @classmethod
     def from_json(cls, text: str) -> ClientConfig:
-        raw = json.loads(text)
-        return cls(
-            seed=raw["seed"],
-            threads=raw["threads"],
-            model=ModelSection(**raw["model"]),
-            lora=LoraSection(**raw["lora"]),
-            data=DataSection(**raw["data"]),
-            train=TrainSection(**raw["train"]),
-            faults=FaultsSection(**raw["faults"]),
-            round_timeout=raw["round_timeout"],
-            example_dp=ExampleDPSection(**raw["example_dp"]),
-        )
+        return cls.model_validate_json(text)
 
 
-@dataclass
-class RunConfig:
-    run: RunSection = field(default_factory=RunSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    lora: LoraSection = field(default_factory=LoraSection)
-    data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    server: ServerSection = field(default_factory=ServerSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    strategy: StrategySection = field(default_factory=StrategySection)
-    simulation: SimulationSection = field(default_factory=SimulationSection)
-    faults: FaultsSection = field(default_factory=FaultsSection)
-    secure: SecureSection = field(default_factory=SecureSection)
-    example_dp: ExampleDPSection = field(default_factory=ExampleDPSection)
+class RunConfig(Section):
+    run: RunSection = Field(
+        default_factory=RunSection, description="The run: its name, seed, length and outputs"
+    )
+    model: ModelSection = Field(
+        default_factory=ModelSection, description="The base model every client adapts"
+    )
+    lora: LoraSection = Field(default_factory=LoraSection, description="The LoRA adapters the clients train")
+    data: DataSection = Field(
+        default_factory=DataSection, description="The data, and how simulation splits it into clients"
+    )
+    train: TrainSection = Field(
+        default_factory=TrainSection, description="Each client's local training per round"
+    )
+    server: ServerSection = Field(
+        default_factory=ServerSection,
+        description="The server: sampling, fault tolerance, reply validation, evaluation",
+    )
+    eval: EvalSection = Field(
+        default_factory=EvalSection, description="Generation-based evaluation of causal LMs"
+    )
+    strategy: StrategySection = Field(
+        default_factory=StrategySection, description="The aggregation rule ([strategies.md](strategies.md))"
+    )
+    simulation: SimulationSection = Field(
+        default_factory=SimulationSection, description="Resources of `fedpeft simulate`"
+    )
+    faults: FaultsSection = Field(
+        default_factory=FaultsSection,
+        description="Simulated client faults, for testing fault handling (simulation only)",
+    )
+    secure: SecureSection = Field(
+        default_factory=SecureSection,
+        description="Secure aggregation's parameters ([security.md](security.md))",
+    )
+    example_dp: ExampleDPSection = Field(
+        default_factory=ExampleDPSection,
+        description="Example-level differential privacy: DP-SGD on every client",
+    )
 
-    def client_config(self) -> ClientConfig:
-        """A copy of the clients' part of the configuration (editing it leaves this one alone)."""
-        return ClientConfig(
-            seed=self.run.seed,
-            model=copy.deepcopy(self.model),
-            lora=copy.deepcopy(self.lora),
-            data=copy.deepcopy(self.data),
-            train=copy.deepcopy(self.train),
-            threads=self.simulation.cpus_per_client,
-            faults=copy.deepcopy(self.faults),
-            round_timeout=self.server.round_timeout,
-            example_dp=copy.deepcopy(self.example_dp),
-        )
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        for ok, message in _cross_checks(self):
+            if not ok:
+                raise ValueError(message)
+        if self.server.secure_aggregation:
+            _check_secure(self)
+        return self
+
+    def client_config(self, **changes: Any) -> ClientConfig:
+        """The clients' part of the configuration (``changes``: sections to replace in it)."""
+        fields = {
+            "seed": self.run.seed,
+            "model": self.model,
+            "lora": self.lora,
+            "data": self.data,
+            "train": self.train,
+            "threads": self.simulation.cpus_per_client,
+            "faults": self.faults,
+            "round_timeout": self.server.round_timeout,
+            "example_dp": self.example_dp,
+        }
+        return ClientConfig(**(fields | changes))
 
     @property
     def clients_per_round(self) -> int:
@@ -247,132 +375,17 @@ class RunConfig:
         return self.server.min_replies or self.server.min_clients
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a TOML file (or start from defaults), apply ``section.key=value`` overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass the path of a TOML file")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML ({exc}); fix the syntax there") from exc
-    for item in overrides:
-        _apply_override(raw, item)
-    config = _build(raw)
-    _validate(config)
-    return config
-
-
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    key, sep, text = item.partition("=")
-    section, dot, name = key.strip().partition(".")
-    if not sep or not dot or not name:
-        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text  # a bare word: take it as a string
-    raw.setdefault(section, {})[name] = value
-
-
-def _build(raw: dict[str, Any]) -> RunConfig:
-    sections = {f.name: f for f in fields(RunConfig)}
-    built: dict[str, Any] = {}
-    for section, values in raw.items():
-        if section not in sections:
-            raise ConfigError(f"unknown section [{section}]; valid sections: {', '.join(sections)}")
-        if not isinstance(values, dict):
-            raise ConfigError(f"[{section}] must be a table of keys, got {values!r}")
-        cls = typing.get_type_hints(RunConfig)[section]
-        if section == "strategy":
-            values = dict(values)
-            built[section] = StrategySection(
-                name=_check_type("strategy.name", values.pop("name", "fedavg"), str),
-                options=values,
-            )
-            continue
-        hints = typing.get_type_hints(cls)
-        for key, value in values.items():
-            if key not in hints:
-                raise ConfigError(
-                    f"unknown key '{section}.{key}'; valid keys in [{section}]: {', '.join(hints)}"
-                )
-            _check_type(f"{section}.{key}", value, hints[key])
-        built[section] = cls(**values)
-    return RunConfig(**built)
-
-
-def _check_type(key: str, value: Any, hint: Any) -> Any:
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for kind in allowed:
-        if kind is type(None) and value is None:
-            return value
-        origin = typing.get_origin(kind) or kind
-        if origin is float and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if origin is int and isinstance(value, bool):
-            continue
-        if isinstance(origin, type) and isinstance(value, origin):
-            return value
-    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed if k is not type(None))
-    raise ConfigError(f"'{key}' must be {names}, got {value!r}")
-
-
-def _validate(config: RunConfig) -> None:
-    checks = [
-        (config.run.rounds >= 1, "run.rounds must be at least 1"),
-        (config.lora.rank >= 1, "lora.rank must be at least 1"),
-        (config.lora.alpha > 0, "lora.alpha must be positive"),
-        (
-            all(isinstance(r, int) and r >= 1 for r in config.lora.client_ranks or []),
-            "lora.client_ranks must be a list of positive integers, e.g. [4, 8, 16]",
-        ),
-        (
-            config.lora.client_ranks is None or len(set(config.lora.client_ranks)) > 1,
-            "lora.client_ranks must mix at least two ranks; for one rank on every client set lora.rank",
-        ),
-        (
-            config.lora.init in LORA_INITS,
-            f"lora.init must be one of {', '.join(LORA_INITS)}, got {config.lora.init!r}",
-        ),
-        (config.data.num_clients >= 1, "data.num_clients must be at least 1"),
-        (
-            config.model.task in TASKS,
-            f"model.task must be one of {', '.join(TASKS)}, got {config.model.task!r}",
-        ),
-        (
-            config.data.partition in PARTITIONS,
-            f"data.partition must be one of {', '.join(PARTITIONS)}, got {config.data.partition!r}",
-        ),
+def _cross_checks(config: RunConfig) -> list[tuple[bool, str]]:
+    """Rules that span keys (a single key's rules live beside its field)."""
+    return [
         (
             config.data.partition != "field" or bool(config.data.partition_field),
             "data.partition = 'field' needs data.partition_field, e.g. 'category'",
         ),
-        (config.eval.max_new_tokens >= 1, "eval.max_new_tokens must be at least 1"),
-        (config.data.dirichlet_alpha > 0, "data.dirichlet_alpha must be positive"),
-        (config.train.local_steps >= 1, "train.local_steps must be at least 1"),
-        (config.train.batch_size >= 1, "train.batch_size must be at least 1"),
-        (config.train.lr > 0, "train.lr must be positive"),
-        (0 < config.train.lr_decay <= 1, "train.lr_decay must be in (0, 1], e.g. 0.9 (1: a constant lr)"),
-        (config.train.proximal_mu >= 0, "train.proximal_mu must be >= 0 (0: no proximal term)"),
-        (
-            config.train.label_skew in LABEL_SKEW_METHODS,
-            f"train.label_skew must be one of {', '.join(LABEL_SKEW_METHODS)}, "
-            f"got {config.train.label_skew!r}",
-        ),
-        (config.train.label_skew_tau > 0, "train.label_skew_tau must be positive"),
         (
             config.train.label_skew == "none" or config.model.task == "classification",
             "train.label_skew applies to classification only; set it to 'none' for a causal LM",
         ),
-        (
-            config.train.compression in CODECS,
-            f"train.compression must be one of {', '.join(CODECS)}, got {config.train.compression!r}",
-        ),
-        (0 < config.server.fraction <= 1, "server.fraction must be in (0, 1]"),
-        (config.server.min_clients >= 1, "server.min_clients must be at least 1"),
         (
             config.server.min_clients <= config.data.num_clients,
             f"server.min_clients ({config.server.min_clients}) exceeds data.num_clients "
@@ -383,32 +396,21 @@ def _validate(config: RunConfig) -> None:
             "server.min_replies must be between 1 and server.min_clients",
         ),
         (
-            config.server.max_reply_bytes >= 0,
-            "server.max_reply_bytes must be a byte count >= 0 (0 derives the cap from the adapter's size)",
+            all(0 <= p < config.data.num_clients for p in config.faults.poisoned),
+            f"faults.poisoned must list partition ids below data.num_clients "
+            f"({config.data.num_clients}), got {config.faults.poisoned!r}",
         ),
         (
-            config.server.max_norm_ratio == 0 or config.server.max_norm_ratio >= 1,
-            "server.max_norm_ratio must be 0 (no norm check) or at least 1, e.g. 10",
+            not config.example_dp.enabled or config.train.label_skew == "none",
+            "train.label_skew computes from each client's label counts, which example-level DP protects; "
+            "set train.label_skew = 'none' with example_dp.enabled",
         ),
-        (config.simulation.cpus_per_client >= 1, "simulation.cpus_per_client must be at least 1"),
-        *_faults_checks(config),
-        *_example_dp_checks(config),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    if config.server.secure_aggregation:
-        _validate_secure(config)
 
 
-def _validate_secure(config: RunConfig) -> None:
-    """Secure aggregation's parameters, and that the sum of a round cannot overflow its ring."""
-    secure = config.secure
+def _check_secure(config: RunConfig) -> None:
+    """What secure aggregation cannot serve, and that the sum of a round cannot overflow its ring."""
     checks = [
-        (0 < secure.threshold <= 1, "secure.threshold must be in (0, 1], e.g. 0.6"),
-        (secure.clip_range > 0, "secure.clip_range must be positive"),
-        (8 <= secure.fraction_bits <= 48, "secure.fraction_bits must be between 8 and 48"),
-        (secure.max_examples >= 1, "secure.max_examples must be at least 1"),
         (
             config.clients_per_round >= 2,
             "secure aggregation needs at least 2 clients per round; raise server.min_clients",
@@ -431,47 +433,178 @@ def _validate_secure(config: RunConfig) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise ConfigError(message)
-    codec = FixedPoint(secure.clip_range, secure.fraction_bits)
+            raise ValueError(message)
+    secure = config.secure
     try:
-        codec.check_capacity(config.clients_per_round, secure.max_examples)
+        FixedPoint(secure.clip_range, secure.fraction_bits).check_capacity(
+            config.clients_per_round, secure.max_examples
+        )
     except RingOverflowError as exc:
-        raise ConfigError(
+        raise ValueError(
             f"secure aggregation: {exc}; lower secure.fraction_bits, secure.clip_range or secure.max_examples"
         ) from exc
 
 
-def _faults_checks(config: RunConfig) -> list[tuple[bool, str]]:
-    faults = config.faults
-    return [
-        (0 <= faults.rate <= 1, f"faults.rate must be in [0, 1], got {faults.rate}"),
-        (
-            bool(faults.kinds) and set(faults.kinds) <= set(SIMULATED_FAULTS),
-            f"faults.kinds must be a non-empty list of {', '.join(SIMULATED_FAULTS)}, got {faults.kinds!r}",
-        ),
-        (
-            all(isinstance(p, int) and 0 <= p < config.data.num_clients for p in faults.poisoned),
-            f"faults.poisoned must list partition ids below data.num_clients "
-            f"({config.data.num_clients}), got {faults.poisoned!r}",
-        ),
-    ]
+# ---------------------------------------------------------------------------- loading
 
 
-def _example_dp_checks(config: RunConfig) -> list[tuple[bool, str]]:
-    dp = config.example_dp
-    return [
-        (dp.noise_multiplier > 0, "example_dp.noise_multiplier must be positive"),
-        (dp.max_grad_norm > 0, "example_dp.max_grad_norm must be positive"),
-        (0 < dp.delta < 1, "example_dp.delta must be in (0, 1), e.g. 1e-5"),
-        (dp.epsilon_budget is None or dp.epsilon_budget > 0, "example_dp.epsilon_budget must be positive"),
-        (
-            not dp.enabled or config.train.label_skew == "none",
-            "train.label_skew computes from each client's label counts, which example-level DP protects; "
-            "set train.label_skew = 'none' with example_dp.enabled",
-        ),
-    ]
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML file (or start from defaults), apply ``section.key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass the path of a TOML file")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML ({exc}); fix the syntax there") from exc
+    for item in overrides:
+        _apply_override(raw, item)
+    strategy = raw.get("strategy")
+    if isinstance(strategy, dict):  # [strategy]: a name, then the strategy's own options
+        options = {k: v for k, v in strategy.items() if k != "name"}
+        raw["strategy"] = {"name": strategy.get("name", "fedavg"), "options": options}
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, raw)) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: take it as a string
+    raw.setdefault(section, {})[name] = value
+
+
+def _one_line(exc: ValidationError, raw: dict[str, Any]) -> str:
+    """The first of pydantic's errors as one line that names the key and the fix."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"]]
+    kind = error["type"]
+    if kind == "value_error":  # a validator's own message
+        return str(error["ctx"]["error"])
+    if not loc:
+        return str(error["msg"])
+    section = loc[0]
+    if kind == "extra_forbidden" and len(loc) == 1:
+        return f"unknown section [{section}]; valid sections: {', '.join(RunConfig.model_fields)}"
+    model = RunConfig.model_fields[section].annotation
+    if len(loc) == 1:
+        return f"[{section}] must be a table of keys, got {raw.get(section)!r}"
+    key = f"{section}.{loc[1]}"
+    fields = model.model_fields  # type: ignore[union-attr]
+    if kind == "extra_forbidden":
+        return f"unknown key '{key}'; valid keys in [{section}]: {', '.join(fields)}"
+    field = fields[loc[1]]
+    value = raw.get(section, {}).get(loc[1], error.get("input"))
+    if kind == "literal_error":
+        choices = typing.get_args(_without_none(field.annotation))
+        return f"{key} must be one of {', '.join(choices)}, got {value!r}"
+    bounds = _bounds(field)
+    if bounds and kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{key} must be {bounds}"
+    return f"'{key}' must be {_type_name(field.annotation)}, got {value!r}"
+
+
+def _without_none(annotation: Any) -> Any:
+    if isinstance(annotation, types.UnionType):
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return kinds[0] if len(kinds) == 1 else annotation
+    return annotation
+
+
+def _type_name(annotation: Any) -> str:
+    annotation = _without_none(annotation)
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _bounds(field: FieldInfo) -> str:
+    """A field's numeric constraint in words: 'at least 1', 'positive', 'in (0, 1]'."""
+    lower = upper = None
+    for rule in field.metadata:
+        for name, bracket in (("ge", "["), ("gt", "(")):
+            if getattr(rule, name, None) is not None:
+                lower = (getattr(rule, name), bracket)
+        for name, bracket in (("le", "]"), ("lt", ")")):
+            if getattr(rule, name, None) is not None:
+                upper = (getattr(rule, name), bracket)
+    if lower and upper:
+        return f"in {lower[1]}{lower[0]:g}, {upper[0]:g}{upper[1]}"
+    if lower:
+        if lower[1] == "(" and lower[0] == 0:
+            return "positive"
+        return f"at least {lower[0]:g}" if lower[1] == "[" else f"greater than {lower[0]:g}"
+    if upper:
+        return f"at most {upper[0]:g}" if upper[1] == "]" else f"below {upper[0]:g}"
+    return ""
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:
     """A plain-data copy (for summary.json and checkpoints)."""
-    return dataclasses.asdict(config)
+    return config.model_dump()
+
+
+# ---------------------------------------------------------------------------- the reference
+
+
+def reference() -> str:
+    """``docs/configuration.md``: every section and key with its type, default, constraint and
+    description, from the models."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `fedpeft/config.py` by `python -m fedpeft.config > docs/configuration.md`;",
+        "a test fails when this file is out of date. A run's configuration is a TOML file with these",
+        "sections, plus `--set section.key=value` overrides on the command line. Unknown keys and wrong",
+        "types are refused with one line naming the key.",
+    ]
+    for section, info in RunConfig.model_fields.items():
+        lines += ["", f"## [{section}]", "", f"{info.description}.", ""]
+        if section == "strategy":
+            lines += [
+                "`name` selects the rule; the other keys are its options ([strategies.md](strategies.md)).",
+                "",
+            ]
+        lines += ["| key | type | default | constraint | description |", "|---|---|---|---|---|"]
+        for key, field in info.annotation.model_fields.items():  # type: ignore[union-attr]
+            if (section, key) != ("strategy", "options"):
+                lines.append(_reference_row(key, field))
+    return "\n".join(lines) + "\n"
+
+
+def _reference_row(key: str, field: FieldInfo) -> str:
+    kind = _without_none(field.annotation)
+    if typing.get_origin(kind) is Literal:
+        name, constraint = "str", "one of " + ", ".join(f"`{c}`" for c in typing.get_args(kind))
+    else:
+        name, constraint = _type_name(kind), _bounds(field)
+    if kind is not field.annotation:
+        name += " or none"
+    default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+    return f"| `{key}` | {name} | `{_toml(default)}` | {constraint} | {field.description or ''} |"
+
+
+def _toml(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

@@ -118,8 +118,7 @@ class FederatedRun:
         check_rank_fits(config.model.name, config.model.task, config.lora)
         self.secure = SecureAggregation(config, self.strategy) if config.server.secure_aggregation else None
         self.splits = splits or load_splits(config.data, config.run.seed, config.model.task)
-        self.client_config = config.client_config()
-        self.client_config.data.labels = self.splits.label_names
+        self.client_config = config.client_config(data=config.data.replace(labels=self.splits.label_names))
         self.recorder = RunRecorder(self.run_dir)
         self.evaluator = make_evaluator(config, self.splits) if config.server.evaluate else None
         self.rng = random.Random(config.run.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from fedpeft.config import ConfigError, load_config
 
@@ -72,7 +73,36 @@ def test_missing_config_file(tmp_path):
 
 def test_client_config_is_a_copy():
     config = load_config(None)
-    client = config.client_config()
-    client.data.labels = ["x"]
-    client.lora.client_ranks = [2]
+    client = config.client_config(data=config.data.replace(labels=["x"]))
+    with pytest.raises(ValidationError, match="frozen"):
+        client.lora.client_ranks = [2]  # a configuration is frozen: nobody edits it in place
+    assert client.data.labels == ["x"]
     assert config.data.labels is None and config.lora.client_ranks is None
+
+
+def test_the_configuration_reference_is_current():
+    """docs/configuration.md is generated from the models: regenerate it with
+    `python -m fedpeft.config > docs/configuration.md` after changing a field."""
+    from pathlib import Path
+
+    from fedpeft.config import reference
+
+    assert (Path(__file__).parents[1] / "docs" / "configuration.md").read_text() == reference()
+
+
+def test_every_field_is_described_and_list_elements_are_type_checked():
+    from fedpeft.config import RunConfig
+
+    for section, info in RunConfig.model_fields.items():
+        for key, field in info.annotation.model_fields.items():
+            assert field.description, f"{section}.{key} has no description"
+    with pytest.raises(ConfigError, match=r"'lora\.target_modules' must be a list of str, got \[1, 2\]"):
+        load_config(None, ["lora.target_modules=[1, 2]"])
+    with pytest.raises(ConfigError, match=r"'data\.labels' must be a list of str, got \[1, 2\]"):
+        load_config(None, ["data.labels=[1, 2]"])
+
+
+def test_a_configuration_is_hashable_and_equal_by_value():
+    a, b = load_config(None, ["train.lr=1e-3"]), load_config(None, ["train.lr=1e-3"])
+    assert a == b and hash(a) == hash(b) and hash(a.client_config()) == hash(b.client_config())
+    assert a != load_config(None, ["train.lr=2e-3"])

@@ -90,7 +90,8 @@ def test_a_poisoned_client_sends_received_plus_scale_times_its_delta(tiny_bert_d
     def honest_and_poisoned(msg, context):
         honest = train(msg, context)
         instructions = decode_instructions(msg.content)
-        instructions.client_config.faults.poisoned = [0]
+        faults = instructions.client_config.faults.replace(poisoned=[0])
+        instructions.client_config = instructions.client_config.replace(faults=faults)
         received = decode_state(msg.content)
         poisoned_msg = Message(
             encode_train_message(received, instructions),

@@ -129,7 +129,7 @@ def test_round_lr_decays_geometrically():
     [
         ("train.lr_decay=0", r"train\.lr_decay must be in \(0, 1\]"),
         ("train.lr_decay=1.5", r"train\.lr_decay must be in \(0, 1\]"),
-        ("train.proximal_mu=-1", r"train\.proximal_mu must be >= 0"),
+        ("train.proximal_mu=-1", r"train\.proximal_mu must be at least 0"),
         ("train.label_skew=balanced", "train.label_skew must be one of none, fedlc, balanced_softmax, got"),
         ("train.label_skew_tau=0", "train.label_skew_tau must be positive"),
     ],

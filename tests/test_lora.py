@@ -139,6 +139,6 @@ def test_client_rank_comes_from_node_setting_then_list_then_default():
         return Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
 
     assert client_rank(config, ctx(**{"partition-id": 4})) == 8
-    config.lora.client_ranks = [4, 8, 16]
+    config = config.replace(lora=config.lora.replace(client_ranks=[4, 8, 16]))
     assert [client_rank(config, ctx(**{"partition-id": i})) for i in range(4)] == [4, 8, 16, 4]
     assert client_rank(config, ctx(**{"partition-id": 0, "rank": 2})) == 2

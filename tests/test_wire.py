@@ -89,8 +89,8 @@ def test_bf16_model_update_survives_the_wire(tiny_bert_dir):
 def test_instructions_round_trip():
     from fedpeft.config import RunConfig
 
-    config = RunConfig().client_config()
-    config.data.labels = ["a", "b"]
+    base = RunConfig()
+    config = base.client_config(data=base.data.replace(labels=["a", "b"]))
     content = encode_train_message(
         factories.GlobalState(),
         RoundInstructions(4, 99, ClientPlan(False, False, weighting="uniform", options={"mu": 0.1}), config),
