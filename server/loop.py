@@ -129,7 +129,7 @@ class FederatedRun:
         # arrives, and nothing per client reaches the logs. The norm screen is off: refusing a
         # reply for its norm relative to the others' would let one client's update change whether
         # another's counts, which clipping alone bounds.
-        self.private = bool(getattr(self.strategy, "private", False))
+        self.private = self.strategy.private
         if self.private:
             self.limits.max_norm_ratio = 0.0
         if resume:
@@ -228,7 +228,7 @@ class FederatedRun:
                 row["variance_ratio"] = ratio
             if outcome.replies.example_epsilon > 0:  # example-level DP on the clients
                 row["example_epsilon"] = outcome.replies.example_epsilon
-        row |= getattr(self.strategy, "last_metrics", {})
+        row |= self.strategy.last_metrics
         if self.evaluator is not None:
             row.update(self.evaluator(self.state, self.init_seed(rnd + 1)))
         row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -317,8 +317,9 @@ class FederatedRun:
                     f"server.min_clients is {need}; start more clients or lower it"
                 )
             time.sleep(1.0)
-        if count is None and self.private:
-            return self.strategy.select_clients(rnd, known)  # type: ignore[attr-defined]
+        selected = self.strategy.select_clients(rnd, known) if count is None else None
+        if selected is not None:
+            return selected
         k = count or min(len(known), max(need, math.ceil(self.config.server.fraction * len(known))))
         return self.rng.sample(known, k)
 

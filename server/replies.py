@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from fedpeft.state import ClientUpdate, GlobalState
 from fedpeft.wire import DecodeBuffer, WireError, decode_update, record_nbytes
 from server.validation import ReplyLimits, reference_signature, update_norm, validate
-from strategies.base import Accumulator, Strategy, StreamingStrategy
+from strategies.base import Accumulator, Strategy
 
 POLL_SECONDS = 0.1
 MAX_REASON_CHARS = 300
@@ -70,11 +70,11 @@ class RoundReplies:
         self.screen = self.limits.screen()
         self.norms: list[float] = []  # of the accepted updates, in order (with the norm screen on)
         self.rejected = 0
-        self.accumulator: Accumulator | None = None
-        self.decode_buffer: DecodeBuffer | None = None  # replies are folded one at a time: reuse it
-        if isinstance(strategy, StreamingStrategy) and state.adapter is not None:
-            self.accumulator = strategy.start(rnd, state)
-            self.decode_buffer = DecodeBuffer()
+        self.accumulator: Accumulator | None = (
+            strategy.start(rnd, state) if state.adapter is not None else None
+        )
+        # replies are folded one at a time: one decode buffer, reused
+        self.decode_buffer = DecodeBuffer() if self.accumulator is not None else None
         self.reference = reference_signature(state, []) if state.adapter is not None else None
         self.pending: list[ClientUpdate] = []
         self.held: list[tuple[ClientUpdate, float]] = []  # streaming, until the norm screen can judge

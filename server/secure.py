@@ -48,10 +48,10 @@ from fedpeft.secagg.messages import (
 )
 from fedpeft.secagg.ring import FixedPoint
 from fedpeft.secagg.summand import SummandLayout
-from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, split_trained
+from fedpeft.state import ClientPlan, GlobalState
 from fedpeft.wire import NUM_EXAMPLES, UPDATE_METRICS, WEIGHT, WireError, record_nbytes
 from server.replies import client_error, receive
-from strategies import DifferentialPrivacy, Strategy
+from strategies import Strategy
 
 SESSION_BYTES = 16
 
@@ -66,16 +66,12 @@ class AttemptFailed(Exception):
 
 def check_strategy(strategy: Strategy) -> None:
     """Secure aggregation reveals only a sum: it serves strategies whose aggregate is one."""
-    if not getattr(strategy, "linear", False):
+    if not strategy.linear:
         raise SecureModeError(
             f"strategy '{strategy.name}' needs each client's factors, which secure aggregation hides; "
             "use fedavg, ffa or dp (around either), or set server.secure_aggregation = false"
         )
-    if isinstance(strategy, DifferentialPrivacy) and strategy.adaptive is not None:
-        raise SecureModeError(
-            "dp's adaptive clipping needs each client's clipped-or-not bit, which secure aggregation "
-            "hides; set a fixed clip_norm (no target_quantile) or server.secure_aggregation = false"
-        )
+    strategy.secure_clip_norm  # noqa: B018 (a rule that cannot say how clients clip refuses here)
 
 
 @dataclass
@@ -135,7 +131,7 @@ class SecureAggregation:
             run.execute(nodes, content)
         except AttemptFailed as failure:
             run.result.dropped += [(node, f"secure aggregation: {failure}") for node in run.alive]
-            if isinstance(self.strategy, DifferentialPrivacy):  # never retried: the round releases noise only
+            if self.strategy.private:  # never retried: the round releases noise only
                 run.result.replies.aggregate_fn = lambda: self.strategy.aggregate(rnd, state, [])
         return run.result
 
@@ -219,7 +215,7 @@ class _Attempt:
             self.secure.codec.clip_range,
             self.secure.codec.fraction_bits,
             self.secure.max_examples,
-            self.secure.strategy.clip_norm if isinstance(self.secure.strategy, DifferentialPrivacy) else 0.0,
+            self.secure.strategy.secure_clip_norm,
         )
         content = RecordDict({**content, RECORD: request.to_record()})
         down = _nbytes(content) * len(self.alive)
@@ -301,29 +297,16 @@ class _Attempt:
     def _finish(self, total: np.ndarray, counts: dict[int, tuple[int, int]]) -> None:
         """Decode the sum and hand it to the strategy (when the round loop asks to aggregate)."""
         decoded = self.secure.codec.decode(total)
-        count = len(counts)
         total_examples = sum(n for n, _ in counts.values())
         total_weight = sum(w for _, w in counts.values())
         replies = self.result.replies
         replies.accepted = [(str(node), n, None) for node, (n, _) in sorted(counts.items())]
         replies.train_loss = self.layout.loss(decoded) / total_examples if total_examples else 0.0
         summed = self.layout.unflatten(decoded)
-        replies.aggregate_fn = lambda: self._aggregate(summed, count, total_weight)
+        replies.aggregate_fn = lambda: self._aggregate(summed, total_weight)
 
-    def _aggregate(self, summed: dict[str, torch.Tensor], count: int, total_weight: int) -> GlobalState:
-        strategy, state = self.secure.strategy, self.state
-        assert state.adapter is not None
-        rank = next(iter(state.adapter.values())).rank
-        if isinstance(strategy, DifferentialPrivacy):
-            return strategy.aggregate_clipped_sum(self.rnd, state, summed)
-        if total_weight <= 0:
-            raise ValueError("cannot aggregate: the replies report no training examples in total")
-        mean = {key: t / total_weight for key, t in summed.items()}
-        factors, extras = split_trained(mean, state.adapter)
-        virtual = ClientUpdate(
-            factors, extras, total_weight, round=self.rnd, rank=rank, alpha=self.secure.alpha, num_trained=1
-        )
-        return strategy.aggregate(self.rnd, state, [virtual])
+    def _aggregate(self, summed: dict[str, torch.Tensor], total_weight: int) -> GlobalState:
+        return self.secure.strategy.aggregate_sum(self.rnd, self.state, summed, total_weight)
 
     def _forget_silent(self, stage: str, answered: dict) -> None:
         for node in self.alive:

@@ -21,14 +21,8 @@ import torch
 
 from fedpeft.privacy import clip_factor
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, split_trained, trained_tensors
-from strategies.base import (
-    Accumulator,
-    FlatLayout,
-    Strategy,
-    StreamingStrategy,
-    aggregate_stream,
-    require_updates,
-)
+from strategies.accumulate import FlatLayout
+from strategies.base import Accumulator, Strategy, require_updates
 from strategies.registry import StrategyError, create_strategy
 
 
@@ -85,20 +79,26 @@ class DeltaClipper:
         }
 
 
-class Clip:
-    """``clip(inner)`` on the whole list of a round's updates (the bound may depend on all norms)."""
+class Clip(Strategy):
+    """``clip(inner)``: with a fixed bound around a streaming inner strategy, each update is clipped
+    and handed on as it arrives (O(adapter) memory); with an adaptive bound, on the whole round."""
 
     name = "clip"
-    # The server must see each update to clip it, so no secure aggregation; and dp clips on its own.
+    # The server must see each update to clip it, so no secure aggregation; and dp clips itself.
     linear = False
 
     def __init__(self, inner: Strategy, clip_norm: float | None, median_multiple: float | None) -> None:
         self.inner = inner
         self.clip_norm, self.median_multiple = clip_norm, median_multiple
-        self.last_metrics: dict[str, float] = {}
 
     def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
         return self.inner.client_instructions(rnd, state)
+
+    def start(self, rnd: int, state: GlobalState) -> ClippedStream | None:
+        if self.clip_norm is None:
+            return None  # the bound needs every norm of the round first
+        inner = self.inner.start(rnd, state)
+        return None if inner is None else ClippedStream(self, self.clipper(rnd, state), inner)
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)
@@ -118,11 +118,7 @@ class Clip:
         return DeltaClipper(self.name, state, trains_A)
 
     def record(self, clipper: DeltaClipper, bound: float) -> None:
-        self.last_metrics = {
-            **getattr(self.inner, "last_metrics", {}),
-            **clipper.metrics(),
-            "clip_bound": bound,
-        }
+        self.last_metrics = {**self.inner.last_metrics, **clipper.metrics(), "clip_bound": bound}
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict()}
@@ -131,23 +127,10 @@ class Clip:
         self.inner.load_state_dict(state["inner"])
 
 
-class StreamingClip(Clip):
-    """``clip(inner)`` with a fixed bound around a streaming inner strategy: each update is clipped
-    and handed on as it arrives, so the server still holds O(adapter) memory."""
-
-    def start(self, rnd: int, state: GlobalState) -> ClippedStream:
-        assert isinstance(self.inner, StreamingStrategy)
-        return ClippedStream(self, self.clipper(rnd, state), self.inner.start(rnd, state))
-
-    def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
-        require_updates(self.name, updates)
-        return aggregate_stream(self, rnd, state, updates)
-
-
 class ClippedStream:
     """The inner strategy's accumulator, fed clipped updates."""
 
-    def __init__(self, clip: StreamingClip, clipper: DeltaClipper, inner: Accumulator) -> None:
+    def __init__(self, clip: Clip, clipper: DeltaClipper, inner: Accumulator) -> None:
         self.clip, self.clipper, self.inner = clip, clipper, inner
         assert clip.clip_norm is not None
         self.bound = clip.clip_norm
@@ -169,7 +152,7 @@ def create_clip(
     median_multiple: float | None = None,
 ) -> Clip:
     """``clip(inner)`` with a fixed L2 bound ``clip_norm`` or a bound of ``median_multiple`` times
-    the round's median update norm; streaming when the bound is fixed and ``inner`` streams."""
+    the round's median update norm."""
     if (clip_norm is None) == (median_multiple is None):
         raise StrategyError(
             "clip needs exactly one of clip_norm (a fixed L2 bound on each update) and "
@@ -179,10 +162,9 @@ def create_clip(
     if bound is not None and bound <= 0:
         raise StrategyError("clip's clip_norm or median_multiple must be > 0")
     wrapped = create_strategy(inner, inner_options)
-    if getattr(wrapped, "private", False):
+    if wrapped.private:
         raise StrategyError(
             "clip around dp would bound each update by the others' norms (or clip twice): dp clips "
             "every update itself; set clip_norm (or target_quantile) in dp instead"
         )
-    streams = clip_norm is not None and isinstance(wrapped, StreamingStrategy)
-    return (StreamingClip if streams else Clip)(wrapped, clip_norm, median_multiple)
+    return Clip(wrapped, clip_norm, median_multiple)

@@ -9,14 +9,14 @@ copies of the adapter.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
-from strategies.base import StatelessStrategy, require_updates
+from strategies.base import Strategy, require_updates
 from strategies.fedavg import check_same_ranks
 
 CHUNK_VALUES = 1 << 20  # values (K x coordinates) sorted at once: 4 MiB of float32
@@ -37,7 +37,7 @@ def trimmed_mean(tensors: Sequence[Tensor], trim: int, chunk_values: int = CHUNK
     return out.view(tensors[0].shape)
 
 
-class CoordinateWise(StatelessStrategy, ABC):
+class CoordinateWise(Strategy):
     """A coordinate-wise trimmed mean of A, B and the extras; ``trim_count`` says how much to trim."""
 
     name: str

@@ -40,7 +40,7 @@ from strategies.clip import DeltaClipper
 from strategies.registry import StrategyError, create_strategy
 
 
-class DifferentialPrivacy:
+class DifferentialPrivacy(Strategy):
     """``dp(inner)``: Poisson sampling, clipping (fixed or adaptive), Gaussian noise and (ε, δ)
     accounting with an optional budget."""
 
@@ -65,7 +65,7 @@ class DifferentialPrivacy:
         insecure_noise_seed: int | None = None,
     ) -> None:
         self.inner: Strategy = create_strategy(inner, inner_options)
-        if not getattr(self.inner, "linear", False) and not allow_nonlinear:
+        if not self.inner.linear and not allow_nonlinear:
             raise StrategyError(
                 f"dp wraps strategies whose aggregate is linear in the client updates (fedavg, ffa); "
                 f"'{inner}' is not, so its noise calibration would not hold; set allow_nonlinear = true "
@@ -103,6 +103,16 @@ class DifferentialPrivacy:
         of the budget on the clipped count)."""
         return self.adaptive.update_noise if self.adaptive else self.noise_multiplier
 
+    @property
+    def secure_clip_norm(self) -> float:
+        """Under secure aggregation the clients clip their own deltas (the server cannot see them)."""
+        if self.adaptive is not None:
+            raise StrategyError(
+                "dp's adaptive clipping needs each client's clipped-or-not bit, which secure aggregation "
+                "hides; set a fixed clip_norm (no target_quantile) or server.secure_aggregation = false"
+            )
+        return self.clip_norm
+
     def select_clients(self, rnd: int, candidates: list[int]) -> list[int]:
         """Poisson sampling: each candidate independently with probability q, from the secret stream."""
         draws = self.random.uniform(len(candidates))
@@ -126,14 +136,14 @@ class DifferentialPrivacy:
         """The round's release; with no updates (nobody sampled or nobody replied), noise only."""
         return aggregate_stream(self, rnd, state, updates)
 
-    def aggregate_clipped_sum(
-        self, rnd: int, state: GlobalState, clipped_sum: dict[str, Tensor]
+    def aggregate_sum(
+        self, rnd: int, state: GlobalState, summed: dict[str, Tensor], weight: float
     ) -> GlobalState:
         """The round's result from the sum of the deltas the clients clipped themselves to
-        ``clip_norm`` (secure aggregation: the server sees only the sum), named as ``start``'s
-        accumulator names them."""
+        ``clip_norm``, each with weight 1 (secure aggregation: the server sees only the sum). The
+        noise and the division by the expected m are as in any round, whatever ``weight`` is."""
         accumulator = self.start(rnd, state)
-        accumulator.add_sum(clipped_sum)
+        accumulator.add_sum(summed)
         return accumulator.result()
 
     def state_dict(self) -> dict[str, Any]:

@@ -7,7 +7,8 @@ Kept because it is the baseline every paper compares against.
 from __future__ import annotations
 
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, trained_tensors, update_weight
-from strategies.base import WeightedStrategy, WeightedSum, aggregate_stream, require_updates
+from strategies.accumulate import WeightedSum
+from strategies.base import WeightedStrategy, aggregate_stream, require_updates
 
 
 class FedAvg(WeightedStrategy):

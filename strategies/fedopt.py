@@ -19,18 +19,18 @@ depends on the replies only through their weighted mean, it is ``linear`` when i
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, split_trained, trained_tensors
-from strategies.base import Accumulator, Strategy, StreamingStrategy, aggregate_stream, require_updates
+from strategies.base import Accumulator, Strategy, aggregate_stream, require_updates
 from strategies.registry import StrategyError, create_strategy
 
 
-class ServerOptimizer(ABC):
+class ServerOptimizer(Strategy):
     """A server-side optimizer stepping on the inner strategy's mean update."""
 
     name: str
@@ -47,7 +47,7 @@ class ServerOptimizer(ABC):
                 "clips and noises the updates, and the optimizer steps on the noised mean)"
             )
         self.inner: Strategy = create_strategy(inner, inner_options)
-        if not getattr(self.inner, "linear", False):
+        if not self.inner.linear:
             raise StrategyError(
                 f"{self.name} steps on the weighted mean of the updates, so it wraps a linear strategy "
                 f"(fedavg, ffa); '{inner}' is not one"
@@ -58,7 +58,6 @@ class ServerOptimizer(ABC):
         self.server_lr = server_lr
         self.moments: dict[str, dict[str, Tensor]] = {}  # moment name -> tensor name -> value
         self.steps = 0
-        self.last_metrics: dict[str, float] = {}
 
     @abstractmethod
     def direction(self, key: str, delta: Tensor) -> Tensor:
@@ -76,8 +75,7 @@ class ServerOptimizer(ABC):
         return self.inner.client_instructions(rnd, state)
 
     def start(self, rnd: int, state: GlobalState) -> Accumulator:
-        inner = self.inner.start(rnd, state) if isinstance(self.inner, StreamingStrategy) else None
-        return OptimizerStep(self, rnd, state, inner)
+        return OptimizerStep(self, rnd, state, self.inner.start(rnd, state))
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)
@@ -99,7 +97,7 @@ class ServerOptimizer(ABC):
             delta = averaged[key].float() - x.float()
             stepped[key] = x.float() + self.direction(key, delta)
         factors, extras = split_trained(stepped, state.adapter)
-        self.last_metrics = getattr(self.inner, "last_metrics", {})
+        self.last_metrics = self.inner.last_metrics
         return GlobalState(round=rnd, merged=mean.merged, adapter=factors, extras=extras)
 
     def state_dict(self) -> dict[str, Any]:

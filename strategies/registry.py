@@ -59,6 +59,8 @@ def create_strategy(
     missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in options]
     if missing:
         raise StrategyError(f"strategy {spec!r} needs the option(s) {', '.join(missing)} in [strategy]")
+    if inspect.isclass(factory) and (not issubclass(factory, Strategy) or inspect.isabstract(factory)):
+        raise StrategyError(_not_a_strategy(spec))
     try:
         strategy = factory(**options)
     except (TypeError, ValueError) as exc:
@@ -66,11 +68,15 @@ def create_strategy(
             raise
         raise StrategyError(f"strategy {spec!r} rejected its options: {exc}") from exc
     if not isinstance(strategy, Strategy):
-        raise StrategyError(
-            f"strategy {spec!r} does not implement the Strategy protocol "
-            "(name, client_instructions, aggregate, state_dict, load_state_dict)"
-        )
+        raise StrategyError(_not_a_strategy(spec))
     return strategy
+
+
+def _not_a_strategy(spec: str) -> str:
+    return (
+        f"strategy {spec!r} does not implement the Strategy protocol: subclass strategies.Strategy and "
+        "implement aggregate(self, rnd, state, updates) (docs/strategies.md, 'Writing your own')"
+    )
 
 
 def _resolve(spec: str) -> Callable[..., Strategy]:

@@ -8,24 +8,19 @@ the others is never chosen. It needs nothing but tensors: no Flower, no model, n
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
+from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
+from strategies import Strategy
 
 
-class Krum:
-    name = "krum"
-    linear = False  # a selection is not a weighted sum: DP and secure aggregation do not apply
+class Krum(Strategy):
+    name = "krum"  # linear stays False: a selection is not a weighted sum (no DP or secure aggregation)
 
     def __init__(self, byzantine: int = 1) -> None:
         if byzantine < 0:
             raise ValueError("krum's byzantine (the number of hostile clients tolerated) must be >= 0")
         self.byzantine = byzantine
-
-    def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
-        return ClientPlan()  # clients train A and B as usual
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         neighbours = len(updates) - self.byzantine - 2
@@ -45,12 +40,6 @@ class Krum:
         }
         extras = {name: t.clone() for name, t in chosen.extras.items()}
         return GlobalState(round=rnd, merged=state.merged, adapter=adapter, extras=extras)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # stateless
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def _as_vector(update: ClientUpdate) -> torch.Tensor:

@@ -1,0 +1,117 @@
+"""The flat-buffer kernels behind streaming folds: a round's weighted sum kept in one contiguous
+buffer, folded into by one vectorized op per reply.
+
+Written by hand for speed, not for reading: ``benchmarks/aggregation.py`` measured the per-tensor
+Python loop these replace at several times the memory-bandwidth bound on SmolLM2 and 7B adapter
+shapes (``BENCHMARKS.md``). A strategy author never needs them: ``WeightedStrategy`` and
+``strategies.fedavg.FactorAverage`` use them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class FlatLayout:
+    """Named float32 tensors as views into one flat buffer, and a test of whether another set of
+    tensors lies the same way in one buffer of its own (as ``fedpeft.wire`` decodes a reply), so
+    that an operation on all of them is one vectorized op over one span of memory."""
+
+    def __init__(self, tensors: dict[str, Tensor]) -> None:
+        self.keys = list(tensors)
+        self.shapes = [t.shape for t in tensors.values()]
+        self.strides = [contiguous_strides(shape) for shape in self.shapes]
+        sizes = [t.numel() for t in tensors.values()]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.numel = sum(sizes)
+
+    def views(self, buffer: Tensor) -> list[Tensor]:
+        """One view of ``buffer`` (``numel`` long) per tensor, in order."""
+        spans = zip(self.offsets, self.shapes, strict=True)
+        return [buffer[o : o + math.prod(shape)].view(shape) for o, shape in spans]
+
+    def gather(self, tensors: list[Tensor]) -> Tensor:
+        """``tensors`` as one 1-D float32 tensor in this layout: a view if they already lie so,
+        else a copy."""
+        span = self.span(tensors)
+        if span is None:
+            span = torch.empty(self.numel)
+            torch._foreach_copy_(self.views(span), tensors)
+        return span
+
+    def span(self, tensors: list[Tensor]) -> Tensor | None:
+        """The 1-D view over ``tensors`` if they are float32, contiguous, in this layout and back to
+        back in one storage; else None."""
+        first = tensors[0]
+        base = first.data_ptr()
+        if (
+            [(t.data_ptr() - base) // 4 for t in tensors] != self.offsets
+            or [t.shape for t in tensors] != self.shapes
+            or [t.stride() for t in tensors] != self.strides
+            or any(t.dtype is not torch.float32 for t in tensors)
+        ):
+            return None
+        storage = first.untyped_storage()
+        if (first.storage_offset() + self.numel) * 4 > storage.nbytes():
+            return None  # adjacent, but separate allocations
+        return first.new_empty(0).set_(storage, first.storage_offset(), (self.numel,))
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+class WeightedSum:
+    """Running weighted sum ``sum_k w_k t_k`` over named float32 tensors, and ``sum_k w_k``.
+
+    Raw weights (example counts), not normalized ones, are what lets replies be folded before the
+    total is known; ``mean`` divides once at the end. Weights are taken relative to the first
+    one, so a single update (or equal weights) averages to exactly itself. The sums live in one
+    flat buffer: an update decoded into one buffer in the same layout is folded by one ``add_``;
+    any other by one fused ``torch._foreach_add_`` (the multi-tensor kernel of torch's own
+    optimizers), never by one Python-level op per tensor.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.total = 0.0
+        self.count = 0
+        self.unit = 1.0
+
+    def add(self, tensors: dict[str, Tensor], weight: float) -> None:
+        if self.count == 0:
+            self.unit = weight if weight > 0 else 1.0
+            self.layout = FlatLayout(tensors)
+            self.buffer = torch.empty(self.layout.numel)
+            views = self.layout.views(self.buffer)
+            torch._foreach_copy_(views, list(tensors.values()))
+            self.sums = dict(zip(self.layout.keys, views, strict=True))
+            if weight != self.unit:
+                self.buffer.mul_(weight / self.unit)
+        else:
+            if tensors.keys() != self.sums.keys():
+                raise ValueError("an update's tensors differ from the first update's")
+            incoming = [tensors[k] for k in self.layout.keys]
+            span = self.layout.span(incoming)
+            if span is not None:
+                self.buffer.add_(span, alpha=weight / self.unit)
+            else:
+                incoming = [t.to(torch.float32) for t in incoming]
+                torch._foreach_add_(list(self.sums.values()), incoming, alpha=weight / self.unit)
+        self.total += weight / self.unit
+        self.count += 1
+
+    def mean(self) -> dict[str, Tensor]:
+        """``sum_k w_k t_k / sum_k w_k``; the sums are consumed (divided in place)."""
+        if self.total <= 0:
+            raise ValueError("cannot aggregate: the replies report no training examples in total")
+        self.buffer.div_(self.total)
+        return self.sums
