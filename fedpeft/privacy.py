@@ -18,29 +18,9 @@ from torch import Tensor
 KEY_BYTES = 32
 
 
-def global_norm(tensors: dict[str, Tensor]) -> float:
-    """The L2 norm of all tensors taken together as one vector.
-
-    Per-tensor norms in one fused call (float32 accumulation, relative error ~1e-6, far below
-    what a noise calibration depends on), combined in float64.
-    """
-    if not tensors:
-        return 0.0
-    norms = torch._foreach_norm([t.float() for t in tensors.values()])
-    return float(torch.stack(norms).double().norm())
-
-
 def clip_factor(norm: float, max_norm: float) -> float:
     """The factor that brings a vector of L2 norm ``norm`` down to at most ``max_norm``."""
     return max_norm / norm if norm > max_norm else 1.0
-
-
-def clip_update(tensors: dict[str, Tensor], max_norm: float) -> tuple[dict[str, Tensor], bool]:
-    """Scale the whole update down to L2 norm ``max_norm`` if it is longer; returns (clipped, was_clipped)."""
-    factor = clip_factor(global_norm(tensors), max_norm)
-    if factor == 1.0:
-        return dict(tensors), False
-    return {k: t * factor for k, t in tensors.items()}, True
 
 
 class SecureRandom:

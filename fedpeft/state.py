@@ -1,6 +1,6 @@
 """The value types that flow between clients and server.
 
-Pure tensors and plain Python values: no Flower, no model. Conventions (DESIGN.md §3): for an
+Pure tensors and plain Python values: no Flower, no model. Conventions: for an
 adapted module with base weight W0 of shape (d_out, d_in), a LoRA adapter holds A (r x d_in) and
 B (d_out x r) with delta ``scale * B @ A``; the frozen ``merged`` delta holds U (d_out x R) and
 V (R x d_in) with delta ``U @ V``. A client's effective weight is ``W0 + U V + scale * B A``.
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
 # How a weighted rule weighs client k (``update_weight``):
@@ -102,17 +101,6 @@ class GlobalState:
     def module_names(self) -> list[str]:
         names = set(self.merged) | set(self.adapter or {})
         return sorted(names)
-
-    def total_delta(self, name: str) -> Tensor:
-        """The full weight delta this state adds to module ``name`` (for tests and export checks)."""
-        parts: list[Tensor] = []
-        if name in self.merged:
-            parts.append(self.merged[name].delta())
-        if self.adapter and name in self.adapter:
-            parts.append(self.adapter[name].delta())
-        if not parts:
-            raise KeyError(f"module {name!r} is in neither the merged delta nor the adapter")
-        return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
 
 
 def update_weight(update: ClientUpdate, weighting: str) -> float:

@@ -69,3 +69,20 @@ def trained(state: GlobalState, seed: int, boost: float = 1.0) -> ClientUpdate:
     new = {n: AdapterFactors(A=step(f.A), B=step(f.B), scale=f.scale) for n, f in adapter.items()}
     extras = {k: step(t) for k, t in state.extras.items()}
     return ClientUpdate(new, extras, 10, round=1, rank=4, alpha=16.0, metrics={}, client_id=str(seed))
+
+
+def total_delta(state: GlobalState, name: str) -> torch.Tensor:
+    """The full weight delta ``state`` adds to module ``name``: merged U V plus scale B A."""
+    parts = []
+    if name in state.merged:
+        parts.append(state.merged[name].delta())
+    if state.adapter and name in state.adapter:
+        parts.append(state.adapter[name].delta())
+    if not parts:
+        raise KeyError(f"module {name!r} is in neither the merged delta nor the adapter")
+    return torch.stack(parts).sum(0)
+
+
+def global_norm(tensors: dict[str, torch.Tensor]) -> float:
+    """The L2 norm of all ``tensors`` taken together as one vector (float64)."""
+    return float(torch.cat([t.double().reshape(-1) for t in tensors.values()]).norm())

@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.privacy import global_norm
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
 from strategies import FedAvg, StrategyError, create_strategy
 from strategies.clip import Clip
 from strategies.coordinatewise import trimmed_mean
+from tests.factories import global_norm
 
 CONTEXT = {"clients_per_round": 10, "num_clients": 10}
 

@@ -64,13 +64,6 @@ def add_prg(out: np.ndarray, seed: bytes, sign: int = 1) -> None:
             np.subtract(part, stream, out=part)
 
 
-def prg(seed: bytes, size: int) -> np.ndarray:
-    """PRG(seed) as ``size`` uint64 values."""
-    out = np.zeros(size, dtype=np.uint64)
-    add_prg(out, seed)
-    return out
-
-
 def mask(
     encoded: np.ndarray, self_seed: bytes, private: bytes, me: int, peers: Iterable[tuple[int, bytes]]
 ) -> np.ndarray:
