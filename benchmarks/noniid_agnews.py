@@ -96,10 +96,10 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "uniform+none": ("uniform", {"train.label_skew": "none"}),
     "uniform+fedlc": ("uniform", {"train.label_skew": "fedlc"}),
     "uniform+balanced": ("uniform", {"train.label_skew": "balanced_softmax"}),
-    "uniform+fedlc+prox": ("uniform", {"train.label_skew": "fedlc", "train.proximal_mu": 0.1}),
-    "uniform+fedlc+decay": ("uniform", {"train.label_skew": "fedlc", "train.lr_decay": 0.8}),
+    "uniform+prox": ("uniform", {"train.proximal_mu": 0.1}),
+    "uniform+decay": ("uniform", {"train.lr_decay": 0.8}),
 }
-RECIPE = "uniform+fedlc"
+RECIPE = "uniform+none"
 LABELS = ("Business", "Sci/Tech", "Sports", "World")
 OUT = REPO / "benchmarks" / "results" / "noniid_agnews.json"
 WORK = REPO / "runs" / "noniid-agnews"
