@@ -17,9 +17,9 @@ The work comes in pieces, each appended to one results file as it finishes (``--
 pieces by name pattern; ``--list`` shows them and what is done; a piece already in the file is
 skipped unless ``--redo``):
 
-- ``ablation/...``: the client-side recipe (weighting of clients, label-skew remedy) on S2 seed 0
-  with fedavg at lr 1e-3, scored on the validation split; the recipe used everywhere else is
-  ``RECIPE`` below, chosen from these.
+- ``ablation/...``: the client-side recipes of ``RECIPES`` (weighting of clients, label-skew
+  remedy, FedProx, lr decay) on S2 seed 0 with fedavg at lr 1e-3, scored on the validation split;
+  every other federated run uses the one with the best validation accuracy.
 - ``search/<method>/lr=<lr>``: S1, seed 0, each method at each learning rate of ``LRS``, scored on
   the validation split (and the test sample); a method's lr is the one with the best validation
   accuracy. The best server optimizer of ``SERVER_OPTIMIZERS`` is chosen the same way. These runs
@@ -89,7 +89,7 @@ VAL_ROWS, TEST_ROWS, CURVE_ROWS, SPLIT_SEED = 1000, 2000, 500, 12345
 BASE_METHODS = ("fedavg", "stacking", "fedex", "ffa", "vcma")
 SERVER_OPTIMIZERS = ("fedavgm", "fedadam")  # the best of these is reported as "server optimizer"
 # Client recipes: name -> (the strategy's weighting, [train] overrides). The ablation pieces run
-# each with fedavg on S2; every other federated run uses RECIPE, chosen from them (see README).
+# each with fedavg on S2; every other federated run uses the best on the validation split.
 RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "examples+none": ("examples", {"train.label_skew": "none"}),
     "examples+fedlc": ("examples", {"train.label_skew": "fedlc"}),
@@ -99,7 +99,6 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "uniform+prox": ("uniform", {"train.proximal_mu": 0.1}),
     "uniform+decay": ("uniform", {"train.lr_decay": 0.8}),
 }
-RECIPE = "uniform+none"
 LABELS = ("Business", "Sci/Tech", "Sports", "World")
 OUT = REPO / "benchmarks" / "results" / "noniid_agnews.json"
 WORK = REPO / "runs" / "noniid-agnews"
@@ -152,6 +151,13 @@ class Results(RunsFile):
             return None
         return max(found, key=lambda r: r["val_accuracy"])["lr"]
 
+    def chosen_recipe(self) -> str | None:
+        """The client recipe with the best validation accuracy, once every ablation piece is in."""
+        found = {name: self.get(f"ablation/S2/{name}") for name in RECIPES}
+        if any(r is None for r in found.values()):
+            return None
+        return max(found, key=lambda name: found[name]["val_accuracy"])
+
     def best_server_optimizer(self) -> str | None:
         lrs = {m: self.chosen_lr(m) for m in SERVER_OPTIMIZERS}
         if any(lr is None for lr in lrs.values()):
@@ -184,7 +190,7 @@ class Piece:
     method: str = "fedavg"
     seed: int = 0
     lr: float | None = None
-    recipe: str = RECIPE
+    recipe: str | None = None  # None: the recipe chosen on the validation split
     alpha: float = 0.1
 
 
@@ -215,17 +221,22 @@ def all_pieces() -> list[Piece]:
     return out
 
 
-def resolve(piece: Piece, results: Results) -> tuple[str, float] | None:
-    """The method and lr ``piece`` runs with, or None while the search that picks them is missing."""
-    method = piece.method
+def resolve(piece: Piece, results: Results) -> tuple[str, float, str] | None:
+    """The method, lr and client recipe ``piece`` runs with, or None while the search that picks
+    them is missing."""
     if piece.kind != "federated":
-        method = "central"
-    elif method == SERVER_OPTIMIZER:
+        lr = piece.lr if piece.lr is not None else results.chosen_lr("central")
+        return None if lr is None else ("central", lr, "")
+    recipe = piece.recipe or results.chosen_recipe()
+    if recipe is None:
+        return None
+    method = piece.method
+    if method == SERVER_OPTIMIZER:
         method = results.best_server_optimizer()
         if method is None:
             return None
     lr = piece.lr if piece.lr is not None else results.chosen_lr(method)
-    return None if lr is None else (method, lr)
+    return None if lr is None else (method, lr, recipe)
 
 
 class Bench:
@@ -237,9 +248,9 @@ class Bench:
         base = {"data.source": str(self.files["train"]), "train.eval_batch_size": 128}
         self.scorers = HeldOut(agnews_config(data_dir, base), self.files, list(LABELS))
 
-    def run(self, piece: Piece, method: str, lr: float) -> dict[str, Any]:
+    def run(self, piece: Piece, method: str, lr: float, recipe: str) -> dict[str, Any]:
         if piece.kind == "federated":
-            return self.federated(piece, method, lr)
+            return self.federated(piece, method, lr, recipe)
         if piece.kind == "centralized":
             return self.centralized(piece.seed, lr)
         return self.local_only(piece.alpha, piece.seed, lr)
@@ -249,8 +260,8 @@ class Bench:
             self.data_dir, {**setting_overrides(setting, seed, lr, self.files), **(extra or {})}
         )
 
-    def federated(self, piece: Piece, method: str, lr: float) -> dict[str, Any]:
-        weighting, train = RECIPES[piece.recipe]
+    def federated(self, piece: Piece, method: str, lr: float, recipe: str) -> dict[str, Any]:
+        weighting, train = RECIPES[recipe]
         extra = {**method_overrides(method, weighting), **train}
         config = self.config(SETTINGS[piece.setting], piece.seed, lr, extra)
         run_dir = WORK / "runs" / piece.name.replace("/", "-").replace("=", "")
@@ -264,7 +275,7 @@ class Bench:
             "kind": "federated",
             "seed": piece.seed,
             "lr": lr,
-            "recipe": piece.recipe,
+            "recipe": recipe,
             "weighting": weighting,
             "train": train,
             "final_accuracy": result["test_accuracy"],
@@ -381,13 +392,14 @@ def report(results: Results) -> str:
         "",
         "## ablation (S2, seed 0, fedavg, lr 1e-3)",
         "",
-        "| weighting + label skew | validation | test |",
+        "| client recipe | validation | test |",
         "|---|---:|---:|",
     ]
     for recipe in RECIPES:
         run = results.get(f"ablation/S2/{recipe}")
         if run:
-            lines.append(f"| {recipe} | {run['val_accuracy']:.4f} | {run['final_accuracy']:.4f} |")
+            chosen = " (chosen)" if recipe == results.chosen_recipe() else ""
+            lines.append(f"| {recipe}{chosen} | {run['val_accuracy']:.4f} | {run['final_accuracy']:.4f} |")
     central = baseline(results, "centralized")
     for setting, spec in SETTINGS.items():
         local = baseline(results, "local", spec.alpha)
