@@ -44,9 +44,9 @@ from fedpeft.config import RunConfig, load_config
 from fedpeft.data import load_splits, partition
 from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
 from fedpeft.state import GlobalState
+from fedpeft.testing import LocalGrid  # noqa: E402
 from fedpeft.training import encode, train
 from server.evaluation import CentralEvaluator
-from tests.conftest import LocalGrid  # noqa: E402  (the in-process Flower grid of the tests)
 
 CONFIG = REPO / "simulations" / "quickstart.toml"
 

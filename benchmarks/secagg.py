@@ -46,7 +46,7 @@ from server.secure import SecureAggregation
 from strategies import FedAvg
 
 sys.path.insert(0, str(REPO))  # tests/ is not an installed package
-from tests.conftest import LocalGrid  # noqa: E402
+from fedpeft.testing import LocalGrid  # noqa: E402
 
 SHAPES = {
     "minilm-l6": (

@@ -43,8 +43,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from client.faults import simulated_fault  # noqa: E402
 from fedpeft.config import RunConfig, load_config  # noqa: E402
+from fedpeft.testing import save_tiny_bert  # noqa: E402
 from server.checkpoint import load_checkpoint  # noqa: E402
-from tests.conftest import save_tiny_bert  # noqa: E402
 
 CONFIG = "simulations/quickstart.toml"
 REASONS = {"crash": "simulated crash", "garbage": "malformed reply", "timeout": "no reply within"}

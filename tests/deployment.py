@@ -18,6 +18,7 @@ import psutil
 
 from fedpeft import demo_data
 from fedpeft.certs import make_certs
+from tests.factories import metrics_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT_ROWS = {"alice": 40, "bob": 55, "carol": 70}
@@ -146,13 +147,6 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(0.5)
-
-
-def metrics_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def rounds_done(run_dir: Path) -> int:

@@ -1,10 +1,16 @@
-"""Random value-type builders for tests: rectangular layers, mixed shapes."""
+"""Builders shared by the tests: random value types on rectangular layers, small run
+configurations on the tiny models, and the rows of a run's metrics.jsonl."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
+from fedpeft.config import RunConfig, load_config
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, LowRankDelta
+from tests.llm_data import arithmetic_rows, write_json
 
 # (d_out, d_in) per module: all rectangular, so a transposed factor cannot pass silently.
 SHAPES = {"layer.0.q": (6, 4), "layer.0.v": (5, 7), "layer.1.fc": (9, 5)}
@@ -86,3 +92,63 @@ def total_delta(state: GlobalState, name: str) -> torch.Tensor:
 def global_norm(tensors: dict[str, torch.Tensor]) -> float:
     """The L2 norm of all ``tensors`` taken together as one vector (float64)."""
     return float(torch.cat([t.double().reshape(-1) for t in tensors.values()]).norm())
+
+
+def small_config(model_dir: Path, **extra: object) -> RunConfig:
+    """3 clients on the generated data, 2 rounds of 2 steps, rank 2: a federation of ``model_dir``
+    (a tiny BERT) that runs in seconds; ``extra`` are more ``section.key`` overrides."""
+    overrides = {
+        "model.name": f"'{model_dir}'",
+        "data.num_clients": 3,
+        "data.demo_train_size": 120,
+        "data.demo_test_size": 40,
+        "data.min_partition_size": 5,
+        "train.local_steps": 2,
+        "train.batch_size": 8,
+        "server.fraction": 1.0,
+        "server.min_clients": 3,
+        "run.rounds": 2,
+        "lora.rank": 2,
+        "lora.alpha": 4.0,
+    }
+    overrides.update(extra)
+    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def causal_config(tmp_path: Path, model_dir: Path, strategy: str, **extra: object) -> RunConfig:
+    """2 clients of tiny arithmetic chats (split by category) for the tiny Llama in ``model_dir``."""
+    rows = arithmetic_rows()
+    train_file = write_json(tmp_path / "train.json", rows)
+    test_file = write_json(tmp_path / "test.json", rows[::4])
+    overrides = {
+        "model.name": str(model_dir),
+        "model.task": "causal_lm",
+        "model.max_length": 48,
+        "data.source": str(train_file),
+        "data.test_source": str(test_file),
+        "data.num_clients": 2,
+        "data.partition": "field",
+        "data.partition_field": "category",
+        "train.local_steps": 8,
+        "train.batch_size": 4,
+        "train.lr": 1e-2,
+        "server.fraction": 1.0,
+        "server.min_clients": 2,
+        "run.rounds": 2,
+        "lora.rank": 4,
+        "lora.alpha": 8.0,
+        "lora.target_modules": ["q_proj", "v_proj", "up_proj"],
+        "strategy.name": strategy,
+        "eval.generate": True,
+        "eval.max_new_tokens": 8,
+        **extra,
+    }
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """The rows of ``run_dir/metrics.jsonl`` (none before the first is written)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -12,11 +12,11 @@ from flwr.app import Array, ArrayRecord
 
 from fedpeft.compression import ErrorFeedback, pack, unpack
 from fedpeft.config import ConfigError, load_config
+from fedpeft.testing import LocalGrid
 from fedpeft.wire import WireError, decode_arrays, decode_update, encode_update, from_array, record_nbytes
 from server.loop import FederatedRun
 from tests import factories
-from tests.conftest import LocalGrid
-from tests.test_server_loop import small_config
+from tests.factories import small_config
 
 
 def test_fp16_round_trip_is_within_half_precision():

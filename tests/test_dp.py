@@ -254,9 +254,9 @@ def test_a_dp_run_logs_nothing_per_client_and_survives_a_round_that_samples_nobo
 
     from rich.console import Console
 
+    from fedpeft.testing import LocalGrid
     from server.loop import FederatedRun
-    from tests.conftest import LocalGrid
-    from tests.test_server_loop import small_config
+    from tests.factories import small_config
 
     dp_options = {"strategy.name": "dp", "strategy.inner": "ffa", "strategy.clip_norm": 0.5, "run.rounds": 3}
     config = small_config(tiny_bert_dir, **dp_options)

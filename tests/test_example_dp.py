@@ -14,10 +14,10 @@ from fedpeft.config import ConfigError, LoraSection, load_config
 from fedpeft.dp_sgd import ExampleAccountant, ExampleDP, PrivateGradients, per_example_loss, poisson_batches
 from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
 from fedpeft.privacy import SecureRandom
+from fedpeft.testing import LocalGrid
 from fedpeft.training import Encoded, train
 from server.loop import FederatedRun
-from tests.conftest import LocalGrid
-from tests.test_server_loop import small_config
+from tests.factories import small_config
 
 
 def tiny(tiny_bert_dir):

@@ -3,7 +3,6 @@ poisoned clients' amplified updates, and the refusal in deployment."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import pytest
@@ -13,18 +12,15 @@ from flwr.app import Message
 from client.app import train
 from client.faults import simulated_fault
 from fedpeft.config import ConfigError, FaultsSection, load_config
+from fedpeft.testing import LocalGrid
 from fedpeft.wire import decode_instructions, decode_state, decode_update, encode_train_message
 from server.deployment import ServerOptions, prepare
 from server.loop import FederatedRun
-from tests.conftest import LocalGrid, simulate_cli
+from tests.conftest import simulate_cli
 from tests.deployment import write_rows
-from tests.test_server_loop import small_config
+from tests.factories import metrics_rows, small_config
 
 REASONS = {"crash": "simulated crash", "garbage": "malformed reply", "timeout": "no reply within"}
-
-
-def metrics_rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def expected_faults(config, rnd):

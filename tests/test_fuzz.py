@@ -30,14 +30,13 @@ from rich.console import Console
 
 from client.app import train
 from fedpeft.state import ClientUpdate
+from fedpeft.testing import LocalGrid
 from fedpeft.wire import UPDATE_ARRAYS, UPDATE_META, UPDATE_METRICS, WireError, decode_update, encode_update
 from server.loop import FederatedRun
 from server.replies import RoundReplies
 from server.validation import ReplyLimits, update_norm
 from strategies import create_strategy
-from tests.conftest import LocalGrid
-from tests.factories import sent_state, trained
-from tests.test_server_loop import small_config
+from tests.factories import sent_state, small_config, trained
 
 RECORDS = (UPDATE_ARRAYS, UPDATE_META, UPDATE_METRICS)
 INVALID, VALID, UNKNOWN = "invalid", "valid", "unknown"

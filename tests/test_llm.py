@@ -10,14 +10,15 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fedpeft.config import LoraSection, load_config
+from fedpeft.config import LoraSection
 from fedpeft.generation import ExtractorError, exact_match, generate, get_extractor
 from fedpeft.instructions import encode_chats
 from fedpeft.models import CausalLMSpec, device_and_dtype, load_causal_lm, load_tokenizer
+from fedpeft.testing import LocalGrid
 from fedpeft.training import evaluate_lm, train
 from server.loop import FederatedRun
-from tests.conftest import LocalGrid
-from tests.llm_data import arithmetic_rows, write_json
+from tests.factories import causal_config
+from tests.llm_data import arithmetic_rows
 
 LORA = LoraSection(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "up_proj"])
 
@@ -73,36 +74,6 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny_llama_dir):
     batched = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
     single = [generate(model, tokenizer, [c], max_new_tokens=6, batch_size=1)[0] for c in prompts]
     assert batched == single and all(batched)
-
-
-def causal_config(tmp_path, model_dir, strategy, **extra):
-    rows = arithmetic_rows()
-    train_file = write_json(tmp_path / "train.json", rows)
-    test_file = write_json(tmp_path / "test.json", rows[::4])
-    overrides = {
-        "model.name": str(model_dir),
-        "model.task": "causal_lm",
-        "model.max_length": 48,
-        "data.source": str(train_file),
-        "data.test_source": str(test_file),
-        "data.num_clients": 2,
-        "data.partition": "field",
-        "data.partition_field": "category",
-        "train.local_steps": 8,
-        "train.batch_size": 4,
-        "train.lr": 1e-2,
-        "server.fraction": 1.0,
-        "server.min_clients": 2,
-        "run.rounds": 2,
-        "lora.rank": 4,
-        "lora.alpha": 8.0,
-        "lora.target_modules": ["q_proj", "v_proj", "up_proj"],
-        "strategy.name": strategy,
-        "eval.generate": True,
-        "eval.max_new_tokens": 8,
-        **extra,
-    }
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "stacking"])

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from fedpeft.config import ConfigError, LoraSection, TrainSection, load_config
 from fedpeft.label_skew import logit_adjustment
 from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
+from fedpeft.testing import LocalGrid
 from fedpeft.training import Encoded, sample_batches, train
 from server.loop import FederatedRun
-from tests.conftest import LocalGrid
-from tests.test_server_loop import small_config
+from tests.factories import small_config
 
 HEAD = "base_model.model.classifier.modules_to_save.default"
 

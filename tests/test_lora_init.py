@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from fedpeft.config import ConfigError, load_config
+from fedpeft.testing import LocalGrid
 from server.loop import FederatedRun
 from strategies import StrategyError
-from tests.conftest import LocalGrid
-from tests.test_server_loop import small_config
+from tests.factories import small_config
 
 
 def first_round_A(run: FederatedRun) -> list[torch.Tensor]:

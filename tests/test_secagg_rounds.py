@@ -17,12 +17,13 @@ from fedpeft.config import ConfigError
 from fedpeft.secagg.messages import UNMASK, UnmaskRequest
 from fedpeft.secagg.ring import FixedPoint
 from fedpeft.state import ClientUpdate, GlobalState
+from fedpeft.testing import LocalGrid
 from server.loop import FederatedRun, RoundFailed
 from server.secure import SecureModeError
 from strategies import DifferentialPrivacy, FedAvg
 from strategies.clip import DeltaClipper
-from tests.conftest import LocalGrid, simulate_cli
-from tests.test_server_loop import small_config
+from tests.conftest import simulate_cli
+from tests.factories import small_config
 
 CLIENTS = 5
 CLIP = 0.01  # below the median update norm (about 0.015 here): clipping is active

@@ -9,29 +9,10 @@ import torch
 from flwr.app import Message
 
 from client.app import train
-from fedpeft.config import load_config
+from fedpeft.testing import LocalGrid
 from fedpeft.wire import decode_update, encode_update
 from server.loop import FederatedRun, RoundFailed, RunDirError
-from tests.conftest import LocalGrid
-
-
-def small_config(model_dir, **extra):
-    overrides = {
-        "model.name": f"'{model_dir}'",
-        "data.num_clients": 3,
-        "data.demo_train_size": 120,
-        "data.demo_test_size": 40,
-        "data.min_partition_size": 5,
-        "train.local_steps": 2,
-        "train.batch_size": 8,
-        "server.fraction": 1.0,
-        "server.min_clients": 3,
-        "run.rounds": 2,
-        "lora.rank": 2,
-        "lora.alpha": 4.0,
-    }
-    overrides.update(extra)
-    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+from tests.factories import small_config
 
 
 def tampered(edit):

@@ -10,9 +10,9 @@ import pytest
 
 from fedpeft import model_store
 from fedpeft.models import resolve_model
+from fedpeft.testing import LocalGrid
 from server.loop import FederatedRun
-from tests.conftest import LocalGrid
-from tests.test_llm import causal_config
+from tests.factories import causal_config
 
 SMOLLM2 = model_store.KNOWN_MODELS["smollm2-135m-instruct"]
 

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from fedpeft.testing import LocalGrid
 from server.loop import FederatedRun
-from tests.conftest import LocalGrid
-from tests.test_faults import metrics_rows
-from tests.test_server_loop import small_config
+from tests.factories import metrics_rows, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

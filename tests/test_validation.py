@@ -11,15 +11,14 @@ from flwr.app import Message
 
 from client.app import train
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
+from fedpeft.testing import LocalGrid
 from fedpeft.wire import decode_state, decode_update, encode_update
 from server.loop import FederatedRun
 from server.replies import RoundReplies
 from server.validation import ReplyLimits, update_norm, validate
 from strategies import create_strategy
 from tests import factories
-from tests.conftest import LocalGrid
-from tests.factories import sent_state, trained
-from tests.test_server_loop import small_config
+from tests.factories import sent_state, small_config, trained
 
 CONTEXT = {"clients_per_round": 4, "num_clients": 10}
 
