@@ -3,7 +3,7 @@ buffer, folded into by one vectorized op per reply.
 
 Written by hand for speed, not for reading: ``benchmarks/aggregation.py`` measured the per-tensor
 Python loop these replace at several times the memory-bandwidth bound on SmolLM2 and 7B adapter
-shapes (``BENCHMARKS.md``). A strategy author never needs them: ``WeightedStrategy`` and
+shapes (``benchmarks/PERFORMANCE.md``). A strategy author never needs them: ``WeightedStrategy`` and
 ``strategies.fedavg.FactorAverage`` use them.
 """
 
