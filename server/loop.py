@@ -14,7 +14,6 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from peft import TaskType
 from rich.console import Console
-from rich.table import Table
 
 from fedpeft.config import RunConfig, config_to_dict
 from fedpeft.data import Splits, load_splits
@@ -33,9 +32,9 @@ from fedpeft.wire import (
 from server.checkpoint import FILENAME as CHECKPOINT_FILE
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.evaluation import make_evaluator
-from server.replies import RoundReplies, client_error, receive
-from server.report import RunRecorder
-from server.secure import SecureAggregation, SecureSum
+from server.replies import Replies, RoundReplies, client_error, receive
+from server.report import Participation, RoundRecord, RunRecorder, print_round, print_summary
+from server.secure import SecureAggregation
 from server.validation import ReplyLimits
 from strategies import StopFederation, Strategy, StrategyError, create_strategy
 
@@ -53,7 +52,7 @@ class RoundFailed(RuntimeError):
 
 @dataclass
 class RoundOutcome:
-    replies: RoundReplies | SecureSum
+    replies: Replies
     dropped: list[dict[str, str]] = field(default_factory=list)
     sampled: int = 0
     bytes_down: int = 0
@@ -148,7 +147,7 @@ class FederatedRun:
             if self.evaluator is not None:
                 row = {"round": 0, **self.evaluator(self.state, self.init_seed(1))}
                 self.recorder.record(row)
-                self._print_round(row)
+                print_round(self.console, row, self.config.run.rounds)
         stopped = None
         for rnd in range(self.state.round + 1, self.config.run.rounds + 1):
             try:
@@ -205,36 +204,34 @@ class FederatedRun:
         state.strategy_state = self.strategy.state_dict()
         self.state = state
         self.limits.previous_norms = outcome.replies.norms
-        row: dict[str, Any] = {
-            "round": rnd,
-            "attempts": attempt,
-            "aggregation_seconds": round(aggregation_seconds, 4),
-        }
-        if not self.private:  # who took part, and how each fared: nothing of it under DP
-            row |= {
-                "clients_sampled": outcome.sampled,
-                "clients_aggregated": outcome.replies.count,
-                "dropped": outcome.dropped,
-                "replies": [self._reply_summary(*accepted) for accepted in outcome.replies.accepted],
-                "rejected": outcome.replies.rejected,
-                "update_norms": outcome.replies.norms,
-                "train_loss": outcome.replies.train_loss,
-                "bytes_down": outcome.bytes_down,
-                "bytes_up": outcome.bytes_up,
-            }
+        record = RoundRecord(rnd, attempt, aggregation_seconds, self._participation(outcome))
         if isinstance(outcome.replies, RoundReplies) and not self.private:
-            ratio = outcome.replies.variance_ratio(state)
-            if ratio is not None:
-                row["variance_ratio"] = ratio
-            if outcome.replies.example_epsilon > 0:  # example-level DP on the clients
-                row["example_epsilon"] = outcome.replies.example_epsilon
-        row |= self.strategy.last_metrics
+            record.diagnostics = outcome.replies.diagnostics(state)
+        record.strategy = dict(self.strategy.last_metrics)
         if self.evaluator is not None:
-            row.update(self.evaluator(self.state, self.init_seed(rnd + 1)))
-        row["seconds"] = round(time.perf_counter() - t0, 3)
+            record.evaluation = self.evaluator(self.state, self.init_seed(rnd + 1))
+        record.seconds = time.perf_counter() - t0
+        row = record.row()
         self.recorder.record(row)
         save_checkpoint(self.run_dir, self.state, self.rng.getstate())
-        self._print_round(row)
+        print_round(self.console, row, self.config.run.rounds)
+
+    def _participation(self, outcome: RoundOutcome) -> Participation | None:
+        """Who took part in the round and how each fared; None under dp (nothing per client)."""
+        if self.private:
+            return None
+        replies = outcome.replies
+        return Participation(
+            sampled=outcome.sampled,
+            aggregated=replies.count,
+            dropped=outcome.dropped,
+            replies=[self._reply_summary(*accepted) for accepted in replies.accepted],
+            rejected=replies.rejected,
+            update_norms=replies.norms,
+            train_loss=replies.train_loss,
+            bytes_down=outcome.bytes_down,
+            bytes_up=outcome.bytes_up,
+        )
 
     def _attempt(self, grid: Grid, rnd: int, plan: ClientPlan) -> RoundOutcome:
         nodes = self._sample(grid, rnd=rnd)
@@ -381,38 +378,5 @@ class FederatedRun:
                 summary[f"final_{key}"] = evals[-1][key]
         self.recorder.write_summary(summary)
         self.recorder.plot()
-        self._print_summary(summary)
+        print_summary(self.console, self.run_dir, summary)
         return summary
-
-    def _print_round(self, row: dict[str, Any]) -> None:
-        parts = [f"round {row['round']}/{self.config.run.rounds}"]
-        if "clients_aggregated" in row:
-            parts.append(f"clients {row['clients_aggregated']}/{row['clients_sampled']}")
-            parts.append(f"train_loss {row['train_loss']:.4f}")
-        if "eval_accuracy" in row:
-            parts.append(f"eval_loss {row['eval_loss']:.4f}  eval_acc {row['eval_accuracy']:.4f}")
-        elif "eval_perplexity" in row:
-            parts.append(f"eval_loss {row['eval_loss']:.4f}  eval_ppl {row['eval_perplexity']:.2f}")
-            if "eval_exact_match" in row:
-                parts.append(f"eval_em {row['eval_exact_match']:.4f}")
-        if "epsilon" in row:
-            parts.append(f"epsilon {row['epsilon']:.3f}")
-        if row.get("discarded_energy", 0.0) > 1e-6:
-            parts.append(
-                f"[yellow]merged delta capped at rank {row['merged_rank']:.0f}: "
-                f"{row['discarded_energy']:.2%} of its energy discarded[/yellow]"
-            )
-        if "bytes_up" in row:
-            parts.append(f"up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB")
-        if row["round"] > 0:
-            parts.append(f"{row['seconds']:.1f}s")
-        self.console.print("  ".join(parts), soft_wrap=True)
-
-    def _print_summary(self, summary: dict[str, Any]) -> None:
-        table = Table(title=f"fedpeft run: {self.run_dir}")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key, value in summary.items():
-            if key != "label_names":
-                table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-        self.console.print(table)

@@ -18,6 +18,7 @@ import re
 import textwrap
 import time
 from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -56,6 +57,21 @@ def receive(grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator
             if time.monotonic() >= deadline:
                 return
             time.sleep(POLL_SECONDS)
+
+
+class Replies(Protocol):
+    """What the round loop reads of one attempt's replies: ``RoundReplies`` here, or
+    ``server.secure.SecureSum`` under secure aggregation."""
+
+    accepted: list[tuple[str, int, float | None]]  # (node, examples, train loss)
+    rejected: int
+    norms: list[float]
+    train_loss: float
+
+    @property
+    def count(self) -> int: ...
+
+    def aggregate(self) -> GlobalState: ...
 
 
 class RoundReplies:
@@ -188,6 +204,17 @@ class RoundReplies:
         self.example_epsilon = max(self.example_epsilon, update.metrics.get("example_epsilon", 0.0))
         for module, f in update.factors.items():
             self.client_variance[module] = self.client_variance.get(module, 0.0) + float(f.A.var())
+
+    def diagnostics(self, result: GlobalState) -> dict[str, float]:
+        """What the round's replies say beyond the strategy's own metrics: ``variance_ratio``, and
+        the largest ``example_epsilon`` a client reported (example-level DP)."""
+        out = {}
+        ratio = self.variance_ratio(result)
+        if ratio is not None:
+            out["variance_ratio"] = ratio
+        if self.example_epsilon > 0:
+            out["example_epsilon"] = self.example_epsilon
+        return out
 
     def variance_ratio(self, result: GlobalState) -> float | None:
         """The variance of the aggregated A over the clients' mean variance of A, averaged over

@@ -1,17 +1,71 @@
-"""The run directory's records: metrics.jsonl (one line per round), summary.json, a PNG plot."""
+"""The run directory's records (metrics.jsonl, one line per round; summary.json; a PNG plot) and
+what the console shows of them."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+from rich.console import Console
+from rich.table import Table
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 SCORES = {"eval_accuracy": "accuracy", "eval_exact_match": "exact match", "eval_perplexity": "perplexity"}
+
+
+@dataclass
+class Participation:
+    """Who took part in a round and how each fared; never recorded under ``dp``."""
+
+    sampled: int
+    aggregated: int
+    dropped: list[dict[str, str]]
+    replies: list[dict[str, Any]]
+    rejected: int
+    update_norms: list[float]
+    train_loss: float
+    bytes_down: int
+    bytes_up: int
+
+
+@dataclass
+class RoundRecord:
+    """One completed round, as ``metrics.jsonl`` records it (``row``)."""
+
+    round: int
+    attempts: int
+    aggregation_seconds: float
+    participation: Participation | None
+    diagnostics: dict[str, float] = field(default_factory=dict)  # variance_ratio, example_epsilon
+    strategy: dict[str, float] = field(default_factory=dict)  # the strategy's last_metrics
+    evaluation: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "round": self.round,
+            "attempts": self.attempts,
+            "aggregation_seconds": round(self.aggregation_seconds, 4),
+        }
+        if self.participation is not None:
+            p = self.participation
+            row |= {
+                "clients_sampled": p.sampled,
+                "clients_aggregated": p.aggregated,
+                "dropped": p.dropped,
+                "replies": p.replies,
+                "rejected": p.rejected,
+                "update_norms": p.update_norms,
+                "train_loss": p.train_loss,
+                "bytes_down": p.bytes_down,
+                "bytes_up": p.bytes_up,
+            }
+        return row | self.diagnostics | self.strategy | self.evaluation | {"seconds": round(self.seconds, 3)}
 
 
 class RunRecorder:
@@ -78,6 +132,42 @@ class RunRecorder:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+def print_round(console: Console, row: dict[str, Any], rounds: int) -> None:
+    """One line per round: participation, losses and scores, privacy, capping, bytes, time."""
+    parts = [f"round {row['round']}/{rounds}"]
+    if "clients_aggregated" in row:
+        parts.append(f"clients {row['clients_aggregated']}/{row['clients_sampled']}")
+        parts.append(f"train_loss {row['train_loss']:.4f}")
+    if "eval_accuracy" in row:
+        parts.append(f"eval_loss {row['eval_loss']:.4f}  eval_acc {row['eval_accuracy']:.4f}")
+    elif "eval_perplexity" in row:
+        parts.append(f"eval_loss {row['eval_loss']:.4f}  eval_ppl {row['eval_perplexity']:.2f}")
+        if "eval_exact_match" in row:
+            parts.append(f"eval_em {row['eval_exact_match']:.4f}")
+    if "epsilon" in row:
+        parts.append(f"epsilon {row['epsilon']:.3f}")
+    if row.get("discarded_energy", 0.0) > 1e-6:
+        parts.append(
+            f"[yellow]merged delta capped at rank {row['merged_rank']:.0f}: "
+            f"{row['discarded_energy']:.2%} of its energy discarded[/yellow]"
+        )
+    if "bytes_up" in row:
+        parts.append(f"up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB")
+    if row["round"] > 0:
+        parts.append(f"{row['seconds']:.1f}s")
+    console.print("  ".join(parts), soft_wrap=True)
+
+
+def print_summary(console: Console, run_dir: Path, summary: dict[str, Any]) -> None:
+    table = Table(title=f"fedpeft run: {run_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if key != "label_names":
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
 
 
 def _parses(line: str) -> bool:
