@@ -27,7 +27,7 @@ from common import DEFAULT_DATA_DIR, REPO, machine, results_header, write_result
 from llm_common import run_centralized, run_federated, shape_overrides, simulation_config
 
 from fedpeft.config import config_to_dict
-from fedpeft.data import load_splits
+from fedpeft.data import load_instruction_splits
 from fedpeft.state import GlobalState
 from server.evaluation import LMEvaluator
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     load_before, header = os.getloadavg(), results_header("llm_dolly", argv)
     base = simulation_config(SIMULATION, data_dir, shape_overrides(args))
-    splits = load_splits(base.data, base.run.seed, base.model.task)
+    splits = load_instruction_splits(base.data)
     scorer = LMEvaluator(base, splits)
     print(f"[untrained] scoring on {len(scorer.data)} of {len(splits.test)} test rows", flush=True)
     result: dict[str, Any] = {"untrained": scorer(GlobalState(), init_seed=base.run.seed)}

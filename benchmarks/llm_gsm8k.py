@@ -27,7 +27,7 @@ from common import DEFAULT_DATA_DIR, REPO, machine, results_header, write_result
 from llm_common import run_federated, shape_overrides, simulation_config
 
 from fedpeft.config import config_to_dict
-from fedpeft.data import Splits, load_splits
+from fedpeft.data import Splits, load_instruction_splits
 from fedpeft.state import GlobalState
 from server.evaluation import LMEvaluator
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     config = config.replace(
         data=config.data.replace(test_limit=None)
     )  # the seeded subset below replaces the first 16
-    splits = load_splits(config.data, config.run.seed, config.model.task)
+    splits = load_instruction_splits(config.data)
     chosen = sorted(random.Random(args.subset_seed).sample(range(len(splits.test)), args.questions))
     scorer = LMEvaluator(config, Splits(splits.train, splits.test.select(chosen), []))
     print(f"[untrained] generating answers to {args.questions} test questions", flush=True)

@@ -17,14 +17,14 @@ from transformers import PreTrainedTokenizerBase
 
 from client.settings import CLIENT_ID, DATA_PATH, RANK
 from fedpeft.config import ClientConfig, DataSection, ModelSection
-from fedpeft.data import Splits, load_client_file, load_splits, partition
+from fedpeft.data import Splits, partition
 from fedpeft.dp_sgd import ExampleAccountant, ExampleDP
 from fedpeft.errors import UserError
-from fedpeft.instructions import encode_chats
 from fedpeft.label_skew import logit_adjustment as label_skew_adjustment
 from fedpeft.lora import AdapterHost
-from fedpeft.models import CausalLMSpec, ClassifierSpec, ModelSpec, load_model, load_tokenizer
-from fedpeft.training import Batches, Encoded, encode
+from fedpeft.models import ModelSpec, load_model, load_tokenizer
+from fedpeft.tasks import get_task
+from fedpeft.training import Batches, Encoded
 
 
 def is_deployed(context: Context) -> bool:
@@ -71,12 +71,8 @@ def client_rank(config: ClientConfig, context: Context) -> int:
 
 def model_spec(config: ClientConfig, rank: int) -> ModelSpec:
     """The spec of this client's model: a causal LM or a classifier over the run's labels."""
-    if config.model.task == "causal_lm":
-        return CausalLMSpec.from_config(config.model.name, config.lora, config.seed, rank=rank)
-    labels = config.data.labels
-    if not labels:
-        raise ValueError("the client configuration carries no label names (data.labels)")
-    return ClassifierSpec.from_config(config.model.name, len(labels), config.lora, config.seed, rank=rank)
+    task = get_task(config.model.task)
+    return task.model_spec(config.model.name, config.lora, config.seed, config.data.labels, rank)
 
 
 @lru_cache(maxsize=2)
@@ -146,7 +142,7 @@ def record_example_steps(context: Context, accountant: ExampleAccountant, steps:
 
 @lru_cache(maxsize=8)
 def _encoded_file(data: DataSection, model: ModelSection, path: str) -> Batches:
-    return _encode(load_client_file(path, data, model.task), model)
+    return _encode(get_task(model.task).client_file(path, data), model)
 
 
 @lru_cache(maxsize=8)
@@ -158,11 +154,8 @@ def _encoded_partition(data: DataSection, model: ModelSection, seed: int, partit
 @lru_cache(maxsize=1)
 def _splits(data: DataSection, task: str, seed: int) -> Splits:
     """The dataset, loaded once per process and configuration, not once per partition."""
-    return load_splits(data, seed, task)
+    return get_task(task).splits(data, seed)
 
 
 def _encode(rows: Dataset, model: ModelSection) -> Batches:
-    tok = tokenizer(model.name)
-    if model.task == "causal_lm":
-        return encode_chats(list(rows["messages"]), tok, model.max_length)
-    return encode(rows, tok, model.max_length)
+    return get_task(model.task).encode_rows(rows, tokenizer(model.name), model.max_length)

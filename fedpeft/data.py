@@ -50,10 +50,8 @@ class Splits:
     label_names: list[str]
 
 
-def load_splits(spec: DataSection, seed: int, task: str = "classification") -> Splits:
-    """The whole training set, the held-out set (if any) and the label names (none for causal LMs)."""
-    if task == "causal_lm":
-        return _instruction_splits(spec)
+def load_splits(spec: DataSection, seed: int) -> Splits:
+    """Labelled text: the whole training set, the held-out set (if any) and the label names."""
     if spec.source == DEMO:
         train, test = demo_data.demo_splits(spec.demo_train_size, spec.demo_test_size, seed)
         return Splits(Dataset.from_dict(train), Dataset.from_dict(test), list(demo_data.LABELS))
@@ -65,12 +63,10 @@ def load_splits(spec: DataSection, seed: int, task: str = "classification") -> S
     return Splits(train, test, names)
 
 
-def load_server_splits(spec: DataSection, task: str = "classification") -> Splits:
-    """What a deployed server needs: its own held-out file (``data.test_source``, optional) and,
-    for classification, the label names (``data.labels``, which every client's file uses).
-    Training data stays on the clients."""
-    if task == "causal_lm":
-        return Splits(None, _read_chats(spec.test_source, spec) if spec.test_source else None, [])
+def load_server_splits(spec: DataSection) -> Splits:
+    """What a deployed classification server needs: its own held-out file (``data.test_source``,
+    optional) and the label names (``data.labels``, which every client's file uses). Training data
+    stays on the clients."""
     if not spec.labels:
         raise DataError(
             "a deployed server never sees the clients' data, so it needs the label names: set "
@@ -84,24 +80,28 @@ def load_server_splits(spec: DataSection, task: str = "classification") -> Split
     return Splits(None, test, list(spec.labels))
 
 
-def load_client_file(path: str, spec: DataSection, task: str = "classification") -> Dataset:
-    """A deployed client's own training file: chats for a causal LM, or rows labelled with the
-    server's ``data.labels``."""
-    if task == "causal_lm":
-        return _read_chats(path, spec)
+def load_client_file(path: str, spec: DataSection) -> Dataset:
+    """A deployed classification client's own training file, labelled with the server's
+    ``data.labels``."""
     if not spec.labels:
         raise DataError("the server sent no label names (data.labels); set them in the server's config")
     return _to_dataset(read_table(path, spec), spec.labels, path)
 
 
-def _instruction_splits(spec: DataSection) -> Splits:
+def load_instruction_splits(spec: DataSection, seed: int = 0) -> Splits:
+    """Instruction data as chats: the whole training set and the held-out set (if any)."""
     if spec.source == DEMO:
         raise DataError("the demo data is for classification; set data.source to instruction data")
     train = Dataset.from_pandas(
         read_sources(spec.source, lambda p: _chat_frame(p, spec)), preserve_index=False
     )
-    test = _read_chats(spec.test_source, spec) if spec.test_source else None
+    test = read_chats(spec.test_source, spec) if spec.test_source else None
     return Splits(train, test, [])
+
+
+def load_instruction_server_splits(spec: DataSection) -> Splits:
+    """What a deployed causal-LM server needs: its own held-out chats, if any."""
+    return Splits(None, read_chats(spec.test_source, spec) if spec.test_source else None, [])
 
 
 def _chat_frame(path: str | Path, spec: DataSection) -> pd.DataFrame:
@@ -111,7 +111,8 @@ def _chat_frame(path: str | Path, spec: DataSection) -> pd.DataFrame:
     return frame.drop(columns=[MESSAGES], errors="ignore").assign(**{MESSAGES: chats})
 
 
-def _read_chats(path: str | Path, spec: DataSection) -> Dataset:
+def read_chats(path: str | Path, spec: DataSection) -> Dataset:
+    """A file of instruction data as chats (a deployed causal-LM client's own file)."""
     return Dataset.from_pandas(_chat_frame(path, spec), preserve_index=False)
 
 

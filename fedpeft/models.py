@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -182,12 +183,11 @@ def _add_lora(base: PreTrainedModel, spec: ModelSpec, task_type: TaskType) -> Pe
         raise ModelError(f"cannot add LoRA to {spec.name!r}: {exc}; set lora.target_modules") from exc
 
 
-def check_rank_fits(name: str, task: str, lora: LoraSection) -> None:
+def check_rank_fits(name: str, auto_model: Any, lora: LoraSection) -> None:
     """``ModelError`` unless every configured LoRA rank is at most the smaller dimension of each
     layer it adapts (peft builds such an adapter without complaint, but it is no low-rank update,
     and the server refuses its replies as absurd ranks). Builds the model on the meta device: no
     weights are read or allocated."""
-    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     try:
         model_config = AutoConfig.from_pretrained(resolve_model(name))
     except (OSError, ValueError) as exc:
@@ -196,7 +196,7 @@ def check_rank_fits(name: str, task: str, lora: LoraSection) -> None:
             f"a .gguf file, or one of: {', '.join([*EMBEDDED_MODELS, *model_store.KNOWN_MODELS])}"
         ) from exc
     with torch.device("meta"):
-        base = auto.from_config(model_config)
+        base = auto_model.from_config(model_config)
     targets = list(lora.target_modules) if lora.target_modules else None
     try:
         model = get_peft_model(base, LoraConfig(r=1, target_modules=targets))

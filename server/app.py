@@ -21,7 +21,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.config import RunConfig, load_config
-from fedpeft.data import load_server_splits
+from fedpeft.tasks import get_task
 from server.loop import FederatedRun
 
 
@@ -57,5 +57,6 @@ def main(grid: Grid, context: Context) -> None:
     overrides = [o for o in str(settings.get("overrides", "")).split(";") if o.strip()]
     config = load_config(str(settings["config"]), overrides)
     run_dir = Path(str(settings.get("run-dir", ""))) if settings.get("run-dir") else new_run_dir(config)
-    splits = load_server_splits(config.data, config.model.task) if settings.get("deployment", False) else None
+    deployed = bool(settings.get("deployment", False))
+    splits = get_task(config.model.task).server_splits(config.data) if deployed else None
     FederatedRun(config, run_dir, resume=bool(settings.get("resume", False)), splits=splits).run(grid)

@@ -25,8 +25,8 @@ from rich.console import Console
 
 from fedpeft.certs import CertsLayout
 from fedpeft.config import load_config
-from fedpeft.data import load_server_splits
 from fedpeft.processes import FlowerCommandError, ProcessTree, flower_command, flower_env
+from fedpeft.tasks import get_task
 from server.app import new_run_dir
 from server.loop import build_strategy, check_run_dir
 
@@ -81,7 +81,7 @@ def prepare(options: ServerOptions) -> Deployment:
         overrides.insert(0, f"data.num_clients={len(certs.client_public_keys())}")
     config = load_config(options.config, overrides)
     config.faults.refuse_deployment()
-    load_server_splits(config.data, config.model.task)
+    get_task(config.model.task).server_splits(config.data)
     if config.server.evaluate and not config.data.test_source:
         raise DeploymentError(
             "server.evaluate needs a held-out file on the server: set data.test_source, "

@@ -11,12 +11,13 @@ from fedpeft.instructions import encode_chats
 from fedpeft.lora import AdapterHost
 from fedpeft.models import CausalLMSpec, ClassifierSpec, load_causal_lm, load_classifier, load_tokenizer
 from fedpeft.state import GlobalState
+from fedpeft.tasks import get_task
 from fedpeft.training import encode, evaluate, evaluate_lm
 
 
 def make_evaluator(config: RunConfig, splits: Splits) -> CentralEvaluator | LMEvaluator:
     """The evaluator for ``config.model.task``."""
-    return (LMEvaluator if config.model.task == "causal_lm" else CentralEvaluator)(config, splits)
+    return (CentralEvaluator if get_task(config.model.task).labelled else LMEvaluator)(config, splits)
 
 
 def held_out(config: RunConfig, splits: Splits) -> Dataset:

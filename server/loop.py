@@ -12,15 +12,15 @@ from typing import Any
 
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from peft import TaskType
 from rich.console import Console
 
 from fedpeft.config import RunConfig, config_to_dict
-from fedpeft.data import Splits, load_splits
+from fedpeft.data import Splits
 from fedpeft.errors import UserError
 from fedpeft.export import export_adapter, export_merged
 from fedpeft.models import check_rank_fits, resolve_model
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
+from fedpeft.tasks import get_task
 from fedpeft.wire import (
     RoundInstructions,
     WireError,
@@ -114,9 +114,10 @@ class FederatedRun:
         self.console = console or Console()
         self.strategy = build_strategy(config)
         check_fresh_start(config, self.strategy)
-        check_rank_fits(config.model.name, config.model.task, config.lora)
+        self.task = get_task(config.model.task)
+        check_rank_fits(config.model.name, self.task.auto_model, config.lora)
         self.secure = SecureAggregation(config, self.strategy) if config.server.secure_aggregation else None
-        self.splits = splits or load_splits(config.data, config.run.seed, config.model.task)
+        self.splits = splits or self.task.splits(config.data, config.run.seed)
         self.client_config = config.client_config(data=config.data.replace(labels=self.splits.label_names))
         self.recorder = RunRecorder(self.run_dir)
         self.evaluator = make_evaluator(config, self.splits) if config.server.evaluate else None
@@ -349,9 +350,7 @@ class FederatedRun:
 
     def _finish(self, seconds: float, stopped: str | None) -> dict[str, Any]:
         base = resolve_model(self.config.model.name)
-        causal = self.config.model.task == "causal_lm"
-        task_type = TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS
-        adapter_dir = export_adapter(self.state, self.run_dir / "adapter", base, task_type)
+        adapter_dir = export_adapter(self.state, self.run_dir / "adapter", base, self.task.peft_type)
         rounds = [r for r in self.recorder.rounds if r["round"] > 0]
         evals = [r for r in self.recorder.rounds if "eval_loss" in r]
         summary: dict[str, Any] = {
@@ -366,7 +365,7 @@ class FederatedRun:
             "label_names": self.splits.label_names,
         }
         if self.config.run.export_merged:
-            num_labels = None if causal else len(self.splits.label_names)
+            num_labels = len(self.splits.label_names) if self.task.labelled else None
             summary["merged_model"] = str(
                 export_merged(adapter_dir, base, self.run_dir / "merged", num_labels)
             )

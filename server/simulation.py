@@ -8,14 +8,15 @@ import warnings
 from pathlib import Path
 
 from fedpeft.config import RunConfig
-from fedpeft.data import load_splits, partition
+from fedpeft.data import partition
+from fedpeft.tasks import get_task
 from server.app import make_server_app
 from server.loop import FederatedRun
 
 
 def simulate(config: RunConfig, run_dir: Path, *, resume: bool = False) -> Path:
     """Run ``config.data.num_clients`` virtual clients; returns the run directory."""
-    splits = load_splits(config.data, config.run.seed, config.model.task)
+    splits = get_task(config.model.task).splits(config.data, config.run.seed)
     # Partitioning errors (too few rows for min_partition_size, an empty share) surface here, not
     # inside Ray actors; IID shares shrink towards the last partition.
     for partition_id in sorted({0, config.data.num_clients - 1}):

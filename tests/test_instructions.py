@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from fedpeft.config import DataSection
-from fedpeft.data import DataError, load_splits, partition
+from fedpeft.data import DataError, load_instruction_splits, partition
 from fedpeft.instructions import IGNORE, InstructionDataError, encode_chat, encode_chats, to_messages
 from tests.conftest import tiny_chat_tokenizer
 from tests.llm_data import arithmetic_rows, write_json
@@ -88,7 +88,7 @@ def test_rows_become_chats_from_dolly_gsm8k_or_messages_fields():
 def test_field_partition_deals_values_to_clients(tmp_path):
     path = write_json(tmp_path / "train.json", arithmetic_rows())
     spec = DataSection(source=str(path), num_clients=2, partition="field", partition_field="category")
-    train = load_splits(spec, 0, "causal_lm").train
+    train = load_instruction_splits(spec).train
     parts = [partition(train, spec, k, seed=0) for k in range(2)]
     assert [sorted(set(p["category"])) for p in parts] == [["c0", "c2", "c4"], ["c1", "c3"]]
     assert sum(len(p) for p in parts) == len(train) == 25
@@ -106,7 +106,7 @@ def test_files_partition_gives_client_k_the_kth_file_in_natural_order(tmp_path):
     for k in (0, 1, 10):  # "10" sorts after "1" and "0" only in natural order
         write_json(tmp_path / f"local_{k}.json", [r for r in rows if r["category"] == f"c{min(k, 4)}"])
     spec = DataSection(source=str(tmp_path / "local_*.json"), num_clients=3, partition="files")
-    train = load_splits(spec, 0, "causal_lm").train
+    train = load_instruction_splits(spec).train
     assert [sorted(set(partition(train, spec, k, 0)["category"])) for k in range(3)] == [
         ["c0"],
         ["c1"],
