@@ -1,0 +1,51 @@
+"""What crosses the wire between server and clients, in two layers: ``arrays`` (tensors <->
+Flower arrays, checked) and ``records`` (the value types <-> Flower records)."""
+
+from fedpeft.wire.arrays import DecodeBuffer, WireError, decode_arrays, from_array, record_nbytes, to_array
+from fedpeft.wire.records import (
+    NUM_EXAMPLES,
+    NUM_TRAINED,
+    UPDATE_ARRAYS,
+    UPDATE_META,
+    UPDATE_METRICS,
+    WEIGHT,
+    RoundInstructions,
+    decode_identity,
+    decode_instructions,
+    decode_state,
+    decode_update,
+    encode_identity,
+    encode_instructions,
+    encode_state,
+    encode_train_message,
+    encode_update,
+    load_feedback,
+    store_feedback,
+)
+
+__all__ = [
+    "NUM_EXAMPLES",
+    "NUM_TRAINED",
+    "UPDATE_ARRAYS",
+    "UPDATE_META",
+    "UPDATE_METRICS",
+    "WEIGHT",
+    "DecodeBuffer",
+    "RoundInstructions",
+    "WireError",
+    "decode_arrays",
+    "decode_identity",
+    "decode_instructions",
+    "decode_state",
+    "decode_update",
+    "encode_identity",
+    "encode_instructions",
+    "encode_state",
+    "encode_train_message",
+    "encode_update",
+    "from_array",
+    "load_feedback",
+    "record_nbytes",
+    "store_feedback",
+    "to_array",
+]
