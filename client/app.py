@@ -14,8 +14,11 @@ from __future__ import annotations
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
-from client import faults, runtime, secure
+from client import runtime, secure
+from client.faults import injected_fault, simulated_faults
+from fedpeft.config import RunConfig
 from fedpeft.secagg.messages import RECORD as SECAGG
 from fedpeft.state import ClientUpdate, GlobalState
 from fedpeft.training import train as train_locally
@@ -29,15 +32,11 @@ from fedpeft.wire import (
     store_feedback,
 )
 
-app = ClientApp()
 
-
-@app.query("identify")
 def identify(msg: Message, context: Context) -> Message:
     return Message(encode_identity(runtime.client_id(context)), reply_to=msg)
 
 
-@app.query("initial_adapter")
 def initial_adapter(msg: Message, context: Context) -> Message:
     instructions = decode_instructions(msg.content)
     config = instructions.client_config
@@ -47,7 +46,6 @@ def initial_adapter(msg: Message, context: Context) -> Message:
     return Message(encode_state(GlobalState(adapter=factors, extras=extras)), reply_to=msg)
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on this node's data."""
     instructions = decode_instructions(msg.content)
@@ -60,8 +58,6 @@ def train(msg: Message, context: Context) -> Message:
     data = runtime.client_data(config, context)
     received = decode_state(msg.content)
     host.load_state(received, init_seed=runtime.init_seed(config, instructions.init_seed, context))
-    misbehaviour = faults.for_round(config, instructions.round, msg.metadata.created_at, context)
-    misbehaviour.start(host)
     accountant = runtime.example_accountant(config, data, context)
     local = train_locally(
         host.model,
@@ -93,10 +89,9 @@ def train(msg: Message, context: Context) -> Message:
         alpha=config.lora.alpha,
         metrics=metrics,
     )
-    misbehaviour.edit_update(update)
     if SECAGG in msg.content:
         masked = secure.masked_reply(msg.content, update, received, instructions.plan, context)
-        return Message(misbehaviour.edit_reply(masked), reply_to=msg)
+        return Message(masked, reply_to=msg)
     feedback = load_feedback(context.state)
     content = encode_update(
         update,
@@ -106,19 +101,42 @@ def train(msg: Message, context: Context) -> Message:
         feedback=feedback,
     )
     store_feedback(context.state, feedback)
-    return Message(misbehaviour.edit_reply(content), reply_to=msg)
+    return Message(content, reply_to=msg)
 
 
-@app.query("secagg_keys")
 def secagg_keys(msg: Message, context: Context) -> Message:
     return secure.answer_keys(msg, context)
 
 
-@app.query("secagg_shares")
 def secagg_shares(msg: Message, context: Context) -> Message:
     return secure.answer_shares(msg, context)
 
 
-@app.query("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
     return secure.answer_unmask(msg, context)
+
+
+def client_app(mods: list[Mod] | None = None) -> ClientApp:
+    """A ClientApp answering the message types above, with ``mods`` around every handler."""
+    app = ClientApp(mods=mods or [])
+    app.query("identify")(identify)
+    app.query("initial_adapter")(initial_adapter)
+    app.train()(train)
+    app.query("secagg_keys")(secagg_keys)
+    app.query("secagg_shares")(secagg_shares)
+    app.query("secagg_unmask")(secagg_unmask)
+    return app
+
+
+def simulation_app(config: RunConfig) -> ClientApp:
+    """The ClientApp ``fedpeft simulate`` runs: with ``[faults]`` set, its clients misbehave as
+    the section says (``client.faults.simulated_faults``)."""
+    faults = config.faults
+    if not faults.active:
+        return app
+    return client_app(
+        [injected_fault, simulated_faults(faults, config.run.seed, config.server.round_timeout)]
+    )
+
+
+app = client_app([injected_fault])  # what Flower loads: `flwr run`, and every deployed SuperNode

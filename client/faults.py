@@ -1,18 +1,19 @@
-"""Deliberate misbehaviour, for checking the server's fault handling.
+"""Deliberate misbehaviour, for checking the server's fault handling: Flower client mods that wrap
+the ClientApp's ``train`` (the training code itself knows nothing of them).
 
-Two ways in, one mechanism (a ``Misbehaviour`` per round, which the ClientApp applies):
-
-- a deployed client's node setting ``inject-fault`` (``fedpeft client --inject-fault nan|wrong-shape``)
-  corrupts every update it sends, so an operator can watch the server reject it and carry on;
-- a simulation's ``[faults]`` section makes each sampled client fail a round with probability
-  ``rate``, as one of ``kinds``, drawn from an RNG seeded by (run seed, round, partition id), so a
-  run fails the same way every time (a retried round too); and it makes the ``poisoned``
+- ``simulated_faults``, installed only by ``fedpeft simulate`` (``client.app.simulation_app``) from
+  the run's ``[faults]`` (which never travels to clients): each sampled client fails a round with
+  probability ``rate``, as one of ``kinds``, drawn from an RNG seeded by (run seed, round, partition
+  id), so a run fails the same way every time (a retried round too); and the ``poisoned``
   partitions send every tensor as received + ``poison_scale`` x (trained - received).
+- ``injected_fault``, in the deployed ClientApp: a node setting ``inject-fault``
+  (``fedpeft client --inject-fault nan|wrong-shape``) corrupts every update it sends, so an operator
+  can watch the server reject it and carry on; without the setting it does nothing.
 
 The simulated kinds:
 
-- ``crash``: the ClientApp raises before training; Flower turns that into an error reply, which
-  the server drops with its reason.
+- ``crash``: the client raises before training; Flower turns that into an error reply, which the
+  server drops with its reason.
 - ``timeout``: the client trains, then replies ``TIMEOUT_MARGIN`` seconds after the server's
   deadline (the round message's creation time + ``server.round_timeout``), when the server has
   stopped waiting: it is dropped as "no reply within", and its late reply is never read. In
@@ -22,6 +23,9 @@ The simulated kinds:
   which then miss the deadline too (``benchmarks/soak.py`` counts these).
 - ``garbage``: the reply's records are malformed: random bytes in place of the arrays, truncated
   arrays, or a record missing.
+
+Editing an update (poisoning, ``inject-fault``) decodes the reply and encodes it again, so it needs a
+plain reply: the configuration refuses ``poisoned`` under secure aggregation.
 """
 
 from __future__ import annotations
@@ -29,16 +33,16 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from flwr.app import Array, ArrayRecord, Context, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from torch import Tensor
 
-from client import runtime
 from client.settings import FAULT_KINDS, INJECT_FAULT
-from fedpeft.config import ClientConfig, FaultsSection
-from fedpeft.lora import AdapterHost
+from fedpeft.config import FaultsSection
+from fedpeft.secagg.messages import RECORD as SECAGG
 from fedpeft.state import AdapterFactors, ClientUpdate
+from fedpeft.wire import decode_instructions, decode_state, decode_update, encode_update
 
 TIMEOUT_MARGIN = 1.0  # seconds past the server's deadline that a "timeout" client replies
 
@@ -99,39 +103,66 @@ def simulated_fault(faults: FaultsSection, seed: int, rnd: int, partition: int) 
     return rng.choice(faults.kinds)
 
 
-@dataclass
-class Misbehaviour:
-    """What one client does wrong in one round; the default does nothing."""
+def simulated_faults(faults: FaultsSection, seed: int, round_timeout: float) -> Mod:
+    """The mod that makes simulated clients misbehave as ``faults`` says."""
 
-    fault: str | None = None
-    poison_scale: float | None = None
-    reply_at: float = 0.0  # when a late (``timeout``) client replies, as a ``time.time()``
-    rng: random.Random | None = None
-    _received: tuple[dict[str, AdapterFactors], dict[str, Tensor]] | None = field(
-        default=None, init=False, repr=False
-    )
-
-    def start(self, host: AdapterHost) -> None:
-        """Call once the received state is loaded, before training."""
-        if self.fault == "crash":
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        rnd = decode_instructions(msg.content).round
+        partition = int(context.node_config["partition-id"])
+        fault = simulated_fault(faults, seed, rnd, partition)
+        if fault == "crash":
             raise SimulatedCrash("simulated crash (faults.rate in the run configuration)")
-        self._received = host.read_update() if self.poison_scale is not None else None
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        if partition in faults.poisoned:
+            reply.content = _edited(
+                msg,
+                reply.content,
+                lambda u, factors, extras: _amplify(u, factors, extras, faults.poison_scale),
+            )
+        if fault == "garbage":
+            rng = random.Random(f"fedpeft-garbage/{seed}/{rnd}/{partition}")
+            rng.choice(GARBAGE)(reply.content, rng)
+        if fault == "timeout":
+            time.sleep(max(0.0, msg.metadata.created_at + round_timeout + TIMEOUT_MARGIN - time.time()))
+        return reply
 
-    def edit_update(self, update: ClientUpdate) -> None:
-        """Amplify (poisoned client) or corrupt (``inject-fault``) the trained update in place."""
-        if self._received is not None:
-            _amplify(update, *self._received, self.poison_scale)  # type: ignore[arg-type]
-        if self.fault in UPDATE_FAULTS:
-            UPDATE_FAULTS[self.fault](update)
+    return mod
 
-    def edit_reply(self, content: RecordDict) -> RecordDict:
-        """Malform the encoded reply (``garbage``), or hold it until after the deadline (``timeout``)."""
-        if self.fault == "garbage":
-            rng = self.rng or random.Random()
-            rng.choice(GARBAGE)(content, rng)
-        if self.fault == "timeout":
-            time.sleep(max(0.0, self.reply_at - time.time()))
-        return content
+
+def injected_fault(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The mod of a deployed client's ``inject-fault`` node setting: every update it sends is
+    corrupted as the setting says (nothing without it)."""
+    kind = context.node_config.get(INJECT_FAULT)
+    if kind is None or msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+    if kind not in UPDATE_FAULTS:
+        raise ValueError(f"unknown inject-fault {kind!r}; use one of {', '.join(UPDATE_FAULTS)}")
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    reply.content = _edited(msg, reply.content, lambda update, *_: UPDATE_FAULTS[str(kind)](update))
+    return reply
+
+
+def _edited(msg: Message, content: RecordDict, edit: Callable[..., None]) -> RecordDict:
+    """``content``, a plain reply to the train message ``msg``, decoded, edited by
+    ``edit(update, received factors, received extras)`` and encoded again as the client had."""
+    if SECAGG in msg.content:
+        raise ValueError("a simulated or injected update fault needs plain replies, not secure aggregation")
+    received = decode_state(msg.content)
+    instructions = decode_instructions(msg.content)
+    update = decode_update(content, frozen=received.adapter)
+    edit(update, received.adapter or {}, received.extras)
+    return encode_update(
+        update,
+        send_A=instructions.plan.send_lora_A,
+        compression=instructions.client_config.train.compression,
+        reference=received.adapter,
+    )
 
 
 def _amplify(
@@ -146,23 +177,3 @@ def _amplify(
         f.B = factors[name].B + scale * (f.B - factors[name].B)
     for name, t in update.extras.items():
         update.extras[name] = extras[name] + scale * (t - extras[name])
-
-
-def for_round(config: ClientConfig, rnd: int, sent_at: float, context: Context) -> Misbehaviour:
-    """This client's misbehaviour in round ``rnd`` (whose message the server created at
-    ``sent_at``, a ``time.time()``): its ``inject-fault`` node setting when deployed, the
-    ``[faults]`` draw in simulation."""
-    faults = config.faults
-    if runtime.is_deployed(context):
-        faults.refuse_deployment()
-        kind = context.node_config.get(INJECT_FAULT)
-        if kind is not None and kind not in UPDATE_FAULTS:
-            raise ValueError(f"unknown inject-fault {kind!r}; use one of {', '.join(UPDATE_FAULTS)}")
-        return Misbehaviour(fault=None if kind is None else str(kind))
-    partition = int(context.node_config["partition-id"])
-    return Misbehaviour(
-        fault=simulated_fault(faults, config.seed, rnd, partition),
-        poison_scale=faults.poison_scale if partition in faults.poisoned else None,
-        reply_at=sent_at + config.round_timeout + TIMEOUT_MARGIN,
-        rng=random.Random(f"fedpeft-garbage/{config.seed}/{rnd}/{partition}"),
-    )

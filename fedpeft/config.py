@@ -288,7 +288,6 @@ class ClientConfig(Section):
     data: DataSection
     train: TrainSection
     threads: int = 1
-    faults: FaultsSection = Field(default_factory=FaultsSection)
     round_timeout: float = 600.0
     example_dp: ExampleDPSection = Field(default_factory=ExampleDPSection)
 
@@ -358,7 +357,6 @@ class RunConfig(Section):
             "data": self.data,
             "train": self.train,
             "threads": self.simulation.cpus_per_client,
-            "faults": self.faults,
             "round_timeout": self.server.round_timeout,
             "example_dp": self.example_dp,
         }
@@ -429,6 +427,11 @@ def _check_secure(config: RunConfig) -> None:
             config.train.compression == "none",
             "train.compression cannot apply under secure aggregation (a masked update is uniform "
             "over the 64-bit ring); set train.compression = 'none'",
+        ),
+        (
+            not config.faults.poisoned,
+            "faults.poisoned edits plain replies, and a masked one cannot be edited; unset it or set "
+            "server.secure_aggregation = false",
         ),
     ]
     for ok, message in checks:

@@ -24,7 +24,7 @@ def simulate(config: RunConfig, run_dir: Path, *, resume: bool = False) -> Path:
     federated_run = FederatedRun(config, run_dir, resume=resume, splits=splits)
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
+    from client.app import simulation_app
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,7 +42,7 @@ def simulate(config: RunConfig, run_dir: Path, *, resume: bool = False) -> Path:
         warnings.simplefilter("ignore", FutureWarning)
         run_simulation(
             server_app=make_server_app(federated_run),
-            client_app=client_app,
+            client_app=simulation_app(config),
             num_supernodes=config.data.num_clients,
             backend_config=backend_config,
         )

@@ -7,13 +7,12 @@ from collections import Counter
 
 import pytest
 import torch
-from flwr.app import Message
 
-from client.app import train
-from client.faults import simulated_fault
+from client.app import simulation_app, train
+from client.faults import simulated_fault, simulated_faults
 from fedpeft.config import ConfigError, FaultsSection, load_config
 from fedpeft.testing import LocalGrid
-from fedpeft.wire import decode_instructions, decode_state, decode_update, encode_train_message
+from fedpeft.wire import decode_state, decode_update
 from server.deployment import ServerOptions, prepare
 from server.loop import FederatedRun
 from tests.conftest import simulate_cli
@@ -72,7 +71,7 @@ def test_crash_and_garbage_clients_are_dropped_with_their_reasons(tiny_bert_dir,
             "faults.kinds": '["crash", "garbage"]',
         },
     )
-    FederatedRun(config, tmp_path).run(LocalGrid(6))
+    FederatedRun(config, tmp_path).run(LocalGrid(6, app=simulation_app(config)))
     seen = assert_drops_match_the_draws(config, metrics_rows(tmp_path))
     assert seen["crash"] >= 1 and seen["garbage"] >= 1  # this seed draws both kinds
 
@@ -80,21 +79,14 @@ def test_crash_and_garbage_clients_are_dropped_with_their_reasons(tiny_bert_dir,
 def test_a_poisoned_client_sends_received_plus_scale_times_its_delta(tiny_bert_dir, tmp_path):
     """Partition 0 trains twice on the same round message, honest and poisoned (training is
     seeded by run seed, round and partition, so both train identically)."""
-    config = small_config(tiny_bert_dir, **{"run.rounds": 1, "faults.poison_scale": 10.0})
+    config = small_config(tiny_bert_dir, **{"run.rounds": 1})
+    poisoning = simulated_faults(FaultsSection(poisoned=[0], poison_scale=10.0), config.run.seed, 60.0)
     replies = []
 
     def honest_and_poisoned(msg, context):
         honest = train(msg, context)
-        instructions = decode_instructions(msg.content)
-        faults = instructions.client_config.faults.replace(poisoned=[0])
-        instructions.client_config = instructions.client_config.replace(faults=faults)
+        poisoned = poisoning(msg, context, train)
         received = decode_state(msg.content)
-        poisoned_msg = Message(
-            encode_train_message(received, instructions),
-            dst_node_id=msg.metadata.dst_node_id,
-            message_type=msg.metadata.message_type,
-        )
-        poisoned = train(poisoned_msg, context)
         replies.append((received, decode_update(honest.content), decode_update(poisoned.content)))
         return honest
 
@@ -162,3 +154,8 @@ def test_fedpeft_server_refuses_faults(tmp_path, override):
     prepare(ServerOptions(config, insecure=True, run_dir=tmp_path / "ok"))
     with pytest.raises(ConfigError, match="simulates misbehaving clients in `fedpeft simulate` only"):
         prepare(ServerOptions(config, (override,), insecure=True, run_dir=tmp_path / "refused"))
+
+
+def test_poisoning_is_refused_under_secure_aggregation_where_a_reply_cannot_be_edited():
+    with pytest.raises(ConfigError, match="faults.poisoned edits plain replies"):
+        load_config(None, ["faults.poisoned=[1]", "server.secure_aggregation=true", "server.min_clients=3"])
