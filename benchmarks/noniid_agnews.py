@@ -10,20 +10,23 @@ batch 32 per client and round; three settings of 1,000 client steps each:
 
 Rows: ``dev.tsv`` (10,001 rows) is the training data. A fixed, seeded 1,000 of its rows are held
 out as the validation split, on which every hyperparameter is chosen; the other 9,001 rows are
-what clients (and the baselines) train on. Final accuracy is on a fixed, seeded 2,000-row sample
-of ``test.tsv``, the same rows for every run; the per-round curve is on its first 500 rows.
+what clients (and the baselines) train on. The server evaluates the validation split every round
+(the per-round curve); a federated run's hyperparameters are judged by its mean validation accuracy
+over its last 3 rounds (the final round alone swings with the clients sampled). Final accuracy is
+on a fixed, seeded 2,000-row sample of ``test.tsv``, the same rows for every run, never used to
+choose anything.
 
 The work comes in pieces, each appended to one results file as it finishes (``--only`` picks
 pieces by name pattern; ``--list`` shows them and what is done; a piece already in the file is
 skipped unless ``--redo``):
 
 - ``ablation/...``: the client-side recipes of ``RECIPES`` (weighting of clients, label-skew
-  remedy, FedProx, lr decay) on S2 seed 0 with fedavg at lr 1e-3, scored on the validation split;
-  every other federated run uses the one with the best validation accuracy.
-- ``search/<method>/lr=<lr>``: S1, seed 0, each method at each learning rate of ``LRS``, scored on
-  the validation split (and the test sample); a method's lr is the one with the best validation
-  accuracy. The best server optimizer of ``SERVER_OPTIMIZERS`` is chosen the same way. These runs
-  are also the S1 seed-0 runs at the chosen lr.
+  remedy, FedProx, lr decay) on S2 seed 0 with fedavg at lr 1e-3; every other federated run uses
+  the one with the best validation score.
+- ``search/<method>/lr=<lr>``: S1, seed 0, each method at each learning rate of ``LRS``; a method's
+  lr is the one with the best validation score, and the best server optimizer of
+  ``SERVER_OPTIMIZERS`` is chosen the same way. These runs are also the S1 seed-0 runs at the
+  chosen lr.
 - ``S1|S2|S3/<method>/seed=<s>``: the other seeds and settings, at the chosen lr.
 - ``central/lr=<lr>`` then ``central/seed=<s>``: centralized LoRA, 1,000 steps on all 9,001 rows,
   lr chosen on the validation split the same way.
@@ -85,7 +88,8 @@ CLIENTS, LOCAL_STEPS, BATCH, MIN_ROWS = 10, 20, 32, 50
 CLIENT_STEPS = 1000  # per setting: rounds x clients per round x local steps
 LRS = (3e-4, 1e-3, 3e-3)
 SEEDS = (0, 1, 2)
-VAL_ROWS, TEST_ROWS, CURVE_ROWS, SPLIT_SEED = 1000, 2000, 500, 12345
+VAL_ROWS, TEST_ROWS, SPLIT_SEED = 1000, 2000, 12345
+RECENT = 3  # a federated run is judged by its mean validation accuracy over its last rounds
 BASE_METHODS = ("fedavg", "stacking", "fedex", "ffa", "vcma")
 SERVER_OPTIMIZERS = ("fedavgm", "fedadam")  # the best of these is reported as "server optimizer"
 # Client recipes: name -> (the strategy's weighting, [train] overrides). The ablation pieces run
@@ -116,8 +120,7 @@ def setting_overrides(setting: Setting, seed: int, lr: float, files: dict[str, P
         "run.seed": seed,
         "run.rounds": setting.rounds,
         "data.source": str(files["train"]),
-        "data.test_source": str(files["test"]),
-        "data.test_limit": CURVE_ROWS,
+        "data.test_source": str(files["val"]),  # the server's per-round evaluation: validation rows
         "data.num_clients": CLIENTS,
         "data.dirichlet_alpha": setting.alpha,
         "data.min_partition_size": MIN_ROWS,
@@ -136,6 +139,13 @@ def setting_overrides(setting: Setting, seed: int, lr: float, files: dict[str, P
 # ---------------------------------------------------------------------------- the results file
 
 
+def selection_score(run: dict[str, Any]) -> float:
+    """What hyperparameters are chosen by: a federated run's mean validation accuracy over its last
+    ``RECENT`` rounds (its final round alone swings with the clients sampled), a centralized run's
+    final validation accuracy."""
+    return run.get("val_recent", run["val_accuracy"])
+
+
 class Results(RunsFile):
     """The results file, and the choices the search pieces make."""
 
@@ -149,20 +159,20 @@ class Results(RunsFile):
         found = [self.get(f"{prefix}/lr={lr:g}") for lr in LRS]
         if any(r is None for r in found):
             return None
-        return max(found, key=lambda r: r["val_accuracy"])["lr"]
+        return max(found, key=selection_score)["lr"]
 
     def chosen_recipe(self) -> str | None:
         """The client recipe with the best validation accuracy, once every ablation piece is in."""
         found = {name: self.get(f"ablation/S2/{name}") for name in RECIPES}
         if any(r is None for r in found.values()):
             return None
-        return max(found, key=lambda name: found[name]["val_accuracy"])
+        return max(found, key=lambda name: selection_score(found[name]))
 
     def best_server_optimizer(self) -> str | None:
         lrs = {m: self.chosen_lr(m) for m in SERVER_OPTIMIZERS}
         if any(lr is None for lr in lrs.values()):
             return None
-        return max(SERVER_OPTIMIZERS, key=lambda m: self.get(f"search/{m}/lr={lrs[m]:g}")["val_accuracy"])
+        return max(SERVER_OPTIMIZERS, key=lambda m: selection_score(self.get(f"search/{m}/lr={lrs[m]:g}")))
 
 
 def prepare_files(data_dir: Path) -> dict[str, Path]:
@@ -268,7 +278,7 @@ class Bench:
         metrics = ("variance_ratio", "merged_rank", "discarded_energy")
         label = f"{piece.name}: {method} lr {lr:g}"
         result = run_scored(label, config, self.scorers.evaluator("test"), run_dir, metrics)
-        val = self.scorers.score(run_dir, "val")
+        curve = [result["curve"][k] for k in sorted(result["curve"], key=int)]
         return {
             "setting": piece.setting,
             "method": method,
@@ -279,9 +289,10 @@ class Bench:
             "weighting": weighting,
             "train": train,
             "final_accuracy": result["test_accuracy"],
-            "val_accuracy": val,
+            "val_accuracy": curve[-1],
+            "val_recent": statistics.fmean(curve[-RECENT:]),
             "test_rows": TEST_ROWS,
-            "curve": [result["curve"][k] for k in sorted(result["curve"], key=int)],
+            "curve": curve,  # validation accuracy per round, from round 0
             "seconds": result["seconds"],
             "bytes_up_per_round": result["bytes_up_per_round"],
             **{k: result[k] for k in metrics if k in result},
@@ -377,7 +388,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def report(results: Results) -> str:
-    lines = ["## search (S1, seed 0): validation accuracy per lr", ""]
+    lines = ["## search (S1, seed 0): validation score per lr (mean of the last 3 rounds)", ""]
     lines += [
         "| method | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | chosen |",
         "|---|" + "---:|" * (len(LRS) + 1),
@@ -385,21 +396,21 @@ def report(results: Results) -> str:
     for method in (*BASE_METHODS, *SERVER_OPTIMIZERS, "central"):
         prefix = "central" if method == "central" else f"search/{method}"
         cells = [results.get(f"{prefix}/lr={lr:g}") for lr in LRS]
-        values = [f"{c['val_accuracy']:.4f}" if c else "–" for c in cells]
+        values = [f"{selection_score(c):.4f}" if c else "–" for c in cells]
         chosen = results.chosen_lr(method)
         lines.append(f"| {method} | " + " | ".join(values) + f" | {chosen if chosen else '–'} |")
     lines += [
         "",
         "## ablation (S2, seed 0, fedavg, lr 1e-3)",
         "",
-        "| client recipe | validation | test |",
+        "| client recipe | validation score | test |",
         "|---|---:|---:|",
     ]
     for recipe in RECIPES:
         run = results.get(f"ablation/S2/{recipe}")
         if run:
             chosen = " (chosen)" if recipe == results.chosen_recipe() else ""
-            lines.append(f"| {recipe}{chosen} | {run['val_accuracy']:.4f} | {run['final_accuracy']:.4f} |")
+            lines.append(f"| {recipe}{chosen} | {selection_score(run):.4f} | {run['final_accuracy']:.4f} |")
     central = baseline(results, "centralized")
     for setting, spec in SETTINGS.items():
         local = baseline(results, "local", spec.alpha)
@@ -446,7 +457,7 @@ def plot(results: Results, path: Path) -> None:
             ax.axhline(statistics.fmean(local), color="gray", linestyle=":", label="local-only")
         ax.set(title=f"{setting}: α={spec.alpha:g}, {spec.fraction:.0%} of clients", xlabel="round")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"accuracy (first {CURVE_ROWS} test-sample rows); band: min-max over seeds")
+    axes[0].set_ylabel(f"validation accuracy ({VAL_ROWS} rows); band: min-max over seeds")
     axes[-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
