@@ -1,8 +1,9 @@
 """AG News under non-IID label skew: federated strategies against centralized and local-only LoRA.
 
-MiniLM-L6 with LoRA r = 8 (alpha 16) on query/value plus the classifier head; 10 clients holding
-a Dirichlet label split of the training rows (at least 50 rows each); 20 local AdamW steps of
-batch 32 per client and round; three settings of 1,000 client steps each:
+MiniLM-L6 with LoRA r = 8 (alpha 16) on query/value plus the classifier head, inputs cut at 32
+tokens (the median row has 41; at 64 a run takes twice as long on a 2-core machine); 10 clients
+holding a Dirichlet label split of the training rows (at least 50 rows each); 20 local AdamW steps
+of batch 32 per client and round; three settings of 1,000 client steps each:
 
 - S1: alpha = 0.1, all 10 clients every round, 5 rounds;
 - S2: alpha = 0.1, 5 of 10 clients every round, 10 rounds;
@@ -16,9 +17,14 @@ over its last 3 rounds (the final round alone swings with the clients sampled). 
 on a fixed, seeded 2,000-row sample of ``test.tsv``, the same rows for every run, never used to
 choose anything.
 
-The work comes in pieces, each appended to one results file as it finishes (``--only`` picks
-pieces by name pattern; ``--list`` shows them and what is done; a piece already in the file is
-skipped unless ``--redo``):
+Two protocols. The default, *fixed*, runs every method and baseline at lr 1e-3 with the client
+recipe ``FIXED_RECIPE`` (chosen by a first ablation on S2, see ``benchmarks/README.md``), so every
+method gets the same (empty) search and the whole grid is about 70 runs of 6 to 8 minutes:
+
+- ``S1|S2|S3/<method>/seed=<s>``, ``central/seed=<s>``, ``local/alpha=<a>/seed=<s>``, listed in
+  the order worth running (the cheap decisive comparisons of every seed first).
+
+``--search`` runs the protocol that searches (results in ``noniid_agnews_search.json``):
 
 - ``ablation/...``: the client-side recipes of ``RECIPES`` (weighting of clients, label-skew
   remedy, FedProx, lr decay) on S2 seed 0 with fedavg at lr 1e-3; every other federated run uses
@@ -33,8 +39,13 @@ skipped unless ``--redo``):
 - ``local/alpha=<a>/seed=<s>``: each client alone on its own rows for 100 steps (what it trains
   in a federation of 1,000 client steps), at the centralized lr; mean over the 10 clients.
 
+The work comes in pieces, each appended to one results file as it finishes (``--only`` picks
+pieces by name pattern; ``--list`` shows them and what is done; a piece already in the file is
+skipped unless ``--redo``).
+
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/noniid_agnews.py --list
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/noniid_agnews.py --only 'search/*'
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/noniid_agnews.py --only '*/seed=0'
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/noniid_agnews.py --search --only 'search/*'
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/noniid_agnews.py --report
 """
 
@@ -84,7 +95,7 @@ SETTINGS = {
     "S2": Setting(alpha=0.1, fraction=0.5, rounds=10),
     "S3": Setting(alpha=1.0, fraction=1.0, rounds=5),
 }
-CLIENTS, LOCAL_STEPS, BATCH, MIN_ROWS = 10, 20, 32, 50
+CLIENTS, LOCAL_STEPS, BATCH, MIN_ROWS, TOKENS = 10, 20, 32, 50, 32
 CLIENT_STEPS = 1000  # per setting: rounds x clients per round x local steps
 LRS = (3e-4, 1e-3, 3e-3)
 SEEDS = (0, 1, 2)
@@ -103,8 +114,10 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "uniform+prox": ("uniform", {"train.proximal_mu": 0.1}),
     "uniform+decay": ("uniform", {"train.lr_decay": 0.8}),
 }
+FIXED_LR, FIXED_RECIPE = 1e-3, "uniform+balanced"  # the fixed protocol's lr and client recipe
 LABELS = ("Business", "Sci/Tech", "Sports", "World")
 OUT = REPO / "benchmarks" / "results" / "noniid_agnews.json"
+SEARCH_OUT = OUT.with_name("noniid_agnews_search.json")
 WORK = REPO / "runs" / "noniid-agnews"
 
 
@@ -130,6 +143,7 @@ def setting_overrides(setting: Setting, seed: int, lr: float, files: dict[str, P
         "train.batch_size": BATCH,
         "train.eval_batch_size": 128,
         "train.lr": lr,
+        "model.max_length": TOKENS,
         "lora.rank": 8,
         "lora.alpha": 16.0,
         "data.labels": list(LABELS),
@@ -147,14 +161,20 @@ def selection_score(run: dict[str, Any]) -> float:
 
 
 class Results(RunsFile):
-    """The results file, and the choices the search pieces make."""
+    """The results file, and the choices the search pieces make (fixed ones without ``search``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, search: bool) -> None:
         super().__init__(path, "noniid_agnews")
+        self.search = search
+        protocol = "search" if search else "fixed"
+        if self.data.setdefault("protocol", protocol) != protocol:
+            raise SystemExit(f"noniid_agnews: {path} holds the {self.data['protocol']} protocol; pass --out")
 
     def chosen_lr(self, method: str) -> float | None:
         """The lr of ``method``'s (or the centralized baseline's) best validation accuracy, once
         its whole search is in."""
+        if not self.search:
+            return FIXED_LR
         prefix = "central" if method == "central" else f"search/{method}"
         found = [self.get(f"{prefix}/lr={lr:g}") for lr in LRS]
         if any(r is None for r in found):
@@ -163,12 +183,16 @@ class Results(RunsFile):
 
     def chosen_recipe(self) -> str | None:
         """The client recipe with the best validation accuracy, once every ablation piece is in."""
+        if not self.search:
+            return FIXED_RECIPE
         found = {name: self.get(f"ablation/S2/{name}") for name in RECIPES}
         if any(r is None for r in found.values()):
             return None
         return max(found, key=lambda name: selection_score(found[name]))
 
     def best_server_optimizer(self) -> str | None:
+        if not self.search:
+            return None  # the fixed protocol reports each server optimizer
         lrs = {m: self.chosen_lr(m) for m in SERVER_OPTIMIZERS}
         if any(lr is None for lr in lrs.values()):
             return None
@@ -204,8 +228,35 @@ class Piece:
     alpha: float = 0.1
 
 
-def all_pieces() -> list[Piece]:
-    """Every piece, in the order they are worth running."""
+def fixed_pieces() -> list[Piece]:
+    """Every piece of the fixed protocol, in the order they are worth running: per seed the
+    centralized baseline, fedavg and stacking on S1 and S2 and local-only; then S3; then the other
+    methods."""
+    first, later = ("fedavg", "stacking"), ("fedex", "ffa", "vcma", *SERVER_OPTIMIZERS)
+    federated = lambda settings, methods, seed: [  # noqa: E731
+        Piece(f"{setting}/{method}/seed={seed}", "federated", setting, method, seed)
+        for setting in settings
+        for method in methods
+    ]
+    out: list[Piece] = []
+    for seed in SEEDS:
+        out += [
+            Piece(f"central/seed={seed}", "centralized", seed=seed),
+            *federated(("S1", "S2"), first, seed),
+        ]
+        out.append(Piece(f"local/alpha=0.1/seed={seed}", "local", seed=seed, alpha=0.1))
+    for seed in SEEDS:
+        out += [
+            *federated(("S3",), first, seed),
+            Piece(f"local/alpha=1/seed={seed}", "local", seed=seed, alpha=1.0),
+        ]
+    for seed in SEEDS:
+        out += federated(SETTINGS, later, seed)
+    return out
+
+
+def search_pieces() -> list[Piece]:
+    """Every piece of the protocol that searches, in the order they are worth running."""
     out = [Piece(f"ablation/S2/{recipe}", "federated", "S2", "fedavg", 0, 1e-3, recipe) for recipe in RECIPES]
     out += [
         Piece(f"search/{method}/lr={lr:g}", "federated", "S1", method, 0, lr)
@@ -255,7 +306,11 @@ class Bench:
     def __init__(self, data_dir: Path, results: Results) -> None:
         self.data_dir, self.results = data_dir, results
         self.files = prepare_files(data_dir)
-        base = {"data.source": str(self.files["train"]), "train.eval_batch_size": 128}
+        base = {
+            "data.source": str(self.files["train"]),
+            "train.eval_batch_size": 128,
+            "model.max_length": TOKENS,
+        }
         self.scorers = HeldOut(agnews_config(data_dir, base), self.files, list(LABELS))
 
     def run(self, piece: Piece, method: str, lr: float, recipe: str) -> dict[str, Any]:
@@ -364,7 +419,7 @@ def runs_of(results: Results, setting: str) -> dict[str, list[dict[str, Any]]]:
             setting == "S1" and piece == f"search/{run['method']}/lr={chosen.get(run['method']) or 0:g}"
         )
         if run["kind"] == "federated" and (final or searched):
-            if run["method"] in SERVER_OPTIMIZERS and run["method"] != best:
+            if run["method"] in SERVER_OPTIMIZERS and best not in (None, run["method"]):
                 continue
             by_method.setdefault(run["method"], []).append(run)
     return by_method
@@ -375,7 +430,8 @@ def baseline(results: Results, kind: str, alpha: float | None = None) -> list[fl
     local-only runs at ``alpha``, one per seed."""
     if kind == "centralized":
         lr = results.chosen_lr("central")
-        names = [f"central/lr={lr:g}", *(f"central/seed={seed}" for seed in SEEDS[1:])] if lr else []
+        first = f"central/lr={lr:g}" if results.search else f"central/seed={SEEDS[0]}"
+        names = [first, *(f"central/seed={seed}" for seed in SEEDS[1:])] if lr else []
         return [r["final_accuracy"] for r in map(results.get, names) if r]
     return [r["final_accuracy"] for r in results.data["runs"] if r["kind"] == kind and r["alpha"] == alpha]
 
@@ -387,7 +443,8 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {spread:.4f} (n={len(values)})"
 
 
-def report(results: Results) -> str:
+def search_report(results: Results) -> list[str]:
+    """The lr search and the recipe ablation of the protocol that searches."""
     lines = ["## search (S1, seed 0): validation score per lr (mean of the last 3 rounds)", ""]
     lines += [
         "| method | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | chosen |",
@@ -411,6 +468,16 @@ def report(results: Results) -> str:
         if run:
             chosen = " (chosen)" if recipe == results.chosen_recipe() else ""
             lines.append(f"| {recipe}{chosen} | {selection_score(run):.4f} | {run['final_accuracy']:.4f} |")
+    return lines
+
+
+def report(results: Results) -> str:
+    if results.search:
+        lines = search_report(results)
+    else:
+        lines = [
+            f"Every run at lr {FIXED_LR:g}, client recipe {FIXED_RECIPE}, inputs cut at {TOKENS} tokens."
+        ]
     central = baseline(results, "centralized")
     for setting, spec in SETTINGS.items():
         local = baseline(results, "local", spec.alpha)
@@ -474,11 +541,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="list the pieces and which are done")
     p.add_argument("--report", action="store_true", help="print the tables and write the plot only")
     p.add_argument("--redo", action="store_true", help="rerun pieces already in the results file")
-    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--search", action="store_true", help="the protocol that searches lr and recipe")
+    p.add_argument(
+        "--out", type=Path, help=f"results file (default {OUT.name}, {SEARCH_OUT.name} with --search)"
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results = Results(args.out)
-    everything = all_pieces()
+    args.out = args.out or (SEARCH_OUT if args.search else OUT)
+    results = Results(args.out, args.search)
+    everything = search_pieces() if args.search else fixed_pieces()
     patterns = args.only.split(",") if args.only else ["*"]
     selected = [x for x in everything if any(fnmatch.fnmatch(x.name, pat) for pat in patterns)]
     if args.list:
