@@ -1,16 +1,22 @@
 """Builders shared by the tests: random value types on rectangular layers, small run
-configurations on the tiny models, and the rows of a run's metrics.jsonl."""
+configurations on the tiny models, the rows of a run's metrics.jsonl, a tiny chat tokenizer and
+``fedpeft simulate`` as a subprocess."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from fedpeft.config import RunConfig, load_config
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, LowRankDelta
 from tests.llm_data import arithmetic_rows, write_json
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # (d_out, d_in) per module: all rectangular, so a transposed factor cannot pass silently.
 SHAPES = {"layer.0.q": (6, 4), "layer.0.v": (5, 7), "layer.1.fc": (9, 5)}
@@ -152,3 +158,41 @@ def metrics_rows(run_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_WORDS = (
+    "user assistant system what is the answer to plus minus times of and a an name colour city "
+    "capital france paris red blue green sky sea grass two three four five six seven eight nine "
+    "zero one #### . , ? ! : 0 1 2 3 4 5 6 7 8 9"
+).split()
+
+
+def tiny_chat_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``TINY_WORDS`` with ChatML special tokens and chat template."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {word: i for i, word in enumerate(["[UNK]", *TINY_WORDS])}
+    backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>", pad_token="<pad>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def simulate_cli(config: str, run_dir: Path, overrides: list[str]) -> None:
+    """Run ``fedpeft simulate`` as a user would (a fresh process, Flower's Ray engine)."""
+    cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", config, "--run-dir", str(run_dir)]
+    for item in overrides:
+        cmd += ["--set", item]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

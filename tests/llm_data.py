@@ -1,4 +1,4 @@
-"""Tiny instruction data in the tiny Llama's vocabulary (tests/conftest.py ``TINY_WORDS``)."""
+"""Tiny instruction data in the tiny Llama's vocabulary (tests/factories.py ``TINY_WORDS``)."""
 
 from __future__ import annotations
 

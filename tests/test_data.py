@@ -9,7 +9,7 @@ import pytest
 from fedpeft import demo_data
 from fedpeft.config import DataSection
 from fedpeft.data import DataError, load_splits, partition
-from tests.conftest import SHARED_DATA
+from tests.factories import SHARED_DATA
 
 
 def test_demo_data_is_deterministic_balanced_and_held_out():

@@ -11,7 +11,7 @@ from pathlib import Path
 from fedpeft.config import load_config
 from fedpeft.data import load_splits
 from fedpeft.models import resolve_model
-from tests.conftest import simulate_cli
+from tests.factories import simulate_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["run.rounds=3", "data.demo_train_size=800", "data.demo_test_size=200", "train.local_steps=8"]

@@ -15,9 +15,8 @@ from fedpeft.testing import LocalGrid
 from fedpeft.wire import decode_state, decode_update
 from server.deployment import ServerOptions, prepare
 from server.loop import FederatedRun
-from tests.conftest import simulate_cli
 from tests.deployment import write_rows
-from tests.factories import metrics_rows, small_config
+from tests.factories import metrics_rows, simulate_cli, small_config
 
 REASONS = {"crash": "simulated crash", "garbage": "malformed reply", "timeout": "no reply within"}
 

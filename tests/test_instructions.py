@@ -9,7 +9,7 @@ import pytest
 from fedpeft.config import DataSection
 from fedpeft.data import DataError, load_instruction_splits, partition
 from fedpeft.instructions import IGNORE, InstructionDataError, encode_chat, encode_chats, to_messages
-from tests.conftest import tiny_chat_tokenizer
+from tests.factories import tiny_chat_tokenizer
 from tests.llm_data import arithmetic_rows, write_json
 
 USER = {"role": "user", "content": "what is two plus three ?"}

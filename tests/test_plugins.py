@@ -12,7 +12,7 @@ import torch
 import strategies.registry as registry
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
 from strategies import StrategyError, available_strategies, create_strategy
-from tests.conftest import simulate_cli
+from tests.factories import simulate_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = "simulations/custom_strategy/krum.py:Krum"

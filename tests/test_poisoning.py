@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED_DATA
+from tests.factories import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 AGNEWS = SHARED_DATA / "agnews" / "alps"

@@ -22,8 +22,7 @@ from server.loop import FederatedRun, RoundFailed
 from server.secure import SecureModeError
 from strategies import DifferentialPrivacy, FedAvg
 from strategies.clip import DeltaClipper
-from tests.conftest import simulate_cli
-from tests.factories import small_config
+from tests.factories import simulate_cli, small_config
 
 CLIENTS = 5
 CLIP = 0.01  # below the median update norm (about 0.015 here): clipping is active
