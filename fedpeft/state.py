@@ -80,7 +80,7 @@ class ClientUpdate:
     rank: int
     alpha: float
     metrics: dict[str, float] = field(default_factory=dict)
-    client_id: str = ""
+    client_id: str = ""  # stable across reconnects and resumes (client/runtime.py client_id), not a node id
     num_trained: int = 0
 
 

@@ -124,6 +124,7 @@ class FederatedRun:
         self.rng = random.Random(config.run.seed)
         self.state = GlobalState()
         self.identities: dict[int, str] = {}  # Flower node id -> stable client id
+        self.nodes: dict[str, int] = {}  # stable client id -> its latest Flower node id
         self.limits = ReplyLimits.from_config(config.server)
         # A private strategy (dp) samples its own clients, runs each round once with whatever
         # arrives, and nothing per client reaches the logs. The norm screen is off: refusing a
@@ -260,7 +261,7 @@ class FederatedRun:
         for node in sorted(unanswered):
             outcome.dropped.append(self._drop(node, f"no reply within {self.config.server.round_timeout:g}s"))
         for client, reason in outcome.replies.close():
-            outcome.dropped.append(self._drop(int(client), f"invalid update: {reason}"))
+            outcome.dropped.append(self._drop(self.nodes[client], f"invalid update: {reason}"))
         return self._log_drops(rnd, outcome)
 
     def _secure_attempt(
@@ -269,6 +270,8 @@ class FederatedRun:
         """An attempt through secure aggregation (``server.secure``): the server sees only the sum."""
         assert self.secure is not None
         attempt = self.secure.attempt(grid, rnd, nodes, content, self.state, plan)
+        # secure aggregation counts nodes; name them by client id, as the plain path does
+        attempt.replies.accepted = [(self.identities[int(n)], *rest) for n, *rest in attempt.replies.accepted]
         outcome = RoundOutcome(attempt.replies, sampled=len(nodes))
         outcome.bytes_down, outcome.bytes_up = attempt.bytes_down, attempt.bytes_up
         outcome.dropped = [self._drop(node, reason) for node, reason in attempt.dropped]
@@ -283,8 +286,8 @@ class FederatedRun:
             self.console.print(line, soft_wrap=True)
         return outcome
 
-    def _reply_summary(self, node: str, num_examples: int, train_loss: float | None) -> dict[str, Any]:
-        client = self.identities.get(int(node), "?")
+    def _reply_summary(self, client: str, num_examples: int, train_loss: float | None) -> dict[str, Any]:
+        node = str(self.nodes.get(client, "?"))
         return {"client": client, "node": node, "num_examples": num_examples, "train_loss": train_loss}
 
     def _decode(self, reply: Message, outcome: RoundOutcome) -> ClientUpdate | str:
@@ -292,7 +295,7 @@ class FederatedRun:
         if reply.has_error():
             return client_error(reply)
         outcome.bytes_up += record_nbytes(reply.content)
-        return outcome.replies.decode(reply.content, str(reply.metadata.src_node_id))
+        return outcome.replies.decode(reply.content, self.identities[reply.metadata.src_node_id])
 
     def _drop(self, node: int, reason: str) -> dict[str, str]:
         return {"node": str(node), "client": self.identities.get(node, "?"), "reason": reason}
@@ -330,9 +333,11 @@ class FederatedRun:
         for reply in grid.send_and_receive(queries, timeout=self.config.server.round_timeout):
             if not reply.has_error():
                 try:
-                    self.identities[reply.metadata.src_node_id] = decode_identity(reply.content)
+                    client = decode_identity(reply.content)
                 except WireError:
-                    pass  # a node that cannot say who it is is not sampled
+                    continue  # a node that cannot say who it is is not sampled
+                self.identities[reply.metadata.src_node_id] = client
+                self.nodes[client] = reply.metadata.src_node_id
 
     def _resume(self) -> None:
         if not (self.run_dir / CHECKPOINT_FILE).is_file():

@@ -63,7 +63,7 @@ class Replies(Protocol):
     """What the round loop reads of one attempt's replies: ``RoundReplies`` here, or
     ``server.secure.SecureSum`` under secure aggregation."""
 
-    accepted: list[tuple[str, int, float | None]]  # (node, examples, train loss)
+    accepted: list[tuple[str, int, float | None]]  # (client id, examples, train loss)
     rejected: int
     norms: list[float]
     train_loss: float
@@ -94,7 +94,7 @@ class RoundReplies:
         self.reference = reference_signature(state, []) if state.adapter is not None else None
         self.pending: list[ClientUpdate] = []
         self.held: list[tuple[ClientUpdate, float]] = []  # streaming, until the norm screen can judge
-        self.accepted: list[tuple[str, int, float | None]] = []  # (node, examples, train loss)
+        self.accepted: list[tuple[str, int, float | None]] = []  # (client id, examples, train loss)
         self.examples = 0
         self.loss_sum = 0.0
         self.example_epsilon = 0.0  # the largest example-level epsilon a client reported

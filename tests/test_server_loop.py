@@ -103,6 +103,26 @@ def test_sampling_does_not_depend_on_flower_node_ids(tiny_bert_dir, tmp_path):
         assert torch.equal(runs[1].state.adapter[name].B, f.B)
 
 
+def test_strategies_see_stable_client_ids_not_node_ids(tiny_bert_dir, tmp_path):
+    """A strategy that keeps per-client state (FedAU) needs ids that survive reconnects: the
+    updates carry the client's stable id, whatever Flower numbers its node."""
+    seen: list[str] = []
+    config = small_config(tiny_bert_dir, **{"run.rounds": 1, "strategy.name": "fedex"})  # a batch rule
+    run = FederatedRun(config, tmp_path)
+    aggregate = run.strategy.aggregate
+    run.strategy.aggregate = lambda rnd, state, updates: (
+        seen.extend(u.client_id for u in updates) or aggregate(rnd, state, updates)
+    )
+    run.run(LocalGrid(3, node_ids=[900, 31, 4]))
+    assert sorted(seen) == ["partition-0", "partition-1", "partition-2"]
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {r["client"]: r["node"] for r in row["replies"]} == {
+        "partition-0": "900",
+        "partition-1": "31",
+        "partition-2": "4",
+    }
+
+
 @pytest.mark.parametrize(
     ("strategy", "extra"),
     [
