@@ -6,6 +6,10 @@ the ClientApp's ``train`` (the training code itself knows nothing of them).
   probability ``rate``, as one of ``kinds``, drawn from an RNG seeded by (run seed, round, partition
   id), so a run fails the same way every time (a retried round too); and the ``poisoned``
   partitions send every tensor as received + ``poison_scale`` x (trained - received).
+- with ``availability_beta = [a, b]``, each partition is available with its own probability p_k
+  (``availability``, drawn once from Beta(a, b)) and sits out a round it is sampled in with
+  probability 1 - p_k (``unavailable``): it replies with an error, which the server drops as
+  "simulated unavailability". This is the heterogeneous, unknown participation FedAU is for.
 - ``injected_fault``, in the deployed ClientApp: a node setting ``inject-fault``
   (``fedpeft client --inject-fault nan|wrong-shape``) corrupts every update it sends, so an operator
   can watch the server reject it and carry on; without the setting it does nothing.
@@ -49,6 +53,10 @@ TIMEOUT_MARGIN = 1.0  # seconds past the server's deadline that a "timeout" clie
 
 class SimulatedCrash(RuntimeError):
     """What a client with a simulated ``crash`` fault raises."""
+
+
+class SimulatedUnavailability(RuntimeError):
+    """What a sampled client raises in a round it is simulated to be unavailable."""
 
 
 def _nan(update: ClientUpdate) -> None:
@@ -103,6 +111,20 @@ def simulated_fault(faults: FaultsSection, seed: int, rnd: int, partition: int) 
     return rng.choice(faults.kinds)
 
 
+def availability(faults: FaultsSection, seed: int, partition: int) -> float:
+    """Partition ``partition``'s probability of being available in a round (1 without
+    ``availability_beta``); the same in every process, so a benchmark can pass it to an oracle."""
+    if faults.availability_beta is None:
+        return 1.0
+    return random.Random(f"fedpeft-availability/{seed}/{partition}").betavariate(*faults.availability_beta)
+
+
+def unavailable(faults: FaultsSection, seed: int, rnd: int, partition: int) -> bool:
+    """Whether partition ``partition`` sits out round ``rnd`` (drawn independently each round)."""
+    p = availability(faults, seed, partition)
+    return random.Random(f"fedpeft-unavailable/{seed}/{rnd}/{partition}").random() >= p
+
+
 def simulated_faults(faults: FaultsSection, seed: int, round_timeout: float) -> Mod:
     """The mod that makes simulated clients misbehave as ``faults`` says."""
 
@@ -111,6 +133,8 @@ def simulated_faults(faults: FaultsSection, seed: int, round_timeout: float) -> 
             return call_next(msg, context)
         rnd = decode_instructions(msg.content).round
         partition = int(context.node_config["partition-id"])
+        if unavailable(faults, seed, rnd, partition):
+            raise SimulatedUnavailability("simulated unavailability (faults.availability_beta)")
         fault = simulated_fault(faults, seed, rnd, partition)
         if fault == "crash":
             raise SimulatedCrash("simulated crash (faults.rate in the run configuration)")

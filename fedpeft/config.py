@@ -249,6 +249,18 @@ class FaultsSection(Section):
         default_factory=list, description="partition ids that send every update scaled by `poison_scale`"
     )
     poison_scale: float = Field(100.0, description="the factor a poisoned client scales its delta by")
+    availability_beta: list[float] | None = Field(
+        None,
+        description="each client is available with its own probability, drawn once from Beta(a, b) "
+        "(seeded by run.seed); a sampled client that is unavailable does not train that round",
+    )
+
+    @field_validator("availability_beta")
+    @classmethod
+    def _beta(cls, beta: list[float] | None) -> list[float] | None:
+        if beta is not None and (len(beta) != 2 or min(beta) <= 0):
+            raise ValueError(f"faults.availability_beta must be two positive numbers [a, b], got {beta}")
+        return beta
 
     @field_validator("rate")
     @classmethod
@@ -268,7 +280,7 @@ class FaultsSection(Section):
 
     @property
     def active(self) -> bool:
-        return self.rate > 0 or bool(self.poisoned)
+        return self.rate > 0 or bool(self.poisoned) or self.availability_beta is not None
 
     def refuse_deployment(self) -> None:
         """Raise if set: deployed clients are real, their faults are not simulated."""

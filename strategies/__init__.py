@@ -6,6 +6,7 @@ from strategies.clip import Clip, create_clip
 from strategies.dp import DifferentialPrivacy
 from strategies.fedadagrad import FedAdagrad
 from strategies.fedadam import FedAdam
+from strategies.fedau import FedAU
 from strategies.fedavg import FedAvg
 from strategies.fedavgm import FedAvgM
 from strategies.fedex import FedEx
@@ -30,6 +31,7 @@ for _strategy in (
     FedAdam,
     FedYogi,
     FedAdagrad,
+    FedAU,
 ):
     register_strategy(_strategy.name)(_strategy)
 register_strategy(Clip.name)(create_clip)  # a factory: it picks the streaming variant when it can
@@ -41,6 +43,7 @@ __all__ = [
     "ClientPlan",
     "DifferentialPrivacy",
     "FedAdagrad",
+    "FedAU",
     "FedAdam",
     "FedAvg",
     "FedAvgM",

@@ -130,6 +130,7 @@ def test_strategies_see_stable_client_ids_not_node_ids(tiny_bert_dir, tmp_path):
         ("fedex", {}),
         ("vcma", {}),
         ("ffa", {}),
+        ("fedau", {}),
         ("dp", {"strategy.inner": "'ffa'", "strategy.clip_norm": 0.5, "strategy.noise_multiplier": 0.1}),
     ],
 )
