@@ -48,7 +48,17 @@ def agnews_config(data_dir: Path, overrides: dict[str, Any]) -> RunConfig:
         "data.partition": "dirichlet",
     }
     items = {**base, **overrides}
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in items.items()])
+    return load_config(None, [f"{k}={toml_value(v)}" for k, v in items.items()])
+
+
+def toml_value(value: Any) -> str:
+    """``value`` as the TOML right-hand side of an override: JSON for scalars (valid TOML too),
+    inline tables and arrays built here (tomli-w writes tables on their own lines)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 def comparison_parser(description: str, out: Path, **defaults: Any) -> argparse.ArgumentParser:
