@@ -57,7 +57,7 @@ def train(msg: Message, context: Context) -> Message:
     tokenizer = runtime.tokenizer(config.model.name)
     data = runtime.client_data(config, context)
     received = decode_state(msg.content)
-    host.load_state(received, init_seed=runtime.init_seed(config, instructions.init_seed, context))
+    started = host.load_state(received, init_seed=runtime.init_seed(config, instructions.init_seed, context))
     accountant = runtime.example_accountant(config, data, context)
     local = train_locally(
         host.model,
@@ -97,7 +97,7 @@ def train(msg: Message, context: Context) -> Message:
         update,
         send_A=instructions.plan.send_lora_A,
         compression=config.train.compression,
-        reference=received.adapter,
+        reference=started,
         feedback=feedback,
     )
     store_feedback(context.state, feedback)

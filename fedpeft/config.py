@@ -71,7 +71,12 @@ class ModelSection(Section):
 
 
 class LoraSection(Section):
-    rank: int = Field(8, ge=1, description="the LoRA rank r of every client (unless `client_ranks`)")
+    rank: int = Field(
+        8,
+        ge=1,
+        description="the LoRA rank r of every client (unless `client_ranks`); the global adapter's under "
+        "hetlora and flexlora",
+    )
     alpha: float = Field(16.0, gt=0, description="LoRA alpha: the update is scaled by alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA path")
     target_modules: list[str] | None = Field(

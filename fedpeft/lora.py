@@ -102,16 +102,34 @@ class AdapterHost:
             name: layer.get_base_layer().weight.detach().clone() for name, layer in self.layers.items()
         }
         self._initial_extras = extract_adapter(model)[1]
+        self._scales = {name: float(layer.scaling[ADAPTER]) for name, layer in self.layers.items()}
         self._merged_modules: set[str] = set()
 
-    def load_state(self, state: GlobalState, init_seed: int) -> None:
-        """Set W0 + merged, then the trainable adapter (or a seeded fresh one) and the extras."""
+    def load_state(self, state: GlobalState, init_seed: int) -> dict[str, AdapterFactors] | None:
+        """Set W0 + merged, then the trainable adapter (or a seeded fresh one) and the extras.
+
+        A global adapter of a larger rank than this model's is truncated to its leading
+        components (``AdapterFactors.truncated``, for the strategies that allow mixed ranks).
+        Returns the adapter loaded (None for a fresh one): what the client's update is relative to.
+        """
         self._apply_merged(state.merged)
+        extras = state.extras or self._initial_extras
         if state.adapter is None:
             fresh_init(self.model, init_seed)
-            load_adapter(self.model, {}, state.extras or self._initial_extras)
-        else:
-            load_adapter(self.model, state.adapter, state.extras or self._initial_extras)
+            load_adapter(self.model, {}, extras)
+            return None
+        adapter = {name: self._own_rank(name, f) for name, f in state.adapter.items()}
+        load_adapter(self.model, adapter, extras)
+        return adapter
+
+    def _own_rank(self, name: str, factors: AdapterFactors) -> AdapterFactors:
+        own = self.layers[name].r[ADAPTER] if name in self.layers else factors.rank
+        if factors.rank < own:
+            raise ValueError(
+                f"this client's LoRA rank {own} exceeds the global adapter's {factors.rank}; set its "
+                f"rank (lora.client_ranks, or the node's rank setting) to at most {factors.rank}"
+            )
+        return factors.truncated(own, self._scales[name]) if factors.rank > own else factors
 
     def read_update(self) -> tuple[dict[str, AdapterFactors], dict[str, Tensor]]:
         return extract_adapter(self.model)

@@ -49,6 +49,17 @@ class AdapterFactors:
     def delta(self) -> Tensor:
         return self.scale * (self.B @ self.A)
 
+    def truncated(self, rank: int, scale: float) -> AdapterFactors:
+        """The leading ``rank`` components at LoRA scale ``scale``: A's first rows and B's first
+        columns, B rescaled so that ``scale B' A' = self.scale B[:, :rank] A[:rank]``. What a client
+        of a smaller rank starts from under the strategies that allow mixed ranks (HetLoRA,
+        FlexLoRA)."""
+        if rank > self.rank:
+            raise ValueError(f"cannot truncate a rank-{self.rank} adapter to rank {rank}")
+        if rank == self.rank and scale == self.scale:
+            return self
+        return AdapterFactors(A=self.A[:rank].clone(), B=self.B[:, :rank] * (self.scale / scale), scale=scale)
+
 
 @dataclass
 class LowRankDelta:
@@ -142,3 +153,12 @@ def split_trained(
     }
     extras = {k.removeprefix("extra/"): t for k, t in tensors.items() if k.startswith("extra/")}
     return factors, extras
+
+
+def started_from(update: ClientUpdate, adapter: dict[str, AdapterFactors]) -> dict[str, AdapterFactors]:
+    """The adapter ``update``'s client started from: each module of the global ``adapter``,
+    truncated to the update's rank and scale where the client trains at a smaller rank."""
+    return {
+        name: adapter[name].truncated(f.rank, f.scale) if f.rank < adapter[name].rank else adapter[name]
+        for name, f in update.factors.items()
+    }

@@ -79,10 +79,24 @@ def build_strategy(config: RunConfig) -> Strategy:
     )
 
 
-def check_fresh_start(config: RunConfig, strategy: Strategy) -> None:
-    """Refuse a strategy that freezes or withholds A when clients start without a shared adapter
-    (mixed ranks, or ``lora.init = "per_client"``): there is no A to freeze or fill in then."""
-    if not (config.lora.client_ranks or config.lora.init == "per_client"):
+def fresh_starts(config: RunConfig, strategy: Strategy) -> bool:
+    """Whether clients start each round from their own adapters, with no global one: under mixed
+    ranks (unless the strategy takes them from one global adapter) or ``lora.init = "per_client"``."""
+    mixed = bool(config.lora.client_ranks) and not strategy.mixed_ranks
+    return mixed or config.lora.init == "per_client"
+
+
+def check_ranks(config: RunConfig, strategy: Strategy) -> None:
+    """Refuse what cannot start: a strategy that freezes or withholds A when clients start without a
+    shared adapter (there is no A to freeze or fill in then), or a client rank above the global
+    adapter's (``lora.rank``) under a strategy that truncates the global adapter to each client's."""
+    ranks = config.lora.client_ranks or []
+    if strategy.mixed_ranks and max(ranks, default=0) > config.lora.rank:
+        raise StrategyError(
+            f"strategy '{strategy.name}' gives each client the leading components of a global adapter of "
+            f"rank lora.rank = {config.lora.rank}; set lora.rank to the largest client rank, {max(ranks)}"
+        )
+    if not fresh_starts(config, strategy):
         return
     plan = strategy.client_instructions(1, GlobalState())
     if not (plan.train_lora_A and plan.send_lora_A):
@@ -113,7 +127,7 @@ class FederatedRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = console or Console()
         self.strategy = build_strategy(config)
-        check_fresh_start(config, self.strategy)
+        check_ranks(config, self.strategy)
         self.task = get_task(config.model.task)
         check_rank_fits(config.model.name, self.task.auto_model, config.lora)
         self.secure = SecureAggregation(config, self.strategy) if config.server.secure_aggregation else None
@@ -164,11 +178,12 @@ class FederatedRun:
     def _fetch_initial_adapter(self, grid: Grid) -> None:
         """Make the untrained global adapter explicit: ask one client for its seeded init.
 
-        Skipped when clients train at different ranks or initialise their adapters themselves
-        (``lora.init = "per_client"``): there is no single adapter then, and each client starts
-        round 1 from its own seeded init (``GlobalState.adapter is None``).
+        Skipped when clients start from their own adapters (``fresh_starts``: mixed ranks under a
+        strategy without ``mixed_ranks``, or ``lora.init = "per_client"``): there is no single
+        adapter then, and each client starts round 1 from its own seeded init
+        (``GlobalState.adapter is None``). Under ``mixed_ranks`` the adapter is at ``lora.rank``.
         """
-        if self.config.lora.client_ranks or self.config.lora.init == "per_client":
+        if fresh_starts(self.config, self.strategy):
             return
         node = self._sample(grid, count=1)[0]
         instructions = RoundInstructions(0, self.init_seed(1), ClientPlan(), self.client_config)

@@ -120,7 +120,7 @@ class RoundReplies:
         if self.accumulator is None:
             self.pending.append(update)
             return None
-        reason = validate(update, self.rnd, self.reference, self.state)
+        reason = validate(update, self.rnd, self.reference, self.state, self.strategy.mixed_ranks)
         if reason is not None:
             return self._reject(f"invalid update: {reason}")
         norm = None
@@ -152,7 +152,7 @@ class RoundReplies:
         reference = reference_signature(self.state, self.pending)
         valid = []
         for update in self.pending:
-            reason, norm = validate(update, self.rnd, reference, self.state), None
+            reason, norm = validate(update, self.rnd, reference, self.state, self.strategy.mixed_ranks), None
             if reason is None and self.screen.ratio:
                 norm = update_norm(update, self.state)
                 reason = self.screen.add(norm)

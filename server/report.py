@@ -149,10 +149,12 @@ def print_round(console: Console, row: dict[str, Any], rounds: int) -> None:
     if "epsilon" in row:
         parts.append(f"epsilon {row['epsilon']:.3f}")
     if row.get("discarded_energy", 0.0) > 1e-6:
-        parts.append(
-            f"[yellow]merged delta capped at rank {row['merged_rank']:.0f}: "
-            f"{row['discarded_energy']:.2%} of its energy discarded[/yellow]"
+        capped = (
+            f"merged delta capped at rank {row['merged_rank']:.0f}"
+            if "merged_rank" in row
+            else "aggregate cut to the global adapter's rank"
         )
+        parts.append(f"[yellow]{capped}: {row['discarded_energy']:.2%} of its energy discarded[/yellow]")
     if "bytes_up" in row:
         parts.append(f"up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB")
     if row["round"] > 0:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fedpeft.config import ServerSection
-from fedpeft.state import ClientUpdate, GlobalState
+from fedpeft.state import ClientUpdate, GlobalState, started_from
 
 Signature = tuple[tuple[str, tuple[int, int]], ...]
 
@@ -67,11 +67,16 @@ def shape_problem(update: ClientUpdate) -> str | None:
 
 
 def validate(
-    update: ClientUpdate, rnd: int, reference: Signature | None, sent: GlobalState | None = None
+    update: ClientUpdate,
+    rnd: int,
+    reference: Signature | None,
+    sent: GlobalState | None = None,
+    mixed_ranks: bool = False,
 ) -> str | None:
     """``None`` if the update may be aggregated, else the reason to drop it. When ``sent`` (the
-    state the server sent) holds a global adapter, each module's rank must be the adapter's: the
-    strategy combines the factors element-wise."""
+    state the server sent) holds a global adapter, each module's rank must be the adapter's (the
+    strategy combines the factors element-wise), or at most it with ``mixed_ranks`` (the
+    strategy takes clients that trained the adapter's leading components)."""
     if update.round != rnd:
         return f"the update is for round {update.round}, not {rnd}"
     if update.num_examples <= 0:
@@ -83,7 +88,8 @@ def validate(
         return "module names or layer shapes differ from the global adapter"
     if sent is not None and sent.adapter is not None:
         adapter = sent.adapter
-        if any(f.rank != adapter[name].rank for name, f in update.factors.items()):
+        ranks = {name: (f.rank, adapter[name].rank) for name, f in update.factors.items()}
+        if any(rank > limit or (rank < limit and not mixed_ranks) for rank, limit in ranks.values()):
             return f"the declared rank {update.rank} differs from the global adapter's"
     tensors = [t for f in update.factors.values() for t in (f.A, f.B)] + list(update.extras.values())
     wrong = next((t.dtype for t in tensors if t.dtype != torch.float32), None)
@@ -114,8 +120,9 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 def update_norm(update: ClientUpdate, state: GlobalState) -> float:
     """The L2 norm of what the update changes, over everything it sends.
 
-    With a global adapter: the factors' and extras' difference from those the server sent (a
-    frozen A the client did not send is the sent one, so it adds nothing). Without one (each
+    With a global adapter: the factors' and extras' difference from those the client started from
+    (the server's, truncated for a client of a smaller rank; a frozen A the client did not send is
+    the sent one, so it adds nothing). Without one (each
     client starts from a fresh seeded init whose B is zero): the weight delta ``scale B A`` of
     each module, whose squared Frobenius norm is ``scale^2 <B^T B, A A^T>``, two r x r products.
     Extras count as their difference from the server's when it sent them, else as themselves.
@@ -123,10 +130,11 @@ def update_norm(update: ClientUpdate, state: GlobalState) -> float:
     got: list[Tensor] = []
     sent: list[Tensor] = []
     squares = 0.0
+    start = started_from(update, state.adapter) if state.adapter is not None else {}
     for name, f in update.factors.items():
         if state.adapter is not None:
             got += [f.A, f.B]
-            sent += [state.adapter[name].A, state.adapter[name].B]
+            sent += [start[name].A, start[name].B]
         else:
             gram = (f.B.T @ f.B).mul_(f.A @ f.A.T).sum()
             squares += f.scale**2 * max(float(gram), 0.0)

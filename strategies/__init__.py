@@ -12,6 +12,8 @@ from strategies.fedavgm import FedAvgM
 from strategies.fedex import FedEx
 from strategies.fedyogi import FedYogi
 from strategies.ffa import FFA
+from strategies.flexlora import FlexLoRA
+from strategies.hetlora import HetLoRA
 from strategies.median import Median
 from strategies.registry import StrategyError, available_strategies, create_strategy, register_strategy
 from strategies.stacking import Stacking
@@ -32,6 +34,8 @@ for _strategy in (
     FedYogi,
     FedAdagrad,
     FedAU,
+    HetLoRA,
+    FlexLoRA,
 ):
     register_strategy(_strategy.name)(_strategy)
 register_strategy(Clip.name)(create_clip)  # a factory: it picks the streaming variant when it can
@@ -49,6 +53,8 @@ __all__ = [
     "FedAvgM",
     "FedEx",
     "FedYogi",
+    "FlexLoRA",
+    "HetLoRA",
     "Median",
     "Stacking",
     "StopFederation",

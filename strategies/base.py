@@ -41,12 +41,16 @@ class Strategy(ABC):
       ``dp`` may wrap the rule and secure aggregation may serve it (``aggregate_sum``);
     - ``private``: the rule samples its own clients (``select_clients``), each round runs once
       with whatever arrives, and nothing per client is logged (``dp``).
+    - ``mixed_ranks``: clients may train at ranks up to the global adapter's, each starting from
+      its leading components (``AdapterFactors.truncated``; ``hetlora``, ``flexlora``); their
+      updates arrive at their own rank and scale.
     ``last_metrics`` (floats describing the last aggregation) is logged each round.
     """
 
     name: str = "strategy"
     linear: bool = False
     private: bool = False
+    mixed_ranks: bool = False
     last_metrics: Mapping[str, float] = MappingProxyType({})
 
     def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:

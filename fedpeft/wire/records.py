@@ -121,6 +121,14 @@ def decode_update(
     missing = sorted(set(groups["lora"]) - set(frozen or {}))
     if missing and (delta or not sent_A):
         raise WireError(f"the reply is relative to a global adapter that lacks {missing[:3]}")
+    if frozen is not None and (delta or not sent_A):  # relative to what this client started from
+        rank = _meta(meta, "rank", int)
+        frozen = {
+            n: frozen[n].truncated(rank, _meta(meta, f"scale/{n}", float))
+            if frozen[n].rank > rank
+            else frozen[n]
+            for n in groups["lora"]
+        }
     for name, pair in groups["lora"].items():
         if delta:
             for part, tensor in pair.items():
