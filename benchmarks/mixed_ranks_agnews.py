@@ -1,0 +1,132 @@
+"""Clients at different LoRA ranks on AG News: stacking against hetlora and flexlora.
+
+MiniLM-L6, LoRA on query/value plus the head, inputs of 32 tokens; 10 clients with a Dirichlet(0.5)
+label split of the training rows (at least 50 rows each) at ranks 4, 8 and 16 (cycled over the
+clients; the global adapter of hetlora and flexlora is rank 16, alpha 16 for every client). All 10
+clients train every round, 5 rounds x 10 AdamW steps of batch 32, lr 1e-3 (the same for every run:
+no search). Recorded per run: the final accuracy, bytes up and down per round, and the server's
+aggregation time per round.
+
+Rows as in noniid_agnews.py: dev.tsv less a seeded 1,000-row validation split (its first 500 rows
+evaluated each round) is the training data; the final score is on the seeded 2,000-row sample of
+test.tsv.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/mixed_ranks_agnews.py [--only 'hetlora/*'] [--list]
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from common import (
+    REPO,
+    HeldOut,
+    RunsFile,
+    agnews_config,
+    missing_agnews,
+    pieces_parser,
+    run_pieces,
+    run_scored,
+)
+from noniid_agnews import LABELS, TOKENS, prepare_files
+
+OUT = REPO / "benchmarks" / "results" / "mixed_ranks_agnews.json"
+WORK = REPO / "runs" / "mixed-ranks-agnews"
+SEEDS = (0, 1, 2)
+METHODS = ("stacking", "hetlora", "flexlora")
+RANKS = [4, 8, 16]
+SETTING = {
+    "run.rounds": 5,
+    "data.num_clients": 10,
+    "data.dirichlet_alpha": 0.5,
+    "data.min_partition_size": 50,
+    "data.test_limit": 500,  # validation rows evaluated each round
+    "server.fraction": 1.0,
+    "server.min_clients": 10,
+    "train.local_steps": 10,
+    "train.batch_size": 32,
+    "train.eval_batch_size": 128,
+    "train.lr": 1e-3,
+    "model.max_length": TOKENS,
+    "lora.rank": max(RANKS),
+    "lora.client_ranks": RANKS,
+    "lora.alpha": 16.0,
+}
+
+
+def run(held_out: HeldOut, files: dict[str, Path], data_dir: Path, name: str) -> dict[str, Any]:
+    method, seed = name.split("/")[0], int(name.split("=")[-1])
+    overrides = {
+        **SETTING,
+        "strategy.name": method,
+        "run.seed": seed,
+        "data.source": str(files["train"]),
+        "data.test_source": str(files["val"]),
+    }
+    run_dir = WORK / name.replace("/", "-").replace("=", "")
+    result = run_scored(name, agnews_config(data_dir, overrides), held_out.evaluator("test"), run_dir)
+    return {
+        "method": method,
+        "seed": seed,
+        "client_ranks": RANKS,
+        "final_accuracy": result["test_accuracy"],
+        "test_rows": len(held_out.sets["test"]),
+        "curve": [result["curve"][k] for k in sorted(result["curve"], key=int)],
+        "bytes_up_per_round": result["bytes_up_per_round"],
+        "bytes_down_per_round": result["bytes_down_per_round"],
+        "aggregation_seconds_per_round": result["aggregation_seconds_per_round"],
+        "seconds": result["seconds"],
+    }
+
+
+def report(results: RunsFile) -> str:
+    lines = [
+        "| method | test accuracy, mean ± std | MB up / round | MB down / round | aggregation s / round "
+        "| seeds |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for method in METHODS:
+        runs = sorted((r for r in results.data["runs"] if r["method"] == method), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        accs = [r["final_accuracy"] for r in runs]
+        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        up, down, seconds = (
+            statistics.fmean(r[key] for r in runs)
+            for key in ("bytes_up_per_round", "bytes_down_per_round", "aggregation_seconds_per_round")
+        )
+        lines.append(
+            f"| {method} | {statistics.fmean(accs):.4f} ± {spread:.4f} | {up / 1e6:.2f} | {down / 1e6:.2f} | "
+            f"{seconds:.3f} | " + ", ".join(f"{a:.4f}" for a in accs) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = pieces_parser(__doc__.splitlines()[0], OUT, "agnews/alps/").parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    results = RunsFile(args.out, "mixed_ranks_agnews")
+    data_dir = args.data_dir.resolve()
+    if not (args.list or args.report) and (absent := missing_agnews(data_dir)) is not None:
+        print(f"mixed_ranks_agnews: {absent} not found; pass --data-dir <folder holding agnews/alps/>")
+        return 2
+
+    @functools.cache
+    def held_out() -> tuple[HeldOut, dict[str, Path]]:
+        files = prepare_files(data_dir)
+        base = {"data.source": str(files["train"]), "model.max_length": TOKENS}
+        return HeldOut(agnews_config(data_dir, base), files, list(LABELS)), files
+
+    names = [f"{method}/seed={seed}" for seed in SEEDS for method in METHODS]
+    run_pieces(results, names, lambda name: run(*held_out(), data_dir, name), args)
+    print(report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
