@@ -16,11 +16,12 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client import runtime, secure
+from client import personal, runtime, secure
 from client.faults import injected_fault, simulated_faults
 from fedpeft.config import RunConfig
 from fedpeft.secagg.messages import RECORD as SECAGG
 from fedpeft.state import ClientUpdate, GlobalState
+from fedpeft.training import evaluate
 from fedpeft.training import train as train_locally
 from fedpeft.wire import (
     decode_instructions,
@@ -55,9 +56,13 @@ def train(msg: Message, context: Context) -> Message:
 
     host = runtime.model_host(runtime.model_spec(config, rank))
     tokenizer = runtime.tokenizer(config.model.name)
-    data = runtime.client_data(config, context)
+    data, held_out = runtime.client_splits(config, context)
     received = decode_state(msg.content)
+    plan = instructions.plan
     started = host.load_state(received, init_seed=runtime.init_seed(config, instructions.init_seed, context))
+    if plan.personal_B:
+        personal.restore(host, context.state)
+    evaluation = evaluate(host.model, tokenizer, held_out, config.train.eval_batch_size) if held_out else None
     accountant = runtime.example_accountant(config, data, context)
     local = train_locally(
         host.model,
@@ -68,12 +73,16 @@ def train(msg: Message, context: Context) -> Message:
         lr=config.train.round_lr(instructions.round),
         weight_decay=config.train.weight_decay,
         seed=hash((config.seed, instructions.round, runtime.seed_key(context))) & 0x7FFFFFFF,
-        train_lora_A=instructions.plan.train_lora_A,
+        train_lora_A=plan.train_lora_A,
         proximal_mu=config.train.proximal_mu,
         logit_adjustment=runtime.logit_adjustment(config, data),
         example_dp=accountant.dp if accountant else None,
     )
+    if plan.personal_B:
+        personal.keep(host, context.state)
     metrics, trained = {"train_loss": local.train_loss}, local.examples
+    if evaluation is not None:  # the model this client started the round from, on its own held-out rows
+        metrics |= {"client_eval_accuracy": evaluation["accuracy"], "client_eval_loss": evaluation["loss"]}
     if accountant is not None:  # the loss and the Poisson batch sizes are private: send neither
         steps = config.train.local_steps
         metrics = {"example_epsilon": runtime.record_example_steps(context, accountant, steps)}
@@ -90,12 +99,13 @@ def train(msg: Message, context: Context) -> Message:
         metrics=metrics,
     )
     if SECAGG in msg.content:
-        masked = secure.masked_reply(msg.content, update, received, instructions.plan, context)
+        masked = secure.masked_reply(msg.content, update, received, plan, context)
         return Message(masked, reply_to=msg)
     feedback = load_feedback(context.state)
     content = encode_update(
         update,
-        send_A=instructions.plan.send_lora_A,
+        send_A=plan.send_lora_A,
+        send_B=not plan.personal_B,
         compression=config.train.compression,
         reference=started,
         feedback=feedback,

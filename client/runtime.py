@@ -96,6 +96,16 @@ def client_data(config: ClientConfig, context: Context) -> Batches:
     )
 
 
+def client_splits(config: ClientConfig, context: Context) -> tuple[Batches, Encoded | None]:
+    """This client's training rows, and the rows it holds out to evaluate the model each round
+    starts from (``data.client_eval_fraction``; None without)."""
+    data = client_data(config, context)
+    if config.data.client_eval_fraction == 0:
+        return data, None
+    assert isinstance(data, Encoded), "client evaluation needs labelled classification data"
+    return data.split(config.data.client_eval_fraction, seed_key(context) ^ config.seed)
+
+
 def logit_adjustment(config: ClientConfig, data: Batches) -> Tensor | None:
     """The training-loss logit adjustment ``train.label_skew`` asks for, from this client's labels."""
     if config.train.label_skew == "none":

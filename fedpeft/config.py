@@ -136,6 +136,14 @@ class DataSection(Section):
     test_limit: int | None = Field(
         None, ge=1, description="evaluate each round on at most this many held-out rows"
     )
+    client_eval_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of each client's rows it holds out (seeded) to evaluate, each round, the model "
+        "it starts from (its personal one under fedsa); logged per client and as their mean, "
+        "`client_eval_accuracy`",
+    )
 
 
 class TrainSection(Section):
@@ -396,6 +404,10 @@ def _cross_checks(config: RunConfig) -> list[tuple[bool, str]]:
         (
             config.data.partition != "field" or bool(config.data.partition_field),
             "data.partition = 'field' needs data.partition_field, e.g. 'category'",
+        ),
+        (
+            config.data.client_eval_fraction == 0 or config.model.task == "classification",
+            "data.client_eval_fraction applies to classification only; set it to 0 for a causal LM",
         ),
         (
             config.train.label_skew == "none" or config.model.task == "classification",

@@ -30,6 +30,7 @@ class ClientPlan:
 
     train_lora_A: bool = True
     send_lora_A: bool = True
+    personal_B: bool = False  # B stays on each client across rounds; only A (and extras) travel
     weighting: str = "examples"
     options: dict[str, bool | int | float | str] = field(default_factory=dict)
 

@@ -41,6 +41,14 @@ class Encoded:
     def collate(self, indices: list[int], tokenizer: PreTrainedTokenizerBase) -> dict[str, Tensor]:
         return collate(self, indices, tokenizer)
 
+    def split(self, fraction: float, seed: int) -> tuple[Encoded, Encoded]:
+        """(kept, held out): a seeded ``fraction`` of the rows held out, at least one row of two or
+        more, never all of them."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
+        held = min(max(round(fraction * len(self)), 1), len(self) - 1) if len(self) > 1 else 0
+        pick = lambda rows: Encoded([self.input_ids[i] for i in rows], [self.labels[i] for i in rows])  # noqa: E731
+        return pick(sorted(order[held:])), pick(sorted(order[:held]))
+
 
 def encode(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
     ids = tokenizer(list(dataset["text"]), truncation=True, max_length=max_length)["input_ids"]

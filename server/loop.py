@@ -238,11 +238,15 @@ class FederatedRun:
         if self.private:
             return None
         replies = outcome.replies
+        summaries = [self._reply_summary(*accepted) for accepted in replies.accepted]
+        for summary in summaries:  # the accuracy of the model each client started from, on its own rows
+            if isinstance(replies, RoundReplies) and summary["client"] in replies.client_eval:
+                summary["client_eval_accuracy"] = replies.client_eval[summary["client"]]
         return Participation(
             sampled=outcome.sampled,
             aggregated=replies.count,
             dropped=outcome.dropped,
-            replies=[self._reply_summary(*accepted) for accepted in replies.accepted],
+            replies=summaries,
             rejected=replies.rejected,
             update_norms=replies.norms,
             train_loss=replies.train_loss,

@@ -98,6 +98,9 @@ class RoundReplies:
         self.examples = 0
         self.loss_sum = 0.0
         self.example_epsilon = 0.0  # the largest example-level epsilon a client reported
+        self.client_eval: dict[
+            str, float
+        ] = {}  # client id -> accuracy of its start model on its held-out rows
         self.client_variance: dict[str, float] = {}  # per module, the sum over clients of var(A_k)
 
     def decode(self, content: RecordDict, client_id: str) -> ClientUpdate | str:
@@ -202,6 +205,8 @@ class RoundReplies:
         self.examples += update.num_examples
         self.loss_sum += update.metrics.get("train_loss", 0.0) * update.num_examples
         self.example_epsilon = max(self.example_epsilon, update.metrics.get("example_epsilon", 0.0))
+        if "client_eval_accuracy" in update.metrics:
+            self.client_eval[update.client_id] = update.metrics["client_eval_accuracy"]
         for module, f in update.factors.items():
             self.client_variance[module] = self.client_variance.get(module, 0.0) + float(f.A.var())
 
@@ -212,6 +217,8 @@ class RoundReplies:
         ratio = self.variance_ratio(result)
         if ratio is not None:
             out["variance_ratio"] = ratio
+        if self.client_eval:
+            out["client_eval_accuracy"] = sum(self.client_eval.values()) / len(self.client_eval)
         if self.example_epsilon > 0:
             out["example_epsilon"] = self.example_epsilon
         return out

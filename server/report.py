@@ -146,6 +146,8 @@ def print_round(console: Console, row: dict[str, Any], rounds: int) -> None:
         parts.append(f"eval_loss {row['eval_loss']:.4f}  eval_ppl {row['eval_perplexity']:.2f}")
         if "eval_exact_match" in row:
             parts.append(f"eval_em {row['eval_exact_match']:.4f}")
+    if "client_eval_accuracy" in row:
+        parts.append(f"client_acc {row['client_eval_accuracy']:.4f}")
     if "epsilon" in row:
         parts.append(f"epsilon {row['epsilon']:.3f}")
     if row.get("discarded_energy", 0.0) > 1e-6:

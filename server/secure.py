@@ -71,6 +71,11 @@ def check_strategy(strategy: Strategy) -> None:
             f"strategy '{strategy.name}' needs each client's factors, which secure aggregation hides; "
             "use fedavg, ffa or dp (around either), or set server.secure_aggregation = false"
         )
+    if strategy.client_instructions(1, GlobalState()).personal_B:
+        raise SecureModeError(
+            f"strategy '{strategy.name}' keeps each client's B on the client, while a masked summand carries "
+            "every trained tensor; set server.secure_aggregation = false"
+        )
     strategy.secure_clip_norm  # noqa: B018 (a rule that cannot say how clients clip refuses here)
 
 

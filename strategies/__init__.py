@@ -10,6 +10,7 @@ from strategies.fedau import FedAU
 from strategies.fedavg import FedAvg
 from strategies.fedavgm import FedAvgM
 from strategies.fedex import FedEx
+from strategies.fedsa import FedSA
 from strategies.fedyogi import FedYogi
 from strategies.ffa import FFA
 from strategies.flexlora import FlexLoRA
@@ -36,6 +37,7 @@ for _strategy in (
     FedAU,
     HetLoRA,
     FlexLoRA,
+    FedSA,
 ):
     register_strategy(_strategy.name)(_strategy)
 register_strategy(Clip.name)(create_clip)  # a factory: it picks the streaming variant when it can
@@ -51,6 +53,7 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedSA",
     "FedEx",
     "FedYogi",
     "FlexLoRA",

@@ -58,10 +58,12 @@ def encode_update(
     update: ClientUpdate,
     send_A: bool = True,
     compression: str = "none",
+    send_B: bool = True,
     reference: dict[str, AdapterFactors] | None = None,
     feedback: ErrorFeedback | None = None,
 ) -> RecordDict:
-    """The reply record; with ``send_A=False`` (frozen, shared A) only B travels.
+    """The reply record; with ``send_A=False`` (frozen, shared A) only B travels, with
+    ``send_B=False`` (a personal B, kept by the client) only A.
 
     With a lossy ``compression`` (``fedpeft.compression``), each factor travels as its delta
     from ``reference`` (the adapter the client received) when there is one, through
@@ -75,11 +77,13 @@ def encode_update(
         "rank": update.rank,
         "alpha": float(update.alpha),
         "sent-A": send_A,
+        "sent-B": send_B,
         "compression": compression,
         "delta": delta,
     }
+    parts = [(part, rank_dim) for part, rank_dim, sent in (("A", 0, send_A), ("B", 1, send_B)) if sent]
     for name, f in update.factors.items():
-        for part, rank_dim in (("A", 0), ("B", 1)) if send_A else (("B", 1),):
+        for part, rank_dim in parts:
             key, tensor = f"lora/{name}/{part}", getattr(f, part)
             if compression == "none":
                 arrays[key] = to_array(tensor)
@@ -115,13 +119,14 @@ def decode_update(
     With ``into``, the tensors live in that reused buffer (see ``DecodeBuffer``)."""
     arrays, meta = _get(content, UPDATE_ARRAYS, ArrayRecord), _get(content, UPDATE_META, ConfigRecord)
     metrics = dict(_get(content, UPDATE_METRICS, MetricRecord))
-    sent_A = _meta(meta, "sent-A", bool)
-    groups, extras = _split(arrays, {"lora": ("A", "B") if sent_A else ("B",)}, into)
+    sent_A, sent_B = _meta(meta, "sent-A", bool), bool(meta.get("sent-B", True))
+    parts = tuple(part for part, sent in (("A", sent_A), ("B", sent_B)) if sent)
+    groups, extras = _split(arrays, {"lora": parts}, into)
     delta = bool(meta.get("delta", False))
     missing = sorted(set(groups["lora"]) - set(frozen or {}))
-    if missing and (delta or not sent_A):
+    if missing and (delta or not sent_A or not sent_B):
         raise WireError(f"the reply is relative to a global adapter that lacks {missing[:3]}")
-    if frozen is not None and (delta or not sent_A):  # relative to what this client started from
+    if frozen is not None and (delta or not sent_A or not sent_B):  # what this client started from
         rank = _meta(meta, "rank", int)
         frozen = {
             n: frozen[n].truncated(rank, _meta(meta, f"scale/{n}", float))
@@ -141,6 +146,8 @@ def decode_update(
                 tensor.add_(base)
         if not sent_A:
             pair["A"] = frozen[name].A  # type: ignore[index]
+        if not sent_B:
+            pair["B"] = frozen[name].B  # type: ignore[index]
     factors = {
         n: AdapterFactors(A=p["A"], B=p["B"], scale=_meta(meta, f"scale/{n}", float))
         for n, p in groups["lora"].items()
@@ -239,6 +246,7 @@ def encode_instructions(instructions: RoundInstructions) -> ConfigRecord:
         "init-seed": instructions.init_seed,
         "train-lora-A": instructions.plan.train_lora_A,
         "send-lora-A": instructions.plan.send_lora_A,
+        "personal-B": instructions.plan.personal_B,
         "weighting": instructions.plan.weighting,
         "client-config": instructions.client_config.to_json(),
     }
@@ -255,6 +263,7 @@ def decode_instructions(content: RecordDict) -> RoundInstructions:
         plan=ClientPlan(
             train_lora_A=_meta(record, "train-lora-A", bool),
             send_lora_A=_meta(record, "send-lora-A", bool),
+            personal_B=bool(record.get("personal-B", False)),
             weighting=_meta(record, "weighting", str),
             options=options,
         ),

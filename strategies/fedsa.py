@@ -1,0 +1,56 @@
+"""FedSA-LoRA (Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated Learning",
+ICLR 2025): A is shared, B is personal.
+
+Every client trains A and B; only A (and the dense extras, such as a head) travels and is averaged
+as fedavg averages it, while each client keeps its own B across rounds (``ClientPlan.personal_B``:
+the client stores it in its Flower ``Context.state`` and puts it back after loading the global
+state; a client's first round starts from the global B, the initial zeros). The paper's finding is
+that A learns what is common to the clients and B what is specific to each, so each client's model
+is the global A with its own B: evaluate it per client (``data.client_eval_fraction``).
+
+The global adapter keeps the initial B; the exported adapter is therefore the shared A with that B
+(a zero delta under the usual init): the product of a fedsa run is the per-client models.
+Secure aggregation refuses it (a masked summand carries every trained tensor).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
+from strategies.base import Accumulator
+from strategies.fedavg import FedAvg
+
+
+class FedSA(FedAvg):
+    """fedavg over A and the extras; B stays on each client."""
+
+    name = "fedsa"
+
+    def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
+        return ClientPlan(personal_B=True, weighting=self.weighting)
+
+    def start(self, rnd: int, state: GlobalState) -> SharedA:
+        return SharedA(super().start(rnd, state), state)
+
+
+class SharedA:
+    """fedavg's fold, whose result keeps the global B the round started with (zeros before any)."""
+
+    def __init__(self, inner: Accumulator, state: GlobalState) -> None:
+        self.inner, self.state = inner, state
+
+    def add(self, update: ClientUpdate) -> None:
+        self.inner.add(update)
+
+    def result(self) -> GlobalState:
+        out = self.inner.result()
+        assert out.adapter is not None
+        kept = self.state.adapter or {}
+        out.adapter = {
+            module: AdapterFactors(
+                A=f.A, B=kept[module].B if module in kept else torch.zeros_like(f.B), scale=f.scale
+            )
+            for module, f in out.adapter.items()
+        }
+        return out
