@@ -301,7 +301,7 @@ class HeldOut:
     with one evaluator per held-out set (each loads the model once)."""
 
     def __init__(self, config: RunConfig, files: dict[str, Path], labels: list[str]) -> None:
-        self.config, self.labels = config, labels
+        self.config, self.labels, self.files = config, labels, files
         rows = {
             name: load_splits(config.data.replace(source=str(path), labels=labels), 0).train
             for name, path in files.items()
