@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client import personal, runtime, secure
+from client.errors import private_errors
 from client.faults import injected_fault, simulated_faults
 from fedpeft.config import RunConfig
 from fedpeft.secagg.messages import RECORD as SECAGG
@@ -127,8 +128,9 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 
 
 def client_app(mods: list[Mod] | None = None) -> ClientApp:
-    """A ClientApp answering the message types above, with ``mods`` around every handler."""
-    app = ClientApp(mods=mods or [])
+    """A ClientApp answering the message types above, with ``mods`` around every handler and,
+    innermost, ``private_errors`` (a failure reaches the server as its category only)."""
+    app = ClientApp(mods=[*(mods or []), private_errors])
     app.query("identify")(identify)
     app.query("initial_adapter")(initial_adapter)
     app.train()(train)
