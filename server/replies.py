@@ -154,7 +154,8 @@ class RoundReplies:
         self.held = []
         reference = reference_signature(self.state, self.pending)
         valid = []
-        for update in self.pending:
+        # a batch rule sees the replies in client-id order, not arrival order: same seed, same result
+        for update in sorted(self.pending, key=lambda u: u.client_id):
             reason, norm = validate(update, self.rnd, reference, self.state, self.strategy.mixed_ranks), None
             if reason is None and self.screen.ratio:
                 norm = update_norm(update, self.state)

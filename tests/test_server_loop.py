@@ -190,3 +190,18 @@ def test_a_client_that_never_replies_is_dropped_at_the_timeout(tiny_bert_dir, tm
     assert row["clients_aggregated"] == 2
     [drop] = row["dropped"]
     assert drop["client"] == "partition-2" and drop["reason"] == "no reply within 0.3s"
+
+
+def test_a_batch_strategy_sees_replies_in_client_id_order_whatever_their_arrival(tiny_bert_dir, tmp_path):
+    """Arrival order varies between runs (and between a run and its resumption); a batch rule's
+    result must not, so replies reach it sorted by stable client id."""
+    orders = []
+    for node_ids in ([31, 900, 4], [4, 31, 900]):  # replies arrive in the sampled order
+        config = small_config(tiny_bert_dir, **{"run.rounds": 1, "strategy.name": "fedex"})
+        run = FederatedRun(config, tmp_path / str(node_ids[0]))
+        aggregate = run.strategy.aggregate
+        run.strategy.aggregate = lambda rnd, state, updates, aggregate=aggregate: (
+            orders.append([u.client_id for u in updates]) or aggregate(rnd, state, updates)
+        )
+        run.run(LocalGrid(3, node_ids=node_ids))
+    assert orders == [["partition-0", "partition-1", "partition-2"]] * 2
