@@ -93,6 +93,8 @@ def _resolve(spec: str) -> Callable[..., Strategy]:
             ) from exc
     for ep in entry_points(group=ENTRY_POINT_GROUP, name=spec):
         return ep.load()
+    if spec.endswith(".py"):
+        raise StrategyError(f"strategy {spec!r} is a file: name its class too, e.g. '{spec}:MyStrategy'")
     raise StrategyError(
         f"unknown strategy {spec!r}; choose one of {', '.join(available_strategies())} "
         "or give 'package.module:ClassName'"

@@ -42,6 +42,11 @@ def test_missing_file_is_a_clear_error(monkeypatch):
         create_strategy("nope.py:X")
 
 
+def test_a_file_path_without_a_class_name_says_to_add_one():
+    with pytest.raises(StrategyError, match=r"is a file: name its class too, e.g. 'my/krum.py:MyStrategy'"):
+        create_strategy("my/krum.py")
+
+
 def test_entry_point_strategies_are_found(monkeypatch):
     point = EntryPoint(name="my-median", value="strategies.fedavg:FedAvg", group=registry.ENTRY_POINT_GROUP)
     monkeypatch.setattr(
