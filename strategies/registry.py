@@ -69,7 +69,41 @@ def create_strategy(
         raise StrategyError(f"strategy {spec!r} rejected its options: {exc}") from exc
     if not isinstance(strategy, Strategy):
         raise StrategyError(_not_a_strategy(spec))
+    check_signatures(spec, type(strategy))
     return strategy
+
+
+def check_signatures(spec: str, cls: type) -> None:
+    """Refuse, before any client trains, a strategy whose override of a ``Strategy`` method takes
+    other required positional parameters than the base method, or declares that it returns
+    something else than the value type the base returns (``GlobalState``, ``ClientPlan``)."""
+    for name, base in inspect.getmembers(Strategy, inspect.isfunction):
+        if name.startswith("_") or getattr(cls, name, base) is base:
+            continue
+        expected, got = inspect.signature(base), inspect.signature(getattr(cls, name))
+        if _positional(got) != _positional(expected) or not _same_return(got, expected):
+            raise StrategyError(
+                f"strategy {spec!r}: {name}{got} does not match Strategy.{name}{expected}; "
+                "fix its parameters (docs/writing-a-strategy.md)"
+            )
+
+
+def _positional(signature: inspect.Signature) -> list[str]:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in signature.parameters.values() if p.kind in kinds and p.default is p.empty]
+
+
+VALUE_TYPES = ("GlobalState", "ClientPlan")  # return types an override must keep, when it declares one
+
+
+def _same_return(got: inspect.Signature, expected: inspect.Signature) -> bool:
+    """An override returning one of the value types declares that type, or nothing (annotations
+    are compared as text: ``from __future__ import annotations`` leaves them strings)."""
+    text = lambda a: a if isinstance(a, str) else getattr(a, "__name__", str(a))  # noqa: E731
+    wanted = text(expected.return_annotation)
+    if wanted not in VALUE_TYPES or got.return_annotation is inspect.Signature.empty:
+        return True
+    return wanted in text(got.return_annotation)
 
 
 def _not_a_strategy(spec: str) -> str:

@@ -42,6 +42,29 @@ def test_missing_file_is_a_clear_error(monkeypatch):
         create_strategy("nope.py:X")
 
 
+def test_a_method_with_the_wrong_signature_is_refused_when_the_strategy_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.py").write_text(
+        "from strategies import Strategy\n"
+        "class Two(Strategy):\n"
+        "    def aggregate(self, state, updates):\n"
+        "        return state\n"
+        "class Typed(Strategy):\n"
+        "    def aggregate(self, rnd, state, updates) -> dict:\n"
+        "        return {}\n"
+        "class Fine(Strategy):\n"
+        "    def aggregate(self, rnd, state, updates, extra=1):\n"
+        "        return state\n"
+    )
+    with pytest.raises(
+        StrategyError, match=r"aggregate\(self, state, updates\) does not match Strategy.aggregate"
+    ):
+        create_strategy("mine.py:Two")
+    with pytest.raises(StrategyError, match=r"-> dict does not match"):
+        create_strategy("mine.py:Typed")
+    assert create_strategy("mine.py:Fine").name == "strategy"
+
+
 def test_a_file_path_without_a_class_name_says_to_add_one():
     with pytest.raises(StrategyError, match=r"is a file: name its class too, e.g. 'my/krum.py:MyStrategy'"):
         create_strategy("my/krum.py")
@@ -66,3 +89,25 @@ def test_custom_strategy_example_runs_end_to_end(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["strategy"] == "krum" and summary["rounds"] == 2
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_documented_server_momentum_matches_fedavgm_across_a_resume():
+    """The worked example of docs/writing-a-strategy.md, against the built-in rule it re-derives,
+    over 3 rounds with a save and load of its state after round 2."""
+    from tests.factories import sent_state, trained
+
+    mine, builtin = (
+        create_strategy("simulations/custom_strategy/momentum.py:ServerMomentum"),
+        create_strategy("fedavgm"),
+    )
+    a = b = sent_state()
+    for rnd in (1, 2, 3):
+        if rnd == 3:
+            restored = type(mine)()
+            restored.load_state_dict(mine.state_dict())
+            mine = restored
+        a = mine.aggregate(rnd, a, [trained(a, rnd * 10 + k) for k in range(3)])
+        b = builtin.aggregate(rnd, b, [trained(b, rnd * 10 + k) for k in range(3)])
+        for module, f in b.adapter.items():
+            torch.testing.assert_close(a.adapter[module].A, f.A)
+            torch.testing.assert_close(a.adapter[module].B, f.B)
