@@ -18,6 +18,7 @@ from fedpeft.config import RunConfig, config_to_dict
 from fedpeft.data import Splits
 from fedpeft.errors import UserError
 from fedpeft.export import export_adapter, export_merged
+from fedpeft.model_card import write_card, write_labels
 from fedpeft.models import check_rank_fits, resolve_model
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
 from fedpeft.tasks import get_task
@@ -386,8 +387,12 @@ class FederatedRun:
             "clients_dropped": sum(len(r.get("dropped", [])) for r in rounds),
             "replies_rejected": sum(r.get("rejected", 0) for r in rounds),
             "adapter": str(adapter_dir),
+            "base_model": base,
             "label_names": self.splits.label_names,
         }
+        trained_on = {r["client"]: r["num_examples"] for row in rounds for r in row.get("replies", [])}
+        if trained_on:
+            summary["examples_trained_on"] = sum(trained_on.values())
         if self.config.run.export_merged:
             num_labels = len(self.splits.label_names) if self.task.labelled else None
             summary["merged_model"] = str(
@@ -399,6 +404,11 @@ class FederatedRun:
             if evals and key in evals[-1]:
                 summary[f"initial_{key}"] = evals[0][key]
                 summary[f"final_{key}"] = evals[-1][key]
+        if self.task.labelled:
+            write_labels(adapter_dir, self.splits.label_names)
+        write_card(
+            adapter_dir, self.config, summary, self.recorder.rounds[-1] if self.recorder.rounds else {}
+        )
         self.recorder.write_summary(summary)
         self.recorder.plot()
         print_summary(self.console, self.run_dir, summary)

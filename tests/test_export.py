@@ -69,3 +69,35 @@ def test_re_export_replaces_the_directory(tmp_path):
     export_adapter(factories.state(0), tmp_path / "adapter", "m")
     export_adapter(factories.state(1), tmp_path / "adapter", "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_a_run_exports_an_adapter_that_names_its_labels_and_its_base(tiny_bert_dir, tmp_path):
+    from fedpeft.testing import LocalGrid
+    from server.loop import FederatedRun
+
+    config = factories.small_config(
+        tiny_bert_dir,
+        **{
+            "strategy.name": "dp",
+            "strategy.inner": "'fedavg'",
+            "strategy.clip_norm": 1.0,
+            "strategy.noise_multiplier": 0.5,
+        },
+    )
+    summary = FederatedRun(config, tmp_path).run(LocalGrid(3))
+    adapter = tmp_path / "adapter"
+    labels = json.loads((adapter / "labels.json").read_text())
+    assert labels["id2label"] == {str(i): name for i, name in enumerate(summary["label_names"])}
+    assert labels["label2id"] == {name: i for i, name in enumerate(summary["label_names"])}
+    assert summary["base_model"] == str(tiny_bert_dir)
+    card = (adapter / "README.md").read_text()
+    assert f"base_model: {tiny_bert_dir}" in card and "`dp` (clip_norm = 1.0" in card
+    assert "client-level DP | ε = " in card and "num_labels=" in card
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_bert_dir),
+        num_labels=len(labels["id2label"]),
+        id2label={int(i): name for i, name in labels["id2label"].items()},
+        ignore_mismatched_sizes=True,
+    )
+    model = PeftModel.from_pretrained(base, str(adapter))
+    assert model.base_model.model.config.id2label[0] == summary["label_names"][0]
