@@ -77,17 +77,20 @@ class CertsLayout:
 
 def make_certs(directory: Path, hosts: list[str], clients: list[str], *, days: int = 365) -> CertsLayout:
     """Create (or extend) a certificate directory. An existing CA is reused, so clients can be
-    added later; the server certificate is re-issued for ``hosts`` plus ``localhost`` and
-    ``127.0.0.1`` (the server reaches its own Control API on loopback); existing client keys are
-    kept."""
+    added later; the server certificate is issued for ``hosts`` plus ``localhost`` and
+    ``127.0.0.1`` (the server reaches its own Control API on loopback) when there is none yet or
+    when ``hosts`` are given, and kept otherwise (adding a client must not reissue it for
+    localhost only, locking remote clients out); existing client keys are kept."""
     layout = CertsLayout(Path(directory))
     for name in clients:
         if not CLIENT_NAME.match(name):
             raise CertsError(f"client name {name!r} must be letters, digits, '.', '_' or '-'")
+    reissue = bool(hosts) or not layout.server_cert.is_file()
     hosts = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
     (layout.root / CLIENTS_DIR).mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = _load_or_make_ca(layout, days)
-    _issue_server_cert(layout, ca_key, ca_cert, hosts, days)
+    if reissue:
+        _issue_server_cert(layout, ca_key, ca_cert, hosts, days)
     for name in clients:
         if not layout.client_key(name).is_file():
             _make_client_key(layout, name)

@@ -51,6 +51,17 @@ def test_adding_clients_keeps_the_ca_and_existing_keys(tmp_path):
     )
 
 
+def test_adding_a_client_without_hosts_keeps_the_server_certificate(tmp_path):
+    make_certs(tmp_path, ["fl.example.org"], ["alice"])
+    server = (tmp_path / "server.pem").read_bytes()
+    make_certs(tmp_path, [], ["bob"])
+    assert (tmp_path / "server.pem").read_bytes() == server  # still valid for fl.example.org
+    make_certs(tmp_path, ["fl2.example.org"], [])
+    names = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes()).extensions
+    san = names.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["fl2.example.org", "localhost"]  # asked for
+
+
 def test_bad_client_names_and_missing_files_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(CertsError, match="letters, digits"):
         make_certs(tmp_path, [], ["../evil"])
