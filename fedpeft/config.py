@@ -195,6 +195,9 @@ class ServerSection(Section):
     min_clients: int = Field(2, ge=1, description="sample at least this many (and wait for them to connect)")
     min_replies: int | None = Field(None, description="valid replies a round needs (default `min_clients`)")
     round_timeout: float = Field(600.0, gt=0, description="seconds a round waits for replies")
+    connect_timeout: float = Field(
+        120.0, gt=0, description="seconds a round waits for `min_clients` clients to connect and identify"
+    )
     max_retries: int = Field(2, ge=0, description="attempts at a round beyond the first")
     evaluate: bool = Field(True, description="evaluate the global state on the held-out data each round")
     max_reply_bytes: int = Field(

@@ -39,7 +39,6 @@ from server.secure import SecureAggregation
 from server.validation import ReplyLimits
 from strategies import StopFederation, Strategy, StrategyError, create_strategy
 
-NODE_WAIT_SECONDS = 120.0
 EVAL_METRICS = ("eval_accuracy", "eval_loss", "eval_perplexity", "eval_exact_match")
 
 
@@ -325,7 +324,8 @@ class FederatedRun:
         ``min_clients``: nodes still starting, that did not answer ``identify`` in time, are
         asked again until enough have)."""
         need = self.config.server.min_clients
-        deadline = time.monotonic() + NODE_WAIT_SECONDS
+        wait = self.config.server.connect_timeout
+        deadline = time.monotonic() + wait
         while True:
             nodes = sorted(grid.get_node_ids())
             self._identify(grid, nodes)
@@ -334,8 +334,9 @@ class FederatedRun:
                 break
             if time.monotonic() > deadline:
                 raise RoundFailed(
-                    f"only {len(known)} clients connected and identified after {NODE_WAIT_SECONDS:g}s, "
-                    f"server.min_clients is {need}; start more clients or lower it"
+                    f"only {len(known)} clients connected and identified after {wait:g}s, "
+                    f"server.min_clients is {need}; start more clients, lower it, or raise "
+                    "server.connect_timeout"
                 )
             time.sleep(1.0)
         selected = self.strategy.select_clients(rnd, known) if count is None else None

@@ -205,3 +205,9 @@ def test_a_batch_strategy_sees_replies_in_client_id_order_whatever_their_arrival
         )
         run.run(LocalGrid(3, node_ids=node_ids))
     assert orders == [["partition-0", "partition-1", "partition-2"]] * 2
+
+
+def test_too_few_clients_end_the_run_after_server_connect_timeout(tiny_bert_dir, tmp_path):
+    config = small_config(tiny_bert_dir, **{"server.min_clients": 3, "server.connect_timeout": 0.5})
+    with pytest.raises(RoundFailed, match=r"only 2 clients connected and identified after 0.5s"):
+        FederatedRun(config, tmp_path).run(LocalGrid(2))
