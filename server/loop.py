@@ -200,10 +200,14 @@ class FederatedRun:
         t0 = time.perf_counter()
         attempts = 1 if self.private else self.config.server.max_retries + 1
         need = 0 if self.private else self.config.min_replies
+        earlier: list[dict[str, Any]] = []  # the drops of the attempts that were retried
         for attempt in range(1, attempts + 1):
             outcome = self._attempt(grid, rnd, plan)
+            outcome.dropped = [drop | {"attempt": attempt} for drop in outcome.dropped]
             if outcome.replies.count >= need:
+                outcome.dropped = earlier + outcome.dropped  # every attempt's drops are recorded
                 break
+            earlier += outcome.dropped
             self.console.print(
                 f"[yellow]round {rnd} attempt {attempt}: {outcome.replies.count} valid replies, "
                 f"need {self.config.min_replies}; retrying[/yellow]",

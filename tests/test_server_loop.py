@@ -211,3 +211,21 @@ def test_too_few_clients_end_the_run_after_server_connect_timeout(tiny_bert_dir,
     config = small_config(tiny_bert_dir, **{"server.min_clients": 3, "server.connect_timeout": 0.5})
     with pytest.raises(RoundFailed, match=r"only 2 clients connected and identified after 0.5s"):
         FederatedRun(config, tmp_path).run(LocalGrid(2))
+
+
+def test_the_drops_of_a_retried_attempt_are_recorded(tiny_bert_dir, tmp_path):
+    calls = []
+
+    def fails_once(msg, context):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("flaky")
+        return train(msg, context)
+
+    config = small_config(tiny_bert_dir, **{"server.max_retries": 1, "run.rounds": 1})
+    summary = FederatedRun(config, tmp_path).run(LocalGrid(3, {0: fails_once}))
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["attempts"] == 2 and row["clients_aggregated"] == 3
+    [drop] = row["dropped"]
+    assert drop["client"] == "partition-0" and drop["attempt"] == 1 and "RuntimeError" in drop["reason"]
+    assert summary["clients_dropped"] == 1
