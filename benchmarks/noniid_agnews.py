@@ -504,7 +504,34 @@ def report(results: Results) -> str:
             f"| centralized (1,000 steps, all rows) | {central_lr} | {mean_std(central)} | 100% | | |"
         )
         lines.append(f"| local-only (100 steps per client, mean of clients) | | {mean_std(local)} | | | |")
+        lines += goal_lines(setting, runs_of(results, setting), central, local)
     return "\n".join(lines)
+
+
+def goal_lines(
+    setting: str, by_method: dict[str, list[dict[str, Any]]], central: list[float], local: list[float]
+) -> list[str]:
+    """Each goal of the issue for ``setting``: met or missed, and by how much."""
+    if not by_method or not central:
+        return []
+    means = {m: statistics.fmean(r["final_accuracy"] for r in runs) for m, runs in by_method.items()}
+    best = max(means, key=means.__getitem__)
+    share, goal = means[best] / statistics.fmean(central), GOALS[setting]
+    verdict = "met" if share >= goal else f"missed by {(goal - share) * 100:.1f} points of share"
+    out = [
+        "",
+        f"Goal: the best method ({best}) reaches {share:.1%} of centralized, goal {goal:.0%}: {verdict}.",
+    ]
+    if setting == "S1" and local:
+        worst = min(means, key=means.__getitem__)
+        gap = (means[worst] - statistics.fmean(local)) * 100
+        out.append(
+            f"Goal: every method at least 10 points above local-only: the lowest ({worst}) is {gap:+.1f}."
+        )
+    if setting == "S2":
+        lowest = min(r["final_accuracy"] for runs in by_method.values() for r in runs)
+        out.append(f"Goal: no seed of any method below 0.60: the lowest is {lowest:.4f}.")
+    return out
 
 
 def plot(results: Results, path: Path) -> None:
