@@ -34,7 +34,7 @@ from server.checkpoint import FILENAME as CHECKPOINT_FILE
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.evaluation import make_evaluator
 from server.replies import Replies, RoundReplies, client_error, receive
-from server.report import Participation, RoundRecord, RunRecorder, print_round, print_summary
+from server.report import Participation, RoundProgress, RoundRecord, RunRecorder, print_round, print_summary
 from server.secure import SecureAggregation
 from server.validation import ReplyLimits
 from strategies import StopFederation, Strategy, StrategyError, create_strategy
@@ -273,14 +273,16 @@ class FederatedRun:
             bytes_down=record_nbytes(content) * len(nodes),
         )
         unanswered = set(nodes)
-        for reply in receive(grid, messages, self.config.server.round_timeout):
-            node = reply.metadata.src_node_id
-            unanswered.discard(node)
-            update = self._decode(reply, outcome)
-            del reply  # free the reply's bytes before the next one arrives: O(adapter) memory
-            reason = outcome.replies.offer(update) if isinstance(update, ClientUpdate) else update
-            if reason:
-                outcome.dropped.append(self._drop(node, reason))
+        with RoundProgress(self.console, rnd, len(nodes)) as progress:
+            for reply in receive(grid, messages, self.config.server.round_timeout):
+                node = reply.metadata.src_node_id
+                unanswered.discard(node)
+                update = self._decode(reply, outcome)
+                del reply  # free the reply's bytes before the next one arrives: O(adapter) memory
+                reason = outcome.replies.offer(update) if isinstance(update, ClientUpdate) else update
+                if reason:
+                    outcome.dropped.append(self._drop(node, reason))
+                progress.reply()
         for node in sorted(unanswered):
             outcome.dropped.append(self._drop(node, f"no reply within {self.config.server.round_timeout:g}s"))
         for client, reason in outcome.replies.close():

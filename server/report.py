@@ -4,12 +4,14 @@ what the console shows of them."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 matplotlib.use("Agg")
@@ -132,6 +134,47 @@ class RunRecorder:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+class RoundProgress:
+    """Replies in so far while a round runs: a live progress bar on a terminal, and otherwise a
+    plain line at most every ``PLAIN_EVERY`` seconds (logs stay readable)."""
+
+    PLAIN_EVERY = 30.0
+
+    def __init__(self, console: Console, rnd: int, sampled: int) -> None:
+        self.console, self.rnd, self.sampled = console, rnd, sampled
+        self.started = self.last_line = time.monotonic()
+        self.done = 0
+        self.bar: Progress | None = None
+
+    def __enter__(self) -> RoundProgress:
+        if self.console.is_terminal:
+            columns = (
+                TextColumn("round {task.fields[rnd]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            )
+            self.bar = Progress(*columns, console=self.console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("", total=self.sampled, rnd=self.rnd)
+        return self
+
+    def reply(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if self.bar is not None:
+            self.bar.advance(self.task)
+        elif now - self.last_line >= self.PLAIN_EVERY:
+            self.last_line = now
+            self.console.print(
+                f"round {self.rnd}: {self.done}/{self.sampled} clients replied, {now - self.started:.0f}s"
+            )
+
+    def __exit__(self, *_: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def print_round(console: Console, row: dict[str, Any], rounds: int) -> None:

@@ -229,3 +229,23 @@ def test_the_drops_of_a_retried_attempt_are_recorded(tiny_bert_dir, tmp_path):
     [drop] = row["dropped"]
     assert drop["client"] == "partition-0" and drop["attempt"] == 1 and "RuntimeError" in drop["reason"]
     assert summary["clients_dropped"] == 1
+
+
+def test_a_round_in_progress_prints_plain_lines_when_not_on_a_terminal(monkeypatch):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from server.report import RoundProgress
+
+    out = StringIO()
+    console = Console(file=out, force_terminal=False)
+    clock = iter([0.0, 5.0, 10.0, 31.0, 70.0])  # the start, then one reading per reply
+    monkeypatch.setattr("server.report.time.monotonic", lambda: next(clock))
+    with RoundProgress(console, 3, 4) as progress:
+        for _ in range(4):
+            progress.reply()
+    assert out.getvalue().splitlines() == [
+        "round 3: 3/4 clients replied, 31s",
+        "round 3: 4/4 clients replied, 70s",
+    ]
