@@ -79,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KIND",
         help="misbehave on purpose to test the server's fault handling: nan or wrong-shape",
     )
+    compare = sub.add_parser("compare", help="compare finished runs: one plot and a table of final figures")
+    compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run directories")
+    compare.add_argument(
+        "--out", type=Path, default=Path("compare.png"), help="the plot (default: compare.png)"
+    )
     _add_models_parser(sub)
     return parser
 
@@ -170,12 +175,21 @@ def _client(args: argparse.Namespace) -> int:
     return run_client(options)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from server.compare import compare
+
+    print(compare(args.run_dirs, args.out))
+    print(f"plot: {args.out}")
+    return 0
+
+
 COMMANDS = {
     "simulate": _simulate,
     "models": _models,
     "certs": _certs,
     "server": _server,
     "client": _client,
+    "compare": _compare,
 }
 
 

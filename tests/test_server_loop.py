@@ -249,3 +249,20 @@ def test_a_round_in_progress_prints_plain_lines_when_not_on_a_terminal(monkeypat
         "round 3: 3/4 clients replied, 31s",
         "round 3: 4/4 clients replied, 70s",
     ]
+
+
+def test_compare_plots_runs_and_tables_their_final_figures(tiny_bert_dir, tmp_path):
+    from fedpeft.cli import main
+
+    for strategy in ("fedavg", "ffa"):
+        config = small_config(tiny_bert_dir, **{"strategy.name": strategy, "run.rounds": 1})
+        FederatedRun(config, tmp_path / strategy).run(LocalGrid(3))
+    out = tmp_path / "both.png"
+    assert main(["compare", str(tmp_path / "fedavg"), str(tmp_path / "ffa"), "--out", str(out)]) == 0
+    assert out.is_file()
+    from server.compare import compare
+
+    table = compare([tmp_path / "fedavg", tmp_path / "ffa"], out).splitlines()
+    assert table[0].startswith("| run | strategy | rounds | final accuracy |")
+    assert [row.split(" | ")[1] for row in table[2:]] == ["fedavg", "ffa"]
+    assert main(["compare", str(tmp_path), "--out", str(out)]) == 2  # not a run: one line
