@@ -8,6 +8,7 @@ For classification a dataset is a ``datasets.Dataset`` with an integer ``label``
 from __future__ import annotations
 
 import glob
+import logging
 import re
 import warnings
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from fedpeft import demo_data
 from fedpeft.config import DataSection
 from fedpeft.errors import UserError
 from fedpeft.instructions import MESSAGES, to_messages
+
+log = logging.getLogger(__name__)
 
 datasets.utils.logging.disable_progress_bar()  # per-client filters would flood the simulation log
 
@@ -59,7 +62,16 @@ def load_splits(spec: DataSection, seed: int) -> Splits:
     test_frame = read_table(spec.test_source, spec) if spec.test_source else None
     names = spec.labels or sorted({str(v) for v in train_frame["label"]})
     train = _to_dataset(train_frame, names, spec.source)
-    test = _to_dataset(test_frame, names, spec.test_source) if test_frame is not None else None
+    test = None
+    if test_frame is not None:
+        unseen = sorted(set(test_frame["label"]) - set(names))
+        if unseen and not spec.labels:
+            raise DataError(
+                f"{spec.test_source} has labels {unseen[:3]} that the training data ({spec.source}) never "
+                "has, and a class without training rows cannot be learned: remove those rows from the "
+                "held-out file or add training rows for them"
+            )
+        test = _to_dataset(test_frame, names, spec.test_source)
     return Splits(train, test, names)
 
 
@@ -160,7 +172,12 @@ def read_table(path: str | Path, spec: DataSection) -> pd.DataFrame:
             f"{path} has no field {missing[0]!r} (fields: {', '.join(map(str, frame.columns))}); "
             "set data.text_field / data.label_field, or data.columns for a file without a header"
         )
-    frame = frame[[spec.text_field, spec.label_field]].dropna()
+    kept = frame[[spec.text_field, spec.label_field]].dropna()
+    if len(kept) < len(frame):
+        log.warning(
+            "%s: dropped %d of %d rows without a text or a label", path, len(frame) - len(kept), len(frame)
+        )
+    frame = kept
     return pd.DataFrame(
         {"text": frame[spec.text_field].astype(str), "label": frame[spec.label_field].astype(str)}
     )
@@ -171,7 +188,8 @@ def _to_dataset(frame: pd.DataFrame, names: list[str], source: str | None) -> Da
     unknown = sorted(set(frame["label"]) - set(index))
     if unknown:
         raise DataError(
-            f"{source} has labels {unknown[:3]} not in data.labels {names}; add them to data.labels"
+            f"{source} has labels {unknown[:3]} not in data.labels {names}; add them to data.labels "
+            "or remove those rows"
         )
     columns = {"text": list(frame["text"]), "label": [index[v] for v in frame["label"]]}
     if FILE_COLUMN in frame.columns:

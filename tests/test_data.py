@@ -58,6 +58,23 @@ def test_data_errors_name_the_fix(tmp_path, content, spec, message):
         load_splits(DataSection(source=str(path), **spec), 0)
 
 
+def test_a_held_out_label_without_training_rows_names_both_files(tmp_path):
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("text,label\na,ham\nb,ham\n")
+    test.write_text("text,label\nc,spam\n")
+    with pytest.raises(
+        DataError, match=r"test.csv has labels \['spam'\] that the training data \(.*train.csv\)"
+    ):
+        load_splits(DataSection(source=str(train), test_source=str(test)), 0)
+
+
+def test_rows_without_a_label_are_counted_in_the_log(tmp_path, caplog):
+    path = tmp_path / "rows.csv"
+    path.write_text("text,label\na,ham\nb,\nc,spam\n")
+    assert len(load_splits(DataSection(source=str(path)), 0).train) == 2
+    assert "dropped 1 of 3 rows without a text or a label" in caplog.text
+
+
 def test_unknown_extension(tmp_path):
     path = tmp_path / "rows.xlsx"
     path.write_text("x")
