@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run N virtual clients on this machine")
     sim.add_argument("config", type=Path, help="run configuration (TOML)")
+    sim.add_argument("--verbose", action="store_true", help="show the virtual clients' own output (Ray's)")
     _add_run_options(sim)
 
     certs = sub.add_parser("certs", help="make TLS certificates and client keys for a deployment")
@@ -113,14 +115,23 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_finished(run_dir: Path) -> None:
+    """The last lines of a run: where it is, and the base model its adapter loads on."""
+    print(f"run directory: {run_dir}")
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        base = json.loads(summary.read_text())["base_model"]
+        print(f"adapter: {run_dir / 'adapter'} (load it on the base model {base})")
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from server.app import new_run_dir
     from server.simulation import simulate
 
     config = load_config(args.config, args.overrides)
     run_dir = args.resume or args.run_dir or new_run_dir(config)
-    simulate(config, run_dir, resume=args.resume is not None)
-    print(f"run directory: {run_dir}")
+    simulate(config, run_dir, resume=args.resume is not None, verbose=args.verbose)
+    _print_finished(run_dir)
     return 0
 
 
@@ -153,7 +164,7 @@ def _server(args: argparse.Namespace) -> int:
         port=args.port,
     )
     run_dir = serve(prepare(options), Console())
-    print(f"run directory: {run_dir}")
+    _print_finished(run_dir)
     return 0
 
 

@@ -14,8 +14,10 @@ from server.app import make_server_app
 from server.loop import FederatedRun
 
 
-def simulate(config: RunConfig, run_dir: Path, *, resume: bool = False) -> Path:
-    """Run ``config.data.num_clients`` virtual clients; returns the run directory."""
+def simulate(config: RunConfig, run_dir: Path, *, resume: bool = False, verbose: bool = False) -> Path:
+    """Run ``config.data.num_clients`` virtual clients; returns the run directory. The clients'
+    own output (Ray's workers: their logs, Flower's actor warnings) reaches the console only with
+    ``verbose``; what the server learns of a failing client is in its drop reason either way."""
     splits = get_task(config.model.task).splits(config.data, config.run.seed)
     # Partitioning errors (too few rows for min_partition_size, an empty share) surface here, not
     # inside Ray actors; IID shares shrink towards the last partition.
@@ -35,7 +37,7 @@ def simulate(config: RunConfig, run_dir: Path, *, resume: bool = False) -> Path:
     cpus = os.cpu_count() or 1
     backend_config = {
         "client_resources": {"num_cpus": config.simulation.cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "logging_level": logging.ERROR, "log_to_driver": True},
+        "init_args": {"num_cpus": cpus, "logging_level": logging.ERROR, "log_to_driver": verbose},
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
