@@ -3,6 +3,8 @@ directory or GGUF file, or a hub id; as a LoRA-wrapped classifier or causal lang
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as transformers_logging
 
 from fedpeft import model_store
 from fedpeft.config import LoraSection
@@ -148,6 +151,18 @@ def load_causal_lm(spec: CausalLMSpec) -> PeftModel:
     return model.to(device)
 
 
+@contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """transformers' report of weights it initialised or resized, silenced while loading a base
+    whose head fedpeft replaces (it reads like an error, and every client would print it)."""
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
+
+
 def load_classifier(spec: ClassifierSpec) -> PeftModel:
     """Base model + LoRA adapter for sequence classification; the head is trained and federated.
 
@@ -158,9 +173,10 @@ def load_classifier(spec: ClassifierSpec) -> PeftModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         try:
-            base = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=spec.num_labels, ignore_mismatched_sizes=True
-            )
+            with quiet_load_report():  # "classifier newly initialized": expected, the head is trained
+                base = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=spec.num_labels, ignore_mismatched_sizes=True
+                )
         except OSError as exc:
             raise ModelError(
                 f"cannot load model {spec.name!r} ({str(exc).splitlines()[0]}); give a local model "
