@@ -24,7 +24,7 @@ from typing import IO
 
 from client.settings import CLIENT_ID, DATA_PATH, FAULT_KINDS, INJECT_FAULT, RANK
 from fedpeft.errors import UserError
-from fedpeft.processes import ProcessTree, flower_command, flower_env
+from fedpeft.processes import ProcessTree, flower_command, flower_env, start_watchdog
 
 PROBE_SECONDS = 5.0
 ACTIVATION_FAILED = "Failed to activate SuperNode"  # Flower's words for a key it does not know
@@ -138,6 +138,7 @@ def _run_supernode(options: ClientOptions) -> tuple[int, SuperNodeOutput]:
             text=True,
         )
         tree = ProcessTree(process)
+        watchdog = start_watchdog(Path(home))  # a SIGKILLed client takes its SuperNode and folder with it
         output = SuperNodeOutput()
         forward = threading.Thread(target=_forward, args=(process.stdout, output), daemon=True)
         forward.start()
@@ -147,6 +148,7 @@ def _run_supernode(options: ClientOptions) -> tuple[int, SuperNodeOutput]:
         finally:
             tree.stop(grace=5.0)
             forward.join(timeout=5.0)
+            watchdog.terminate()
     return process.returncode, output
 
 

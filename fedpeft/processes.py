@@ -42,6 +42,15 @@ def flower_command(name: str) -> str:
     return str(path)
 
 
+def start_watchdog(*remove: Path) -> subprocess.Popen:
+    """Start ``fedpeft.watchdog`` for this process: if it dies, even by SIGKILL, every process it
+    started is stopped and ``remove`` is deleted (the watchdog runs in a session of its own, so a
+    signal to this process's group does not take it down first)."""
+    cmd = [sys.executable, "-m", "fedpeft.watchdog", str(os.getpid()), *map(str, remove)]
+    null = subprocess.DEVNULL
+    return subprocess.Popen(cmd, start_new_session=True, stdin=null, stdout=null, stderr=null)
+
+
 class ProcessTree:
     """A process and every process it starts. Flower starts its helpers in sessions of their own,
     and they can outlive their parent, so neither a process group nor a look at the children after

@@ -25,7 +25,7 @@ from rich.console import Console
 
 from fedpeft.certs import CertsLayout
 from fedpeft.config import load_config
-from fedpeft.processes import FlowerCommandError, ProcessTree, flower_command, flower_env
+from fedpeft.processes import FlowerCommandError, ProcessTree, flower_command, flower_env, start_watchdog
 from fedpeft.tasks import get_task
 from server.app import new_run_dir
 from server.loop import build_strategy, check_run_dir
@@ -110,6 +110,8 @@ def serve(options: Deployment, console: Console) -> Path:
             "local experiments.[/bold red]"
         )
     log_path = home / "superlink.log"
+    _check_port_free(options.host, options.port)
+    watchdog = start_watchdog()  # a SIGKILLed server takes its SuperLink and run processes with it
     superlink = ProcessTree(_start_superlink(options, env, log_path))
     submission: ProcessTree | None = None
     try:
@@ -126,6 +128,7 @@ def serve(options: Deployment, console: Console) -> Path:
         if submission is not None:
             submission.stop()
         superlink.stop()
+        watchdog.terminate()
     if not (options.run_dir / "summary.json").is_file():
         raise DeploymentError(
             f"the run ended before finishing; see the log above and {log_path}; "
@@ -162,6 +165,20 @@ def _start_superlink(options: Deployment, env: dict[str, str], log_path: Path) -
         cmd += ["--ssl-ca-certfile", str(certs.ca_cert), "--enable-supernode-auth"]
     with log_path.open("ab") as log:
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse to start on a port something already listens on: most often the SuperLink of a
+    server that was killed before its watchdog existed, which would otherwise answer our probe."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            raise DeploymentError(
+                f"port {port} is in use, often by a SuperLink left running by a server that was killed "
+                f"(`ss -ltnp 'sport = :{port}'` shows it; stop it), or choose another with --port"
+            ) from None
 
 
 def _wait_listening(port: int, process: subprocess.Popen, log_path: Path) -> None:
