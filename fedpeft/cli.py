@@ -125,11 +125,13 @@ def _print_finished(run_dir: Path) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from fedpeft.processes import start_watchdog
     from server.app import new_run_dir
     from server.simulation import simulate
 
     config = load_config(args.config, args.overrides)
     run_dir = args.resume or args.run_dir or new_run_dir(config)
+    start_watchdog()  # Ray's agents must not outlive a killed simulation
     simulate(config, run_dir, resume=args.resume is not None, verbose=args.verbose)
     _print_finished(run_dir)
     return 0

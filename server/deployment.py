@@ -116,7 +116,9 @@ def serve(options: Deployment, console: Console) -> Path:
     submission: ProcessTree | None = None
     try:
         _wait_listening(options.port, superlink.process, log_path)
-        console.print(f"SuperLink listening on {options.host}:{options.port} (log: {log_path})")
+        console.print(
+            f"SuperLink listening on {options.host}:{options.port} (log: {log_path})", soft_wrap=True
+        )
         if options.certs is not None:
             _register_clients(options.certs, env, console)
         submission = ProcessTree(_submit_run(options, env))
@@ -213,7 +215,7 @@ def _register_clients(certs: CertsLayout, env: dict[str, str], console: Console)
             raise DeploymentError(
                 f"could not register client key {key}: {(done.stdout + done.stderr).strip()}"
             )
-        console.print(f"registered client {name} ({key})")
+        console.print(f"registered client {name} ({key})", soft_wrap=True)
 
 
 def _submit_run(options: Deployment, env: dict[str, str]) -> subprocess.Popen:

@@ -369,7 +369,9 @@ class FederatedRun:
     def _resume(self) -> None:
         if not (self.run_dir / CHECKPOINT_FILE).is_file():
             self.recorder.truncate_after(-1)
-            self.console.print(f"{self.run_dir} stopped before its first round ended; starting it again")
+            self.console.print(
+                f"{self.run_dir} stopped before its first round ended; starting it again", soft_wrap=True
+            )
             return
         checkpoint = load_checkpoint(self.run_dir)
         self.state = checkpoint.state
@@ -378,7 +380,7 @@ class FederatedRun:
         self.recorder.truncate_after(self.state.round)
         last = self.recorder.rounds[-1] if self.recorder.rounds else {}
         self.limits.previous_norms = last.get("update_norms", [])  # the norm screen's starting pool
-        self.console.print(f"resuming {self.run_dir} after round {self.state.round}")
+        self.console.print(f"resuming {self.run_dir} after round {self.state.round}", soft_wrap=True)
 
     def _finish(self, seconds: float, stopped: str | None) -> dict[str, Any]:
         base = resolve_model(self.config.model.name)

@@ -75,13 +75,13 @@ class WeightedSum:
     Raw weights (example counts), not normalized ones, are what lets replies be folded before the
     total is known; ``mean`` divides once at the end. Weights are taken relative to the first
     one, so a single update (or equal weights) averages to exactly itself. The sums live in one
-    flat buffer: an update decoded into one buffer in the same layout is folded by one ``add_``;
-    any other by one fused ``torch._foreach_add_`` (the multi-tensor kernel of torch's own
-    optimizers), never by one Python-level op per tensor.
+    flat float64 buffer, so the float32 mean does not depend on the order the replies arrived in
+    (a resumed or rerun round folds them in another order; float32 sums would differ in their last
+    bits). An update decoded into one buffer in the same layout is folded by one ``add_``; any
+    other is gathered into that layout first.
     """
 
     def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
         self.total = 0.0
         self.count = 0
         self.unit = 1.0
@@ -90,28 +90,20 @@ class WeightedSum:
         if self.count == 0:
             self.unit = weight if weight > 0 else 1.0
             self.layout = FlatLayout(tensors)
-            self.buffer = torch.empty(self.layout.numel)
-            views = self.layout.views(self.buffer)
-            torch._foreach_copy_(views, list(tensors.values()))
-            self.sums = dict(zip(self.layout.keys, views, strict=True))
+            self.buffer = self.layout.gather(list(tensors.values())).double()
             if weight != self.unit:
                 self.buffer.mul_(weight / self.unit)
         else:
-            if tensors.keys() != self.sums.keys():
+            if tensors.keys() != set(self.layout.keys):
                 raise ValueError("an update's tensors differ from the first update's")
-            incoming = [tensors[k] for k in self.layout.keys]
-            span = self.layout.span(incoming)
-            if span is not None:
-                self.buffer.add_(span, alpha=weight / self.unit)
-            else:
-                incoming = [t.to(torch.float32) for t in incoming]
-                torch._foreach_add_(list(self.sums.values()), incoming, alpha=weight / self.unit)
+            incoming = self.layout.gather([tensors[k] for k in self.layout.keys])
+            self.buffer.add_(incoming, alpha=weight / self.unit)
         self.total += weight / self.unit
         self.count += 1
 
     def mean(self) -> dict[str, Tensor]:
-        """``sum_k w_k t_k / sum_k w_k``; the sums are consumed (divided in place)."""
+        """``sum_k w_k t_k / sum_k w_k`` as float32 tensors (views of one fresh buffer)."""
         if self.total <= 0:
             raise ValueError("cannot aggregate: the replies report no training examples in total")
-        self.buffer.div_(self.total)
-        return self.sums
+        mean = (self.buffer / self.total).to(torch.float32)
+        return dict(zip(self.layout.keys, self.layout.views(mean), strict=True))

@@ -113,3 +113,28 @@ def test_a_streaming_round_drops_an_invalid_update_on_arrival():
     assert "round 2, not 1" in replies.offer(factories.update(rank=4, seed=2, num_examples=5, rnd=2))
     assert replies.offer(client(3, 5, state, frozen_A=True)) is None
     assert replies.close() == [] and replies.count == 1
+
+
+def test_the_streaming_mean_does_not_depend_on_arrival_order():
+    """A rerun or resumed round folds the replies in another order; the float32 mean is the same
+    to the bit (the sums are float64)."""
+    from strategies import FedAvg
+    from tests.factories import sent_state, trained
+
+    state = sent_state()
+    updates = [trained(state, seed, boost=10.0) for seed in range(20)]
+    for k, u in enumerate(updates):
+        u.num_examples = 7 + 13 * k
+    results = []
+    for order in (
+        range(20),
+        reversed(range(20)),
+        [3, 17, 0, 9, 12, 5, 19, 1, 8, 14, 2, 11, 6, 16, 4, 18, 7, 15, 10, 13],
+    ):
+        out: GlobalState = FedAvg().aggregate(1, state, [updates[i] for i in order])
+        results.append(out)
+    for other in results[1:]:
+        for module, f in results[0].adapter.items():
+            assert torch.equal(other.adapter[module].A, f.A) and torch.equal(other.adapter[module].B, f.B)
+        for name, t in results[0].extras.items():
+            assert torch.equal(other.extras[name], t)
