@@ -545,14 +545,14 @@ def plot(results: Results, path: Path) -> None:
             ax.plot(rounds, [statistics.fmean(v) for v in per_round], marker="o", ms=3, label=method)
             ax.fill_between(rounds, [min(v) for v in per_round], [max(v) for v in per_round], alpha=0.15)
         if central:
-            ax.axhline(statistics.fmean(central), color="gray", linestyle="--", label="centralized")
+            ax.axhline(statistics.fmean(central), color="gray", linestyle="--", label="centralized (test)")
         local = baseline(results, "local", spec.alpha)
         if local:
-            ax.axhline(statistics.fmean(local), color="gray", linestyle=":", label="local-only")
+            ax.axhline(statistics.fmean(local), color="gray", linestyle=":", label="local-only (test)")
         ax.set(title=f"{setting}: α={spec.alpha:g}, {spec.fraction:.0%} of clients", xlabel="round")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
     axes[0].set_ylabel(f"validation accuracy ({VAL_ROWS} rows); band: min-max over seeds")
-    axes[-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
