@@ -40,6 +40,8 @@ def save_checkpoint(run_dir: Path, state: GlobalState, rng_state: Any) -> Path:
         "round": state.round,
         "has_adapter": state.adapter is not None,
         "scales": {n: f.scale for n, f in (state.adapter or {}).items()},
+        "merged": list(state.merged),  # the dicts' orders: safetensors hands tensors back sorted by
+        "extras": list(state.extras),  # name, and a flat layout over the state (dp's noise) follows it
         "strategy": strategy_scalars,
         "rng": rng_state,
     }
@@ -73,18 +75,17 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     adapter: dict[str, AdapterFactors] = {}
     extras: dict[str, Tensor] = {}
     strategy_state: dict[str, Any] = _tensors_in(meta["strategy"], tensors)
-    for key, t in tensors.items():
-        kind, _, rest = key.partition("/")
-        if kind == "extra":
-            extras[rest] = t
+    for name in meta.get("extras", [k.removeprefix("extra/") for k in tensors if k.startswith("extra/")]):
+        extras[name] = tensors[f"extra/{name}"]
     for name, scale in meta["scales"].items():
         adapter[name] = AdapterFactors(
             A=tensors[f"adapter/{name}/A"], B=tensors[f"adapter/{name}/B"], scale=scale
         )
-    for key in tensors:
-        if key.startswith("merged/") and key.endswith("/U"):
-            name = key[len("merged/") : -len("/U")]
-            merged[name] = LowRankDelta(U=tensors[key], V=tensors[f"merged/{name}/V"])
+    merged_names = [
+        k[len("merged/") : -len("/U")] for k in tensors if k.startswith("merged/") and k.endswith("/U")
+    ]
+    for name in meta.get("merged", merged_names):  # checkpoints before the order was kept: sorted
+        merged[name] = LowRankDelta(U=tensors[f"merged/{name}/U"], V=tensors[f"merged/{name}/V"])
     state = GlobalState(
         round=meta["round"],
         merged=merged,

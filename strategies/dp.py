@@ -202,7 +202,7 @@ class PrivateSum:
         self.dp, self.rnd, self.state = dp, rnd, state
         self.trains_A = dp.inner.client_instructions(rnd, state).train_lora_A
         self.clipper = DeltaClipper(dp.name, state, self.trains_A)
-        self.total = torch.zeros(self.clipper.layout.numel)
+        self.total = torch.zeros(self.clipper.layout.numel, dtype=torch.float64)  # order-independent
         self.unclipped = 0
 
     def add(self, update: ClientUpdate) -> None:
@@ -233,7 +233,7 @@ class PrivateSum:
             )
             metrics["noised_unclipped_fraction"] = fraction
         dp.last_metrics = metrics
-        noised = dict(zip(layout.keys, layout.views(self.total), strict=True))
+        noised = dict(zip(layout.keys, layout.views(self.total.to(torch.float32)), strict=True))
         factors, extras = split_trained(noised, self.state.adapter)
         first = next(iter(factors.values()))
         virtual = ClientUpdate(
