@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KIND",
         help="misbehave on purpose to test the server's fault handling: nan or wrong-shape",
     )
+    export = sub.add_parser("export", help="write a finished run's adapter merged into its base model")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run directory")
+    export.add_argument(
+        "--merged", type=Path, required=True, metavar="OUT", help="directory for the full model"
+    )
     compare = sub.add_parser("compare", help="compare finished runs: one plot and a table of final figures")
     compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run directories")
     compare.add_argument(
@@ -188,6 +193,19 @@ def _client(args: argparse.Namespace) -> int:
     return run_client(options)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from fedpeft.export import export_merged
+
+    summary_path = args.run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise UserError(f"{args.run_dir} is not a finished run (no summary.json); pass a run directory")
+    summary = json.loads(summary_path.read_text())
+    labelled = (args.run_dir / "adapter" / "labels.json").is_file()
+    labels = summary["label_names"] if labelled else None
+    print(export_merged(args.run_dir / "adapter", summary["base_model"], args.merged, labels))
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from server.compare import compare
 
@@ -203,6 +221,7 @@ COMMANDS = {
     "server": _server,
     "client": _client,
     "compare": _compare,
+    "export": _export,
 }
 
 

@@ -74,16 +74,23 @@ def export_adapter(
     return out_dir
 
 
-def export_merged(adapter_dir: Path, base_model: str, out_dir: Path, num_labels: int | None = None) -> Path:
+def export_merged(adapter_dir: Path, base_model: str, out_dir: Path, labels: list[str] | None = None) -> Path:
     """Load ``base_model`` + the adapter with plain peft, ``merge_and_unload`` and save the full
-    model and tokenizer into ``out_dir`` (a causal LM, or a classifier when ``num_labels`` is set)."""
+    model and tokenizer into ``out_dir``: a causal LM, or with ``labels`` a classifier whose config
+    names them (``id2label`` / ``label2id``)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    if num_labels is None:
+    if labels is None:
         base = AutoModelForCausalLM.from_pretrained(base_model)
     else:
-        base = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=num_labels)
+        base = AutoModelForSequenceClassification.from_pretrained(
+            base_model,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+            ignore_mismatched_sizes=True,  # the adapter brings the head
+        )
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))

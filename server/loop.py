@@ -403,10 +403,8 @@ class FederatedRun:
         if trained_on:
             summary["examples_trained_on"] = sum(trained_on.values())
         if self.config.run.export_merged:
-            num_labels = len(self.splits.label_names) if self.task.labelled else None
-            summary["merged_model"] = str(
-                export_merged(adapter_dir, base, self.run_dir / "merged", num_labels)
-            )
+            labels = list(self.splits.label_names) if self.task.labelled else None
+            summary["merged_model"] = str(export_merged(adapter_dir, base, self.run_dir / "merged", labels))
         if stopped:
             summary["stopped"] = stopped
         for key in EVAL_METRICS:

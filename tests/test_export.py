@@ -101,3 +101,17 @@ def test_a_run_exports_an_adapter_that_names_its_labels_and_its_base(tiny_bert_d
     )
     model = PeftModel.from_pretrained(base, str(adapter))
     assert model.base_model.model.config.id2label[0] == summary["label_names"][0]
+
+
+def test_fedpeft_export_writes_a_merged_classifier_that_names_its_labels(tiny_bert_dir, tmp_path):
+    from fedpeft.cli import main
+    from fedpeft.testing import LocalGrid
+    from server.loop import FederatedRun
+
+    summary = FederatedRun(factories.small_config(tiny_bert_dir, **{"run.rounds": 1}), tmp_path / "run").run(
+        LocalGrid(3)
+    )
+    assert main(["export", str(tmp_path / "run"), "--merged", str(tmp_path / "full")]) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "full")
+    assert [model.config.id2label[i] for i in range(len(summary["label_names"]))] == summary["label_names"]
+    assert main(["export", str(tmp_path), "--merged", str(tmp_path / "x")]) == 2  # not a run: one line
