@@ -88,6 +88,12 @@ def train(msg: Message, context: Context) -> Message:
         steps = config.train.local_steps
         metrics = {"example_epsilon": runtime.record_example_steps(context, accountant, steps)}
         trained = steps * min(config.train.batch_size, len(data))
+    # on this client's own console (a deployed client's log; hidden in simulation unless --verbose)
+    print(
+        f"round {instructions.round}: trained {config.train.local_steps} steps on {len(data)} rows, "
+        f"loss {local.train_loss:.4f}",
+        flush=True,
+    )
     factors, extras = host.read_update()
     update = ClientUpdate(
         factors=factors,

@@ -316,3 +316,9 @@ def test_every_strategy_resumes_to_the_bit(tiny_bert_dir, tmp_path, strategy, ex
         assert torch.equal(b.merged[name].U, d.U) and torch.equal(b.merged[name].V, d.V)
     for name, t in a.extras.items():
         assert torch.equal(b.extras[name], t)
+
+
+def test_a_client_says_what_it_trained(tiny_bert_dir, tmp_path, capsys):
+    FederatedRun(small_config(tiny_bert_dir, **{"run.rounds": 1}), tmp_path).run(LocalGrid(3))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("round 1: trained")]
+    assert len(lines) == 3 and all(" 2 steps on " in line and ", loss " in line for line in lines)
