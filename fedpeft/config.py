@@ -327,6 +327,19 @@ class ClientConfig(Section):
         return cls.model_validate_json(text)
 
 
+class TrackingSection(Section):
+    tensorboard: bool = Field(
+        False, description="write each round's metrics as TensorBoard scalars into `RUN_DIR/tensorboard`"
+    )
+    mlflow_uri: str | None = Field(
+        None,
+        description="log the configuration, each round's metrics and the final adapter to MLflow at this "
+        "tracking URI (`local`: a SQLite store in the run directory; `sqlite:///path.db`; an MLflow server's "
+        "`http://host:5000`); needs `pip install 'fedpeft[tracking]'`",
+    )
+    mlflow_experiment: str = Field("fedpeft", description="the MLflow experiment the run is logged under")
+
+
 class RunConfig(Section):
     run: RunSection = Field(
         default_factory=RunSection, description="The run: its name, seed, length and outputs"
@@ -365,6 +378,9 @@ class RunConfig(Section):
     example_dp: ExampleDPSection = Field(
         default_factory=ExampleDPSection,
         description="Example-level differential privacy: DP-SGD on every client",
+    )
+    tracking: TrackingSection = Field(
+        default_factory=TrackingSection, description="Experiment tracking sinks (TensorBoard, MLflow)"
     )
 
     @model_validator(mode="after")

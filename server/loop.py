@@ -36,6 +36,7 @@ from server.evaluation import make_evaluator
 from server.replies import Replies, RoundReplies, client_error, receive
 from server.report import Participation, RoundProgress, RoundRecord, RunRecorder, print_round, print_summary
 from server.secure import SecureAggregation
+from server.tracking import open_trackers
 from server.validation import ReplyLimits
 from strategies import StopFederation, Strategy, StrategyError, create_strategy
 
@@ -134,6 +135,7 @@ class FederatedRun:
         self.splits = splits or self.task.splits(config.data, config.run.seed)
         self.client_config = config.client_config(data=config.data.replace(labels=self.splits.label_names))
         self.recorder = RunRecorder(self.run_dir)
+        self.trackers = open_trackers(config, self.run_dir)  # before any round: a missing library fails now
         self.evaluator = make_evaluator(config, self.splits) if config.server.evaluate else None
         self.rng = random.Random(config.run.seed)
         self.state = GlobalState()
@@ -152,6 +154,11 @@ class FederatedRun:
         else:
             (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
 
+    def _record(self, row: dict[str, Any]) -> None:
+        self.recorder.record(row)
+        for tracker in self.trackers:
+            tracker.round(row)
+
     def init_seed(self, rnd: int) -> int:
         """The seed every client uses for a fresh LoRA init in round ``rnd``."""
         return self.config.run.seed * 100_003 + rnd
@@ -162,7 +169,7 @@ class FederatedRun:
             self._fetch_initial_adapter(grid)
             if self.evaluator is not None:
                 row = {"round": 0, **self.evaluator(self.state, self.init_seed(1))}
-                self.recorder.record(row)
+                self._record(row)
                 print_round(self.console, row, self.config.run.rounds)
         stopped = None
         for rnd in range(self.state.round + 1, self.config.run.rounds + 1):
@@ -233,7 +240,7 @@ class FederatedRun:
             record.evaluation = self.evaluator(self.state, self.init_seed(rnd + 1))
         record.seconds = time.perf_counter() - t0
         row = record.row()
-        self.recorder.record(row)
+        self._record(row)
         save_checkpoint(self.run_dir, self.state, self.rng.getstate())
         print_round(self.console, row, self.config.run.rounds)
 
@@ -417,6 +424,8 @@ class FederatedRun:
             adapter_dir, self.config, summary, self.recorder.rounds[-1] if self.recorder.rounds else {}
         )
         self.recorder.write_summary(summary)
+        for tracker in self.trackers:
+            tracker.finish(summary, adapter_dir)
         self.recorder.plot()
         print_summary(self.console, self.run_dir, summary)
         return summary

@@ -322,3 +322,35 @@ def test_a_client_says_what_it_trained(tiny_bert_dir, tmp_path, capsys):
     FederatedRun(small_config(tiny_bert_dir, **{"run.rounds": 1}), tmp_path).run(LocalGrid(3))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("round 1: trained")]
     assert len(lines) == 3 and all(" 2 steps on " in line and ", loss " in line for line in lines)
+
+
+def test_tracking_sends_rounds_config_and_adapter_to_tensorboard_and_mlflow(tiny_bert_dir, tmp_path):
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    options = {"run.rounds": 2, "tracking.tensorboard": "true", "tracking.mlflow_uri": "'local'"}
+    config = small_config(tiny_bert_dir, **options)
+    FederatedRun(config, tmp_path).run(LocalGrid(3))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval_accuracy")] == [0, 1, 2]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = mlflow.get_run((tmp_path / "mlflow-run-id").read_text())
+    assert run.data.params["run.rounds"] == "2" and "summary_final_eval_accuracy" in run.data.metrics
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval_accuracy")
+    assert [m.step for m in history] == [0, 1, 2]
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "adapter")]
+    assert "adapter/adapter_model.safetensors" in artifacts and "adapter/README.md" in artifacts
+
+
+def test_a_tracking_sink_without_its_library_is_one_line_before_any_round(
+    tiny_bert_dir, tmp_path, monkeypatch
+):
+    import sys
+
+    from server.tracking import TrackingError
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    config = small_config(tiny_bert_dir, **{"tracking.mlflow_uri": "'local'"})
+    with pytest.raises(TrackingError, match=r"needs MLflow: pip install 'fedpeft\[tracking\]'"):
+        FederatedRun(config, tmp_path)
