@@ -76,8 +76,8 @@ class WeightedSum:
     total is known; ``mean`` divides once at the end. Weights are taken relative to the first
     one, so a single update (or equal weights) averages to exactly itself. The sums live in one
     flat float64 buffer, so the float32 mean does not depend on the order the replies arrived in
-    (a resumed or rerun round folds them in another order; float32 sums would differ in their last
-    bits). An update decoded into one buffer in the same layout is folded by one ``add_``; any
+    (a rerun round folds them in another order), but for an element whose float64 sum lands on a
+    float32 rounding boundary: one ulp there, where float32 sums differ in many elements. An update decoded into one buffer in the same layout is folded by one ``add_``; any
     other is gathered into that layout first.
     """
 
