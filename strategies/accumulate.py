@@ -77,8 +77,9 @@ class WeightedSum:
     one, so a single update (or equal weights) averages to exactly itself. The sums live in one
     flat float64 buffer, so the float32 mean does not depend on the order the replies arrived in
     (a rerun round folds them in another order), but for an element whose float64 sum lands on a
-    float32 rounding boundary: one ulp there, where float32 sums differ in many elements. An update decoded into one buffer in the same layout is folded by one ``add_``; any
-    other is gathered into that layout first.
+    float32 rounding boundary: one ulp there, where float32 sums differ in many elements. An update
+    decoded into one buffer in the same layout is folded by one ``add_``; any other is gathered into
+    that layout first.
     """
 
     def __init__(self) -> None:
