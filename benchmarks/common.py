@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import fnmatch
+import functools
 import json
 import os
 import platform
@@ -332,6 +333,31 @@ def pieces_parser(description: str, out: Path, data: str) -> argparse.ArgumentPa
     p.add_argument("--report", action="store_true", help="print the tables only")
     p.add_argument("--out", type=Path, default=out)
     return p
+
+
+def agnews_pieces_main(
+    benchmark: str,
+    doc: str,
+    names: list[str],
+    run: Callable[[HeldOut, Path, str], dict[str, Any]],
+    report: Callable[[RunsFile], str],
+    held_out: Callable[[Path], HeldOut],
+    argv: list[str] | None,
+) -> int:
+    """The ``main`` of an AG News benchmark in pieces: options, the data check, the held-out sets
+    (built once, on the first piece that runs), the pieces, the report."""
+    out = REPO / "benchmarks" / "results" / f"{benchmark}.json"
+    args = pieces_parser(doc.splitlines()[0], out, "agnews/alps/").parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    results = RunsFile(args.out, benchmark)
+    data_dir = args.data_dir.resolve()
+    if not (args.list or args.report) and (absent := missing_agnews(data_dir)) is not None:
+        print(f"{benchmark}: {absent} not found; pass --data-dir <folder holding agnews/alps/>")
+        return 2
+    sets = functools.cache(lambda: held_out(data_dir))
+    run_pieces(results, names, lambda name: run(sets(), data_dir, name), args)
+    print(report(results))
+    return 0
 
 
 def run_pieces(

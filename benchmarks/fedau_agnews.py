@@ -20,25 +20,14 @@ test.tsv.
 
 from __future__ import annotations
 
-import functools
-import os
 import re
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from common import (
-    REPO,
-    HeldOut,
-    RunsFile,
-    agnews_config,
-    missing_agnews,
-    pieces_parser,
-    run_pieces,
-    run_scored,
-)
-from noniid_agnews import LABELS, TOKENS, prepare_files
+from common import REPO, HeldOut, RunsFile, agnews_config, agnews_pieces_main, run_scored
+from noniid_agnews import TOKENS, agnews_held_out
 
 from client.faults import availability
 from fedpeft.config import RunConfig
@@ -77,13 +66,13 @@ def strategy_overrides(method: str, config: RunConfig) -> dict[str, Any]:
     return {"strategy.name": "fedau", "strategy.probabilities": known}
 
 
-def run(held_out: HeldOut, files: dict[str, Path], data_dir: Path, name: str) -> dict[str, Any]:
+def run(held_out: HeldOut, data_dir: Path, name: str) -> dict[str, Any]:
     method, seed = name.split("/")[0], int(name.split("=")[-1])
     base = {
         **SETTING,
         "run.seed": seed,
-        "data.source": str(files["train"]),
-        "data.test_source": str(files["val"]),
+        "data.source": str(held_out.files["train"]),
+        "data.test_source": str(held_out.files["val"]),
     }
     config = agnews_config(data_dir, {**base, **strategy_overrides(method, agnews_config(data_dir, base))})
     run_dir = WORK / re.sub(r"[^\w.-]+", "-", name)
@@ -122,26 +111,8 @@ def report(results: RunsFile) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = pieces_parser(__doc__.splitlines()[0], OUT, "agnews/alps/").parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results = RunsFile(args.out, "fedau_agnews")
-    data_dir = args.data_dir.resolve()
-    if not (args.list or args.report) and (absent := missing_agnews(data_dir)) is not None:
-        print(
-            f"fedau_agnews: {absent} not found; pass --data-dir <folder with agnews/alps/>", file=sys.stderr
-        )
-        return 2
-
-    @functools.cache
-    def held_out() -> tuple[HeldOut, dict[str, Path]]:
-        files = prepare_files(data_dir)
-        base = {"data.source": str(files["train"]), "model.max_length": TOKENS}
-        return HeldOut(agnews_config(data_dir, base), files, list(LABELS)), files
-
     names = [f"{method}/seed={seed}" for seed in SEEDS for method in METHODS]
-    run_pieces(results, names, lambda name: run(*held_out(), data_dir, name), args)
-    print(report(results))
-    return 0
+    return agnews_pieces_main("fedau_agnews", __doc__, names, run, report, agnews_held_out, argv)
 
 
 if __name__ == "__main__":

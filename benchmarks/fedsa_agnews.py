@@ -16,26 +16,15 @@ in the federation), from the same initial adapter. The figure is the mean over t
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from common import (
-    REPO,
-    HeldOut,
-    RunsFile,
-    agnews_config,
-    missing_agnews,
-    pieces_parser,
-    run_pieces,
-    run_scored,
-)
+from common import REPO, HeldOut, RunsFile, agnews_config, agnews_pieces_main, run_scored
 from flwr.app import Context, RecordDict
-from noniid_agnews import LABELS, TOKENS, prepare_files
+from noniid_agnews import LABELS, TOKENS, agnews_held_out
 
 from client import runtime
 from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
@@ -129,24 +118,8 @@ def report(results: RunsFile) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = pieces_parser(__doc__.splitlines()[0], OUT, "agnews/alps/").parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results = RunsFile(args.out, "fedsa_agnews")
-    data_dir = args.data_dir.resolve()
-    if not (args.list or args.report) and (absent := missing_agnews(data_dir)) is not None:
-        print(f"fedsa_agnews: {absent} not found; pass --data-dir <folder holding agnews/alps/>")
-        return 2
-
-    @functools.cache
-    def held_out() -> HeldOut:
-        files = prepare_files(data_dir)
-        base = {"data.source": str(files["train"]), "model.max_length": TOKENS}
-        return HeldOut(agnews_config(data_dir, base), files, list(LABELS))
-
     names = [f"{method}/seed={seed}" for seed in SEEDS for method in METHODS]
-    run_pieces(results, names, lambda name: run(held_out(), data_dir, name), args)
-    print(report(results))
-    return 0
+    return agnews_pieces_main("fedsa_agnews", __doc__, names, run, report, agnews_held_out, argv)
 
 
 if __name__ == "__main__":

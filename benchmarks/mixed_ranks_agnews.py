@@ -16,24 +16,13 @@ test.tsv.
 
 from __future__ import annotations
 
-import functools
-import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from common import (
-    REPO,
-    HeldOut,
-    RunsFile,
-    agnews_config,
-    missing_agnews,
-    pieces_parser,
-    run_pieces,
-    run_scored,
-)
-from noniid_agnews import LABELS, TOKENS, prepare_files
+from common import REPO, HeldOut, RunsFile, agnews_config, agnews_pieces_main, run_scored
+from noniid_agnews import TOKENS, agnews_held_out
 
 OUT = REPO / "benchmarks" / "results" / "mixed_ranks_agnews.json"
 WORK = REPO / "runs" / "mixed-ranks-agnews"
@@ -59,14 +48,14 @@ SETTING = {
 }
 
 
-def run(held_out: HeldOut, files: dict[str, Path], data_dir: Path, name: str) -> dict[str, Any]:
+def run(held_out: HeldOut, data_dir: Path, name: str) -> dict[str, Any]:
     method, seed = name.split("/")[0], int(name.split("=")[-1])
     overrides = {
         **SETTING,
         "strategy.name": method,
         "run.seed": seed,
-        "data.source": str(files["train"]),
-        "data.test_source": str(files["val"]),
+        "data.source": str(held_out.files["train"]),
+        "data.test_source": str(held_out.files["val"]),
     }
     run_dir = WORK / name.replace("/", "-").replace("=", "")
     result = run_scored(name, agnews_config(data_dir, overrides), held_out.evaluator("test"), run_dir)
@@ -108,24 +97,8 @@ def report(results: RunsFile) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = pieces_parser(__doc__.splitlines()[0], OUT, "agnews/alps/").parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results = RunsFile(args.out, "mixed_ranks_agnews")
-    data_dir = args.data_dir.resolve()
-    if not (args.list or args.report) and (absent := missing_agnews(data_dir)) is not None:
-        print(f"mixed_ranks_agnews: {absent} not found; pass --data-dir <folder holding agnews/alps/>")
-        return 2
-
-    @functools.cache
-    def held_out() -> tuple[HeldOut, dict[str, Path]]:
-        files = prepare_files(data_dir)
-        base = {"data.source": str(files["train"]), "model.max_length": TOKENS}
-        return HeldOut(agnews_config(data_dir, base), files, list(LABELS)), files
-
     names = [f"{method}/seed={seed}" for seed in SEEDS for method in METHODS]
-    run_pieces(results, names, lambda name: run(*held_out(), data_dir, name), args)
-    print(report(results))
-    return 0
+    return agnews_pieces_main("mixed_ranks_agnews", __doc__, names, run, report, agnews_held_out, argv)
 
 
 if __name__ == "__main__":

@@ -199,6 +199,16 @@ class Results(RunsFile):
         return max(SERVER_OPTIMIZERS, key=lambda m: selection_score(self.get(f"search/{m}/lr={lrs[m]:g}")))
 
 
+def agnews_held_out(data_dir: Path, tokens: int | None = TOKENS) -> HeldOut:
+    """The training rows, the validation split and the test sample of ``prepare_files``, with
+    their evaluators, inputs cut at ``tokens`` (None: the configuration's default)."""
+    files = prepare_files(data_dir)
+    base: dict[str, Any] = {"data.source": str(files["train"])}
+    if tokens is not None:
+        base["model.max_length"] = tokens
+    return HeldOut(agnews_config(data_dir, base), files, list(LABELS))
+
+
 def prepare_files(data_dir: Path) -> dict[str, Path]:
     """dev.tsv less the validation split, the split, and the test sample (``write_splits``)."""
     read = lambda p: pd.read_csv(p, sep="\t", header=None, names=["text", "label"])  # noqa: E731

@@ -19,22 +19,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
-from common import (
-    REPO,
-    HeldOut,
-    RunsFile,
-    agnews_config,
-    missing_agnews,
-    pieces_parser,
-    run_pieces,
-    run_scored,
-)
-from noniid_agnews import LABELS, prepare_files
+from common import REPO, HeldOut, RunsFile, agnews_config, agnews_pieces_main, run_scored
+from noniid_agnews import agnews_held_out
 
 OUT = REPO / "benchmarks" / "results" / "vcma_agnews.json"
 WORK = REPO / "runs" / "vcma-agnews"
@@ -72,16 +63,15 @@ def pieces() -> list[tuple[str, str, str, int]]:
     ]
 
 
-def run(
-    held_out: HeldOut, files: dict[str, Path], data_dir: Path, name: str, init: str, method: str, seed: int
-):
+def run(held_out: HeldOut, data_dir: Path, name: str) -> dict[str, Any]:
+    init, method, seed = next((i, m, s) for n, i, m, s in pieces() if n == name)
     overrides = {
         **SETTING,
         **METHODS[method],
         "run.seed": seed,
         "lora.init": init,
-        "data.source": str(files["train"]),
-        "data.test_source": str(files["test"]),
+        "data.source": str(held_out.files["train"]),
+        "data.test_source": str(held_out.files["test"]),
     }
     config = agnews_config(data_dir, overrides)
     run_dir = WORK / name.replace("/", "-").replace("=", "")
@@ -129,25 +119,9 @@ def report(results: RunsFile) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = pieces_parser(__doc__.splitlines()[0], OUT, "agnews/alps/").parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results = RunsFile(args.out, "vcma_agnews")
-    data_dir = args.data_dir.resolve()
-    if not (args.list or args.report) and (absent := missing_agnews(data_dir)) is not None:
-        print(f"vcma_agnews: {absent} not found; pass --data-dir <folder with agnews/alps/>", file=sys.stderr)
-        return 2
-    runs = {name: (init, method, seed) for name, init, method, seed in pieces()}
-
-    @functools.cache
-    def held_out() -> tuple[HeldOut, dict[str, Path]]:
-        files = prepare_files(data_dir)
-        return HeldOut(
-            agnews_config(data_dir, {"data.source": str(files["train"])}), files, list(LABELS)
-        ), files
-
-    run_pieces(results, list(runs), lambda name: run(*held_out(), data_dir, name, *runs[name]), args)
-    print(report(results))
-    return 0
+    names = [name for name, *_ in pieces()]
+    held_out = functools.partial(agnews_held_out, tokens=None)  # this benchmark keeps 64-token inputs
+    return agnews_pieces_main("vcma_agnews", __doc__, names, run, report, held_out, argv)
 
 
 if __name__ == "__main__":

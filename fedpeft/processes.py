@@ -75,12 +75,16 @@ class ProcessTree:
     def stop(self, grace: float = 15.0) -> None:
         """Terminate every member; kill the ones still alive after ``grace`` seconds."""
         self.watch()
-        members = list(self.members.values())
-        for member in members:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                member.terminate()
-        _, alive = psutil.wait_procs(members, timeout=grace)
-        for member in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                member.kill()
+        stop_processes(list(self.members.values()), grace)
         self.process.wait()
+
+
+def stop_processes(processes: list[psutil.Process], grace: float) -> None:
+    """Terminate ``processes``; kill the ones still alive after ``grace`` seconds."""
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()

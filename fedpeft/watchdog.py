@@ -17,6 +17,8 @@ import time
 
 import psutil
 
+from fedpeft.processes import stop_processes
+
 POLL_SECONDS = 0.5
 GRACE_SECONDS = 5.0
 
@@ -41,14 +43,7 @@ def guard(parent_pid: int, directories: list[str]) -> None:
                 if child.pid != me:
                     members.setdefault(child.pid, child)
         time.sleep(POLL_SECONDS)
-    left = [m for m in members.values() if alive(m)]  # is_running also checks the start time
-    for member in left:
-        with contextlib.suppress(psutil.Error):
-            member.terminate()
-    _, still = psutil.wait_procs(left, timeout=GRACE_SECONDS)
-    for member in still:
-        with contextlib.suppress(psutil.Error):
-            member.kill()
+    stop_processes([m for m in members.values() if alive(m)], GRACE_SECONDS)  # is_running checks start times
     for directory in directories:
         shutil.rmtree(directory, ignore_errors=True)
 
