@@ -11,10 +11,11 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +334,22 @@ def pieces_parser(description: str, out: Path, data: str) -> argparse.ArgumentPa
     p.add_argument("--report", action="store_true", help="print the tables only")
     p.add_argument("--out", type=Path, default=out)
     return p
+
+
+def runs_by(results: RunsFile, key: str, values: Sequence[str]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """(value, its runs sorted by seed) for each of ``values`` that has runs, in that order."""
+    for value in values:
+        runs = sorted((r for r in results.data["runs"] if r[key] == value), key=lambda r: r["seed"])
+        if runs:
+            yield value, runs
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± std (n=k)`` of per-seed figures (std 0 for one seed)."""
+    if not values:
+        return "–"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.4f} ± {spread:.4f} (n={len(values)})"
 
 
 def agnews_pieces_main(

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import REPO, HeldOut, RunsFile, agnews_config, agnews_pieces_main, run_scored
+from common import REPO, HeldOut, RunsFile, agnews_config, agnews_pieces_main, mean_std, run_scored, runs_by
 from noniid_agnews import TOKENS, agnews_held_out
 
 from client.faults import availability
@@ -94,16 +94,12 @@ def report(results: RunsFile) -> str:
         "| method | test accuracy, mean ± std | validation, mean of last 5 rounds | client steps | seeds |",
         "|---|---:|---:|---:|---|",
     ]
-    for method in METHODS:
-        runs = sorted((r for r in results.data["runs"] if r["method"] == method), key=lambda r: r["seed"])
-        if not runs:
-            continue
+    for method, runs in runs_by(results, "method", METHODS):
         accs = [r["final_accuracy"] for r in runs]
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         recent = statistics.fmean(statistics.fmean(r["curve"][-5:]) for r in runs)
         steps = statistics.fmean(r["optimizer_steps"] for r in runs)
         lines.append(
-            f"| {method} | {statistics.fmean(accs):.4f} ± {spread:.4f} | {recent:.4f} | {steps:.0f} | "
+            f"| {method} | {mean_std(accs)} | {recent:.4f} | {steps:.0f} | "
             + ", ".join(f"{a:.4f}" for a in accs)
             + " |"
         )

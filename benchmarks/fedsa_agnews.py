@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import REPO, HeldOut, RunsFile, agnews_config, agnews_pieces_main, run_scored
+from common import REPO, HeldOut, RunsFile, agnews_config, agnews_pieces_main, mean_std, run_scored, runs_by
 from flwr.app import Context, RecordDict
 from noniid_agnews import LABELS, TOKENS, agnews_held_out
 
@@ -105,15 +105,11 @@ def report(results: RunsFile) -> str:
         "| method | mean per-client accuracy, mean ± std | worst client (mean over seeds) | seeds |",
         "|---|---:|---:|---|",
     ]
-    for method in METHODS:
-        runs = sorted((r for r in results.data["runs"] if r["method"] == method), key=lambda r: r["seed"])
-        if not runs:
-            continue
+    for method, runs in runs_by(results, "method", METHODS):
         means = [r["mean_client_accuracy"] for r in runs]
-        spread = statistics.stdev(means) if len(means) > 1 else 0.0
         worst = statistics.fmean(min(r["per_client"].values()) for r in runs)
         seeds = ", ".join(f"{m:.4f}" for m in means)
-        lines.append(f"| {method} | {statistics.fmean(means):.4f} ± {spread:.4f} | {worst:.4f} | {seeds} |")
+        lines.append(f"| {method} | {mean_std(means)} | {worst:.4f} | {seeds} |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import REPO, HeldOut, RunsFile, agnews_config, agnews_pieces_main, run_scored
+from common import REPO, HeldOut, RunsFile, agnews_config, agnews_pieces_main, mean_std, run_scored, runs_by
 from noniid_agnews import TOKENS, agnews_held_out
 
 OUT = REPO / "benchmarks" / "results" / "mixed_ranks_agnews.json"
@@ -79,18 +79,14 @@ def report(results: RunsFile) -> str:
         "| seeds |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    for method in METHODS:
-        runs = sorted((r for r in results.data["runs"] if r["method"] == method), key=lambda r: r["seed"])
-        if not runs:
-            continue
+    for method, runs in runs_by(results, "method", METHODS):
         accs = [r["final_accuracy"] for r in runs]
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         up, down, seconds = (
             statistics.fmean(r[key] for r in runs)
             for key in ("bytes_up_per_round", "bytes_down_per_round", "aggregation_seconds_per_round")
         )
         lines.append(
-            f"| {method} | {statistics.fmean(accs):.4f} ± {spread:.4f} | {up / 1e6:.2f} | {down / 1e6:.2f} | "
+            f"| {method} | {mean_std(accs)} | {up / 1e6:.2f} | {down / 1e6:.2f} | "
             f"{seconds:.3f} | " + ", ".join(f"{a:.4f}" for a in accs) + " |"
         )
     return "\n".join(lines)

@@ -74,6 +74,7 @@ from common import (  # noqa: E402
     HeldOut,
     RunsFile,
     agnews_config,
+    mean_std,
     missing_agnews,
     run_scored,
     train_and_score,
@@ -444,13 +445,6 @@ def baseline(results: Results, kind: str, alpha: float | None = None) -> list[fl
         names = [first, *(f"central/seed={seed}" for seed in SEEDS[1:])] if lr else []
         return [r["final_accuracy"] for r in map(results.get, names) if r]
     return [r["final_accuracy"] for r in results.data["runs"] if r["kind"] == kind and r["alpha"] == alpha]
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.4f} ± {spread:.4f} (n={len(values)})"
 
 
 def search_report(results: Results) -> list[str]:
