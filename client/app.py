@@ -15,14 +15,18 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from transformers import PreTrainedTokenizerBase
 
 from client import personal, runtime, secure
 from client.errors import private_errors
 from client.faults import injected_fault, simulated_faults
-from fedpeft.config import RunConfig
+from fedpeft.config import ClientConfig, RunConfig
+from fedpeft.errors import UserError
+from fedpeft.lora import AdapterHost, delta_in_weight_layout, load_adapter
+from fedpeft.lora_sb import gradient_sketch
 from fedpeft.secagg.messages import RECORD as SECAGG
 from fedpeft.state import ClientUpdate, GlobalState
-from fedpeft.training import evaluate
+from fedpeft.training import Batches, LocalResult, evaluate, weight_gradients
 from fedpeft.training import train as train_locally
 from fedpeft.wire import (
     decode_instructions,
@@ -65,20 +69,24 @@ def train(msg: Message, context: Context) -> Message:
         personal.restore(host, context.state)
     evaluation = evaluate(host.model, tokenizer, held_out, config.train.eval_batch_size) if held_out else None
     accountant = runtime.example_accountant(config, data, context)
-    local = train_locally(
-        host.model,
-        tokenizer,
-        data,
-        steps=config.train.local_steps,
-        batch_size=config.train.batch_size,
-        lr=config.train.round_lr(instructions.round),
-        weight_decay=config.train.weight_decay,
-        seed=hash((config.seed, instructions.round, runtime.seed_key(context))) & 0x7FFFFFFF,
-        train_lora_A=plan.train_lora_A,
-        proximal_mu=config.train.proximal_mu,
-        logit_adjustment=runtime.logit_adjustment(config, data),
-        example_dp=accountant.dp if accountant else None,
-    )
+    if plan.init_gradient:
+        local = sketch_gradients(host, tokenizer, data, config, plan.init_gradient, context)
+    else:
+        local = train_locally(
+            host.model,
+            tokenizer,
+            data,
+            steps=config.train.local_steps,
+            batch_size=config.train.batch_size,
+            lr=config.train.round_lr(instructions.round),
+            weight_decay=config.train.weight_decay,
+            seed=hash((config.seed, instructions.round, runtime.seed_key(context))) & 0x7FFFFFFF,
+            train_lora_A=plan.train_lora_A,
+            train_lora_B=plan.train_lora_B,
+            proximal_mu=config.train.proximal_mu,
+            logit_adjustment=runtime.logit_adjustment(config, data),
+            example_dp=accountant.dp if accountant else None,
+        )
     if plan.personal_B:
         personal.keep(host, context.state)
     metrics, trained = {"train_loss": local.train_loss}, local.examples
@@ -112,13 +120,42 @@ def train(msg: Message, context: Context) -> Message:
     content = encode_update(
         update,
         send_A=plan.send_lora_A,
-        send_B=not plan.personal_B,
+        send_B=plan.train_lora_B and not plan.personal_B,
         compression=config.train.compression,
         reference=started,
         feedback=feedback,
     )
     store_feedback(context.state, feedback)
     return Message(content, reply_to=msg)
+
+
+def sketch_gradients(
+    host: AdapterHost,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Batches,
+    config: ClientConfig,
+    mode: str,
+    context: Context,
+) -> LocalResult:
+    """Put the ``mode`` sketch of this client's mean loss gradient w.r.t. the adapted base weights
+    in place of the adapter's B (``range``) or A (``project``), for Fed-SB's initialisation. Both
+    rounds of it see the same batches, so the two sketches are of one gradient."""
+    if config.example_dp.enabled:
+        raise UserError("Fed-SB's initialisation is not example-level private; unset [example_dp]")
+    gradients, local = weight_gradients(
+        host.model,
+        tokenizer,
+        data,
+        host.base_weights(),
+        steps=config.train.local_steps,
+        batch_size=config.train.batch_size,
+        seed=hash((config.seed, -1, runtime.seed_key(context))) & 0x7FFFFFFF,
+        logit_adjustment=runtime.logit_adjustment(config, data),
+    )
+    factors, extras = host.read_update()
+    oriented = {name: delta_in_weight_layout(host.layers[name], g) for name, g in gradients.items()}
+    load_adapter(host.model, gradient_sketch(factors, oriented, mode), extras)
+    return local
 
 
 def secagg_keys(msg: Message, context: Context) -> Message:

@@ -2,8 +2,9 @@
 optionally the full model with the adapter merged in.
 
 The frozen merged delta U V and the trainable adapter s B A concatenate into one LoRA adapter:
-A' = [V; A], B' = [U, s B], with ``lora_alpha`` equal to each module's rank so that peft's own
-scale alpha/r is 1 (per-module ranks go in ``rank_pattern`` / ``alpha_pattern``).
+A' = [V; A], B' = [U, s B] (s B R with a LoRA-SB core R: Fed-SB exports standard LoRA), with
+``lora_alpha`` equal to each module's rank so that peft's own scale alpha/r is 1 (per-module
+ranks go in ``rank_pattern`` / ``alpha_pattern``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def combined_factors(state: GlobalState) -> dict[str, tuple[Tensor, Tensor]]:
         if state.adapter and name in state.adapter:
             f = state.adapter[name]
             As.append(f.A.float())
-            Bs.append(f.scale * f.B.float())
+            Bs.append(f.scale * f.outer_B().float())
         out[name] = (torch.cat(As, dim=0), torch.cat(Bs, dim=1))
     return out
 

@@ -12,6 +12,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import Tensor
 
+from fedpeft.lora_sb import CORE, get_core, set_core
 from fedpeft.state import AdapterFactors, GlobalState, LowRankDelta
 
 PEFT_PREFIX = "base_model.model."
@@ -36,6 +37,8 @@ def extract_adapter(model: PeftModel) -> tuple[dict[str, AdapterFactors], dict[s
     state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
     for key, value in state.items():
         name = key.removeprefix(PEFT_PREFIX)
+        if name.endswith(f".{CORE}"):
+            continue  # a LoRA-SB core: read from its layer below
         tensor = value.detach().cpu().clone()
         if name.endswith(_A_SUFFIX):
             module = name.removesuffix(_A_SUFFIX)
@@ -49,13 +52,18 @@ def extract_adapter(model: PeftModel) -> tuple[dict[str, AdapterFactors], dict[s
             extras[name] = tensor
     for module, f in factors.items():
         f.scale = float(layers[module].scaling[ADAPTER])
+        f.R = get_core(layers[module])
     return factors, extras
 
 
 def load_adapter(model: PeftModel, factors: dict[str, AdapterFactors], extras: dict[str, Tensor]) -> None:
-    """Write factors and extras into the model (ranks must match the model's adapter)."""
+    """Write factors and extras into the model (ranks must match the model's adapter); a module
+    gets a LoRA-SB core where its factors have one, and loses any it had where they have none."""
     layers = lora_layers(model)
     state: dict[str, Tensor] = {}
+    for module, layer in layers.items():
+        f = factors.get(module)
+        set_core(layer, ADAPTER, f.R if f is not None else None)
     for module, f in factors.items():
         if module not in layers:
             raise KeyError(f"the model has no LoRA module {module!r}")
@@ -130,6 +138,10 @@ class AdapterHost:
                 f"rank (lora.client_ranks, or the node's rank setting) to at most {factors.rank}"
             )
         return factors.truncated(own, self._scales[name]) if factors.rank > own else factors
+
+    def base_weights(self) -> dict[str, Tensor]:
+        """Each adapted module's base weight parameter (W0 + merged), in the model's layout."""
+        return {name: layer.get_base_layer().weight for name, layer in self.layers.items()}
 
     def read_update(self) -> tuple[dict[str, AdapterFactors], dict[str, Tensor]]:
         return extract_adapter(self.model)

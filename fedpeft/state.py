@@ -30,25 +30,36 @@ class ClientPlan:
 
     train_lora_A: bool = True
     send_lora_A: bool = True
+    train_lora_B: bool = True  # a B that is not trained is not sent either
     personal_B: bool = False  # B stays on each client across rounds; only A (and extras) travel
     weighting: str = "examples"
+    # Instead of training, send a sketch of G, the mean loss gradient w.r.t. each adapted base
+    # weight (Fed-SB's initialisation, strategies/fedsb.py): "range" sends B := G Aᵀ, "project"
+    # sends A := Bᵀ G; "" (the default): train.
+    init_gradient: str = ""
     options: dict[str, bool | int | float | str] = field(default_factory=dict)
 
 
 @dataclass
 class AdapterFactors:
-    """One module's LoRA factors: ``delta = scale * B @ A``."""
+    """One module's LoRA factors: ``delta = scale * B @ A``, or with LoRA-SB's r x r core ``R``
+    (Fed-SB: A and B frozen, only R trained) ``delta = scale * B @ R @ A``."""
 
     A: Tensor
     B: Tensor
     scale: float
+    R: Tensor | None = None
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
 
+    def outer_B(self) -> Tensor:
+        """B, or B R with a core: the B of the standard LoRA adapter with the same delta."""
+        return self.B if self.R is None else self.B @ self.R
+
     def delta(self) -> Tensor:
-        return self.scale * (self.B @ self.A)
+        return self.scale * (self.outer_B() @ self.A)
 
     def truncated(self, rank: int, scale: float) -> AdapterFactors:
         """The leading ``rank`` components at LoRA scale ``scale``: A's first rows and B's first
@@ -57,6 +68,8 @@ class AdapterFactors:
         FlexLoRA)."""
         if rank > self.rank:
             raise ValueError(f"cannot truncate a rank-{self.rank} adapter to rank {rank}")
+        if self.R is not None:
+            raise ValueError("an adapter with a LoRA-SB core cannot be truncated to a smaller rank")
         if rank == self.rank and scale == self.scale:
             return self
         return AdapterFactors(A=self.A[:rank].clone(), B=self.B[:, :rank] * (self.scale / scale), scale=scale)
@@ -129,15 +142,19 @@ def update_weight(update: ClientUpdate, weighting: str) -> float:
 
 
 def trained_tensors(
-    factors: dict[str, AdapterFactors], extras: dict[str, Tensor], trains_A: bool
+    factors: dict[str, AdapterFactors], extras: dict[str, Tensor], trains_A: bool, trains_B: bool = True
 ) -> dict[str, Tensor]:
-    """What a client trained, named and ordered as ``fedpeft.wire`` lays a reply out:
-    ``A/<module>`` (when A is trained), ``B/<module>``, then ``extra/<name>``."""
+    """What a client trained, named and ordered as ``fedpeft.wire`` lays a reply out: per module
+    ``A/<module>`` (when A is trained), ``B/<module>`` (when B is), ``R/<module>`` (a LoRA-SB
+    core, always trained), then ``extra/<name>``."""
     out: dict[str, Tensor] = {}
     for module, f in factors.items():
         if trains_A:
             out[f"A/{module}"] = f.A
-        out[f"B/{module}"] = f.B
+        if trains_B:
+            out[f"B/{module}"] = f.B
+        if f.R is not None:
+            out[f"R/{module}"] = f.R
     out.update({f"extra/{k}": t for k, t in extras.items()})
     return out
 
@@ -145,11 +162,16 @@ def trained_tensors(
 def split_trained(
     tensors: dict[str, Tensor], template: dict[str, AdapterFactors]
 ) -> tuple[dict[str, AdapterFactors], dict[str, Tensor]]:
-    """The inverse of ``trained_tensors``: per module of ``template``, A from ``tensors`` when they
-    hold it (else the template's: a frozen A), B from ``tensors``, the scale from the template;
-    and the extras."""
+    """The inverse of ``trained_tensors``: per module of ``template``, each of A, B and the core R
+    from ``tensors`` when they hold it, else the template's (a frozen factor); the scale from the
+    template; and the extras."""
     factors = {
-        module: AdapterFactors(A=tensors.get(f"A/{module}", f.A), B=tensors[f"B/{module}"], scale=f.scale)
+        module: AdapterFactors(
+            A=tensors.get(f"A/{module}", f.A),
+            B=tensors.get(f"B/{module}", f.B),
+            scale=f.scale,
+            R=tensors.get(f"R/{module}", f.R),
+        )
         for module, f in template.items()
     }
     extras = {k.removeprefix("extra/"): t for k, t in tensors.items() if k.startswith("extra/")}

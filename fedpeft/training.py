@@ -92,11 +92,13 @@ def train(
     weight_decay: float,
     seed: int,
     train_lora_A: bool = True,
+    train_lora_B: bool = True,
     proximal_mu: float = 0.0,
     logit_adjustment: Tensor | None = None,
     example_dp: ExampleDP | None = None,
 ) -> LocalResult:
-    """Run ``steps`` AdamW steps on the trainable parameters.
+    """Run ``steps`` AdamW steps on the trainable parameters (LoRA A and B unless frozen by
+    ``train_lora_A`` / ``train_lora_B``, a LoRA-SB core, the dense extras).
 
     ``proximal_mu`` adds FedProx's term mu/2 ||w - w_start||^2 over the trainable tensors (w_start:
     their values when training starts, i.e. the global state received), applied as its gradient
@@ -109,9 +111,7 @@ def train(
         raise ValueError("this client has no training examples")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for name, param in model.named_parameters():
-            if "lora_A" in name:
-                param.requires_grad_(train_lora_A)
+        _freeze_factors(model, train_lora_A, train_lora_B)
         params = [p for p in model.parameters() if p.requires_grad]
         start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -141,10 +141,54 @@ def train(
         finally:
             if private is not None:
                 private.close()
-            for name, param in model.named_parameters():
-                if "lora_A" in name:
-                    param.requires_grad_(True)
+            _freeze_factors(model, True, True)
     return LocalResult(train_loss=total / steps, examples=examples)
+
+
+def _freeze_factors(model: PeftModel, train_lora_A: bool, train_lora_B: bool) -> None:
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(train_lora_A)
+        elif "lora_B" in name:
+            param.requires_grad_(train_lora_B)
+
+
+def weight_gradients(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Batches,
+    weights: dict[str, Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    logit_adjustment: Tensor | None = None,
+) -> tuple[dict[str, Tensor], LocalResult]:
+    """The mean over ``steps`` seeded batches of the training loss's gradient with respect to each
+    of ``weights`` (frozen base weights, by name), and the mean loss; nothing is updated."""
+    if len(data) == 0:
+        raise ValueError("this client has no training examples")
+    sums = {name: torch.zeros(w.shape, dtype=torch.float32) for name, w in weights.items()}
+    total, examples = 0.0, 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.train()
+        try:
+            for w in weights.values():
+                w.requires_grad_(True)
+            for indices in sample_batches(len(data), batch_size, steps, seed):
+                loss = _loss(model, _on(model, data.collate(indices, tokenizer)), logit_adjustment)
+                grads = torch.autograd.grad(loss, list(weights.values()))
+                for name, grad in zip(weights, grads, strict=True):
+                    sums[name].add_(grad.float().cpu())
+                total += loss.item()
+                examples += len(indices)
+        finally:
+            for w in weights.values():
+                w.requires_grad_(False)
+    return {name: s / steps for name, s in sums.items()}, LocalResult(
+        train_loss=total / steps, examples=examples
+    )
 
 
 def _loss(model: PeftModel, batch: dict[str, Tensor], logit_adjustment: Tensor | None) -> Tensor:

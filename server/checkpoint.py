@@ -33,6 +33,8 @@ def save_checkpoint(run_dir: Path, state: GlobalState, rng_state: Any) -> Path:
         tensors[f"merged/{name}/U"], tensors[f"merged/{name}/V"] = d.U, d.V
     for name, f in (state.adapter or {}).items():
         tensors[f"adapter/{name}/A"], tensors[f"adapter/{name}/B"] = f.A, f.B
+        if f.R is not None:
+            tensors[f"adapter/{name}/R"] = f.R
     for name, t in state.extras.items():
         tensors[f"extra/{name}"] = t
     strategy_scalars = _tensors_out(state.strategy_state, "strategy", tensors)
@@ -79,7 +81,10 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         extras[name] = tensors[f"extra/{name}"]
     for name, scale in meta["scales"].items():
         adapter[name] = AdapterFactors(
-            A=tensors[f"adapter/{name}/A"], B=tensors[f"adapter/{name}/B"], scale=scale
+            A=tensors[f"adapter/{name}/A"],
+            B=tensors[f"adapter/{name}/B"],
+            scale=scale,
+            R=tensors.get(f"adapter/{name}/R"),
         )
     merged_names = [
         k[len("merged/") : -len("/U")] for k in tensors if k.startswith("merged/") and k.endswith("/U")

@@ -275,7 +275,7 @@ class FederatedRun:
             Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes
         ]
         outcome = RoundOutcome(
-            RoundReplies(self.strategy, rnd, self.state, self.limits),
+            RoundReplies(self.strategy, rnd, self.state, self.limits, plan),
             sampled=len(nodes),
             bytes_down=record_nbytes(content) * len(nodes),
         )

@@ -23,7 +23,7 @@ from typing import Protocol
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedpeft.state import ClientUpdate, GlobalState
+from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
 from fedpeft.wire import DecodeBuffer, WireError, decode_update, record_nbytes
 from server.validation import ReplyLimits, reference_signature, update_norm, validate
 from strategies.base import Accumulator, Strategy
@@ -78,12 +78,17 @@ class RoundReplies:
     """Validates decoded updates and hands them to the strategy for one attempt at a round."""
 
     def __init__(
-        self, strategy: Strategy, rnd: int, state: GlobalState, limits: ReplyLimits | None = None
+        self,
+        strategy: Strategy,
+        rnd: int,
+        state: GlobalState,
+        limits: ReplyLimits | None = None,
+        plan: ClientPlan | None = None,
     ) -> None:
         self.strategy, self.rnd, self.state = strategy, rnd, state
         self.limits = limits or ReplyLimits()
         self.byte_cap = self.limits.byte_cap(state)
-        self.screen = self.limits.screen()
+        self.screen = self.limits.screen(plan)
         self.norms: list[float] = []  # of the accepted updates, in order (with the norm screen on)
         self.rejected = 0
         self.accumulator: Accumulator | None = (

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fedpeft.config import ServerSection
-from fedpeft.state import ClientUpdate, GlobalState, started_from
+from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState, started_from
 
 Signature = tuple[tuple[str, tuple[int, int]], ...]
 
@@ -60,6 +60,8 @@ def shape_problem(update: ClientUpdate) -> str | None:
                 f"{name}: shapes A{tuple(f.A.shape)} B{tuple(f.B.shape)} do not match "
                 f"the declared rank {update.rank}"
             )
+        if f.R is not None and tuple(f.R.shape) != (update.rank, update.rank):
+            return f"{name}: the LoRA-SB core R{tuple(f.R.shape)} is not {update.rank} x {update.rank}"
         if update.rank > min(f.B.shape[0], f.A.shape[1]):
             dims = (f.B.shape[0], f.A.shape[1])
             return f"{name}: the declared rank {update.rank} exceeds the layer's dimensions {dims}"
@@ -91,7 +93,7 @@ def validate(
         ranks = {name: (f.rank, adapter[name].rank) for name, f in update.factors.items()}
         if any(rank > limit or (rank < limit and not mixed_ranks) for rank, limit in ranks.values()):
             return f"the declared rank {update.rank} differs from the global adapter's"
-    tensors = [t for f in update.factors.values() for t in (f.A, f.B)] + list(update.extras.values())
+    tensors = [t for f in update.factors.values() for t in factor_tensors(f)] + list(update.extras.values())
     wrong = next((t.dtype for t in tensors if t.dtype != torch.float32), None)
     if wrong is not None:
         return f"a tensor is {wrong}, not float32 (the wire carries float32, float16 or int8)"
@@ -103,6 +105,11 @@ def validate(
     if not all(math.isfinite(v) for v in update.metrics.values()):
         return "a reported metric is NaN or Inf"
     return None
+
+
+def factor_tensors(factors: AdapterFactors) -> tuple[Tensor, ...]:
+    """A, B and the LoRA-SB core R when there is one."""
+    return (factors.A, factors.B) if factors.R is None else (factors.A, factors.B, factors.R)
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -133,8 +140,8 @@ def update_norm(update: ClientUpdate, state: GlobalState) -> float:
     start = started_from(update, state.adapter) if state.adapter is not None else {}
     for name, f in update.factors.items():
         if state.adapter is not None:
-            got += [f.A, f.B]
-            sent += [start[name].A, start[name].B]
+            got += factor_tensors(f)
+            sent += factor_tensors(start[name])
         else:
             gram = (f.B.T @ f.B).mul_(f.A @ f.A.T).sum()
             squares += f.scale**2 * max(float(gram), 0.0)
@@ -234,5 +241,9 @@ class ReplyLimits:
         tensors = [t for f in state.adapter.values() for t in (f.A, f.B)] + list(state.extras.values())
         return BYTES_HEADROOM * 4 * sum(t.numel() for t in tensors) + BYTES_SLACK
 
-    def screen(self) -> NormScreen:
+    def screen(self, plan: ClientPlan | None = None) -> NormScreen:
+        """The norm screen of a round under ``plan``: none for a round whose replies are gradient
+        sketches (Fed-SB's initialisation), whose norms are not those of updates."""
+        if plan is not None and plan.init_gradient:
+            return NormScreen(0.0, [])
         return NormScreen(self.max_norm_ratio, self.previous_norms)

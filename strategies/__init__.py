@@ -11,6 +11,7 @@ from strategies.fedavg import FedAvg
 from strategies.fedavgm import FedAvgM
 from strategies.fedex import FedEx
 from strategies.fedsa import FedSA
+from strategies.fedsb import FedSB
 from strategies.fedyogi import FedYogi
 from strategies.ffa import FFA
 from strategies.flexlora import FlexLoRA
@@ -38,6 +39,7 @@ for _strategy in (
     HetLoRA,
     FlexLoRA,
     FedSA,
+    FedSB,
 ):
     register_strategy(_strategy.name)(_strategy)
 register_strategy(Clip.name)(create_clip)  # a factory: it picks the streaming variant when it can
@@ -54,6 +56,7 @@ __all__ = [
     "FedAvg",
     "FedAvgM",
     "FedSA",
+    "FedSB",
     "FedEx",
     "FedYogi",
     "FlexLoRA",

@@ -30,14 +30,14 @@ class DeltaClipper:
     """One round's updates as flat deltas from the global state the clients started from: their L2
     norms, and each scaled down to a bound. Keeps one reused delta buffer, never K of them."""
 
-    def __init__(self, who: str, state: GlobalState, trains_A: bool) -> None:
+    def __init__(self, who: str, state: GlobalState, trains_A: bool, trains_B: bool = True) -> None:
         if state.adapter is None:
             raise StrategyError(
                 f"{who} needs the global adapter the clients started from (one LoRA rank for all, "
                 "lora.init = 'shared')"
             )
-        self.state, self.trains_A = state, trains_A
-        reference = trained_tensors(state.adapter, state.extras, trains_A)
+        self.state, self.trains = state, (trains_A, trains_B)
+        reference = trained_tensors(state.adapter, state.extras, *self.trains)
         self.layout = FlatLayout(reference)
         self.reference = self.layout.gather(list(reference.values()))  # read only: a view if it can be
         self.delta = torch.empty(self.layout.numel)  # reused: no fresh allocation per client
@@ -46,7 +46,7 @@ class DeltaClipper:
 
     def measure(self, update: ClientUpdate) -> float:
         """Put ``update``'s delta in ``self.delta`` and return its L2 norm."""
-        sent = trained_tensors(update.factors, update.extras, self.trains_A)
+        sent = trained_tensors(update.factors, update.extras, *self.trains)
         torch.sub(self.layout.gather([sent[k] for k in self.layout.keys]), self.reference, out=self.delta)
         return float(torch.linalg.vector_norm(self.delta))
 
@@ -114,8 +114,8 @@ class Clip(Strategy):
         return result
 
     def clipper(self, rnd: int, state: GlobalState) -> DeltaClipper:
-        trains_A = self.inner.client_instructions(rnd, state).train_lora_A
-        return DeltaClipper(self.name, state, trains_A)
+        plan = self.inner.client_instructions(rnd, state)
+        return DeltaClipper(self.name, state, plan.train_lora_A, plan.train_lora_B)
 
     def record(self, clipper: DeltaClipper, bound: float) -> None:
         self.last_metrics = {**self.inner.last_metrics, **clipper.metrics(), "clip_bound": bound}

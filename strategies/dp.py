@@ -200,8 +200,8 @@ class PrivateSum:
 
     def __init__(self, dp: DifferentialPrivacy, rnd: int, state: GlobalState) -> None:
         self.dp, self.rnd, self.state = dp, rnd, state
-        self.trains_A = dp.inner.client_instructions(rnd, state).train_lora_A
-        self.clipper = DeltaClipper(dp.name, state, self.trains_A)
+        plan = dp.inner.client_instructions(rnd, state)
+        self.clipper = DeltaClipper(dp.name, state, plan.train_lora_A, plan.train_lora_B)
         self.total = torch.zeros(self.clipper.layout.numel, dtype=torch.float64)  # order-independent
         self.unclipped = 0
 

@@ -88,9 +88,9 @@ class ServerOptimizer(Strategy):
                 f"{self.name} needs the global adapter the clients started from (one LoRA rank for all, "
                 "lora.init = 'shared')"
             )
-        trains_A = self.inner.client_instructions(rnd, state).train_lora_A
-        current = trained_tensors(state.adapter, state.extras, trains_A)
-        averaged = trained_tensors(mean.adapter, mean.extras, trains_A)
+        plan = self.inner.client_instructions(rnd, state)
+        current = trained_tensors(state.adapter, state.extras, plan.train_lora_A, plan.train_lora_B)
+        averaged = trained_tensors(mean.adapter, mean.extras, plan.train_lora_A, plan.train_lora_B)
         self.steps += 1
         stepped = {}
         for key, x in current.items():

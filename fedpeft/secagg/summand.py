@@ -39,8 +39,10 @@ class Summand:
 class SummandLayout:
     """Named tensor shapes laid end to end, then the loss coordinate."""
 
-    def __init__(self, adapter: dict[str, AdapterFactors], extras: dict[str, Tensor], send_A: bool) -> None:
-        tensors = trained_tensors(adapter, extras, send_A)
+    def __init__(
+        self, adapter: dict[str, AdapterFactors], extras: dict[str, Tensor], send_A: bool, send_B: bool = True
+    ) -> None:
+        tensors = trained_tensors(adapter, extras, send_A, send_B)
         self.shapes = {key: tuple(t.shape) for key, t in tensors.items()}
         self.numel = sum(math.prod(shape) for shape in self.shapes.values())
 

@@ -35,6 +35,8 @@ def encode_state(state: GlobalState) -> RecordDict:
     for name, f in (state.adapter or {}).items():
         arrays[f"adapter/{name}/A"] = to_array(f.A)
         arrays[f"adapter/{name}/B"] = to_array(f.B)
+        if f.R is not None:
+            arrays[f"adapter/{name}/R"] = to_array(f.R)
         meta[f"scale/{name}"] = f.scale
     for name, t in state.extras.items():
         arrays[f"extra/{name}"] = to_array(t)
@@ -43,12 +45,12 @@ def encode_state(state: GlobalState) -> RecordDict:
 
 def decode_state(content: RecordDict) -> GlobalState:
     arrays, meta = _get(content, STATE_ARRAYS, ArrayRecord), _get(content, STATE_META, ConfigRecord)
-    groups, extras = _split(arrays, {"merged": ("U", "V"), "adapter": ("A", "B")})
+    groups, extras = _split(arrays, {"merged": ("U", "V"), "adapter": ("A", "B")}, optional=("R",))
     merged = {n: LowRankDelta(U=p["U"], V=p["V"]) for n, p in groups["merged"].items()}
     adapter = None
     if _meta(meta, "has-adapter", bool):
         adapter = {
-            n: AdapterFactors(A=p["A"], B=p["B"], scale=_meta(meta, f"scale/{n}", float))
+            n: AdapterFactors(A=p["A"], B=p["B"], scale=_meta(meta, f"scale/{n}", float), R=p.get("R"))
             for n, p in groups["adapter"].items()
         }
     return GlobalState(round=_meta(meta, "round", int), merged=merged, adapter=adapter, extras=extras)
@@ -63,7 +65,7 @@ def encode_update(
     feedback: ErrorFeedback | None = None,
 ) -> RecordDict:
     """The reply record; with ``send_A=False`` (frozen, shared A) only B travels, with
-    ``send_B=False`` (a personal B, kept by the client) only A.
+    ``send_B=False`` (a personal or frozen B) only A; a LoRA-SB core R always travels.
 
     With a lossy ``compression`` (``fedpeft.compression``), each factor travels as its delta
     from ``reference`` (the adapter the client received) when there is one, through
@@ -71,6 +73,7 @@ def encode_update(
     init each round), the factors themselves are compressed.
     """
     delta = compression != "none" and reference is not None
+    send_R = any(f.R is not None for f in update.factors.values())
     arrays: dict[str, Array] = {}
     meta: dict[str, int | float | str | bool] = {
         "round": update.round,
@@ -78,10 +81,12 @@ def encode_update(
         "alpha": float(update.alpha),
         "sent-A": send_A,
         "sent-B": send_B,
+        "sent-R": send_R,
         "compression": compression,
         "delta": delta,
     }
-    parts = [(part, rank_dim) for part, rank_dim, sent in (("A", 0, send_A), ("B", 1, send_B)) if sent]
+    sends = (("A", 0, send_A), ("B", 1, send_B), ("R", 0, send_R))
+    parts = [(part, rank_dim) for part, rank_dim, sent in sends if sent]
     for name, f in update.factors.items():
         for part, rank_dim in parts:
             key, tensor = f"lora/{name}/{part}", getattr(f, part)
@@ -120,8 +125,9 @@ def decode_update(
     arrays, meta = _get(content, UPDATE_ARRAYS, ArrayRecord), _get(content, UPDATE_META, ConfigRecord)
     metrics = dict(_get(content, UPDATE_METRICS, MetricRecord))
     sent_A, sent_B = _meta(meta, "sent-A", bool), bool(meta.get("sent-B", True))
-    parts = tuple(part for part, sent in (("A", sent_A), ("B", sent_B)) if sent)
-    groups, extras = _split(arrays, {"lora": parts}, into)
+    sent_R = bool(meta.get("sent-R", False))
+    parts = tuple(part for part, sent in (("A", sent_A), ("B", sent_B), ("R", sent_R)) if sent)
+    groups, extras = _split(arrays, {"lora": parts}, into=into)
     delta = bool(meta.get("delta", False))
     missing = sorted(set(groups["lora"]) - set(frozen or {}))
     if missing and (delta or not sent_A or not sent_B):
@@ -149,7 +155,7 @@ def decode_update(
         if not sent_B:
             pair["B"] = frozen[name].B  # type: ignore[index]
     factors = {
-        n: AdapterFactors(A=p["A"], B=p["B"], scale=_meta(meta, f"scale/{n}", float))
+        n: AdapterFactors(A=p["A"], B=p["B"], scale=_meta(meta, f"scale/{n}", float), R=p.get("R"))
         for n, p in groups["lora"].items()
     }
     num_examples, num_trained = metrics.pop(NUM_EXAMPLES, None), metrics.pop(NUM_TRAINED, 0)
@@ -199,10 +205,14 @@ def _meta(meta: ConfigRecord, key: str, kind: type):
 
 
 def _split(
-    arrays: ArrayRecord, groups: dict[str, tuple[str, ...]], into: DecodeBuffer | None = None
+    arrays: ArrayRecord,
+    groups: dict[str, tuple[str, ...]],
+    optional: tuple[str, ...] = (),
+    into: DecodeBuffer | None = None,
 ) -> tuple[dict[str, dict[str, dict[str, Tensor]]], dict[str, Tensor]]:
-    """Sort ``group/module/part`` keys into ``{group: {module: {part: tensor}}}``, and
-    ``extra/name`` keys into the extras."""
+    """Sort ``group/module/part`` keys into ``{group: {module: {part: tensor}}}`` (every part of
+    ``groups[group]`` required, those in ``optional`` allowed), and ``extra/name`` keys into the
+    extras."""
     found: dict[str, dict[str, dict[str, Tensor]]] = {g: {} for g in groups}
     extras: dict[str, Tensor] = {}
     for key, tensor in decode_arrays(arrays, into).items():
@@ -211,7 +221,7 @@ def _split(
             extras[rest] = tensor
             continue
         module, _, part = rest.rpartition("/")
-        if kind not in groups or part not in groups[kind] or not module:
+        if kind not in groups or part not in (*groups[kind], *optional) or not module:
             raise WireError(f"unexpected array key {key!r}")
         found[kind].setdefault(module, {})[part] = tensor
     for kind, modules in found.items():
@@ -246,7 +256,9 @@ def encode_instructions(instructions: RoundInstructions) -> ConfigRecord:
         "init-seed": instructions.init_seed,
         "train-lora-A": instructions.plan.train_lora_A,
         "send-lora-A": instructions.plan.send_lora_A,
+        "train-lora-B": instructions.plan.train_lora_B,
         "personal-B": instructions.plan.personal_B,
+        "init-gradient": instructions.plan.init_gradient,
         "weighting": instructions.plan.weighting,
         "client-config": instructions.client_config.to_json(),
     }
@@ -263,7 +275,9 @@ def decode_instructions(content: RecordDict) -> RoundInstructions:
         plan=ClientPlan(
             train_lora_A=_meta(record, "train-lora-A", bool),
             send_lora_A=_meta(record, "send-lora-A", bool),
+            train_lora_B=bool(record.get("train-lora-B", True)),
             personal_B=bool(record.get("personal-B", False)),
+            init_gradient=str(record.get("init-gradient", "")),
             weighting=_meta(record, "weighting", str),
             options=options,
         ),

@@ -1,0 +1,143 @@
+"""Fed-SB (Singhal et al. 2025, "Fed-SB: A Silver Bullet for Extreme Communication Efficiency and
+Performance in (Private) Federated LoRA Fine-Tuning"): LoRA-SB's W = W0 + s B R A with B and A
+frozen and only the r x r core R trained, sent and averaged.
+
+Averaging R is exact, sum_k p_k s B R_k A = s B (sum_k p_k R_k) A, and linear: it streams, takes
+``dp``'s noise on r² values per module, and runs under secure aggregation. A client sends r² values
+per module (and the dense extras) instead of LoRA's r (d_in + d_out).
+
+Initialisation. LoRA-SB sets B and A from the truncated SVD of an estimate of the first full
+fine-tuning step, -lr sign(G) for the loss gradient G of each adapted weight, computed once on
+pooled data (the authors' code: ``estimate_and_process_grads_torch``, then ``get_svd_grad``). Here
+the data stay on the clients, so the SVD is that of the clients' mean gradient Ḡ = sum_k p_k G_k,
+computed as a randomized SVD (Halko et al. 2011) whose two passes are the first two rounds:
+
+1. ``range``: each client sends Y_k = G_k Ωᵀ as its B, Ω being the shared seeded LoRA A; the
+   server keeps Q = orth(sum_k p_k Y_k) (d_out x r) as B and sets A to zero.
+2. ``project``: each client sends M_k = Qᵀ G_k as its A; the server takes the SVD
+   sum_k p_k M_k = U S Vᵀ (r x d_in) and sets B = Q U, A = Vᵀ and R = 0.
+
+Each client computes G_k over the same seeded batches in both rounds (``train.local_steps``
+batches), and trains nothing in them: a run of N rounds trains in N - 2. Both rounds are linear
+in the clients' gradients, so ``dp`` and secure aggregation serve them as any other round (what
+leaves a client is clipped and noised like an update, and the rounds count in the privacy
+accounting); each costs one LoRA factor of upload per module. What they reveal: two r-column
+sketches of each client's mean gradient per module.
+
+Where this differs from the paper, and why: the subspace is that of Ḡ, not of sign(Ḡ) (a sign of a
+sum is not linear in the clients' contributions, so neither secure aggregation nor DP could serve
+it); the sketch has no oversampling or power iteration, so Q holds the top-r range of Ḡ as well as
+its spectrum decays; and R starts at zero, so training starts from the base model as LoRA's does,
+where LoRA-SB's R starts at the singular values of its first-step estimate at the first warm-up
+step's learning rate (a delta near zero).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedpeft.state import (
+    AdapterFactors,
+    ClientPlan,
+    ClientUpdate,
+    GlobalState,
+    split_trained,
+    trained_tensors,
+    update_weight,
+)
+from strategies.accumulate import WeightedSum
+from strategies.base import WeightedStrategy, aggregate_stream, require_updates
+from strategies.fedavg import check_same_ranks
+from strategies.registry import StrategyError
+
+RANGE, PROJECT, CORE = "range", "project", "core"
+
+
+class FedSB(WeightedStrategy):
+    """Two initialisation rounds (a randomized SVD of the clients' mean gradient), then the
+    weighted mean of the LoRA-SB cores R and the dense extras (``weighting``: examples, steps or
+    uniform)."""
+
+    name = "fedsb"
+    linear = True
+
+    def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
+        stage = fedsb_stage(state)
+        if stage == RANGE:
+            return ClientPlan(
+                train_lora_A=False, send_lora_A=False, init_gradient=RANGE, weighting=self.weighting
+            )
+        if stage == PROJECT:
+            return ClientPlan(train_lora_B=False, init_gradient=PROJECT, weighting=self.weighting)
+        return ClientPlan(train_lora_A=False, send_lora_A=False, train_lora_B=False, weighting=self.weighting)
+
+    def start(self, rnd: int, state: GlobalState) -> CoreAverage:
+        if state.adapter is None:
+            raise StrategyError(
+                "fedsb needs the shared initial adapter; it cannot run with lora.client_ranks mixed "
+                "or lora.init = 'per_client'"
+            )
+        return CoreAverage(self.name, rnd, state, self.client_instructions(rnd, state))
+
+    def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
+        require_updates(self.name, updates)
+        return aggregate_stream(self, rnd, state, updates)
+
+
+def fedsb_stage(state: GlobalState) -> str:
+    """Where a Fed-SB run stands: ``core`` once the adapter has cores; ``project`` after the range
+    round (A all zero); ``range`` before (the seeded initial adapter)."""
+    adapter = state.adapter or {}
+    if any(f.R is not None for f in adapter.values()):
+        return CORE
+    if adapter and all(not f.A.any() for f in adapter.values()):
+        return PROJECT
+    return RANGE
+
+
+class CoreAverage:
+    """The running weighted mean of what the round's plan has clients send; its result is the
+    next stage's adapter."""
+
+    def __init__(self, strategy: str, rnd: int, state: GlobalState, plan: ClientPlan) -> None:
+        self.strategy, self.rnd, self.state, self.plan = strategy, rnd, state, plan
+        self.sum = WeightedSum()
+        self.ranks: set[tuple[int, float]] = set()
+
+    def add(self, update: ClientUpdate) -> None:
+        self.ranks.add((update.rank, update.alpha))
+        check_same_ranks(self.strategy, self.ranks)
+        tensors = trained_tensors(
+            update.factors, update.extras, self.plan.train_lora_A, self.plan.train_lora_B
+        )
+        self.sum.add(tensors, update_weight(update, self.plan.weighting))
+
+    def result(self) -> GlobalState:
+        if self.sum.count == 0:
+            raise ValueError(f"strategy {self.strategy!r} was given no client updates to aggregate")
+        assert self.state.adapter is not None
+        factors, extras = split_trained(self.sum.mean(), self.state.adapter)
+        if self.plan.init_gradient == RANGE:
+            factors = {name: range_basis(f) for name, f in factors.items()}
+        elif self.plan.init_gradient == PROJECT:
+            factors = {name: core_init(f) for name, f in factors.items()}
+        return GlobalState(round=self.rnd, merged=self.state.merged, adapter=factors, extras=extras)
+
+
+def range_basis(sketch: AdapterFactors) -> AdapterFactors:
+    """After the range round: B = an orthonormal basis Q of the mean sketch's columns, A = 0."""
+    Q, _ = torch.linalg.qr(sketch.B.double())
+    return AdapterFactors(A=torch.zeros_like(sketch.A), B=Q.float().contiguous(), scale=sketch.scale)
+
+
+def core_init(projected: AdapterFactors) -> AdapterFactors:
+    """After the project round (A = Qᵀ Ḡ, B = Q): with A = U S Vᵀ, B = Q U and A = Vᵀ (the top-r
+    singular vectors of Q Qᵀ Ḡ, by singular value), and the core R = 0."""
+    U, _, Vh = torch.linalg.svd(projected.A.double(), full_matrices=False)
+    rank = projected.rank
+    return AdapterFactors(
+        A=Vh.float().contiguous(),
+        B=(projected.B.double() @ U).float().contiguous(),
+        scale=projected.scale,
+        R=torch.zeros(rank, rank),
+    )

@@ -1,0 +1,200 @@
+"""Fed-SB: the two initialisation rounds (a randomized SVD of the clients' mean gradient), the exact
+average of the LoRA-SB cores, the core on peft's layers, and what travels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedpeft.export import combined_factors
+from fedpeft.lora import AdapterHost
+from fedpeft.lora_sb import gradient_sketch
+from fedpeft.models import ClassifierSpec, load_classifier
+from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
+from fedpeft.testing import LocalGrid
+from fedpeft.training import Encoded, train
+from fedpeft.wire import decode_state, decode_update, encode_state, encode_update
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.loop import FederatedRun
+from strategies import FedSB, create_strategy
+from strategies.fedsb import CORE, PROJECT, RANGE, fedsb_stage
+from tests.factories import SHAPES, extras, factors, metrics_rows, small_config
+from tests.test_secagg_rounds import CLIENTS, secure_config
+
+RANK = 3
+
+
+def reply(factors: dict[str, AdapterFactors], n: int, seed: int) -> ClientUpdate:
+    return ClientUpdate(factors, extras(0), n, round=1, rank=RANK, alpha=6.0, client_id=str(seed))
+
+
+def low_rank_gradients(seed: int) -> dict[str, torch.Tensor]:
+    """A gradient of rank ``RANK`` per module, so a rank-RANK sketch captures it whole."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.randn(d_out, RANK, generator=gen) @ torch.randn(RANK, d_in, generator=gen)
+        for name, (d_out, d_in) in SHAPES.items()
+    }
+
+
+def initialise(gradients: list[dict[str, torch.Tensor]], sizes: list[int]) -> GlobalState:
+    """Run the range and project rounds of ``FedSB`` over clients with these gradients."""
+    strategy = FedSB()
+    state = GlobalState(adapter=factors(RANK, 7, scale=2.0), extras=extras(0))
+    for stage in (RANGE, PROJECT):
+        assert fedsb_stage(state) == stage and strategy.client_instructions(1, state).init_gradient == stage
+        replies = [
+            reply(gradient_sketch(state.adapter, g, stage), n, k)
+            for k, (g, n) in enumerate(zip(gradients, sizes, strict=True))
+        ]
+        state = strategy.aggregate(1, state, replies)
+    return state
+
+
+def test_the_two_initialisation_rounds_find_the_top_singular_subspace_of_the_mean_gradient():
+    sizes = [10, 30]
+    # two clients whose gradients share a rank-RANK mean: the weighted mean is what must be found
+    common = low_rank_gradients(1)
+    own = [{n: g * (1 + k) for n, g in common.items()} for k in range(2)]
+    state = initialise(own, sizes)
+    assert fedsb_stage(state) == CORE
+    mean = {n: sum(g[n] * s for g, s in zip(own, sizes, strict=True)) / sum(sizes) for n in common}
+    for name, f in state.adapter.items():
+        assert torch.allclose(f.B.T @ f.B, torch.eye(RANK), atol=1e-5)  # orthonormal columns
+        assert torch.allclose(f.A @ f.A.T, torch.eye(RANK), atol=1e-5)  # orthonormal rows
+        assert torch.equal(f.R, torch.zeros(RANK, RANK))  # training starts at the base model
+        projected = f.B @ (f.B.T @ mean[name] @ f.A.T) @ f.A
+        assert torch.allclose(projected, mean[name], atol=1e-4)  # B and A span the mean gradient
+
+
+def test_averaging_the_cores_is_exact_and_sends_only_the_cores_and_extras():
+    state = initialise([low_rank_gradients(2)], [5])
+    gen = torch.Generator().manual_seed(3)
+    updates = []
+    for k, n in enumerate((4, 12, 20)):
+        trained = {
+            name: AdapterFactors(A=f.A, B=f.B, scale=f.scale, R=torch.randn(RANK, RANK, generator=gen))
+            for name, f in state.adapter.items()
+        }
+        updates.append(reply(trained, n, k))
+    plan = FedSB().client_instructions(3, state)
+    assert not (plan.train_lora_A or plan.send_lora_A or plan.train_lora_B or plan.init_gradient)
+    result = FedSB().aggregate(3, state, updates)
+    total = sum(u.num_examples for u in updates)
+    for name, f in result.adapter.items():
+        expected = sum(u.factors[name].delta() * u.num_examples for u in updates) / total
+        assert torch.allclose(f.delta(), expected, atol=1e-5)
+        assert torch.equal(f.A, state.adapter[name].A) and torch.equal(f.B, state.adapter[name].B)
+
+
+def test_a_core_reply_carries_only_the_cores_and_decodes_against_the_frozen_factors():
+    state = initialise([low_rank_gradients(4)], [5])
+    trained = {
+        n: AdapterFactors(f.A, f.B, f.scale, R=torch.randn(RANK, RANK)) for n, f in state.adapter.items()
+    }
+    content = encode_update(reply(trained, 5, 0), send_A=False, send_B=False)
+    assert {key.rsplit("/", 1)[-1] for key in content["update"].keys() if key.startswith("lora/")} == {"R"}
+    back = decode_update(content, frozen=state.adapter)
+    for name, f in back.factors.items():
+        assert torch.equal(f.R, trained[name].R) and torch.equal(f.A, state.adapter[name].A)
+    again = decode_state(encode_state(state))
+    assert all(torch.equal(again.adapter[n].R, f.R) for n, f in state.adapter.items())
+
+
+def test_the_checkpoint_and_the_export_keep_the_cores(tmp_path):
+    state = initialise([low_rank_gradients(5)], [5])
+    for f in state.adapter.values():
+        f.R = torch.randn(RANK, RANK)
+    save_checkpoint(tmp_path, state, rng_state=None)
+    loaded = load_checkpoint(tmp_path).state
+    for name, f in state.adapter.items():
+        assert torch.equal(loaded.adapter[name].R, f.R)
+        A, B = combined_factors(state)[name]
+        assert torch.allclose(B @ A, f.delta(), atol=1e-5)  # a standard LoRA pair: B' = s B R
+
+
+def test_the_core_on_peft_layers_computes_s_B_R_A_and_is_all_that_trains_with_the_head(tiny_bert_dir):
+    lora = small_config(tiny_bert_dir).lora
+    host = AdapterHost(load_classifier(ClassifierSpec.from_config(str(tiny_bert_dir), 2, lora, 0, 2)))
+    factors_, head = host.read_update()
+    gen = torch.Generator().manual_seed(0)
+    cored = {
+        n: AdapterFactors(
+            f.A, torch.randn(f.B.shape, generator=gen), f.scale, R=torch.randn(2, 2, generator=gen)
+        )
+        for n, f in factors_.items()
+    }
+    host.load_state(GlobalState(adapter=cored, extras=head), init_seed=0)
+    name, layer = next(iter(host.layers.items()))
+    x = torch.randn(3, layer.get_base_layer().in_features)
+    expected = layer.get_base_layer()(x) + x @ cored[name].delta().T
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+
+    data = Encoded([[101, 7 + i, 102] for i in range(16)], [i % 2 for i in range(16)])
+    tokenizer = _Pad()
+    train(
+        host.model,
+        tokenizer,
+        data,
+        steps=3,
+        batch_size=4,
+        lr=1e-2,
+        weight_decay=0.0,
+        seed=0,
+        train_lora_A=False,
+        train_lora_B=False,
+    )
+    after, head_after = host.read_update()
+    for n, f in after.items():
+        assert torch.equal(f.A, cored[n].A) and torch.equal(f.B, cored[n].B)
+        assert not torch.equal(f.R, cored[n].R)
+    assert any(not torch.equal(head_after[k], t) for k, t in head.items())
+    host.load_state(GlobalState(adapter=factors_, extras=head), init_seed=0)  # a state without cores
+    assert all(f.R is None for f in host.read_update()[0].values())
+    assert torch.allclose(layer(x), layer.get_base_layer()(x) + x @ factors_[name].delta().T, atol=1e-5)
+
+
+class _Pad:
+    """The least of a tokenizer ``collate`` needs: right-padding token ids."""
+
+    def pad(self, batch, return_tensors):
+        width = max(len(ids) for ids in batch["input_ids"])
+        ids = torch.tensor([ids + [0] * (width - len(ids)) for ids in batch["input_ids"]])
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_fedsb_run_initialises_in_two_rounds_then_trains_the_cores(tiny_bert_dir, tmp_path, wrapped):
+    options = {"strategy.name": "fedsb", "run.rounds": 4}
+    if wrapped:  # under client-level DP: every round, the initialisation too, clipped and noised
+        options |= {
+            "strategy.name": "dp",
+            "strategy.inner": "'fedsb'",
+            "strategy.clients_per_round": 3,
+            "strategy.noise_multiplier": 0.1,
+            "strategy.clip_norm": 10.0,
+        }
+    run = FederatedRun(small_config(tiny_bert_dir, **options), tmp_path)
+    run.run(LocalGrid(3))
+    rows = metrics_rows(tmp_path)[1:]
+    assert len(rows) == 4 and fedsb_stage(run.state) == CORE
+    if not wrapped:  # (dp logs nothing per client, bytes included)
+        up = [row["bytes_up"] for row in rows]
+        assert up[3] < min(up[0], up[1])  # cores (r x r) and the head, against B or A and the head
+    for f in run.state.adapter.values():
+        assert f.R is not None and f.R.any()  # rounds 3 and 4 trained the cores
+        assert torch.allclose(f.B.T @ f.B, torch.eye(f.rank), atol=1e-4)
+
+
+def test_fedsb_refuses_clients_without_the_shared_adapter():
+    with pytest.raises(Exception, match="shared initial adapter"):
+        create_strategy("fedsb").aggregate(1, GlobalState(), [reply(factors(RANK, 0), 5, 0)])
+
+
+def test_a_fedsb_run_under_secure_aggregation_reaches_the_cores(tiny_bert_dir, tmp_path):
+    config = secure_config(tiny_bert_dir, **{"strategy.name": "fedsb", "run.rounds": 3})
+    run = FederatedRun(config, tmp_path)
+    run.run(LocalGrid(CLIENTS))
+    attempts = [row["attempts"] for row in metrics_rows(tmp_path) if "attempts" in row]
+    assert fedsb_stage(run.state) == CORE and attempts == [1, 1, 1]
+    assert all(f.R.any() for f in run.state.adapter.values())
