@@ -127,6 +127,7 @@ def run_scored(
         "test_accuracy": final["eval_accuracy"],
         "test_loss": final["eval_loss"],
         "bytes_up_per_round": sum(r["bytes_up"] for r in rounds) / len(rounds),
+        "bytes_up_final_round": rounds[-1]["bytes_up"],
         "bytes_down_per_round": sum(r["bytes_down"] for r in rounds) / len(rounds),
         "aggregation_seconds_per_round": sum(r["aggregation_seconds"] for r in rounds) / len(rounds),
         "optimizer_steps": sum(r["clients_aggregated"] for r in rounds) * config.train.local_steps,

@@ -9,6 +9,9 @@ of batch 32 per client and round; three settings of 1,000 client steps each:
 - S2: alpha = 0.1, 5 of 10 clients every round, 10 rounds;
 - S3: alpha = 1.0, all 10 clients every round, 5 rounds.
 
+``fedsb`` (and ``fedsb_r32``, at rank 32) runs ``FEDSB_INIT_ROUNDS`` more rounds: its
+initialisation (``strategies/fedsb.py``) takes two rounds that train nothing.
+
 Rows: ``dev.tsv`` (10,001 rows) is the training data. A fixed, seeded 1,000 of its rows are held
 out as the validation split, on which every hyperparameter is chosen; the other 9,001 rows are
 what clients (and the baselines) train on. The server evaluates the validation split every round
@@ -52,6 +55,7 @@ skipped unless ``--redo``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import os
 import statistics
@@ -102,7 +106,8 @@ LRS = (3e-4, 1e-3, 3e-3)
 SEEDS = (0, 1, 2)
 VAL_ROWS, TEST_ROWS, SPLIT_SEED = 1000, 2000, 12345
 RECENT = 3  # a federated run is judged by its mean validation accuracy over its last rounds
-BASE_METHODS = ("fedavg", "stacking", "fedex", "ffa", "vcma")
+BASE_METHODS = ("fedavg", "stacking", "fedex", "ffa", "vcma", "fedsb", "fedsb_r32")
+FEDSB_INIT_ROUNDS = 2  # fedsb's two initialisation rounds train nothing: it gets them on top
 SERVER_OPTIMIZERS = ("fedavgm", "fedadam")  # the best of these is reported as "server optimizer"
 # Client recipes: name -> (the strategy's weighting, [train] overrides). The ablation pieces run
 # each with fedavg on S2; every other federated run uses the best on the validation split.
@@ -123,10 +128,15 @@ WORK = REPO / "runs" / "noniid-agnews"
 
 
 def method_overrides(method: str, weighting: str) -> dict[str, Any]:
-    """The [strategy] of ``method`` with clients weighted by ``weighting``."""
+    """The [strategy] of ``method`` with clients weighted by ``weighting``; ``<rule>_r<rank>`` is
+    the rule at that LoRA rank (alpha 2 x rank, the scale of the other runs)."""
     if method in SERVER_OPTIMIZERS:
         return {"strategy.name": method, "strategy.inner_options": {"weighting": weighting}}
-    return {"strategy.name": method, "strategy.weighting": weighting}
+    rule, _, rank = method.partition("_r")
+    out: dict[str, Any] = {"strategy.name": rule, "strategy.weighting": weighting}
+    if rank:
+        out |= {"lora.rank": int(rank), "lora.alpha": 2.0 * int(rank)}
+    return out
 
 
 def setting_overrides(setting: Setting, seed: int, lr: float, files: dict[str, Path]) -> dict[str, Any]:
@@ -243,7 +253,7 @@ def fixed_pieces() -> list[Piece]:
     """Every piece of the fixed protocol, in the order they are worth running: per seed the
     centralized baseline, fedavg and stacking on S1 and S2 and local-only; then S3; then the other
     methods."""
-    first, later = ("fedavg", "stacking"), ("fedex", "ffa", "vcma", *SERVER_OPTIMIZERS)
+    first, later = ("fedavg", "stacking"), ("fedex", "ffa", "fedsb", "vcma", *SERVER_OPTIMIZERS, "fedsb_r32")
     federated = lambda settings, methods, seed: [  # noqa: E731
         Piece(f"{setting}/{method}/seed={seed}", "federated", setting, method, seed)
         for setting in settings
@@ -339,7 +349,10 @@ class Bench:
     def federated(self, piece: Piece, method: str, lr: float, recipe: str) -> dict[str, Any]:
         weighting, train = RECIPES[recipe]
         extra = {**method_overrides(method, weighting), **train}
-        config = self.config(SETTINGS[piece.setting], piece.seed, lr, extra)
+        setting = SETTINGS[piece.setting]
+        if method.startswith("fedsb"):
+            setting = dataclasses.replace(setting, rounds=setting.rounds + FEDSB_INIT_ROUNDS)
+        config = self.config(setting, piece.seed, lr, extra)
         run_dir = WORK / "runs" / piece.name.replace("/", "-").replace("=", "")
         metrics = ("variance_ratio", "merged_rank", "discarded_energy")
         label = f"{piece.name}: {method} lr {lr:g}"
@@ -361,6 +374,7 @@ class Bench:
             "curve": curve,  # validation accuracy per round, from round 0
             "seconds": result["seconds"],
             "bytes_up_per_round": result["bytes_up_per_round"],
+            "bytes_up_final_round": result["bytes_up_final_round"],  # a training round for every rule
             **{k: result[k] for k in metrics if k in result},
         }
 
@@ -491,23 +505,26 @@ def report(results: Results) -> str:
             "",
         ]
         lines += [
-            "| method | lr | test accuracy, mean ± std | share of centralized | minus local-only | seeds |",
-            "|---|---:|---:|---:|---:|---|",
+            "| method | lr | test accuracy, mean ± std | share of centralized | minus local-only | "
+            "KB up per client and training round | seeds |",
+            "|---|---:|---:|---:|---:|---:|---|",
         ]
         for method, runs in runs_of(results, setting).items():
             accs = [r["final_accuracy"] for r in sorted(runs, key=lambda r: r["seed"])]
             share = f"{statistics.fmean(accs) / statistics.fmean(central):.1%}" if central else "–"
             gap = f"{(statistics.fmean(accs) - statistics.fmean(local)) * 100:+.1f} pt" if local else "–"
+            up = runs[0].get("bytes_up_final_round", runs[0]["bytes_up_per_round"])
+            kb = f"{up / (spec.fraction * CLIENTS) / 1e3:.1f}"
             lines.append(
-                f"| {method} | {runs[0]['lr']:g} | {mean_std(accs)} | {share} | {gap} | "
+                f"| {method} | {runs[0]['lr']:g} | {mean_std(accs)} | {share} | {gap} | {kb} | "
                 + ", ".join(f"{a:.4f}" for a in accs)
                 + " |"
             )
         central_lr = results.chosen_lr("central") or "–"
         lines.append(
-            f"| centralized (1,000 steps, all rows) | {central_lr} | {mean_std(central)} | 100% | | |"
+            f"| centralized (1,000 steps, all rows) | {central_lr} | {mean_std(central)} | 100% | | | |"
         )
-        lines.append(f"| local-only (100 steps per client, mean of clients) | | {mean_std(local)} | | | |")
+        lines.append(f"| local-only (100 steps per client, mean of clients) | | {mean_std(local)} | | | | |")
         lines += goal_lines(setting, runs_of(results, setting), central, local)
     return "\n".join(lines)
 
