@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,9 @@ def _write_connection(home: Path, options: Deployment) -> None:
 
 def _start_superlink(options: Deployment, env: dict[str, str], log_path: Path) -> subprocess.Popen:
     cmd = [
-        flower_command("flower-superlink"),
+        sys.executable,
+        "-m",
+        "server.superlink",  # flower-superlink, its Control and Runtime APIs refused to other hosts
         "--host",
         options.host,
         "--port",

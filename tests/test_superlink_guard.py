@@ -1,0 +1,100 @@
+"""The SuperLink ``fedpeft server`` starts serves other hosts its Fleet API only: the Control and
+Runtime APIs (one port with it in Flower 1.41) answer 403 to any address but loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fedpeft.processes import flower_env
+from server.superlink import LoopbackOnly, is_loopback
+
+FLEET = "/v1/fleet/register-node"
+CONTROL = "/v1/control/list-runs"
+RUNTIME = "/v1/runtime/acquire-task"
+
+
+def other_address() -> str | None:
+    """A non-loopback IPv4 address of this machine (none is sent a packet), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: picks the outgoing interface's address
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if is_loopback((address, 0)) or address == "0.0.0.0" else address
+
+
+def status(host: str, port: int, path: str) -> int:
+    request = urllib.request.Request(f"http://{host}:{port}{path}", data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+async def _ok(scope, receive, send):  # the wrapped app: 200 for anything that gets through
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.mark.parametrize(
+    ("client", "path", "expected"),
+    [
+        ("192.0.2.7", CONTROL, 403),
+        ("192.0.2.7", RUNTIME, 403),
+        ("192.0.2.7", "/docs", 403),
+        ("192.0.2.7", FLEET, 200),
+        ("192.0.2.7", "/health", 200),
+        ("2001:db8::7", CONTROL, 403),
+        ("127.0.0.1", CONTROL, 200),
+        ("::1", RUNTIME, 200),
+    ],
+)
+def test_other_hosts_reach_only_the_fleet_api(client, path, expected):
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "client": (client, 50000), "headers": []}
+    asyncio.run(LoopbackOnly(_ok)(scope, receive, send))
+    assert sent[0]["status"] == expected
+
+
+def test_the_real_superlink_refuses_its_control_and_runtime_apis_to_another_address(tmp_path: Path):
+    address = other_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to connect from")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    cmd = [sys.executable, "-m", "server.superlink", "--insecure", "--host", "0.0.0.0", "--port", str(port)]
+    log = (tmp_path / "superlink.log").open("wb")
+    process = subprocess.Popen(cmd, env=flower_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert process.poll() is None, (tmp_path / "superlink.log").read_text()
+            assert time.monotonic() < deadline, "the SuperLink did not listen within 60 s"
+            time.sleep(0.3)
+        assert status(address, port, CONTROL) == 403
+        assert status(address, port, RUNTIME) == 403
+        assert status(address, port, FLEET) != 403  # refused by Flower for its content, not by us
+        assert status("127.0.0.1", port, CONTROL) != 403
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
