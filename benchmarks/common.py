@@ -25,7 +25,7 @@ import torch
 from fedpeft.config import RunConfig, load_config
 from fedpeft.data import Splits, load_splits, partition
 from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
-from fedpeft.training import encode, evaluate, train
+from fedpeft.training import collate, encode, evaluate, in_order, train
 from server.checkpoint import load_checkpoint
 from server.evaluation import CentralEvaluator
 from server.simulation import simulate
@@ -324,6 +324,22 @@ class HeldOut:
     def score(self, run_dir: Path, name: str) -> float:
         """The accuracy of the final global state in ``run_dir`` on held-out set ``name``."""
         return self.evaluator(name)(load_checkpoint(run_dir).state, init_seed=0)["eval_accuracy"]
+
+    @torch.no_grad()
+    def recall(self, run_dir: Path, name: str) -> dict[str, float]:
+        """Per label, the share of its rows in held-out set ``name`` that the final global state in
+        ``run_dir`` predicts right (a class no client learned shows as 0)."""
+        evaluator = self.evaluator(name)
+        evaluator.host.load_state(load_checkpoint(run_dir).state, init_seed=0)
+        model, data = evaluator.host.model.eval(), evaluator.data
+        hits, totals = torch.zeros(len(self.labels)), torch.zeros(len(self.labels))
+        for indices in in_order(len(data), evaluator.batch_size):
+            batch = collate(data, indices, evaluator.tokenizer)
+            labels = batch.pop("labels")
+            right = model(**batch).logits.argmax(-1) == labels
+            totals.index_add_(0, labels, torch.ones(len(labels)))
+            hits.index_add_(0, labels, right.float())
+        return {label: round(float(h / t), 4) for label, h, t in zip(self.labels, hits, totals, strict=True)}
 
 
 def pieces_parser(description: str, out: Path, data: str) -> argparse.ArgumentParser:

@@ -25,7 +25,9 @@ recipe ``FIXED_RECIPE`` (chosen by a first ablation on S2, see ``benchmarks/READ
 method gets the same (empty) search and the whole grid is about 70 runs of 6 to 8 minutes:
 
 - ``S1|S2|S3/<method>/seed=<s>``, ``central/seed=<s>``, ``local/alpha=<a>/seed=<s>``, listed in
-  the order worth running (the cheap decisive comparisons of every seed first).
+  the order worth running (the cheap decisive comparisons of every seed first);
+- ``recipe/S1/<recipe>/seed=<s>``: S1 fedavg under the client recipes of ``RECIPE_CHECKS``, to
+  check the fixed recipe on every seed.
 
 ``--search`` runs the protocol that searches (results in ``noniid_agnews_search.json``):
 
@@ -82,6 +84,7 @@ from common import (  # noqa: E402
     missing_agnews,
     run_scored,
     train_and_score,
+    write_results,
     write_splits,
 )
 
@@ -121,6 +124,7 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "uniform+decay": ("uniform", {"train.lr_decay": 0.8}),
 }
 FIXED_LR, FIXED_RECIPE = 1e-3, "uniform+balanced"  # the fixed protocol's lr and client recipe
+RECIPE_CHECKS = ("uniform+none", "examples+none")  # the fixed protocol's recipe pieces: S1 fedavg
 LABELS = ("Business", "Sci/Tech", "Sports", "World")
 OUT = REPO / "benchmarks" / "results" / "noniid_agnews.json"
 SEARCH_OUT = OUT.with_name("noniid_agnews_search.json")
@@ -273,6 +277,11 @@ def fixed_pieces() -> list[Piece]:
         ]
     for seed in SEEDS:
         out += federated(SETTINGS, later, seed)
+    out += [
+        Piece(f"recipe/S1/{recipe}/seed={seed}", "federated", "S1", "fedavg", seed, recipe=recipe)
+        for seed in SEEDS
+        for recipe in RECIPE_CHECKS
+    ]
     return out
 
 
@@ -321,6 +330,11 @@ def resolve(piece: Piece, results: Results) -> tuple[str, float, str] | None:
     return None if lr is None else (method, lr, recipe)
 
 
+def run_dir_of(piece: str) -> Path:
+    """Where a federated piece's run directory (metrics, checkpoint) is kept."""
+    return WORK / "runs" / piece.replace("/", "-").replace("=", "")
+
+
 class Bench:
     """Runs pieces and appends their results."""
 
@@ -353,7 +367,7 @@ class Bench:
         if method.startswith("fedsb"):
             setting = dataclasses.replace(setting, rounds=setting.rounds + FEDSB_INIT_ROUNDS)
         config = self.config(setting, piece.seed, lr, extra)
-        run_dir = WORK / "runs" / piece.name.replace("/", "-").replace("=", "")
+        run_dir = run_dir_of(piece.name)
         metrics = ("variance_ratio", "merged_rank", "discarded_energy")
         label = f"{piece.name}: {method} lr {lr:g}"
         result = run_scored(label, config, self.scorers.evaluator("test"), run_dir, metrics)
@@ -368,6 +382,7 @@ class Bench:
             "weighting": weighting,
             "train": train,
             "final_accuracy": result["test_accuracy"],
+            "test_recall": self.scorers.recall(run_dir, "test"),  # per class
             "val_accuracy": curve[-1],
             "val_recent": statistics.fmean(curve[-RECENT:]),
             "test_rows": TEST_ROWS,
@@ -401,6 +416,16 @@ class Bench:
             "optimizer_steps": CLIENT_STEPS,
             "seconds": result["seconds"],
         }
+
+    def add_recall(self) -> None:
+        """Per-class test recall for the federated runs recorded before it was measured (their run
+        directories must still exist)."""
+        for run in self.results.data["runs"]:
+            run_dir = run_dir_of(run["piece"])
+            if run["kind"] == "federated" and "test_recall" not in run and run_dir.is_dir():
+                run["test_recall"] = self.scorers.recall(run_dir, "test")
+                print(f"[{run['piece']}] recall {run['test_recall']}", flush=True)
+        write_results(self.results.data, self.results.path)
 
     def local_only(self, alpha: float, seed: int, lr: float) -> dict[str, Any]:
         config = self.config(Setting(alpha=alpha, fraction=1.0, rounds=5), seed, lr)
@@ -506,8 +531,8 @@ def report(results: Results) -> str:
         ]
         lines += [
             "| method | lr | test accuracy, mean ± std | share of centralized | minus local-only | "
-            "KB up per client and training round | seeds |",
-            "|---|---:|---:|---:|---:|---:|---|",
+            "KB up per client and training round | seeds | worst class recall per seed |",
+            "|---|---:|---:|---:|---:|---:|---|---|",
         ]
         for method, runs in runs_of(results, setting).items():
             accs = [r["final_accuracy"] for r in sorted(runs, key=lambda r: r["seed"])]
@@ -518,15 +543,52 @@ def report(results: Results) -> str:
             lines.append(
                 f"| {method} | {runs[0]['lr']:g} | {mean_std(accs)} | {share} | {gap} | {kb} | "
                 + ", ".join(f"{a:.4f}" for a in accs)
-                + " |"
+                + f" | {worst_classes(runs)} |"
             )
         central_lr = results.chosen_lr("central") or "–"
         lines.append(
-            f"| centralized (1,000 steps, all rows) | {central_lr} | {mean_std(central)} | 100% | | | |"
+            f"| centralized (1,000 steps, all rows) | {central_lr} | {mean_std(central)} | 100% | | | | |"
         )
-        lines.append(f"| local-only (100 steps per client, mean of clients) | | {mean_std(local)} | | | | |")
+        lines.append(
+            f"| local-only (100 steps per client, mean of clients) | | {mean_std(local)} | | | | | |"
+        )
         lines += goal_lines(setting, runs_of(results, setting), central, local)
+    if not results.search:
+        lines += recipe_report(results)
     return "\n".join(lines)
+
+
+def recipe_report(results: Results) -> list[str]:
+    """S1 fedavg under the fixed recipe and under each of ``RECIPE_CHECKS``, seed by seed."""
+    rows = {FIXED_RECIPE: [results.get(f"S1/fedavg/seed={seed}") for seed in SEEDS]}
+    rows |= {r: [results.get(f"recipe/S1/{r}/seed={seed}") for seed in SEEDS] for r in RECIPE_CHECKS}
+    lines = [
+        "",
+        "## S1 fedavg by client recipe",
+        "",
+        "| client recipe | test accuracy, mean ± std | seeds | worst class recall per seed |",
+        "|---|---:|---|---|",
+    ]
+    for recipe, found in rows.items():
+        runs = [r for r in found if r]
+        if runs:
+            accs = [r["final_accuracy"] for r in runs]
+            seeds = ", ".join(f"{r['seed']}: {r['final_accuracy']:.4f}" for r in runs)
+            lines.append(f"| {recipe} | {mean_std(accs)} | {seeds} | {worst_classes(runs)} |")
+    return lines
+
+
+def worst_classes(runs: list[dict[str, Any]]) -> str:
+    """Each seed's least-recalled test class and its recall (a class no client taught shows 0)."""
+    cells = []
+    for run in sorted(runs, key=lambda r: r["seed"]):
+        recall = run.get("test_recall")
+        if recall:
+            label = min(recall, key=recall.__getitem__)
+            cells.append(f"{label} {recall[label]:.2f}")
+        else:
+            cells.append("–")
+    return ", ".join(cells)
 
 
 def goal_lines(
@@ -590,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="print the tables and write the plot only")
     p.add_argument("--redo", action="store_true", help="rerun pieces already in the results file")
     p.add_argument("--search", action="store_true", help="the protocol that searches lr and recipe")
+    p.add_argument("--recall", action="store_true", help="add per-class test recall to runs that lack it")
     p.add_argument(
         "--out", type=Path, help=f"results file (default {OUT.name}, {SEARCH_OUT.name} with --search)"
     )
@@ -619,7 +682,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         bench = Bench(data_dir, results)
-        for piece in selected:
+        if args.recall:
+            bench.add_recall()
+        for piece in selected if not args.recall else []:
             if results.get(piece.name) and not args.redo:
                 continue
             chosen = resolve(piece, results)

@@ -24,7 +24,7 @@ from typing import IO
 
 from client.settings import CLIENT_ID, DATA_PATH, FAULT_KINDS, INJECT_FAULT, RANK
 from fedpeft.errors import UserError
-from fedpeft.processes import ProcessTree, flower_command, flower_env, start_watchdog
+from fedpeft.processes import ProcessTree, flower_env, start_watchdog
 
 PROBE_SECONDS = 5.0
 ACTIVATION_FAILED = "Failed to activate SuperNode"  # Flower's words for a key it does not know
@@ -153,7 +153,8 @@ def _run_supernode(options: ClientOptions) -> tuple[int, SuperNodeOutput]:
 
 
 def _supernode_command(options: ClientOptions) -> list[str]:
-    cmd = [flower_command("flower-supernode"), "--superlink", options.server]
+    # flower-supernode, running the fedpeft installed here for every message (client/installed.py)
+    cmd = [sys.executable, "-m", "client.installed", "--superlink", options.server]
     cmd += ["--node-config", options.node_config(), "--port", str(_free_port())]
     cmd += ["--max-wait-time", str(options.connect_timeout)]
     if options.insecure:
