@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from client.preflight import check_data
 from client.settings import CLIENT_ID, DATA_PATH, FAULT_KINDS, INJECT_FAULT, RANK
 from fedpeft.errors import UserError
 from fedpeft.processes import ProcessTree, flower_env, start_watchdog
@@ -51,6 +52,7 @@ class ClientOptions:
     insecure: bool = False
     connect_timeout: float = 600.0
     inject_fault: str | None = None
+    config: Path | None = None  # the run's TOML: check the data against it before joining
 
     def check(self) -> None:
         if not self.data.is_file():
@@ -90,6 +92,7 @@ def run_client(options: ClientOptions) -> int:
     started again. A refused key is retried a few times first: a server that is just starting
     accepts connections a moment before it has registered its clients."""
     options.check()
+    _say(options, f"data: {check_data(options.data, options.config)}")  # one line, and exit, if unusable
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the SuperNode is stopped with us
     if options.insecure:
         _say(options, "WARNING: --insecure: no TLS and no authentication; for local experiments only")

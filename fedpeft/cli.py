@@ -77,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
         help="how long to keep trying to reach the server (default: 600)",
     )
     client.add_argument(
+        "--config",
+        type=Path,
+        help="the run's configuration (the server's TOML): check the data against it before joining",
+    )
+    client.add_argument(
         "--inject-fault",
         metavar="KIND",
         help="misbehave on purpose to test the server's fault handling: nan or wrong-shape",
@@ -189,6 +194,7 @@ def _client(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         connect_timeout=args.connect_timeout,
         inject_fault=args.inject_fault,
+        config=args.config,
     )
     return run_client(options)
 

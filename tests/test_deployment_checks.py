@@ -157,3 +157,36 @@ def test_server_and_client_data_files(setup, tmp_path):
     bad.write_text('{"text": "x", "label": "refunds"}\n')
     with pytest.raises(DataError, match="not in data.labels"):
         load_client_file(str(bad), spec)
+
+
+def test_a_client_whose_data_cannot_be_used_ends_in_one_line_before_it_connects(setup, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    undecodable = tmp_path / "latin.csv"
+    undecodable.write_bytes(b"text,label\n\xe9t\xe9 \xff\xfe,billing\n")
+    no_label = tmp_path / "nolabel.jsonl"
+    no_label.write_text('{"text": "refund please"}\n')
+    unknown = write_rows(tmp_path / "unknown.jsonl", ["refund please"], [0]).read_text()
+    (tmp_path / "unknown.jsonl").write_text(unknown.replace('"billing"', '"refunds"'))
+    config = ["--config", str(setup["config"])]
+    cases = [
+        ([str(empty)], "holds no rows"),
+        ([str(undecodable)], "cannot parse"),
+        ([str(no_label), *config], "has no field 'label'"),
+        ([str(tmp_path / "unknown.jsonl"), *config], "not in data.labels"),
+    ]
+    for args, message in cases:  # the server (port 1) is never reached: the check comes first
+        code = main(
+            ["client", "--server", "127.0.0.1:1", "--insecure", "--connect-timeout", "600", "--data", *args]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_a_usable_file_is_summarised_against_the_run(setup, tmp_path):
+    from client.preflight import check_data
+
+    data = write_rows(tmp_path / "mine.jsonl", ["refund please", "where is it", "broken"], [0, 1, 2])
+    assert check_data(data, None).startswith("3 rows in mine.jsonl")
+    summary = check_data(data, setup["config"])
+    assert summary.startswith("3 rows in mine.jsonl read and tokenized for") and "billing" in summary
