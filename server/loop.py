@@ -342,7 +342,9 @@ class FederatedRun:
         while True:
             nodes = sorted(grid.get_node_ids())
             self._identify(grid, nodes)
-            known = sorted((n for n in nodes if n in self.identities), key=self.identities.__getitem__)
+            # one node per client: a client that reconnected is its newest node, the old one is gone
+            current = (n for n in nodes if n in self.identities and self.nodes[self.identities[n]] == n)
+            known = sorted(current, key=self.identities.__getitem__)
             if len(known) >= need:
                 break
             if time.monotonic() > deadline:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from flwr.app import Message
+from flwr.app import Context, Message, RecordDict
 
 from client.app import train
 from fedpeft.testing import LocalGrid
@@ -354,3 +354,29 @@ def test_a_tracking_sink_without_its_library_is_one_line_before_any_round(
     config = small_config(tiny_bert_dir, **{"tracking.mlflow_uri": "'local'"})
     with pytest.raises(TrackingError, match=r"needs MLflow: pip install 'fedpeft\[tracking\]'"):
         FederatedRun(config, tmp_path)
+
+
+def test_a_client_that_reconnects_under_a_new_node_is_one_client(tiny_bert_dir, tmp_path):
+    """A restarted client process is a new Flower node; its old node lingers in the SuperLink until
+    Flower expires it. Only the newest node of a client id is sampled: one client, no drop."""
+    config = small_config(
+        tiny_bert_dir, **{"run.rounds": 2, "server.round_timeout": 0.3, "strategy.name": "fedex"}
+    )
+    grid = LocalGrid(3)
+    run = FederatedRun(config, tmp_path)
+    aggregate = run.strategy.aggregate
+
+    def then_reconnect(rnd, state, updates):
+        if rnd == 1:  # partition-0 restarts: a new node 2000, the old node silent from now on
+            grid.nodes.append(2000)
+            grid.contexts[2000] = Context(
+                run_id=1, node_id=2000, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
+            )
+            grid.handlers[grid.nodes[0]] = lambda msg, context: None
+        return aggregate(rnd, state, updates)
+
+    run.strategy.aggregate = then_reconnect
+    run.run(grid)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["clients_aggregated"] == 3 and row["dropped"] == []
+    assert {r["client"]: r["node"] for r in row["replies"]}["partition-0"] == "2000"
