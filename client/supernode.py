@@ -9,6 +9,7 @@ and the SuperNode's own exit is translated the same way (an unregistered key).
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import ssl
@@ -53,6 +54,7 @@ class ClientOptions:
     connect_timeout: float = 600.0
     inject_fault: str | None = None
     config: Path | None = None  # the run's TOML: check the data against it before joining
+    verbose: bool = False  # the SuperNode's tracebacks in full
 
     def check(self) -> None:
         if not self.data.is_file():
@@ -143,7 +145,9 @@ def _run_supernode(options: ClientOptions) -> tuple[int, SuperNodeOutput]:
         tree = ProcessTree(process)
         watchdog = start_watchdog(Path(home))  # a SIGKILLed client takes its SuperNode and folder with it
         output = SuperNodeOutput()
-        forward = threading.Thread(target=_forward, args=(process.stdout, output), daemon=True)
+        forward = threading.Thread(
+            target=_forward, args=(process.stdout, output, options.verbose), daemon=True
+        )
         forward.start()
         try:
             while tree.running():
@@ -165,10 +169,39 @@ def _supernode_command(options: ClientOptions) -> list[str]:
     return [*cmd, "--root-certificates", str(options.ca), "--auth-supernode-private-key", str(options.key)]
 
 
-def _forward(stream: IO[str], output: SuperNodeOutput) -> None:
+def _forward(stream: IO[str], output: SuperNodeOutput, verbose: bool = False) -> None:
+    fold = TracebackFold(show=verbose)
     for line in stream:
-        print(line, end="", flush=True)
         output.add(line)
+        for shown in fold.feed(line if sys.stdout.isatty() else ANSI.sub("", line)):
+            print(shown, end="", flush=True)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes: kept on a terminal, not in a log file
+
+
+class TracebackFold:
+    """The SuperNode's output with each Python traceback folded into its last line (the exception),
+    which is what an operator needs: a reconnecting SuperNode prints pages of them. ``show``
+    passes everything through (``--verbose``)."""
+
+    def __init__(self, show: bool = False) -> None:
+        self.show, self.hidden = show, 0
+
+    def feed(self, line: str) -> list[str]:
+        """The lines to print for one line of output."""
+        if self.show:
+            return [line]
+        if line.startswith("Traceback (most recent call last):"):
+            self.hidden += 1  # a chained exception continues the same fold
+            return []
+        if not self.hidden:
+            return [line]
+        if line.startswith((" ", "\t", "\n", "During handling", "The above exception")) or not line.strip():
+            self.hidden += 1
+            return []
+        hidden, self.hidden = self.hidden, 0
+        return [f"{line.rstrip()} ({hidden} traceback lines folded; --verbose shows them)\n"]
 
 
 def probe_server(options: ClientOptions) -> None:

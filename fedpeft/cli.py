@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to keep trying to reach the server (default: 600)",
     )
+    client.add_argument("--verbose", action="store_true", help="show the SuperNode's tracebacks in full")
     client.add_argument(
         "--config",
         type=Path,
@@ -195,6 +196,7 @@ def _client(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout,
         inject_fault=args.inject_fault,
         config=args.config,
+        verbose=args.verbose,
     )
     return run_client(options)
 

@@ -190,3 +190,29 @@ def test_a_usable_file_is_summarised_against_the_run(setup, tmp_path):
     assert check_data(data, None).startswith("3 rows in mine.jsonl")
     summary = check_data(data, setup["config"])
     assert summary.startswith("3 rows in mine.jsonl read and tokenized for") and "billing" in summary
+
+
+def test_the_supernodes_tracebacks_fold_into_their_last_line():
+    from client.supernode import TracebackFold
+
+    output = [
+        "INFO :  connecting\n",
+        "Traceback (most recent call last):\n",
+        '  File "grpc.py", line 1, in call\n',
+        "    raise RpcError()\n",
+        "\n",
+        "During handling of the above exception, another exception occurred:\n",
+        "Traceback (most recent call last):\n",
+        '  File "connect.py", line 9, in retry\n',
+        "grpc.RpcError: connection refused\n",
+        "INFO :  reconnecting\n",
+    ]
+    fold = TracebackFold()
+    shown = [line for raw in output for line in fold.feed(raw)]
+    assert shown == [
+        "INFO :  connecting\n",
+        "grpc.RpcError: connection refused (7 traceback lines folded; --verbose shows them)\n",
+        "INFO :  reconnecting\n",
+    ]
+    verbose = TracebackFold(show=True)
+    assert [line for raw in output for line in verbose.feed(raw)] == output
