@@ -13,9 +13,13 @@ the leading r_k components (``AdapterFactors.truncated``), which is the best ran
 of ΔW, as FlexLoRA's redistribution step gives it. The energy of ΔW beyond rank R is reported as
 ``discarded_energy``. The dense extras are averaged with the same weights.
 
-Where we differ: the paper's server keeps nothing across rounds but the redistributed factors,
-and so do we; the split of Σ (all on B) is our reading of its redistribution (any split gives the
-same products, but not the same training dynamics).
+This is the authors' code (``alibaba/FederatedScope``, branch ``FlexLoRA``:
+``fed_utils/model_aggregation.py::FlexLoRA`` forms sum_k p_k (alpha/r_k) B_k A_k with p_k = n_k / n;
+``fed_utils/adaptive_peft.py::distribute_weight_fast`` gives a client of rank r the factors
+B = U_r Σ_r / (alpha/r), A = V_r^T, Σ all on B as here). Where we differ: their server keeps the
+dense ΔW as the global model, ours its best rank-R approximation (clients get the same factors
+whenever r_k <= R; the exported global adapter lacks ``discarded_energy``); and their aggregation
+hard-codes alpha = 16 where ours uses each client's own scale s_k.
 """
 
 from __future__ import annotations

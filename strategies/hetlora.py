@@ -11,10 +11,15 @@ at the global scale s,
 and averages the padded factors: A = sum_k p_k Â_k, B = sum_k p_k B̂_k (component i of the global
 adapter is then a sum over the clients whose rank exceeds i, diluted by the others' zeros, as the
 paper defines it). With ``weighting = "sparsity"`` (the paper's sparsity-weighted aggregation, the
-default) p_k is proportional, per module, to the Frobenius norm of the client's update
-||s_k B_k A_k||_F, so clients that moved the module more count more; the dense extras (a head) are
-weighted by each client's norm over all modules. ``examples``, ``steps`` and ``uniform`` weigh as
-fedavg does. The paper's local rank self-pruning is not implemented (a client's rank is fixed).
+default) p_k is proportional, per module, to the Frobenius norm of the client's whole adapter
+||s_k B_k A_k||_F (the paper's ||S_k||: the product the client holds, including the part of the
+global adapter it started from, not only what it trained this round; a client of a larger rank
+starts from more of it, so it tends to weigh more); the dense extras (a head) are weighted by each
+client's norm over all modules (our addition: the paper has no head). ``examples``, ``steps`` and
+``uniform`` weigh as fedavg does. The paper's local rank self-pruning is not implemented (a
+client's rank is fixed). No code of the authors' is public; third-party versions differ in where
+they put s_k / s (FlexLoRA's HetLoRA baseline splits it as a square root over A and B, with data
+weights): any split gives the same products, not the same averaged factors.
 
 Like fedavg it is inexact (mean(B) mean(A) != mean(B A)); with every client at rank R and a data
 weighting it is fedavg.
@@ -51,7 +56,7 @@ class HetLoRA(Strategy):
         require_updates(self.name, updates)
         if state.adapter is None:
             raise StrategyError("hetlora needs the global adapter (lora.init = 'shared')")
-        norms = [{m: float(f.delta().norm()) for m, f in u.factors.items()} for u in updates]
+        norms = [{m: frobenius(f) for m, f in u.factors.items()} for u in updates]
         adapter = {}
         for module, glob in state.adapter.items():
             padded = [padded_to(u.factors[module], glob) for u in updates]
@@ -89,3 +94,9 @@ def padded_to(factors: AdapterFactors, glob: AdapterFactors) -> AdapterFactors:
         [factors.B.float() * (factors.scale / glob.scale), factors.B.new_zeros(factors.B.shape[0], extra)], 1
     )
     return AdapterFactors(A=A, B=B, scale=glob.scale)
+
+
+def frobenius(f: AdapterFactors) -> float:
+    """||s B A||_F in factored form: s sqrt(<BᵀB, AAᵀ>), two r x r products, never d_out x d_in."""
+    gram = float((f.B.T @ f.B).mul_(f.A @ f.A.T).sum())
+    return f.scale * math.sqrt(max(gram, 0.0))
