@@ -66,7 +66,7 @@ def train(msg: Message, context: Context) -> Message:
     plan = instructions.plan
     started = host.load_state(received, init_seed=runtime.init_seed(config, instructions.init_seed, context))
     if plan.personal_B:
-        personal.restore(host, context.state)
+        personal.restore(host, context.state, plan.personal_extras)
     evaluation = evaluate(host.model, tokenizer, held_out, config.train.eval_batch_size) if held_out else None
     accountant = runtime.example_accountant(config, data, context)
     if plan.init_gradient:
@@ -88,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
             example_dp=accountant.dp if accountant else None,
         )
     if plan.personal_B:
-        personal.keep(host, context.state)
+        personal.keep(host, context.state, plan.personal_extras)
     metrics, trained = {"train_loss": local.train_loss}, local.examples
     if evaluation is not None:  # the model this client started the round from, on its own held-out rows
         metrics |= {"client_eval_accuracy": evaluation["accuracy"], "client_eval_loss": evaluation["loss"]}
@@ -120,7 +120,8 @@ def train(msg: Message, context: Context) -> Message:
     content = encode_update(
         update,
         send_A=plan.send_lora_A,
-        send_B=plan.train_lora_B and not plan.personal_B,
+        send_B=plan.send_lora_B,
+        send_extras=plan.send_extras,
         compression=config.train.compression,
         reference=started,
         feedback=feedback,

@@ -179,11 +179,13 @@ def _edited(msg: Message, content: RecordDict, edit: Callable[..., None]) -> Rec
         raise ValueError("a simulated or injected update fault needs plain replies, not secure aggregation")
     received = decode_state(msg.content)
     instructions = decode_instructions(msg.content)
-    update = decode_update(content, frozen=received.adapter)
+    update = decode_update(content, frozen=received.adapter, frozen_extras=received.extras)
     edit(update, received.adapter or {}, received.extras)
     return encode_update(
         update,
         send_A=instructions.plan.send_lora_A,
+        send_B=instructions.plan.send_lora_B,
+        send_extras=instructions.plan.send_extras,
         compression=instructions.client_config.train.compression,
         reference=received.adapter,
     )

@@ -32,12 +32,22 @@ class ClientPlan:
     send_lora_A: bool = True
     train_lora_B: bool = True  # a B that is not trained is not sent either
     personal_B: bool = False  # B stays on each client across rounds; only A (and extras) travel
+    personal_extras: bool = False  # the dense extras (a head) stay on each client too
     weighting: str = "examples"
     # Instead of training, send a sketch of G, the mean loss gradient w.r.t. each adapted base
     # weight (Fed-SB's initialisation, strategies/fedsb.py): "range" sends B := G Aᵀ, "project"
     # sends A := Bᵀ G; "" (the default): train.
     init_gradient: str = ""
     options: dict[str, bool | int | float | str] = field(default_factory=dict)
+
+    @property
+    def send_lora_B(self) -> bool:
+        """Whether clients send B: when they train it and keep no personal one."""
+        return self.train_lora_B and not self.personal_B
+
+    @property
+    def send_extras(self) -> bool:
+        return not self.personal_extras
 
 
 @dataclass

@@ -117,7 +117,9 @@ class RoundReplies:
                 "(server.max_reply_bytes)"
             )
         try:
-            return decode_update(content, client_id, self.state.adapter, self.decode_buffer)
+            return decode_update(
+                content, client_id, self.state.adapter, self.decode_buffer, self.state.extras
+            )
         except WireError as exc:
             return self._reject(f"malformed reply: {exc}")
         except Exception as exc:  # a client's bytes must never stop the server

@@ -149,7 +149,7 @@ class _Attempt:
             raise SecureModeError("secure aggregation needs a global adapter; unset lora.client_ranks")
         self.secure, self.grid, self.rnd, self.state = secure, grid, rnd, state
         self.session = os.urandom(SESSION_BYTES)
-        self.layout = SummandLayout(state.adapter, state.extras, plan.send_lora_A, plan.train_lora_B)
+        self.layout = SummandLayout(state.adapter, state.extras, plan.send_lora_A, plan.send_lora_B)
         self.result = SecureAttempt()
         self.alive: list[int] = []
         self.threshold = 2

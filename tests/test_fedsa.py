@@ -32,18 +32,30 @@ def test_a_reply_without_B_takes_B_from_the_adapter_the_client_started_from():
         assert torch.equal(f.A, update.factors[module].A) and torch.equal(f.B, state.adapter[module].B)
 
 
-def test_fedsa_averages_A_and_the_extras_as_fedavg_and_keeps_the_global_B():
+@pytest.mark.parametrize("personal_head", [True, False])
+def test_fedsa_averages_A_as_fedavg_and_keeps_the_global_B_and_head(personal_head):
     state = sent_state()
     updates = [trained(state, seed) for seed in (1, 2, 3)]
-    sa, avg = FedSA().aggregate(1, state, updates), FedAvg().aggregate(1, state, updates)
+    sa = FedSA(personal_head=personal_head).aggregate(1, state, updates)
+    avg = FedAvg().aggregate(1, state, updates)
     for module, f in avg.adapter.items():
         assert torch.equal(sa.adapter[module].A, f.A)
         assert torch.equal(sa.adapter[module].B, state.adapter[module].B)
-    for name, t in avg.extras.items():
-        assert torch.equal(sa.extras[name], t)
+    for name, t in avg.extras.items():  # the head stays the global one, or is averaged as fedavg's
+        assert torch.equal(sa.extras[name], state.extras[name] if personal_head else t)
     fresh = FedSA().aggregate(1, GlobalState(), updates)  # clients started from their own inits
     assert all(not f.B.any() for f in fresh.adapter.values())
-    assert FedSA().client_instructions(1, state).personal_B
+    plan = FedSA(personal_head=personal_head).client_instructions(1, state)
+    assert plan.personal_B and plan.personal_extras == personal_head and plan.send_extras != personal_head
+
+
+def test_a_reply_without_extras_takes_the_global_ones():
+    state = sent_state()
+    update = trained(state, 1)
+    content = encode_update(update, send_B=False, send_extras=False)
+    assert not any(key.startswith("extra/") for key in content["update"].keys())
+    back = decode_update(content, frozen=state.adapter, frozen_extras=state.extras)
+    assert all(torch.equal(back.extras[k], t) for k, t in state.extras.items())
 
 
 def test_a_client_keeps_its_B_and_puts_it_back_over_the_global_one(tiny_bert_dir):
@@ -52,12 +64,19 @@ def test_a_client_keeps_its_B_and_puts_it_back_over_the_global_one(tiny_bert_dir
     factors, extras = host.read_update()
     mine = {m: AdapterFactors(A=f.A, B=torch.randn_like(f.B), scale=f.scale) for m, f in factors.items()}
     host.load_state(GlobalState(adapter=mine, extras=extras), init_seed=0)
+    my_head = {k: torch.randn_like(t) for k, t in extras.items()}
+    host.load_state(GlobalState(adapter=mine, extras=my_head), init_seed=0)
     node_state = RecordDict()
-    personal.keep(host, node_state)
+    personal.keep(host, node_state, extras=True)
     host.load_state(GlobalState(adapter=factors, extras=extras), init_seed=0)  # the next round's global
-    personal.restore(host, node_state)
-    for module, f in host.read_update()[0].items():
+    personal.restore(host, node_state, extras=True)
+    restored, head = host.read_update()
+    for module, f in restored.items():
         assert torch.equal(f.B, mine[module].B) and torch.equal(f.A, factors[module].A)
+    assert all(torch.equal(head[k], t) for k, t in my_head.items())
+    host.load_state(GlobalState(adapter=factors, extras=extras), init_seed=0)
+    personal.restore(host, node_state)  # without a personal head: the global head stays
+    assert all(torch.equal(host.read_update()[1][k], t) for k, t in extras.items())
 
 
 def test_held_out_rows_are_a_seeded_disjoint_share():
@@ -85,6 +104,12 @@ def test_a_fedsa_run_keeps_a_B_per_client_and_logs_each_clients_accuracy(tiny_be
     module = next(iter(run.state.adapter))
     assert not torch.equal(first[0][module], first[1][module])  # each client's own B
     assert all(not f.B.any() for f in run.state.adapter.values())  # the global B stays the initial zeros
+    heads = [
+        context.state[personal.PERSONAL_EXTRAS].to_torch_state_dict() for context in grid.contexts.values()
+    ]
+    name = next(iter(heads[0]))
+    assert not torch.equal(heads[0][name], heads[1][name])  # each client's own head
+    assert not any(torch.equal(run.state.extras[k], heads[0][k]) for k in heads[0])  # heads stay home
 
 
 def test_secure_aggregation_refuses_a_personal_B():

@@ -63,9 +63,11 @@ def encode_update(
     send_B: bool = True,
     reference: dict[str, AdapterFactors] | None = None,
     feedback: ErrorFeedback | None = None,
+    send_extras: bool = True,
 ) -> RecordDict:
     """The reply record; with ``send_A=False`` (frozen, shared A) only B travels, with
-    ``send_B=False`` (a personal or frozen B) only A; a LoRA-SB core R always travels.
+    ``send_B=False`` (a personal or frozen B) only A; a LoRA-SB core R always travels; with
+    ``send_extras=False`` (a personal head) no dense extras.
 
     With a lossy ``compression`` (``fedpeft.compression``), each factor travels as its delta
     from ``reference`` (the adapter the client received) when there is one, through
@@ -82,6 +84,7 @@ def encode_update(
         "sent-A": send_A,
         "sent-B": send_B,
         "sent-R": send_R,
+        "sent-extras": send_extras,
         "compression": compression,
         "delta": delta,
     }
@@ -101,7 +104,7 @@ def encode_update(
             if packed.scale is not None:
                 arrays[key + SCALE_SUFFIX] = to_array(packed.scale)
         meta[f"scale/{name}"] = f.scale
-    for name, t in update.extras.items():
+    for name, t in update.extras.items() if send_extras else ():
         arrays[f"extra/{name}"] = to_array(t)
     metrics = {NUM_EXAMPLES: update.num_examples, NUM_TRAINED: update.num_trained, **update.metrics}
     return RecordDict(
@@ -118,9 +121,11 @@ def decode_update(
     client_id: str = "",
     frozen: dict[str, AdapterFactors] | None = None,
     into: DecodeBuffer | None = None,
+    frozen_extras: dict[str, Tensor] | None = None,
 ) -> ClientUpdate:
     """Decode a reply. ``frozen`` is the global adapter the client started from: a reply
-    without A (``sent-A`` false) takes A from it, and delta-coded factors are added to it.
+    without A (``sent-A`` false) takes A from it, and delta-coded factors are added to it; a reply
+    without extras (a personal head) takes ``frozen_extras``, the global ones.
     With ``into``, the tensors live in that reused buffer (see ``DecodeBuffer``)."""
     arrays, meta = _get(content, UPDATE_ARRAYS, ArrayRecord), _get(content, UPDATE_META, ConfigRecord)
     metrics = dict(_get(content, UPDATE_METRICS, MetricRecord))
@@ -128,6 +133,8 @@ def decode_update(
     sent_R = bool(meta.get("sent-R", False))
     parts = tuple(part for part, sent in (("A", sent_A), ("B", sent_B), ("R", sent_R)) if sent)
     groups, extras = _split(arrays, {"lora": parts}, into=into)
+    if not meta.get("sent-extras", True):
+        extras = dict(frozen_extras or {})
     delta = bool(meta.get("delta", False))
     missing = sorted(set(groups["lora"]) - set(frozen or {}))
     if missing and (delta or not sent_A or not sent_B):
@@ -258,6 +265,7 @@ def encode_instructions(instructions: RoundInstructions) -> ConfigRecord:
         "send-lora-A": instructions.plan.send_lora_A,
         "train-lora-B": instructions.plan.train_lora_B,
         "personal-B": instructions.plan.personal_B,
+        "personal-extras": instructions.plan.personal_extras,
         "init-gradient": instructions.plan.init_gradient,
         "weighting": instructions.plan.weighting,
         "client-config": instructions.client_config.to_json(),
@@ -277,6 +285,7 @@ def decode_instructions(content: RecordDict) -> RoundInstructions:
             send_lora_A=_meta(record, "send-lora-A", bool),
             train_lora_B=bool(record.get("train-lora-B", True)),
             personal_B=bool(record.get("personal-B", False)),
+            personal_extras=bool(record.get("personal-extras", False)),
             init_gradient=str(record.get("init-gradient", "")),
             weighting=_meta(record, "weighting", str),
             options=options,
