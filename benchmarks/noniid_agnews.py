@@ -122,9 +122,15 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "uniform+balanced": ("uniform", {"train.label_skew": "balanced_softmax"}),
     "uniform+prox": ("uniform", {"train.proximal_mu": 0.1}),
     "uniform+decay": ("uniform", {"train.lr_decay": 0.8}),
+    "uniform+frozen": ("uniform", {"train.freeze_head": True}),
+    "uniform+balanced+frozen": (
+        "uniform",
+        {"train.label_skew": "balanced_softmax", "train.freeze_head": True},
+    ),
 }
 FIXED_LR, FIXED_RECIPE = 1e-3, "uniform+balanced"  # the fixed protocol's lr and client recipe
-RECIPE_CHECKS = ("uniform+none", "examples+none")  # the fixed protocol's recipe pieces: S1 fedavg
+# the fixed protocol's recipe pieces (S1 fedavg), each against FIXED_RECIPE on every seed
+RECIPE_CHECKS = ("uniform+none", "examples+none", "uniform+frozen", "uniform+balanced+frozen")
 LABELS = ("Business", "Sci/Tech", "Sports", "World")
 OUT = REPO / "benchmarks" / "results" / "noniid_agnews.json"
 SEARCH_OUT = OUT.with_name("noniid_agnews_search.json")

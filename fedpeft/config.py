@@ -159,6 +159,10 @@ class TrainSection(Section):
         "none", description="a client-side logit adjustment against label skew (classification only)"
     )
     label_skew_tau: float = Field(1.0, gt=0, description="tau of the label-skew adjustment")
+    freeze_head: bool = Field(
+        False,
+        description="FedBABU: the dense extras (a head) stay at their shared init; only LoRA trains",
+    )
     eval_batch_size: int = Field(64, ge=1, description="rows per forward pass when evaluating")
     compression: Literal["none", "fp16", "int8"] = Field(
         "none",

@@ -93,12 +93,14 @@ def train(
     seed: int,
     train_lora_A: bool = True,
     train_lora_B: bool = True,
+    train_extras: bool = True,
     proximal_mu: float = 0.0,
     logit_adjustment: Tensor | None = None,
     example_dp: ExampleDP | None = None,
 ) -> LocalResult:
     """Run ``steps`` AdamW steps on the trainable parameters (LoRA A and B unless frozen by
-    ``train_lora_A`` / ``train_lora_B``, a LoRA-SB core, the dense extras).
+    ``train_lora_A`` / ``train_lora_B``, a LoRA-SB core, the dense extras unless ``train_extras``
+    is false).
 
     ``proximal_mu`` adds FedProx's term mu/2 ||w - w_start||^2 over the trainable tensors (w_start:
     their values when training starts, i.e. the global state received), applied as its gradient
@@ -111,7 +113,7 @@ def train(
         raise ValueError("this client has no training examples")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        _freeze_factors(model, train_lora_A, train_lora_B)
+        _freeze(model, train_lora_A, train_lora_B, train_extras)
         params = [p for p in model.parameters() if p.requires_grad]
         start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -141,16 +143,18 @@ def train(
         finally:
             if private is not None:
                 private.close()
-            _freeze_factors(model, True, True)
+            _freeze(model, True, True, True)
     return LocalResult(train_loss=total / steps, examples=examples)
 
 
-def _freeze_factors(model: PeftModel, train_lora_A: bool, train_lora_B: bool) -> None:
+def _freeze(model: PeftModel, train_lora_A: bool, train_lora_B: bool, train_extras: bool) -> None:
     for name, param in model.named_parameters():
         if "lora_A" in name:
             param.requires_grad_(train_lora_A)
         elif "lora_B" in name:
             param.requires_grad_(train_lora_B)
+        elif "modules_to_save" in name:  # peft's trainable copy of a dense extra (a head)
+            param.requires_grad_(train_extras)
 
 
 def weight_gradients(

@@ -65,6 +65,27 @@ def test_under_fedlc_a_client_leaves_the_head_rows_of_classes_it_lacks_untouched
             assert not torch.equal(after[key][0], before[key][0])
 
 
+def test_a_frozen_head_stays_at_its_init_while_lora_trains(tiny_bert_dir):
+    tokenizer = load_tokenizer(str(tiny_bert_dir))
+    model = tiny(tiny_bert_dir)
+    before = trainable(model)
+    train(
+        model,
+        tokenizer,
+        toy_data([0, 1, 2] * 4),
+        steps=3,
+        batch_size=4,
+        lr=1e-2,
+        weight_decay=0.0,
+        seed=0,
+        train_extras=False,
+    )
+    after = trainable(model)
+    assert all(torch.equal(after[k], t) for k, t in before.items() if k.startswith(HEAD))
+    assert any(not torch.equal(after[k], t) for k, t in before.items() if "lora_B" in k)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "modules_to_save" in n)  # restored
+
+
 def test_the_calibrated_loss_is_cross_entropy_over_adjusted_logits(tiny_bert_dir):
     tokenizer = load_tokenizer(str(tiny_bert_dir))
     data = toy_data([0, 1, 1, 1, 2, 2])
