@@ -25,6 +25,7 @@ from typing import IO
 
 from client.preflight import check_data
 from client.settings import CLIENT_ID, DATA_PATH, FAULT_KINDS, INJECT_FAULT, RANK
+from fedpeft.certs import key_id_of_file
 from fedpeft.errors import UserError
 from fedpeft.processes import ProcessTree, flower_env, start_watchdog
 
@@ -259,9 +260,10 @@ def explain_exit(output: SuperNodeOutput, options: ClientOptions) -> str:
     """One line for a SuperNode that gave up, from what it printed."""
     if ACTIVATION_FAILED in output.seen:
         key = f"{options.key}.pub" if options.key else "its public key"
+        named = f" (key {key_id_of_file(options.key)})" if options.key else ""
         return (
-            f"the server refused client {options.name}: its key is not registered there; ask the "
-            f"operator to add {key} to the server's certs directory (fedpeft certs DIR --clients "
+            f"the server refused client {options.name}{named}: its key is not registered there; ask "
+            f"the operator to add {key} to the server's certs directory (fedpeft certs DIR --clients "
             f"{options.name}) and restart the server"
         )
     if UNREACHABLE in output.seen:

@@ -15,6 +15,7 @@ Private keys are written with mode 0600, through a temporary file and a rename.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import re
@@ -196,3 +197,21 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
         f.write(data)
     os.chmod(tmp, mode)
     os.replace(tmp, path)
+
+
+def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
+    """A short name for a client key that the server's and the client's logs both print: the
+    first 16 hex digits of the SHA-256 of its DER SubjectPublicKeyInfo."""
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "sha256:" + hashlib.sha256(der).hexdigest()[:16]
+
+
+def key_id_of_file(path: Path) -> str:
+    """``key_id`` of the key in ``path``: an OpenSSH private key or ``.pub`` file as
+    ``make_certs`` writes them, or a PEM public key."""
+    data = path.read_bytes()
+    if data.startswith(b"-----BEGIN OPENSSH PRIVATE KEY"):
+        return key_id(serialization.load_ssh_private_key(data, password=None).public_key())  # type: ignore[arg-type]
+    if data.startswith(b"-----BEGIN PUBLIC KEY"):
+        return key_id(serialization.load_pem_public_key(data))  # type: ignore[arg-type]
+    return key_id(serialization.load_ssh_public_key(data.strip()))  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ from fedpeft.processes import FlowerCommandError, ProcessTree, flower_command, f
 from fedpeft.tasks import get_task
 from server.app import new_run_dir
 from server.loop import build_strategy, check_run_dir
+from server.superlink import REFUSED
 
 APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "fedpeft"
@@ -123,9 +124,11 @@ def serve(options: Deployment, console: Console) -> Path:
         if options.certs is not None:
             _register_clients(options.certs, env, console)
         submission = ProcessTree(_submit_run(options, env))
+        refusals = RefusalRelay(log_path, console)
         while submission.running():
             if not superlink.running():
                 raise DeploymentError(f"the SuperLink stopped during the run; see {log_path}")
+            refusals.poll()
             time.sleep(1.0)
     finally:
         if submission is not None:
@@ -138,6 +141,36 @@ def serve(options: Deployment, console: Console) -> Path:
             f"continue it with --resume {options.run_dir}"
         )
     return options.run_dir
+
+
+class RefusalRelay:
+    """Prints on the server's console, once per key, each client key the SuperLink refused
+    (``server.superlink.REFUSED`` lines in its log): an operator sees who knocked."""
+
+    def __init__(self, log_path: Path, console: Console) -> None:
+        self.log_path, self.console = log_path, console
+        self.offset = log_path.stat().st_size if log_path.is_file() else 0
+        self.seen: set[str] = set()
+
+    def poll(self) -> None:
+        if not self.log_path.is_file():
+            return
+        with self.log_path.open("rb") as log:
+            log.seek(self.offset)
+            text = log.read()
+        complete = text.rfind(b"\n") + 1  # a half-written last line waits for the next poll
+        self.offset += complete
+        for line in text[:complete].decode(errors="replace").splitlines():
+            if REFUSED in line:
+                key = line.split(REFUSED, 1)[1].strip()
+                if key not in self.seen:
+                    self.seen.add(key)
+                    self.console.print(
+                        f"[yellow]refused a client whose key is not registered: {key} (the client's "
+                        "refusal names the same key; register its .pub in the certs directory's "
+                        "clients/ and restart the server)[/yellow]",
+                        soft_wrap=True,
+                    )
 
 
 def _write_connection(home: Path, options: Deployment) -> None:

@@ -9,10 +9,15 @@ build authenticates neither: with ``--enable-supernode-auth`` only the Fleet API
 Flower has no flag to serve them apart, so this wraps its app with a middleware (written here: no
 library offers it) that answers 403 to a request from a non-loopback address for any path outside
 the Fleet API and the health check.
+
+A second middleware prints one line (``REFUSED`` and the key's ``fedpeft.certs.key_id``) for each
+SuperNode whose activation the SuperLink refuses, which is how an unregistered client key shows:
+``fedpeft server`` relays those lines from the SuperLink's log to its console.
 """
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import sys
 
@@ -20,6 +25,9 @@ from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 FLEET_API, HEALTH = "/v1/fleet/", "/health"  # all that other hosts may reach
+ACTIVATE = "/v1/fleet/activate-node"  # where a SuperNode with an unregistered key is refused
+PUBLIC_KEY_HEADER = b"flwr-public-key"  # base64 of the SuperNode's PEM public key (Flower's)
+REFUSED = "fedpeft: refused a client key that is not registered:"
 
 
 class LoopbackOnly:
@@ -36,6 +44,37 @@ class LoopbackOnly:
                 await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class RefusedKeys:
+    """ASGI middleware: one ``REFUSED`` line on stdout per refused SuperNode activation."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") != ACTIVATE:
+            await self.app(scope, receive, send)
+            return
+
+        async def watch(message: dict) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                print(f"{REFUSED} {refused_key(dict(scope.get('headers', [])))}", flush=True)
+            await send(message)
+
+        await self.app(scope, receive, watch)
+
+
+def refused_key(headers: dict[bytes, bytes]) -> str:
+    """The ``key_id`` of the key a SuperNode authenticated with, or why it cannot be named."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from fedpeft.certs import key_id
+
+    try:
+        return key_id(load_pem_public_key(base64.b64decode(headers[PUBLIC_KEY_HEADER])))  # type: ignore[arg-type]
+    except (KeyError, ValueError, TypeError):
+        return "(no readable key in the request)"
 
 
 def is_loopback(client: tuple[str, int] | list | None) -> bool:
@@ -56,6 +95,7 @@ def main() -> None:
 
     def guarded(*args, **kwargs):  # type: ignore[no-untyped-def]
         app = create_app(*args, **kwargs)
+        app.add_middleware(RefusedKeys)
         app.add_middleware(LoopbackOnly)  # outermost: before Flower's own middleware runs
         return app
 

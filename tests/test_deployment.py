@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.certs import make_certs
+from fedpeft.certs import key_id_of_file, make_certs
 from tests.deployment import CLIENT_ROWS, Federation, metrics_rows, wait_for
 
 RUN_SECONDS = 600
@@ -69,7 +69,11 @@ def test_tls_authenticated_run_with_misbehaving_and_refused_clients(federation: 
     assert insecure.wait(120) == 2
     assert "requires TLS but this client was started with --insecure" in fed.output("insecure")
     assert mallory.wait(180) == 2
-    assert "the server refused client mallory: its key is not registered" in fed.output("mallory")
+    mallory_key = key_id_of_file(intruder.client_key("mallory"))
+    assert f"the server refused client mallory (key {mallory_key}): its key is not registered" in fed.output(
+        "mallory"
+    )
+    assert f"refused a client whose key is not registered: {mallory_key}" in fed.output("server")
 
     rows = metrics_rows(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]

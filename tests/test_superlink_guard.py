@@ -1,9 +1,12 @@
 """The SuperLink ``fedpeft server`` starts serves other hosts its Fleet API only: the Control and
-Runtime APIs (one port with it in Flower 1.41) answer 403 to any address but loopback."""
+Runtime APIs (one port with it in Flower 1.41) answer 403 to any address but loopback; and a client
+key it refuses is named on the server's console."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import socket
 import subprocess
 import sys
@@ -13,9 +16,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from rich.console import Console
 
+from fedpeft.certs import key_id_of_file, make_certs
 from fedpeft.processes import flower_env
-from server.superlink import LoopbackOnly, is_loopback
+from server.deployment import RefusalRelay
+from server.superlink import REFUSED, LoopbackOnly, RefusedKeys, is_loopback
 
 FLEET = "/v1/fleet/register-node"
 CONTROL = "/v1/control/list-runs"
@@ -98,3 +105,38 @@ def test_the_real_superlink_refuses_its_control_and_runtime_apis_to_another_addr
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+def test_a_refused_activation_is_printed_with_the_key_and_relayed_once(tmp_path, capsys):
+    layout = make_certs(tmp_path / "certs", [], ["mallory"])
+    key = serialization.load_ssh_private_key(layout.client_key("mallory").read_bytes(), password=None)
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+    async def refuse(scope, receive, send):  # Flower refusing an unregistered key
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        pass
+
+    headers = [(b"flwr-public-key", base64.b64encode(pem))]
+    scope = {"type": "http", "method": "POST", "path": "/v1/fleet/activate-node", "headers": headers}
+    asyncio.run(RefusedKeys(refuse)(scope, receive, send))
+    printed = capsys.readouterr().out
+    assert printed == f"{REFUSED} {key_id_of_file(layout.client_key('mallory'))}\n"
+
+    log = tmp_path / "superlink.log"
+    log.write_text("INFO: starting\n")
+    console = Console(file=io.StringIO(), width=400)
+    relay = RefusalRelay(log, console)
+    with log.open("a") as f:
+        f.write(printed * 3 + f"{REFUSED} sha256:")  # a client retries; a line half written
+    relay.poll()
+    shown = console.file.getvalue()
+    assert shown.count("refused a client whose key is not registered") == 1
+    assert key_id_of_file(layout.client_key("mallory")) in shown
