@@ -78,7 +78,11 @@ def supernode() -> None:
     """``python -m client.installed ARGS``: ``flower-supernode ARGS`` launching
     ``fedpeft-clientapp`` for every message."""
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+    from flwr.supercore.logger import update_console_handler
     from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    if not sys.stdout.isatty():
+        update_console_handler(colored=False)
 
     command = Path(sys.executable).parent / CLIENTAPP_COMMAND
     if not command.is_file():

@@ -89,7 +89,11 @@ def is_loopback(client: tuple[str, int] | list | None) -> bool:
 
 def main() -> None:
     import flwr.superlink.main as superlink_app
+    from flwr.supercore.logger import update_console_handler
     from flwr.superlink.cli.flower_superlink import flower_superlink
+
+    if not sys.stdout.isatty():
+        update_console_handler(colored=False)  # a log file gets no colour codes
 
     create_app = superlink_app.create_app
 

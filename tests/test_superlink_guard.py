@@ -105,6 +105,8 @@ def test_the_real_superlink_refuses_its_control_and_runtime_apis_to_another_addr
         process.terminate()
         process.wait(timeout=30)
         log.close()
+    written = (tmp_path / "superlink.log").read_text()
+    assert "SuperLink" in written and "\x1b[" not in written  # a log file without colour codes
 
 
 def test_a_refused_activation_is_printed_with_the_key_and_relayed_once(tmp_path, capsys):
