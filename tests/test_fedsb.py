@@ -9,7 +9,7 @@ import torch
 from fedpeft.export import combined_factors
 from fedpeft.lora import AdapterHost
 from fedpeft.lora_sb import gradient_sketch
-from fedpeft.models import ClassifierSpec, load_classifier
+from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
 from fedpeft.testing import LocalGrid
 from fedpeft.training import Encoded, train
@@ -131,7 +131,7 @@ def test_the_core_on_peft_layers_computes_s_B_R_A_and_is_all_that_trains_with_th
     assert torch.allclose(layer(x), expected, atol=1e-5)
 
     data = Encoded([[101, 7 + i, 102] for i in range(16)], [i % 2 for i in range(16)])
-    tokenizer = _Pad()
+    tokenizer = load_tokenizer(str(tiny_bert_dir))
     train(
         host.model,
         tokenizer,
@@ -152,15 +152,6 @@ def test_the_core_on_peft_layers_computes_s_B_R_A_and_is_all_that_trains_with_th
     host.load_state(GlobalState(adapter=factors_, extras=head), init_seed=0)  # a state without cores
     assert all(f.R is None for f in host.read_update()[0].values())
     assert torch.allclose(layer(x), layer.get_base_layer()(x) + x @ factors_[name].delta().T, atol=1e-5)
-
-
-class _Pad:
-    """The least of a tokenizer ``collate`` needs: right-padding token ids."""
-
-    def pad(self, batch, return_tensors):
-        width = max(len(ids) for ids in batch["input_ids"])
-        ids = torch.tensor([ids + [0] * (width - len(ids)) for ids in batch["input_ids"]])
-        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
 
 @pytest.mark.parametrize("wrapped", [False, True])
