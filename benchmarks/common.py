@@ -362,11 +362,12 @@ def runs_by(results: RunsFile, key: str, values: Sequence[str]) -> Iterator[tupl
 
 
 def mean_std(values: list[float]) -> str:
-    """``mean ± std (n=k)`` of per-seed figures (std 0 for one seed)."""
+    """``mean ± std (n=k)`` of per-seed figures; one seed has no spread: ``value (n=1)``."""
     if not values:
         return "–"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.4f} ± {spread:.4f} (n={len(values)})"
+    if len(values) == 1:
+        return f"{values[0]:.4f} (n=1)"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} (n={len(values)})"
 
 
 def agnews_pieces_main(
