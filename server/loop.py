@@ -62,8 +62,10 @@ class RoundOutcome:
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """A new run needs a directory without one; a resumed run needs an earlier run's directory
-    (one stopped before its first checkpoint starts again from round 0)."""
-    if resume and not (run_dir / CHECKPOINT_FILE).is_file() and not (run_dir / "config.json").is_file():
+    (one stopped before its first checkpoint starts again from round 0: a run's config.json, or the
+    Flower home ``fedpeft server`` makes first, shows one was started there)."""
+    started = (CHECKPOINT_FILE, "config.json", "flower")
+    if resume and not any((run_dir / name).exists() for name in started):
         raise RunDirError(f"{run_dir} holds no checkpoint to resume; pass the directory of an earlier run")
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise RunDirError(

@@ -72,17 +72,18 @@ class Federation:
     model_dir: Path
     port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    client_rows: dict[str, int] = field(default_factory=lambda: dict(CLIENT_ROWS))  # name -> rows
 
     def __post_init__(self) -> None:
-        train, test = demo_data.demo_splits(sum(CLIENT_ROWS.values()), 40, seed=3)
+        train, test = demo_data.demo_splits(sum(self.client_rows.values()), 40, seed=3)
         self.data: dict[str, Path] = {}
         start = 0
-        for name, rows in CLIENT_ROWS.items():
+        for name, rows in self.client_rows.items():
             texts, labels = train["text"][start : start + rows], train["label"][start : start + rows]
             self.data[name] = write_rows(self.root / f"{name}.jsonl", texts, labels)
             start += rows
         self.test_file = write_rows(self.root / "test.jsonl", test["text"], test["label"])
-        self.certs = make_certs(self.root / "certs", ["127.0.0.1"], list(CLIENT_ROWS))
+        self.certs = make_certs(self.root / "certs", ["127.0.0.1"], list(self.client_rows))
         self.config = write_config(self.root / "deployed.toml", self.model_dir, self.test_file)
 
     def log(self, name: str) -> Path:

@@ -216,3 +216,13 @@ def test_the_supernodes_tracebacks_fold_into_their_last_line():
     ]
     verbose = TracebackFold(show=True)
     assert [line for raw in output for line in verbose.feed(raw)] == output
+
+
+def test_a_server_killed_before_its_first_round_can_be_resumed(tmp_path):
+    from server.loop import check_run_dir
+
+    run_dir = tmp_path / "run"
+    (run_dir / "flower").mkdir(parents=True)  # what `fedpeft server` makes before the SuperLink starts
+    check_run_dir(run_dir, resume=True)  # accepted: the run starts again from round 0
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        check_run_dir(tmp_path / "elsewhere", resume=True)
