@@ -27,7 +27,8 @@ method gets the same (empty) search and the whole grid is about 70 runs of 6 to 
 - ``S1|S2|S3/<method>/seed=<s>``, ``central/seed=<s>``, ``local/alpha=<a>/seed=<s>``, listed in
   the order worth running (the cheap decisive comparisons of every seed first);
 - ``recipe/S1/<recipe>/seed=<s>``: S1 fedavg under the client recipes of ``RECIPE_CHECKS``, to
-  check the fixed recipe on every seed.
+  check the fixed recipe on every seed;
+- ``schedule/S1-10x10/seed=<s>``: S1 fedavg with its 1,000 client steps as 10 rounds of 10.
 
 ``--search`` runs the protocol that searches (results in ``noniid_agnews_search.json``):
 
@@ -96,6 +97,7 @@ class Setting:
     alpha: float
     fraction: float
     rounds: int
+    local_steps: int = 20
 
 
 SETTINGS = {
@@ -103,7 +105,9 @@ SETTINGS = {
     "S2": Setting(alpha=0.1, fraction=0.5, rounds=10),
     "S3": Setting(alpha=1.0, fraction=1.0, rounds=5),
 }
-CLIENTS, LOCAL_STEPS, BATCH, MIN_ROWS, TOKENS = 10, 20, 32, 50, 32
+# S1's 1,000 client steps as 10 rounds of 10 local steps: does the number of rounds close S1's gap?
+SCHEDULES = {"S1-10x10": Setting(alpha=0.1, fraction=1.0, rounds=10, local_steps=10)}
+CLIENTS, BATCH, MIN_ROWS, TOKENS = 10, 32, 50, 32
 CLIENT_STEPS = 1000  # per setting: rounds x clients per round x local steps
 LRS = (3e-4, 1e-3, 3e-3)
 SEEDS = (0, 1, 2)
@@ -160,7 +164,7 @@ def setting_overrides(setting: Setting, seed: int, lr: float, files: dict[str, P
         "data.min_partition_size": MIN_ROWS,
         "server.fraction": setting.fraction,
         "server.min_clients": round(setting.fraction * CLIENTS),
-        "train.local_steps": LOCAL_STEPS,
+        "train.local_steps": setting.local_steps,
         "train.batch_size": BATCH,
         "train.eval_batch_size": 128,
         "train.lr": lr,
@@ -288,6 +292,11 @@ def fixed_pieces() -> list[Piece]:
         for seed in SEEDS
         for recipe in RECIPE_CHECKS
     ]
+    out += [
+        Piece(f"schedule/{name}/seed={seed}", "federated", name, "fedavg", seed)
+        for name in SCHEDULES
+        for seed in SEEDS
+    ]
     return out
 
 
@@ -369,7 +378,7 @@ class Bench:
     def federated(self, piece: Piece, method: str, lr: float, recipe: str) -> dict[str, Any]:
         weighting, train = RECIPES[recipe]
         extra = {**method_overrides(method, weighting), **train}
-        setting = SETTINGS[piece.setting]
+        setting = SETTINGS.get(piece.setting) or SCHEDULES[piece.setting]
         if method.startswith("fedsb"):
             setting = dataclasses.replace(setting, rounds=setting.rounds + FEDSB_INIT_ROUNDS)
         config = self.config(setting, piece.seed, lr, extra)
@@ -560,8 +569,28 @@ def report(results: Results) -> str:
         )
         lines += goal_lines(setting, runs_of(results, setting), central, local)
     if not results.search:
-        lines += recipe_report(results)
+        lines += recipe_report(results) + schedule_report(results)
     return "\n".join(lines)
+
+
+def schedule_report(results: Results) -> list[str]:
+    """S1 fedavg against the same client steps spent on more rounds (``SCHEDULES``), seed by seed."""
+    lines = [
+        "",
+        "## S1 fedavg: 5 rounds of 20 local steps against 10 of 10",
+        "",
+        "| schedule | test accuracy, mean ± std | seeds | worst class recall per seed |",
+        "|---|---:|---|---|",
+    ]
+    rows = {"S1 (5 x 20)": [results.get(f"S1/fedavg/seed={seed}") for seed in SEEDS]}
+    rows |= {name: [results.get(f"schedule/{name}/seed={seed}") for seed in SEEDS] for name in SCHEDULES}
+    for name, found in rows.items():
+        runs = [r for r in found if r]
+        if runs:
+            accs = [r["final_accuracy"] for r in runs]
+            seeds = ", ".join(f"{r['seed']}: {r['final_accuracy']:.4f}" for r in runs)
+            lines.append(f"| {name} | {mean_std(accs)} | {seeds} | {worst_classes(runs)} |")
+    return lines
 
 
 def recipe_report(results: Results) -> list[str]:
