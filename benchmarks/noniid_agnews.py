@@ -632,6 +632,9 @@ def goal_lines(
     """Each goal of the issue for ``setting``: met or missed, and by how much."""
     if not by_method or not central:
         return []
+    most = max(len(runs) for runs in by_method.values())  # a method on fewer seeds is not compared
+    partial = sorted(m for m, runs in by_method.items() if len(runs) < most)
+    by_method = {m: runs for m, runs in by_method.items() if len(runs) == most}
     means = {m: statistics.fmean(r["final_accuracy"] for r in runs) for m, runs in by_method.items()}
     best = max(means, key=means.__getitem__)
     share, goal = means[best] / statistics.fmean(central), GOALS[setting]
@@ -640,6 +643,10 @@ def goal_lines(
         "",
         f"Goal: the best method ({best}) reaches {share:.1%} of centralized, goal {goal:.0%}: {verdict}.",
     ]
+    if partial:
+        out.append(
+            f"(Methods compared on their {most} seeds; on fewer seeds, not compared: {', '.join(partial)}.)"
+        )
     if setting == "S1" and local:
         worst = min(means, key=means.__getitem__)
         gap = (means[worst] - statistics.fmean(local)) * 100
