@@ -575,41 +575,33 @@ def report(results: Results) -> str:
 
 def schedule_report(results: Results) -> list[str]:
     """S1 fedavg against the same client steps spent on more rounds (``SCHEDULES``), seed by seed."""
-    lines = [
-        "",
-        "## S1 fedavg: 5 rounds of 20 local steps against 10 of 10",
-        "",
-        "| schedule | test accuracy, mean ± std | seeds | worst class recall per seed |",
-        "|---|---:|---|---|",
-    ]
     rows = {"S1 (5 x 20)": [results.get(f"S1/fedavg/seed={seed}") for seed in SEEDS]}
     rows |= {name: [results.get(f"schedule/{name}/seed={seed}") for seed in SEEDS] for name in SCHEDULES}
-    for name, found in rows.items():
-        runs = [r for r in found if r]
-        if runs:
-            accs = [r["final_accuracy"] for r in runs]
-            seeds = ", ".join(f"{r['seed']}: {r['final_accuracy']:.4f}" for r in runs)
-            lines.append(f"| {name} | {mean_std(accs)} | {seeds} | {worst_classes(runs)} |")
-    return lines
+    return variant_table("S1 fedavg: 5 rounds of 20 local steps against 10 of 10", "schedule", rows)
 
 
 def recipe_report(results: Results) -> list[str]:
     """S1 fedavg under the fixed recipe and under each of ``RECIPE_CHECKS``, seed by seed."""
     rows = {FIXED_RECIPE: [results.get(f"S1/fedavg/seed={seed}") for seed in SEEDS]}
     rows |= {r: [results.get(f"recipe/S1/{r}/seed={seed}") for seed in SEEDS] for r in RECIPE_CHECKS}
+    return variant_table("S1 fedavg by client recipe", "client recipe", rows)
+
+
+def variant_table(title: str, column: str, rows: dict[str, list[dict[str, Any] | None]]) -> list[str]:
+    """A titled table of variants of one run, each with its runs per seed (None: not run yet)."""
     lines = [
         "",
-        "## S1 fedavg by client recipe",
+        f"## {title}",
         "",
-        "| client recipe | test accuracy, mean ± std | seeds | worst class recall per seed |",
+        f"| {column} | test accuracy, mean ± std | seeds | worst class recall per seed |",
         "|---|---:|---|---|",
     ]
-    for recipe, found in rows.items():
+    for name, found in rows.items():
         runs = [r for r in found if r]
         if runs:
             accs = [r["final_accuracy"] for r in runs]
             seeds = ", ".join(f"{r['seed']}: {r['final_accuracy']:.4f}" for r in runs)
-            lines.append(f"| {recipe} | {mean_std(accs)} | {seeds} | {worst_classes(runs)} |")
+            lines.append(f"| {name} | {mean_std(accs)} | {seeds} | {worst_classes(runs)} |")
     return lines
 
 
