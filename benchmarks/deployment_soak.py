@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from common import REPO, code_version, machine
+from common import REPO, machine, results_header
 
 sys.path.insert(0, str(REPO))  # tests/ is not an installed package
 
@@ -145,8 +145,8 @@ def main() -> int:
         except SoakFailure as failure:
             print(f"deployment soak FAILED: {failure}", file=sys.stderr)
             return 1
-    out = {"benchmark": "deployment_soak", "args": vars(args) | {"out": str(args.out)}, **result}
-    out |= {"machine": machine(load_before), "date": time.strftime("%Y-%m-%d"), "code": code_version()}
+    out = results_header("deployment_soak", None) | {"args": vars(args) | {"out": str(args.out)}, **result}
+    out["machine"] = machine(load_before)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: out[k] for k in ("seconds", "kills", "drops_recorded")}, indent=2))

@@ -207,11 +207,6 @@ def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
 
 
 def key_id_of_file(path: Path) -> str:
-    """``key_id`` of the key in ``path``: an OpenSSH private key or ``.pub`` file as
-    ``make_certs`` writes them, or a PEM public key."""
-    data = path.read_bytes()
-    if data.startswith(b"-----BEGIN OPENSSH PRIVATE KEY"):
-        return key_id(serialization.load_ssh_private_key(data, password=None).public_key())  # type: ignore[arg-type]
-    if data.startswith(b"-----BEGIN PUBLIC KEY"):
-        return key_id(serialization.load_pem_public_key(data))  # type: ignore[arg-type]
-    return key_id(serialization.load_ssh_public_key(data.strip()))  # type: ignore[arg-type]
+    """``key_id`` of a client's private key file as ``make_certs`` writes it (OpenSSH format)."""
+    key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    return key_id(key.public_key())  # type: ignore[arg-type]

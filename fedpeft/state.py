@@ -8,6 +8,7 @@ V (R x d_in) with delta ``U @ V``. A client's effective weight is ``W0 + U V + s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,13 @@ class AdapterFactors:
 
     def delta(self) -> Tensor:
         return self.scale * (self.outer_B() @ self.A)
+
+    def delta_norm(self) -> float:
+        """||delta||_F in factored form, s sqrt(<Bᵀ B, A Aᵀ>) with B R for B under a core: two
+        r x r products, never the d_out x d_in delta."""
+        B = self.outer_B()
+        gram = float((B.T @ B).mul_(self.A @ self.A.T).sum())
+        return abs(self.scale) * math.sqrt(max(gram, 0.0))
 
     def truncated(self, rank: int, scale: float) -> AdapterFactors:
         """The leading ``rank`` components at LoRA scale ``scale``: A's first rows and B's first

@@ -143,8 +143,7 @@ def update_norm(update: ClientUpdate, state: GlobalState) -> float:
             got += factor_tensors(f)
             sent += factor_tensors(start[name])
         else:
-            gram = (f.B.T @ f.B).mul_(f.A @ f.A.T).sum()
-            squares += f.scale**2 * max(float(gram), 0.0)
+            squares += f.delta_norm() ** 2
     for name, t in update.extras.items():
         sent_extra = state.extras.get(name)
         got.append(t)

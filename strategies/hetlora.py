@@ -56,7 +56,7 @@ class HetLoRA(Strategy):
         require_updates(self.name, updates)
         if state.adapter is None:
             raise StrategyError("hetlora needs the global adapter (lora.init = 'shared')")
-        norms = [{m: frobenius(f) for m, f in u.factors.items()} for u in updates]
+        norms = [{m: f.delta_norm() for m, f in u.factors.items()} for u in updates]
         adapter = {}
         for module, glob in state.adapter.items():
             padded = [padded_to(u.factors[module], glob) for u in updates]
@@ -94,9 +94,3 @@ def padded_to(factors: AdapterFactors, glob: AdapterFactors) -> AdapterFactors:
         [factors.B.float() * (factors.scale / glob.scale), factors.B.new_zeros(factors.B.shape[0], extra)], 1
     )
     return AdapterFactors(A=A, B=B, scale=glob.scale)
-
-
-def frobenius(f: AdapterFactors) -> float:
-    """||s B A||_F in factored form: s sqrt(<BᵀB, AAᵀ>), two r x r products, never d_out x d_in."""
-    gram = float((f.B.T @ f.B).mul_(f.A @ f.A.T).sum())
-    return f.scale * math.sqrt(max(gram, 0.0))
