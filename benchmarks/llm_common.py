@@ -69,7 +69,7 @@ def run_centralized(config: RunConfig, splits: Splits, steps: int, scorer: LMEva
     """The same model and seeded start trained on all training rows for ``steps``, then scored."""
     print(f"[centralized] {steps} steps on all {len(splits.train)} training rows", flush=True)
     started = time.perf_counter()
-    model = load_causal_lm(CausalLMSpec.from_config(config.model.name, config.lora, config.run.seed))
+    model = load_causal_lm(CausalLMSpec.from_config(config.model, config.lora, config.run.seed))
     tokenizer = load_tokenizer(config.model.name)
     data = encode_chats(list(splits.train["messages"]), tokenizer, config.model.max_length)
     metrics = train(
@@ -81,6 +81,7 @@ def run_centralized(config: RunConfig, splits: Splits, steps: int, scorer: LMEva
         lr=config.train.lr,
         weight_decay=config.train.weight_decay,
         seed=config.run.seed,
+        gradient_checkpointing=config.train.gradient_checkpointing,
     )
     factors, extras = extract_adapter(model)
     seconds = round(time.perf_counter() - started, 1)

@@ -87,6 +87,7 @@ def train(msg: Message, context: Context) -> Message:
             proximal_mu=config.train.proximal_mu,
             logit_adjustment=runtime.logit_adjustment(config, data),
             example_dp=accountant.dp if accountant else None,
+            gradient_checkpointing=config.train.gradient_checkpointing,
         )
     if plan.personal_B:
         personal.keep(host, context.state, plan.personal_extras)

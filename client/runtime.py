@@ -72,7 +72,7 @@ def client_rank(config: ClientConfig, context: Context) -> int:
 def model_spec(config: ClientConfig, rank: int) -> ModelSpec:
     """The spec of this client's model: a causal LM or a classifier over the run's labels."""
     task = get_task(config.model.task)
-    return task.model_spec(config.model.name, config.lora, config.seed, config.data.labels, rank)
+    return task.model_spec(config.model, config.lora, config.seed, config.data.labels, rank)
 
 
 @lru_cache(maxsize=2)

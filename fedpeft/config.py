@@ -68,6 +68,25 @@ class ModelSection(Section):
     task: Literal["classification", "causal_lm"] = Field(
         "classification", description="sequence classification or causal language modelling"
     )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="the frozen base's dtype (causal LMs): `auto` is bfloat16 on a GPU that supports "
+        "it, else float32; the LoRA factors, the merged delta and the head stay float32",
+    )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="load the frozen base quantized by bitsandbytes (causal LMs, CUDA only): `4bit` is "
+        "QLoRA's NF4 with double quantization and bfloat16 compute, `8bit` LLM.int8()",
+    )
+
+    @model_validator(mode="after")
+    def _quantized_lm_only(self) -> ModelSection:
+        if self.quantization != "none" and self.task != "causal_lm":
+            raise ValueError(
+                f"model.quantization = {self.quantization!r} applies to causal LMs only; set "
+                'model.task = "causal_lm" or model.quantization = "none"'
+            )
+        return self
 
 
 class LoraSection(Section):
@@ -163,6 +182,11 @@ class TrainSection(Section):
         False,
         description="FedBABU: the dense extras (a head) stay at their shared init; only LoRA trains",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute activations in the backward pass instead of keeping them: far less "
+        "memory for long rows and large models, about a third more compute",
+    )
     eval_batch_size: int = Field(64, ge=1, description="rows per forward pass when evaluating")
     compression: Literal["none", "fp16", "int8"] = Field(
         "none",
@@ -255,6 +279,17 @@ class StrategySection(Section):
 
 class SimulationSection(Section):
     cpus_per_client: int = Field(1, ge=1, description="CPU cores (and torch threads) per virtual client")
+    gpus_per_client: float = Field(
+        0.0,
+        ge=0,
+        description="GPUs each virtual client holds, fractions allowed (Ray's GPU resources: 0.125 runs "
+        "8 clients at once on one GPU, each keeping its model there across rounds); 0: no GPU accounting",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="join a running Ray cluster (`auto`, or the head's `host:port` printed by `ray start "
+        "--head`) instead of starting a private one on this machine; every node needs fedpeft installed",
+    )
 
 
 class FaultsSection(Section):

@@ -3,6 +3,7 @@ directory or GGUF file, or a hub id; as a LoRA-wrapped classifier or causal lang
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,13 +19,14 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as transformers_logging
 
 from fedpeft import model_store
-from fedpeft.config import LoraSection
+from fedpeft.config import LoraSection, ModelSection
 from fedpeft.errors import UserError
 
 transformers.logging.set_verbosity_error()
@@ -107,22 +109,62 @@ class ClassifierSpec(LoraModelSpec):
 
 @dataclass(frozen=True)
 class CausalLMSpec(LoraModelSpec):
-    """A causal language model."""
+    """A causal language model; its frozen base in ``dtype``, optionally quantized."""
+
+    dtype: str = "auto"
+    quantization: str = "none"
 
     @classmethod
-    def from_config(cls, name: str, lora: LoraSection, seed: int, rank: int | None = None) -> CausalLMSpec:
-        return cls(name=name, seed=seed, **cls.lora_fields(lora, rank))
+    def from_config(
+        cls, model: ModelSection, lora: LoraSection, seed: int, rank: int | None = None
+    ) -> CausalLMSpec:
+        return cls(
+            name=model.name,
+            seed=seed,
+            dtype=model.dtype,
+            quantization=model.quantization,
+            **cls.lora_fields(lora, rank),
+        )
 
 
 ModelSpec = ClassifierSpec | CausalLMSpec
 
 
-def device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    """CUDA in bf16 where the GPU supports it (fp32 on older GPUs), else the CPU in fp32."""
-    if torch.cuda.is_available():
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.device("cuda"), dtype
-    return torch.device("cpu"), torch.float32
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def device_and_dtype(dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """CUDA where there is a GPU, else the CPU; with ``dtype = "auto"`` bf16 on a GPU that supports
+    it and fp32 elsewhere, else the dtype named."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype != "auto":
+        return device, DTYPES[dtype]
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return device, torch.bfloat16 if bf16 else torch.float32
+
+
+def quantization_config(quantization: str) -> BitsAndBytesConfig:
+    """bitsandbytes' settings for ``model.quantization``: QLoRA's NF4 with double quantization and
+    bf16 compute for ``4bit``, LLM.int8() for ``8bit``; a ``ModelError`` without CUDA or
+    bitsandbytes."""
+    if not torch.cuda.is_available():
+        raise ModelError(
+            f"model.quantization = {quantization!r} needs a CUDA GPU and this machine has none; set "
+            'model.quantization = "none"'
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            f"model.quantization = {quantization!r} needs bitsandbytes: `pip install bitsandbytes`, "
+            'or set model.quantization = "none"'
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -135,20 +177,25 @@ def load_model(spec: ModelSpec) -> PeftModel:
 
 
 def load_causal_lm(spec: CausalLMSpec) -> PeftModel:
-    """Base causal LM (frozen, on the machine's device and dtype) + a seeded LoRA adapter."""
+    """Base causal LM (frozen, on the machine's device, in ``spec.dtype`` or quantized) + a seeded
+    LoRA adapter in float32. On a GPU the weights are read straight onto it (no copy of the whole
+    model in host memory first)."""
     path = resolve_model(spec.name)
-    device, dtype = device_and_dtype()
+    device, dtype = device_and_dtype(spec.dtype)
+    placement: dict[str, Any] = {"device_map": {"": device}} if device.type == "cuda" else {}
+    if spec.quantization != "none":  # quantized while loading
+        placement["quantization_config"] = quantization_config(spec.quantization)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         try:
-            base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
         except (OSError, ValueError) as exc:
             raise ModelError(
                 f"cannot load causal LM {spec.name!r} ({str(exc).splitlines()[0]}); give a model "
                 f"directory, a .gguf file, or one of: {', '.join(model_store.KNOWN_MODELS)}"
             ) from exc
         model = _add_lora(base, spec, TaskType.CAUSAL_LM)  # LoRA weights stay fp32 over a bf16 base
-    return model.to(device)
+    return model if placement else model.to(device)  # on a GPU, loaded straight onto it
 
 
 @contextmanager

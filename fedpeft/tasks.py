@@ -12,7 +12,7 @@ from datasets import Dataset
 from peft import TaskType
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
-from fedpeft.config import DataSection, LoraSection
+from fedpeft.config import DataSection, LoraSection, ModelSection
 from fedpeft.data import (
     Splits,
     load_client_file,
@@ -42,14 +42,14 @@ class Task:
     labelled: bool  # a classifier over ``data.labels``
 
     def model_spec(
-        self, name: str, lora: LoraSection, seed: int, labels: list[str] | None, rank: int
+        self, model: ModelSection, lora: LoraSection, seed: int, labels: list[str] | None, rank: int
     ) -> ModelSpec:
         """The spec of a client's (or the evaluator's) LoRA-wrapped model."""
         if not self.labelled:
-            return CausalLMSpec.from_config(name, lora, seed, rank=rank)
+            return CausalLMSpec.from_config(model, lora, seed, rank=rank)
         if not labels:
             raise ValueError("the client configuration carries no label names (data.labels)")
-        return ClassifierSpec.from_config(name, len(labels), lora, seed, rank=rank)
+        return ClassifierSpec.from_config(model.name, len(labels), lora, seed, rank=rank)
 
 
 TASKS: dict[str, Task] = {}

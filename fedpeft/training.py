@@ -97,6 +97,7 @@ def train(
     proximal_mu: float = 0.0,
     logit_adjustment: Tensor | None = None,
     example_dp: ExampleDP | None = None,
+    gradient_checkpointing: bool = False,
 ) -> LocalResult:
     """Run ``steps`` AdamW steps on the trainable parameters (LoRA A and B unless frozen by
     ``train_lora_A`` / ``train_lora_B``, a LoRA-SB core, the dense extras unless ``train_extras``
@@ -108,6 +109,8 @@ def train(
     added to a classifier's logits inside the training loss only. Batches and dropout masks are
     drawn from ``seed``, so a round is reproducible; with ``example_dp`` the steps are DP-SGD's
     (``fedpeft.dp_sgd``: Poisson batches and noise from a secret stream, not reproducible).
+    ``gradient_checkpointing`` recomputes the base's activations in the backward pass (for these
+    steps only; evaluation keeps them).
     """
     if len(data) == 0:
         raise ValueError("this client has no training examples")
@@ -118,6 +121,8 @@ def train(
         start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         model.train()
+        if gradient_checkpointing:
+            activation_checkpointing(model, True)
         private = None
         batches = sample_batches(len(data), batch_size, steps, seed)
         if example_dp is not None:
@@ -143,8 +148,26 @@ def train(
         finally:
             if private is not None:
                 private.close()
+            if gradient_checkpointing:
+                activation_checkpointing(model, False)
             _freeze(model, True, True, True)
     return LocalResult(train_loss=total / steps, examples=examples)
+
+
+def activation_checkpointing(model: PeftModel, on: bool) -> None:
+    """Recompute the base's activations in the backward pass (``on``) or keep them. Non-reentrant,
+    so the frozen base's inputs need no ``requires_grad`` hook. transformers renamed the methods
+    ``activation_checkpointing_*`` within 5.x and drops the old names in 6: either is used."""
+    base = model.get_base_model()
+    renamed = hasattr(base, "activation_checkpointing_enable")
+    if on and renamed:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif on:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif renamed:
+        base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_disable()
 
 
 def _freeze(model: PeftModel, train_lora_A: bool, train_lora_B: bool, train_extras: bool) -> None:

@@ -60,7 +60,7 @@ class LMEvaluator:
         self.data = encode_chats(self.chats, self.tokenizer, config.model.max_length)
         self.extract = get_extractor(config.eval.extractor) if config.eval.generate else None
         self.host = AdapterHost(
-            load_causal_lm(CausalLMSpec.from_config(config.model.name, config.lora, config.run.seed))
+            load_causal_lm(CausalLMSpec.from_config(config.model, config.lora, config.run.seed))
         )
         self.config = config
 

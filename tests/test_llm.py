@@ -10,10 +10,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fedpeft.config import LoraSection
+from fedpeft.config import ConfigError, LoraSection, ModelSection, load_config
 from fedpeft.generation import ExtractorError, exact_match, generate, get_extractor
 from fedpeft.instructions import encode_chats
-from fedpeft.models import CausalLMSpec, device_and_dtype, load_causal_lm, load_tokenizer
+from fedpeft.lora import extract_adapter
+from fedpeft.models import CausalLMSpec, ModelError, device_and_dtype, load_causal_lm, load_tokenizer
 from fedpeft.testing import LocalGrid
 from fedpeft.training import evaluate_lm, train
 from server.loop import FederatedRun
@@ -21,6 +22,10 @@ from tests.factories import causal_config
 from tests.llm_data import arithmetic_rows
 
 LORA = LoraSection(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "up_proj"])
+
+
+def lm(path, **fields) -> ModelSection:
+    return ModelSection(name=str(path), task="causal_lm", **fields)
 
 
 def chats(rows):
@@ -55,7 +60,7 @@ def test_exact_match_and_unknown_extractor():
 
 
 def test_training_lowers_the_response_loss(tiny_llama_dir):
-    model = load_causal_lm(CausalLMSpec.from_config(str(tiny_llama_dir), LORA, seed=0))
+    model = load_causal_lm(CausalLMSpec.from_config(lm(tiny_llama_dir), LORA, seed=0))
     tokenizer = load_tokenizer(str(tiny_llama_dir))
     data = encode_chats(chats(arithmetic_rows()), tokenizer, max_length=64)
     before = evaluate_lm(model, tokenizer, data, batch_size=8)
@@ -67,7 +72,7 @@ def test_training_lowers_the_response_loss(tiny_llama_dir):
 
 
 def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny_llama_dir):
-    model = load_causal_lm(CausalLMSpec.from_config(str(tiny_llama_dir), LORA, seed=0))
+    model = load_causal_lm(CausalLMSpec.from_config(lm(tiny_llama_dir), LORA, seed=0))
     tokenizer = load_tokenizer(str(tiny_llama_dir))
     prompts = chats(arithmetic_rows()[:3])
     prompts[1][0]["content"] = "two ?"  # different prompt lengths: left padding matters
@@ -112,3 +117,54 @@ def test_device_and_dtype_follow_the_machine(monkeypatch, cuda, bf16, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
     device, dtype = device_and_dtype()
     assert (device.type, dtype) == expected
+
+
+def test_a_named_dtype_overrides_the_machine_default():
+    assert device_and_dtype("bfloat16")[1] is torch.bfloat16
+    assert device_and_dtype("float32")[1] is torch.float32
+
+
+def test_base_in_bfloat16_keeps_lora_in_float32(tiny_llama_dir):
+    model = load_causal_lm(CausalLMSpec.from_config(lm(tiny_llama_dir, dtype="bfloat16"), LORA, seed=0))
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+
+
+def test_quantization_without_cuda_is_one_clear_error(tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = CausalLMSpec.from_config(lm(tiny_llama_dir, quantization="4bit"), LORA, seed=0)
+    with pytest.raises(ModelError, match='needs a CUDA GPU.*quantization = "none"'):
+        load_causal_lm(spec)
+
+
+def test_quantization_is_refused_for_classifiers():
+    with pytest.raises(ConfigError, match="causal LMs only"):
+        load_config(None, ["model.quantization='4bit'"])
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tiny_llama_dir):
+    """Recomputing activations changes memory, not the arithmetic: the same steps give the same
+    factors (to float32 rounding), and the model is left without checkpointing."""
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    data = encode_chats(chats(arithmetic_rows()), tokenizer, max_length=64)
+    trained = []
+    for checkpointing in (False, True):
+        model = load_causal_lm(CausalLMSpec.from_config(lm(tiny_llama_dir), LORA, seed=0))
+        train(
+            model,
+            tokenizer,
+            data,
+            steps=3,
+            batch_size=4,
+            lr=1e-2,
+            weight_decay=0.0,
+            seed=0,
+            gradient_checkpointing=checkpointing,
+        )
+        base = model.get_base_model()
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
+        trained.append(extract_adapter(model)[0])
+    for name, f in trained[0].items():
+        torch.testing.assert_close(trained[1][name].B, f.B, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(trained[1][name].A, f.A, rtol=1e-4, atol=1e-6)

@@ -104,17 +104,22 @@ def test_merged_delta_acts_as_d_out_by_d_in_map(kind, tiny_bert_dir):
         torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_merged_delta_is_set_from_pristine_weights(tiny_bert_dir):
+def test_merged_delta_never_touches_base_weights_nor_accumulates(tiny_bert_dir):
     host = AdapterHost(tiny_classifier(tiny_bert_dir))
     pristine = {n: l.get_base_layer().weight.clone() for n, l in host.layers.items()}
+    x = {n: torch.randn(3, l.in_features) for n, l in host.layers.items()}
+    plain = {n: l.get_base_layer()(x[n]) for n, l in host.layers.items()}
     merged = {n: _random_delta(l, 2, i) for i, (n, l) in enumerate(host.layers.items())}
     host.load_state(GlobalState(merged=merged), init_seed=0)
     host.load_state(GlobalState(merged=merged), init_seed=0)  # twice: must not accumulate
     for name, layer in host.layers.items():
-        torch.testing.assert_close(layer.get_base_layer().weight, pristine[name] + merged[name].delta())
-    host.load_state(GlobalState(), init_seed=0)
-    for name, layer in host.layers.items():
         assert torch.equal(layer.get_base_layer().weight, pristine[name])
+        expected = plain[name] + x[name] @ merged[name].delta().T
+        torch.testing.assert_close(layer.get_base_layer()(x[name]), expected, rtol=1e-5, atol=1e-5)
+    host.load_state(GlobalState(), init_seed=0)
+    assert host.merged_paths == {}
+    for name, layer in host.layers.items():
+        assert torch.equal(layer.get_base_layer()(x[name]), plain[name])
 
 
 def test_fresh_state_restores_initial_head(tiny_bert_dir):
