@@ -30,6 +30,7 @@ Results: ``benchmarks/results/gpu.json``; reading in ``BENCHMARKS.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import functools
 import gc
@@ -179,14 +180,26 @@ def fedpeft_round(path: Path, precision: str, work: Workload, data: RandomTokens
     host = client_host(path, precision)
     state = GlobalState(adapter=host.read_update()[0])
 
+    parts: dict[str, float] = {}
+
     def round_(steps: int) -> None:
-        host.load_state(state, init_seed=0)
-        train(host.model, None, data, steps=steps, batch_size=work.batch, lr=LR, weight_decay=0.0,
-              seed=0, gradient_checkpointing=True)  # fmt: skip
-        host.read_update()
+        parts["load_state_s"] = seconds(lambda: host.load_state(state, init_seed=0))
+        parts["train_s"] = seconds(
+            lambda: train(host.model, None, data, steps=steps, batch_size=work.batch, lr=LR, weight_decay=0.0,
+                          seed=0, gradient_checkpointing=True)
+        )  # fmt: skip
+        parts["read_update_s"] = seconds(host.read_update)
 
     round_(work.warmup)
-    return timed(lambda: round_(work.steps), work)
+    return timed(lambda: round_(work.steps), work) | {k: round(v, 3) for k, v in parts.items()}
+
+
+def seconds(run: Callable[[], object]) -> float:
+    sync()
+    started = time.perf_counter()
+    run()
+    sync()
+    return time.perf_counter() - started
 
 
 def client_host(path: Path, precision: str) -> AdapterHost:
@@ -199,16 +212,8 @@ def client_host(path: Path, precision: str) -> AdapterHost:
 
 
 def timed(run: Callable[[], None], work: Workload) -> dict[str, Any]:
-    sync()
-    started = time.perf_counter()
-    run()
-    sync()
-    seconds = time.perf_counter() - started
-    return {
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(work.tokens / seconds, 1),
-        "peak_gib": peak_gib(),
-    }
+    took = seconds(run)
+    return {"seconds": round(took, 3), "tokens_per_s": round(work.tokens / took, 1), "peak_gib": peak_gib()}
 
 
 # ---------------------------------------------------------------------------- clients sharing a GPU
@@ -337,11 +342,12 @@ def run_piece(piece: str, args: argparse.Namespace, scratch: Path) -> dict[str, 
     path = checkpoint(shape, scratch)
     data = RandomTokens(64, work.seq, SHAPES[shape]["vocab_size"])
     release()
+    facts = {"shape": shape, "precision": precision, "workload": dataclasses.asdict(work)}
     try:
         if parts[0] == "shared":
-            return shared_gpu(path, precision, work, args.clients, args.rounds)
+            return facts | shared_gpu(path, precision, work, args.clients, args.rounds)
         measure = plain_peft if parts[2] == "plain" else fedpeft_round
-        return {"shape": shape, "precision": precision, **measure(path, precision, work, data)}
+        return facts | measure(path, precision, work, data)
     finally:
         release()
 

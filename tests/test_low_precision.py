@@ -98,7 +98,7 @@ def test_exact_strategies_stay_exact_on_a_low_precision_base(llama_dir, base, st
                 effective_delta(host, name), want, rtol=0, atol=1e-5 * want.abs().max().item()
             )
     # the test can fail: the same delta added into a bf16 weight loses most of it to rounding
-    w0 = next(iter(host_on(llama_dir, {"dtype": "bfloat16"}).layers.values())).get_base_layer().weight
+    w0 = next(iter(host_on(llama_dir, {"dtype": "bfloat16"}).layers.values())).get_base_layer().weight.cpu()
     name = next(iter(host.layers))
     kept = (w0.double() + reference[name]).to(torch.bfloat16).double() - w0.double()
     assert (kept - reference[name]).norm() > 0.5 * reference[name].norm()
