@@ -129,7 +129,8 @@ def train(
             rate = min(1.0, batch_size / len(data))
             private = PrivateGradients(model, params, example_dp, expected_batch=rate * len(data))
             batches = poisson_batches(len(data), rate, steps, private.random)
-        total, examples = 0.0, 0
+        total: Tensor | float = 0.0  # summed on the device: no host sync per step
+        examples = 0
         try:
             for indices in batches:
                 batch = _on(model, data.collate(indices, tokenizer)) if indices else None
@@ -138,7 +139,7 @@ def train(
                 else:
                     loss = _loss(model, batch, logit_adjustment)
                     loss.backward()
-                    total += loss.item()
+                    total += loss.detach()
                 if start:
                     grads = [p.grad for p in params]
                     torch._foreach_add_(grads, torch._foreach_sub(params, start), alpha=proximal_mu)
@@ -151,7 +152,7 @@ def train(
             if gradient_checkpointing:
                 activation_checkpointing(model, False)
             _freeze(model, True, True, True)
-    return LocalResult(train_loss=total / steps, examples=examples)
+    return LocalResult(train_loss=float(total) / steps, examples=examples)
 
 
 def activation_checkpointing(model: PeftModel, on: bool) -> None:
