@@ -362,31 +362,50 @@ def guarded(piece: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(data: dict[str, Any]) -> str:
+    """The latest figures per shape and precision, with fedpeft / plain of every run on file (the
+    ``superseded`` measurements too: their spread is the noise a single ratio carries)."""
     runs = {r["piece"]: r for r in data.get("runs", [])}
     lines = [
-        "| shape | precision | plain tokens/s | fedpeft tokens/s | fedpeft time / plain | plain peak GiB "
-        "| fedpeft peak GiB |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | precision | plain tokens/s | fedpeft tokens/s | fedpeft time / plain | range over runs "
+        "| plain peak GiB | fedpeft peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted({p.rsplit("/", 1)[0] for p in runs if not p.startswith("shared/")}):
         plain, fed = runs.get(f"{key}/plain", {}), runs.get(f"{key}/fedpeft", {})
         if "tokens_per_s" not in plain or "tokens_per_s" not in fed:
             continue
-        ratio = plain["tokens_per_s"] / fed["tokens_per_s"]  # time ratio: fedpeft's time over plain's
         shape, precision = key.split("/")
+        every = ratios(data, key)
+        spread = f"{min(every):.3f}-{max(every):.3f} ({len(every)} runs)"
         lines.append(
             f"| {shape} | {precision} | {plain['tokens_per_s']:,.0f} | {fed['tokens_per_s']:,.0f} | "
-            f"{ratio:.3f} | {plain['peak_gib']} | {fed['peak_gib']} |"
+            f"{time_ratio(plain, fed):.3f} | {spread} | {plain['peak_gib']} | {fed['peak_gib']} |"
         )
     for piece, run in sorted(runs.items()):
         if piece.startswith("shared/") and "rounds_per_hour" in run:
             lines.append(
-                f"\n{piece}: {run['clients']} clients on one GPU, {run['rounds_per_hour']} rounds/hour, "
-                f"{run['tokens_per_s']:,.0f} tokens/s together, "
-                f"GPU utilisation {run['gpu_utilisation_mean']}%, "
-                f"peak {run['peak_gib_per_client']} GiB per client"
+                f"\n{piece}: {run['clients']} clients on one GPU, {run['workload']['steps']} steps each a "
+                f"round, {run['rounds_per_hour']} rounds/hour, {run['tokens_per_s']:,.0f} tokens/s together, "
+                f"GPU utilisation {run['gpu_utilisation_mean']}%, peak {run['peak_gib_per_client']} GiB "
+                "per client"
             )
     return "\n".join(lines)
+
+
+def time_ratio(plain: dict[str, Any], fed: dict[str, Any]) -> float:
+    return plain["tokens_per_s"] / fed["tokens_per_s"]
+
+
+def ratios(data: dict[str, Any], key: str) -> list[float]:
+    """fedpeft / plain (time) of every run of ``key`` on file, pairing the two pieces measured at
+    the same commit with the same workload."""
+    pairs: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for run in data.get("runs", []) + data.get("superseded", []):
+        if run["piece"].rsplit("/", 1)[0] == key and "tokens_per_s" in run:
+            at = (run["commit"]["commit"], json.dumps(run.get("workload")))
+            pairs.setdefault(at, {})[run["piece"].rsplit("/", 1)[1]] = run
+    both = [p for p in pairs.values() if len(p) == 2]
+    return [time_ratio(p["plain"], p["fedpeft"]) for p in both]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,15 +36,17 @@ def write_results(result: dict[str, Any], out: Path) -> None:
 
 
 def code_version() -> dict[str, Any]:
-    """The git commit measured, and the tracked files that differed from it (in a copy without
-    ``.git``, as on a remote GPU machine, the commit its caller names in ``FEDPEFT_COMMIT``)."""
+    """The git commit measured, and the tracked files that differed from it; on a copy of the
+    working tree (a remote GPU machine), the commit its caller names in ``FEDPEFT_COMMIT``."""
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
         return done.stdout.strip()
 
-    commit = git("rev-parse", "HEAD") or os.environ.get("FEDPEFT_COMMIT", "")  # a copy without .git
-    return {"commit": commit, "modified": git("diff", "--name-only", "HEAD").split()}
+    named = os.environ.get("FEDPEFT_COMMIT")  # a copy whose .git, if any, is not the code's
+    if named:
+        return {"commit": named, "modified": []}
+    return {"commit": git("rev-parse", "HEAD"), "modified": git("diff", "--name-only", "HEAD").split()}
 
 
 def cpu_model() -> str:

@@ -57,8 +57,8 @@ def ray_backend_config(config: RunConfig, verbose: bool) -> dict[str, Any]:
     Ray instance sized to this machine or the running cluster at ``simulation.ray_address``."""
     sim = config.simulation
     init_args: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": verbose}
-    if sim.ray_address is None:
-        init_args["num_cpus"] = os.cpu_count() or 1
+    if sim.ray_address is None:  # "local": never the cluster a `ray start` on this machine left
+        init_args |= {"address": "local", "num_cpus": os.cpu_count() or 1}
     else:  # a running cluster brings its own resources
         init_args["address"] = sim.ray_address
     return {
