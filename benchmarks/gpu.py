@@ -100,13 +100,13 @@ class RandomTokens:
     is the model's own next-token loss over every token)."""
 
     def __init__(self, rows: int, seq: int, vocab: int) -> None:
-        self.ids = torch.randint(0, vocab, (rows, seq), generator=torch.Generator().manual_seed(0))
+        self.input_ids = torch.randint(0, vocab, (rows, seq), generator=torch.Generator().manual_seed(0))
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.input_ids)
 
     def collate(self, indices: list[int], _tokenizer: object = None) -> dict[str, torch.Tensor]:
-        ids = self.ids[indices]
+        ids = self.input_ids[indices]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 

@@ -82,6 +82,8 @@ def run_centralized(config: RunConfig, splits: Splits, steps: int, scorer: LMEva
         weight_decay=config.train.weight_decay,
         seed=config.run.seed,
         gradient_checkpointing=config.train.gradient_checkpointing,
+        max_batch_tokens=config.train.max_batch_tokens,
+        bf16_autocast=config.train.bf16_autocast,
     )
     factors, extras = extract_adapter(model)
     seconds = round(time.perf_counter() - started, 1)

@@ -88,6 +88,8 @@ def train(msg: Message, context: Context) -> Message:
             logit_adjustment=runtime.logit_adjustment(config, data),
             example_dp=accountant.dp if accountant else None,
             gradient_checkpointing=config.train.gradient_checkpointing,
+            max_batch_tokens=config.train.max_batch_tokens,
+            bf16_autocast=config.train.bf16_autocast,
         )
     if plan.personal_B:
         personal.keep(host, context.state, plan.personal_extras)

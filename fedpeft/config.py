@@ -182,6 +182,17 @@ class TrainSection(Section):
         False,
         description="FedBABU: the dense extras (a head) stay at their shared init; only LoRA trains",
     )
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="a step's batch stops before its padded size (rows x its longest row) passes this "
+        "many tokens, so long rows come in smaller batches; a row longer than it trains alone",
+    )
+    bf16_autocast: bool = Field(
+        False,
+        description="run the forward pass under bfloat16 autocast (a float32 base computing in bf16, as "
+        "transformers' Trainer with bf16 = True); the merged delta's path stays float32",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="recompute activations in the backward pass instead of keeping them: far less "
@@ -484,6 +495,11 @@ def _cross_checks(config: RunConfig) -> list[tuple[bool, str]]:
             all(0 <= p < config.data.num_clients for p in config.faults.poisoned),
             f"faults.poisoned must list partition ids below data.num_clients "
             f"({config.data.num_clients}), got {config.faults.poisoned!r}",
+        ),
+        (
+            not config.example_dp.enabled or config.train.max_batch_tokens is None,
+            "example-level DP samples Poisson batches, which a token budget would bias; unset "
+            "train.max_batch_tokens with example_dp.enabled",
         ),
         (
             not config.example_dp.enabled or config.train.label_skew == "none",

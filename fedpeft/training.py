@@ -23,6 +23,8 @@ from fedpeft.instructions import IGNORE, InstructionBatches
 
 
 class Batches(Protocol):
+    input_ids: list[list[int]]  # each row's token ids (their lengths size a token budget)
+
     def __len__(self) -> int: ...
 
     def collate(self, indices: list[int], tokenizer: PreTrainedTokenizerBase) -> dict[str, Tensor]: ...
@@ -61,15 +63,36 @@ def collate(data: Encoded, indices: list[int], tokenizer: PreTrainedTokenizerBas
     return dict(batch)
 
 
-def sample_batches(size: int, batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
-    """``steps`` batches of indices, walking seeded permutations epoch after epoch."""
+def sample_batches(
+    size: int, batch_size: int, steps: int, seed: int, token_budget: TokenBudget | None = None
+) -> Iterator[list[int]]:
+    """``steps`` batches of indices, walking seeded permutations epoch after epoch; with a
+    ``token_budget`` a batch takes only the rows that fit it, and the rest wait for the next step."""
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     for _ in range(steps):
         if len(order) < min(batch_size, size):
             order += torch.randperm(size, generator=generator).tolist()
-        batch, order = order[:batch_size], order[batch_size:]
+        take = batch_size if token_budget is None else token_budget.fitting(order[:batch_size])
+        batch, order = order[:take], order[take:]
         yield batch
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """At most ``max_tokens`` padded tokens (rows x the longest row) per batch."""
+
+    lengths: list[int]  # each row's token count
+    max_tokens: int
+
+    def fitting(self, candidates: list[int]) -> int:
+        """How many of ``candidates``, taken in order, fit the budget (at least one)."""
+        longest = 0
+        for count, row in enumerate(candidates):
+            longest = max(longest, self.lengths[row])
+            if (count + 1) * longest > self.max_tokens:
+                return max(count, 1)
+        return len(candidates)
 
 
 @dataclass(frozen=True)
@@ -98,6 +121,8 @@ def train(
     logit_adjustment: Tensor | None = None,
     example_dp: ExampleDP | None = None,
     gradient_checkpointing: bool = False,
+    max_batch_tokens: int | None = None,
+    bf16_autocast: bool = False,
 ) -> LocalResult:
     """Run ``steps`` AdamW steps on the trainable parameters (LoRA A and B unless frozen by
     ``train_lora_A`` / ``train_lora_B``, a LoRA-SB core, the dense extras unless ``train_extras``
@@ -110,7 +135,9 @@ def train(
     drawn from ``seed``, so a round is reproducible; with ``example_dp`` the steps are DP-SGD's
     (``fedpeft.dp_sgd``: Poisson batches and noise from a secret stream, not reproducible).
     ``gradient_checkpointing`` recomputes the base's activations in the backward pass (for these
-    steps only; evaluation keeps them).
+    steps only; evaluation keeps them). ``max_batch_tokens`` caps a batch's padded tokens (rows of
+    ``data.input_ids``; see ``TokenBudget``); ``bf16_autocast`` runs the forward pass under bfloat16
+    autocast.
     """
     if len(data) == 0:
         raise ValueError("this client has no training examples")
@@ -124,7 +151,10 @@ def train(
         if gradient_checkpointing:
             activation_checkpointing(model, True)
         private = None
-        batches = sample_batches(len(data), batch_size, steps, seed)
+        budget = None
+        if max_batch_tokens is not None:
+            budget = TokenBudget([len(row) for row in data.input_ids], max_batch_tokens)
+        batches = sample_batches(len(data), batch_size, steps, seed, budget)
         if example_dp is not None:
             rate = min(1.0, batch_size / len(data))
             private = PrivateGradients(model, params, example_dp, expected_batch=rate * len(data))
@@ -137,7 +167,8 @@ def train(
                 if private is not None:
                     total += private.backward(batch)
                 else:
-                    loss = _loss(model, batch, logit_adjustment)
+                    with torch.autocast(model.device.type, torch.bfloat16, enabled=bf16_autocast):
+                        loss = _loss(model, batch, logit_adjustment)
                     loss.backward()
                     total += loss.detach()
                 if start:

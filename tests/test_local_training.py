@@ -14,7 +14,7 @@ from fedpeft.config import ConfigError, LoraSection, TrainSection, load_config
 from fedpeft.label_skew import logit_adjustment
 from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
 from fedpeft.testing import LocalGrid
-from fedpeft.training import Encoded, sample_batches, train
+from fedpeft.training import Encoded, TokenBudget, sample_batches, train
 from server.loop import FederatedRun
 from tests.factories import small_config
 
@@ -202,3 +202,46 @@ def test_clients_report_examples_trained_and_apply_the_round_lr_and_options(
     assert sorted({s["lr"] for s in seen}) == [0.005, 0.01]
     assert all(s["proximal_mu"] == 0.1 and s["adjusted"] and s["examples"] == 2 * 8 for s in seen)
     assert all(r["clients_aggregated"] == 3 for r in rows)
+
+
+def test_a_token_budget_caps_every_batch_and_visits_every_row():
+    """Rows of 2 to 40 tokens, batches of up to 8 rows, at most 64 padded tokens: no batch passes
+    the budget unless it is one row, and two epochs' worth of steps still reach every row."""
+    lengths = [2 + (7 * i) % 39 for i in range(30)]
+    budget = TokenBudget(lengths, max_tokens=64)
+    batches = list(sample_batches(len(lengths), 8, 40, seed=1, token_budget=budget))
+    assert all(len(b) * max(lengths[i] for i in b) <= 64 or len(b) == 1 for b in batches)
+    assert {i for b in batches for i in b} == set(range(30))
+    assert max(len(b) for b in batches) > 1  # short rows still share a batch
+    unbounded = list(sample_batches(len(lengths), 8, 40, seed=1))
+    assert unbounded == list(sample_batches(len(lengths), 8, 40, seed=1, token_budget=None))
+    assert all(len(b) == 8 for b in unbounded)
+
+
+def test_training_under_a_token_budget_counts_the_rows_it_trained(tiny_bert_dir):
+    tokenizer = load_tokenizer(str(tiny_bert_dir))
+    data = toy_data([0, 1, 2, 1] * 4)  # rows of 4 tokens
+    kwargs = dict(steps=3, batch_size=8, lr=1e-3, weight_decay=0.0, seed=0)
+    result = train(tiny(tiny_bert_dir), tokenizer, data, max_batch_tokens=12, **kwargs)
+    assert result.examples == 3 * 3  # 3 rows of 4 tokens per step
+    assert train(tiny(tiny_bert_dir), tokenizer, data, **kwargs).examples == 3 * 8
+
+
+def test_bf16_autocast_trains_float32_factors(tiny_bert_dir):
+    tokenizer = load_tokenizer(str(tiny_bert_dir))
+    data = toy_data([0, 1, 2, 1] * 4)
+    model = tiny(tiny_bert_dir)
+    before = trainable(model)
+    first = train(model, tokenizer, data, steps=1, batch_size=8, lr=1e-2, weight_decay=0.0, seed=0,
+                  bf16_autocast=True)  # fmt: skip
+    later = train(model, tokenizer, data, steps=20, batch_size=8, lr=1e-2, weight_decay=0.0, seed=1,
+                  bf16_autocast=True)  # fmt: skip
+    assert later.train_loss < first.train_loss
+    after = trainable(model)
+    assert {t.dtype for t in after.values()} == {torch.float32}
+    assert any(not torch.equal(before[n], t) for n, t in after.items())
+
+
+def test_a_token_budget_is_refused_with_example_dp():
+    with pytest.raises(ConfigError, match="unset train.max_batch_tokens with example_dp.enabled"):
+        load_config(None, ["example_dp.enabled=true", "train.max_batch_tokens=512"])

@@ -126,11 +126,11 @@ class RandomRows:
     """Fixed token rows as ``fedpeft.training.Batches``: next-token loss over every token."""
 
     def __init__(self, ids: torch.Tensor) -> None:
-        self.ids = ids
+        self.input_ids = ids
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.input_ids)
 
     def collate(self, indices: list[int], _tokenizer: object) -> dict[str, torch.Tensor]:
-        ids = self.ids[indices]
+        ids = self.input_ids[indices]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
