@@ -28,7 +28,13 @@ method gets the same (empty) search and the whole grid is about 70 runs of 6 to 
   the order worth running (the cheap decisive comparisons of every seed first);
 - ``recipe/S1/<recipe>/seed=<s>``: S1 fedavg under the client recipes of ``RECIPE_CHECKS``, to
   check the fixed recipe on every seed;
-- ``schedule/S1-10x10/seed=<s>``: S1 fedavg with its 1,000 client steps as 10 rounds of 10.
+- ``schedule/S1-10x10/seed=<s>``: S1 fedavg with its 1,000 client steps as 10 rounds of 10;
+- ``S1|S2|S3/<method>+ccvr/seed=<s>``: that setting's fedavg or stacking run with its head
+  calibrated by CCVR after the last round (``calibration.method = "ccvr"``,
+  ``fedpeft/calibration.py``). CCVR only acts after training, so it runs on the stored run: the
+  run's final state, every client of the setting through the same server and client code over an
+  in-process grid (``fedpeft.testing.LocalGrid``), which is what the simulation would have done
+  after its last round.
 
 ``--search`` runs the protocol that searches (results in ``noniid_agnews_search.json``):
 
@@ -61,6 +67,7 @@ import argparse
 import dataclasses
 import fnmatch
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -88,8 +95,12 @@ from common import (  # noqa: E402
     write_results,
     write_splits,
 )
+from rich.console import Console  # noqa: E402
 
 from fedpeft.data import partition  # noqa: E402
+from fedpeft.testing import LocalGrid  # noqa: E402
+from server.checkpoint import load_checkpoint  # noqa: E402
+from server.loop import FederatedRun  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -297,6 +308,12 @@ def fixed_pieces() -> list[Piece]:
         for name in SCHEDULES
         for seed in SEEDS
     ]
+    out += [
+        Piece(f"{setting}/{method}+ccvr/seed={seed}", "calibrated", setting, method, seed)
+        for setting in SETTINGS
+        for method in ("fedavg", "stacking")
+        for seed in SEEDS
+    ]
     return out
 
 
@@ -329,7 +346,10 @@ def search_pieces() -> list[Piece]:
 
 def resolve(piece: Piece, results: Results) -> tuple[str, float, str] | None:
     """The method, lr and client recipe ``piece`` runs with, or None while the search that picks
-    them is missing."""
+    them (or, for a calibration, the run it calibrates) is missing."""
+    if piece.kind == "calibrated":
+        trained = results.get(f"{piece.setting}/{piece.method}/seed={piece.seed}")
+        return None if trained is None else (piece.method, trained["lr"], trained["recipe"])
     if piece.kind != "federated":
         lr = piece.lr if piece.lr is not None else results.chosen_lr("central")
         return None if lr is None else ("central", lr, "")
@@ -366,6 +386,8 @@ class Bench:
     def run(self, piece: Piece, method: str, lr: float, recipe: str) -> dict[str, Any]:
         if piece.kind == "federated":
             return self.federated(piece, method, lr, recipe)
+        if piece.kind == "calibrated":
+            return self.calibrated(piece, method, lr, recipe)
         if piece.kind == "centralized":
             return self.centralized(piece.seed, lr)
         return self.local_only(piece.alpha, piece.seed, lr)
@@ -406,6 +428,45 @@ class Bench:
             "bytes_up_per_round": result["bytes_up_per_round"],
             "bytes_up_final_round": result["bytes_up_final_round"],  # a training round for every rule
             **{k: result[k] for k in metrics if k in result},
+        }
+
+    def calibrated(self, piece: Piece, method: str, lr: float, recipe: str) -> dict[str, Any]:
+        """The stored ``<setting>/<method>/seed=<s>`` run's final state calibrated by CCVR: a
+        ``FederatedRun`` of the same configuration plus ``calibration.method = "ccvr"``, holding
+        that state, calibrates over an in-process grid of the setting's clients."""
+        source = f"{piece.setting}/{method}/seed={piece.seed}"
+        trained = self.results.get(source)
+        if trained is None or not (run_dir_of(source) / "checkpoint.safetensors").is_file():
+            raise SystemExit(f"{piece.name} calibrates the run of {source}: run that piece first")
+        weighting, train = RECIPES[recipe]
+        extra = {**method_overrides(method, weighting), **train, "calibration.method": "ccvr"}
+        config = self.config(SETTINGS[piece.setting], piece.seed, lr, extra)
+        run_dir = run_dir_of(piece.name)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run = FederatedRun(config, run_dir, console=Console(quiet=True))
+        run.state = load_checkpoint(run_dir_of(source)).state
+        started = time.perf_counter()
+        run.calibrate(LocalGrid(CLIENTS))
+        seconds = time.perf_counter() - started
+        row = run.recorder.rounds[-1]
+        test = self.scorers.evaluator("test")(run.state, init_seed=0)["eval_accuracy"]
+        print(f"[{piece.name}] test accuracy {trained['final_accuracy']:.4f} -> {test:.4f}", flush=True)
+        keep = ("lr", "recipe", "weighting", "train", "bytes_up_per_round", "bytes_up_final_round")
+        return {
+            **{k: trained[k] for k in keep if k in trained},
+            "setting": piece.setting,
+            "method": f"{method}+ccvr",
+            "kind": "federated",
+            "calibrated_from": source,
+            "seed": piece.seed,
+            "final_accuracy": test,
+            "uncalibrated_accuracy": trained["final_accuracy"],
+            "test_recall": self.scorers.recall(run_dir, "test"),
+            "val_accuracy": row["eval_accuracy"],
+            "curve": [*trained["curve"], row["eval_accuracy"]],  # the calibrated head last
+            "calibration_clients": row["calibration_clients"],
+            "test_rows": TEST_ROWS,
+            "seconds": round(seconds, 1),
         }
 
     def centralized(self, seed: int, lr: float) -> dict[str, Any]:

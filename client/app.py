@@ -4,6 +4,7 @@ Message types it answers:
 - ``query.identify``: a client id that is stable across runs (Flower's node ids are not);
 - ``query.initial_adapter``: the untrained, seeded adapter and head, so the server holds the
   global adapter explicitly from round 1 (it never loads the model to build it);
+- ``query.calibration``: per-class moments of the head's input after the last round (CCVR);
 - ``train``: one round of local training;
 - ``query.secagg_keys``, ``query.secagg_shares``, ``query.secagg_unmask``: the stages of secure
   aggregation around a ``train`` message that carries a ``secagg`` record (``client.secure``).
@@ -20,18 +21,20 @@ from transformers import PreTrainedTokenizerBase
 from client import personal, runtime, secure
 from client.errors import private_errors
 from client.faults import injected_fault, simulated_faults
+from fedpeft.calibration import class_moments, head_of
 from fedpeft.config import ClientConfig, RunConfig
 from fedpeft.errors import UserError
 from fedpeft.lora import AdapterHost, delta_in_weight_layout, load_adapter
 from fedpeft.lora_sb import gradient_sketch
 from fedpeft.secagg.messages import RECORD as SECAGG
 from fedpeft.state import ClientUpdate, GlobalState
-from fedpeft.training import Batches, LocalResult, evaluate, weight_gradients
+from fedpeft.training import Batches, Encoded, LocalResult, evaluate, weight_gradients
 from fedpeft.training import train as train_locally
 from fedpeft.wire import (
     decode_instructions,
     decode_state,
     encode_identity,
+    encode_moments,
     encode_state,
     encode_update,
     load_feedback,
@@ -163,6 +166,21 @@ def sketch_gradients(
     return local
 
 
+def calibration(msg: Message, context: Context) -> Message:
+    """CCVR's statistics: per class, the moments of the head's input over this client's training
+    rows under the global state sent (``fedpeft.calibration``)."""
+    instructions = decode_instructions(msg.content)
+    config = instructions.client_config
+    host = runtime.model_host(runtime.model_spec(config, runtime.client_rank(config, context)))
+    host.load_state(decode_state(msg.content), init_seed=instructions.init_seed)
+    data, _ = runtime.client_splits(config, context)
+    assert isinstance(data, Encoded) and config.data.labels, "calibration needs labelled classification data"
+    tokenizer = runtime.tokenizer(config.model.name)
+    classes, batch_size = len(config.data.labels), config.train.eval_batch_size
+    moments = class_moments(host.model, tokenizer, data, classes, batch_size)
+    return Message(encode_moments(head_of(host.model)[0], moments), reply_to=msg)
+
+
 def secagg_keys(msg: Message, context: Context) -> Message:
     return secure.answer_keys(msg, context)
 
@@ -181,6 +199,7 @@ def client_app(mods: list[Mod] | None = None) -> ClientApp:
     app = ClientApp(mods=[*(mods or []), private_errors])
     app.query("identify")(identify)
     app.query("initial_adapter")(initial_adapter)
+    app.query("calibration")(calibration)
     app.train()(train)
     app.query("secagg_keys")(secagg_keys)
     app.query("secagg_shares")(secagg_shares)

@@ -30,6 +30,7 @@ from fedpeft.wire import (
     encode_train_message,
     record_nbytes,
 )
+from server.calibration import CalibrationFailed, calibrate
 from server.checkpoint import FILENAME as CHECKPOINT_FILE
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.evaluation import make_evaluator
@@ -151,6 +152,12 @@ class FederatedRun:
         self.private = self.strategy.private
         if self.private:
             self.limits.max_norm_ratio = 0.0
+        if self.private and config.calibration.method != "none":
+            raise StrategyError(
+                f"strategy '{self.strategy.name}' is private, and calibration.method = "
+                f"'{config.calibration.method}' sends each client's per-class feature moments unprotected; "
+                "set calibration.method = 'none'"
+            )
         if resume:
             self._resume()
         else:
@@ -182,7 +189,34 @@ class FederatedRun:
                 self.console.print(f"[bold yellow]{stopped}[/bold yellow]")
                 break
             self._run_round(grid, rnd, plan)
+        calibrated = any("calibration" in r for r in self.recorder.rounds)  # before a resume
+        if self.config.calibration.method == "ccvr" and not calibrated:
+            self.calibrate(grid)
         return self._finish(time.perf_counter() - started, stopped)
+
+    def calibrate(self, grid: Grid) -> None:
+        """CCVR after the last round, on every connected client (``server.calibration``); its row
+        follows the last round's in ``metrics.jsonl``, with the calibrated head's evaluation."""
+        rnd = self.state.round
+        nodes = self._sample(grid, everyone=True)
+        instructions = RoundInstructions(rnd, self.init_seed(rnd + 1), ClientPlan(), self.client_config)
+        content = encode_train_message(self.state, instructions)
+        timeout, seed = self.config.server.round_timeout, self.config.run.seed
+        try:
+            state, outcome = calibrate(
+                grid, {n: self.identities[n] for n in nodes}, content, self.state, self.config.calibration,
+                seed, timeout,
+            )  # fmt: skip
+        except CalibrationFailed as exc:
+            raise RoundFailed(f"calibration after round {rnd}: {exc}") from None
+        self.state = state
+        row = outcome.row(rnd)
+        if self.evaluator is not None:
+            row |= self.evaluator(self.state, self.init_seed(rnd + 1))
+        save_checkpoint(self.run_dir, self.state, self.rng.getstate())
+        self._record(row)
+        scores = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("eval_"))
+        self.console.print(f"calibrated the head (CCVR) on {outcome.clients} clients' moments  {scores}")
 
     def _fetch_initial_adapter(self, grid: Grid) -> None:
         """Make the untrained global adapter explicit: ask one client for its seeded init.
@@ -334,10 +368,12 @@ class FederatedRun:
     def _drop(self, node: int, reason: str) -> dict[str, str]:
         return {"node": str(node), "client": self.identities.get(node, "?"), "reason": reason}
 
-    def _sample(self, grid: Grid, count: int | None = None, rnd: int = 0) -> list[int]:
-        """``count`` clients, or ``fraction`` of those connected and identified (at least
-        ``min_clients``: nodes still starting, that did not answer ``identify`` in time, are
-        asked again until enough have)."""
+    def _sample(
+        self, grid: Grid, count: int | None = None, rnd: int = 0, everyone: bool = False
+    ) -> list[int]:
+        """``count`` clients, every one with ``everyone``, or ``fraction`` of those connected and
+        identified (at least ``min_clients``: nodes still starting, that did not answer
+        ``identify`` in time, are asked again until enough have)."""
         need = self.config.server.min_clients
         wait = self.config.server.connect_timeout
         deadline = time.monotonic() + wait
@@ -356,6 +392,8 @@ class FederatedRun:
                     "server.connect_timeout"
                 )
             time.sleep(1.0)
+        if everyone:
+            return known
         selected = self.strategy.select_clients(rnd, known) if count is None else None
         if selected is not None:
             return selected

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
+from fedpeft.calibration import ClassMoments
 from fedpeft.compression import ErrorFeedback, Packed, pack
 from fedpeft.config import ClientConfig
 from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState, LowRankDelta
@@ -22,6 +24,7 @@ WEIGHT = "weight"  # a masked reply's weight under the strategy's weighting (sec
 PLAN = "plan"
 IDENTITY = "identity"
 FEEDBACK = "error-feedback"
+MOMENTS, MOMENTS_META = "calibration-moments", "calibration-meta"
 
 
 def encode_state(state: GlobalState) -> RecordDict:
@@ -237,6 +240,25 @@ def _split(
             if missing:
                 raise WireError(f"{kind} module {module!r} lacks {sorted(missing)}")
     return found, extras
+
+
+def encode_moments(head: str, moments: ClassMoments) -> RecordDict:
+    """A client's CCVR statistics: the head they are of, and its per-class moments."""
+    arrays = {"counts": moments.counts, "sums": moments.sums, "outer": moments.outer}
+    return RecordDict(
+        {
+            MOMENTS: ArrayRecord(array_dict={k: to_array(v) for k, v in arrays.items()}),
+            MOMENTS_META: ConfigRecord({"head": head}),
+        }
+    )
+
+
+def decode_moments(content: RecordDict) -> tuple[str, ClassMoments]:
+    arrays = decode_arrays(_get(content, MOMENTS, ArrayRecord))
+    if set(arrays) != {"counts", "sums", "outer"}:
+        raise WireError(f"calibration moments need counts, sums and outer; got {sorted(arrays)}")
+    head = _meta(_get(content, MOMENTS_META, ConfigRecord), "head", str)
+    return head, ClassMoments(**{k: v.to(torch.float64) for k, v in arrays.items()})
 
 
 def encode_identity(client_id: str) -> RecordDict:
