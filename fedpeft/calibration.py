@@ -2,11 +2,11 @@
 Heterogeneity: Classifier Calibration for Federated Learning with Non-IID Data").
 
 Under label skew the federated feature extractor is often fine while the classifier head is biased
-towards the classes most clients hold (on AG News at Dirichlet alpha 0.1, a head refit on the
-federated features recovers centralized accuracy; ``benchmarks/README.md``). CCVR fixes the head
-after training: each client reports, per class, the moments of the head's input over its own
-rows; the server pools them into one Gaussian per class, samples virtual features from each, and
-retrains the head on them.
+towards the classes most clients hold (on AG News at Dirichlet alpha 0.1, retraining only the head
+this way lifts fedavg from 0.72 to 0.85, centralized being 0.87; ``benchmarks/README.md``). CCVR
+fixes the head after training: each client reports, per class, the moments of the head's input
+over its own rows; the server pools them into one Gaussian per class, samples virtual features
+from each, and retrains the head on them.
 
 The paper has clients send per-class means and covariances and pools them with its Eq. 3-4; here
 clients send the sums they are made of (count, sum x, sum x x^T), which pool by addition to the
