@@ -146,6 +146,8 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
 FIXED_LR, FIXED_RECIPE = 1e-3, "uniform+balanced"  # the fixed protocol's lr and client recipe
 # the fixed protocol's recipe pieces (S1 fedavg), each against FIXED_RECIPE on every seed
 RECIPE_CHECKS = ("uniform+none", "examples+none", "uniform+frozen", "uniform+balanced+frozen")
+# CCVR's retraining lr, chosen on the validation split of S1 fedavg seed 2 (the worst seed)
+CCVR_LRS = (1e-3, 1e-2, 1e-1)
 LABELS = ("Business", "Sci/Tech", "Sports", "World")
 OUT = REPO / "benchmarks" / "results" / "noniid_agnews.json"
 SEARCH_OUT = OUT.with_name("noniid_agnews_search.json")
@@ -272,6 +274,7 @@ class Piece:
     lr: float | None = None
     recipe: str | None = None  # None: the recipe chosen on the validation split
     alpha: float = 0.1
+    calibration_lr: float | None = None  # a calibrated piece's CCVR lr (None: the config default)
 
 
 def fixed_pieces() -> list[Piece]:
@@ -307,6 +310,10 @@ def fixed_pieces() -> list[Piece]:
         Piece(f"schedule/{name}/seed={seed}", "federated", name, "fedavg", seed)
         for name in SCHEDULES
         for seed in SEEDS
+    ]
+    out += [
+        Piece(f"ccvr-lr/S1/fedavg/lr={lr:g}/seed=2", "calibrated", "S1", "fedavg", 2, calibration_lr=lr)
+        for lr in CCVR_LRS
     ]
     out += [
         Piece(f"{setting}/{method}+ccvr/seed={seed}", "calibrated", setting, method, seed)
@@ -440,6 +447,8 @@ class Bench:
             raise SystemExit(f"{piece.name} calibrates the run of {source}: run that piece first")
         weighting, train = RECIPES[recipe]
         extra = {**method_overrides(method, weighting), **train, "calibration.method": "ccvr"}
+        if piece.calibration_lr is not None:
+            extra["calibration.lr"] = piece.calibration_lr
         config = self.config(SETTINGS[piece.setting], piece.seed, lr, extra)
         run_dir = run_dir_of(piece.name)
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -630,8 +639,23 @@ def report(results: Results) -> str:
         )
         lines += goal_lines(setting, runs_of(results, setting), central, local)
     if not results.search:
-        lines += recipe_report(results) + schedule_report(results)
+        lines += recipe_report(results) + schedule_report(results) + ccvr_lr_report(results)
     return "\n".join(lines)
+
+
+def ccvr_lr_report(results: Results) -> list[str]:
+    """CCVR's retraining lr on S1 fedavg seed 2: the validation accuracy each gives (the choice)."""
+    runs = {lr: results.get(f"ccvr-lr/S1/fedavg/lr={lr:g}/seed=2") for lr in CCVR_LRS}
+    if not any(runs.values()):
+        return []
+    lines = ["", "## CCVR's learning rate (S1 fedavg, seed 2), chosen on the validation split", ""]
+    lines += ["| lr | validation | test |", "|---:|---:|---:|"]
+    lines += [
+        f"| {lr:g} | {run['val_accuracy']:.4f} | {run['final_accuracy']:.4f} |"
+        for lr, run in runs.items()
+        if run
+    ]
+    return lines
 
 
 def schedule_report(results: Results) -> list[str]:
