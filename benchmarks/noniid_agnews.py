@@ -97,6 +97,7 @@ from common import (  # noqa: E402
 )
 from rich.console import Console  # noqa: E402
 
+from fedpeft.config import CalibrationSection  # noqa: E402
 from fedpeft.data import partition  # noqa: E402
 from fedpeft.testing import LocalGrid  # noqa: E402
 from server.checkpoint import load_checkpoint  # noqa: E402
@@ -148,6 +149,7 @@ FIXED_LR, FIXED_RECIPE = 1e-3, "uniform+balanced"  # the fixed protocol's lr and
 RECIPE_CHECKS = ("uniform+none", "examples+none", "uniform+frozen", "uniform+balanced+frozen")
 # CCVR's retraining lr, chosen on the validation split of S1 fedavg seed 2 (the worst seed)
 CCVR_LRS = (1e-3, 1e-2, 1e-1)
+CCVR_DEFAULT_LR = CalibrationSection().lr
 LABELS = ("Business", "Sci/Tech", "Sports", "World")
 OUT = REPO / "benchmarks" / "results" / "noniid_agnews.json"
 SEARCH_OUT = OUT.with_name("noniid_agnews_search.json")
@@ -314,6 +316,7 @@ def fixed_pieces() -> list[Piece]:
     out += [
         Piece(f"ccvr-lr/S1/fedavg/lr={lr:g}/seed=2", "calibrated", "S1", "fedavg", 2, calibration_lr=lr)
         for lr in CCVR_LRS
+        if lr != CCVR_DEFAULT_LR  # that one is the S1/fedavg+ccvr/seed=2 piece
     ]
     out += [
         Piece(f"{setting}/{method}+ccvr/seed={seed}", "calibrated", setting, method, seed)
@@ -645,16 +648,18 @@ def report(results: Results) -> str:
 
 def ccvr_lr_report(results: Results) -> list[str]:
     """CCVR's retraining lr on S1 fedavg seed 2: the validation accuracy each gives (the choice)."""
-    runs = {lr: results.get(f"ccvr-lr/S1/fedavg/lr={lr:g}/seed=2") for lr in CCVR_LRS}
+    default = "S1/fedavg+ccvr/seed=2"
+    runs = {
+        lr: results.get(default if lr == CCVR_DEFAULT_LR else f"ccvr-lr/S1/fedavg/lr={lr:g}/seed=2")
+        for lr in CCVR_LRS
+    }
     if not any(runs.values()):
         return []
     lines = ["", "## CCVR's learning rate (S1 fedavg, seed 2), chosen on the validation split", ""]
     lines += ["| lr | validation | test |", "|---:|---:|---:|"]
-    lines += [
-        f"| {lr:g} | {run['val_accuracy']:.4f} | {run['final_accuracy']:.4f} |"
-        for lr, run in runs.items()
-        if run
-    ]
+    for lr, run in runs.items():
+        if run:
+            lines.append(f"| {lr:g} | {run['val_accuracy']:.4f} | {run['final_accuracy']:.4f} |")
     return lines
 
 
