@@ -747,6 +747,15 @@ def plot(results: Results, path: Path) -> None:
     for ax, (setting, spec) in zip(axes, SETTINGS.items(), strict=True):
         for method, runs in runs_of(results, setting).items():
             curves = [r["curve"] for r in runs]
+            if "calibrated_from" in runs[0]:  # its curve is its source's plus the calibrated head
+                calibrated = [c[-1] for c in curves]
+                mean, last = statistics.fmean(calibrated), len(curves[0]) - 2  # after the last round
+                spread = [[mean - min(calibrated)], [max(calibrated) - mean]]
+                ax.errorbar(
+                    [last], [mean], yerr=spread, marker="*", ms=10, capsize=3, linestyle="none",
+                    label=f"{method} (after the last round)",
+                )  # fmt: skip
+                continue
             rounds = range(len(curves[0]))
             per_round = list(zip(*curves, strict=True))
             ax.plot(rounds, [statistics.fmean(v) for v in per_round], marker="o", ms=3, label=method)
