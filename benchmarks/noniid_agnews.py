@@ -324,6 +324,11 @@ def fixed_pieces() -> list[Piece]:
         for method in ("fedavg", "stacking")
         for seed in SEEDS
     ]
+    out += [  # the other rules run so far, on S1
+        Piece(f"S1/{method}+ccvr/seed={seed}", "calibrated", "S1", method, seed)
+        for method in ("fedex", "ffa", "fedsb")
+        for seed in SEEDS
+    ]
     return out
 
 
