@@ -179,19 +179,33 @@ def fedpeft_round(path: Path, precision: str, work: Workload, data: RandomTokens
     """One fedpeft client round: load the global adapter, train, read the update back."""
     host = client_host(path, precision)
     state = GlobalState(adapter=host.read_update()[0])
-
     parts: dict[str, float] = {}
+    client_round(host, state, data, work, work.warmup, seed=0)
+    timing = timed(lambda: parts.update(client_round(host, state, data, work, work.steps, seed=0)), work)
+    return timing | {k: round(v, 3) for k, v in parts.items()}
 
-    def round_(steps: int) -> None:
-        parts["load_state_s"] = seconds(lambda: host.load_state(state, init_seed=0))
-        parts["train_s"] = seconds(
-            lambda: train(host.model, None, data, steps=steps, batch_size=work.batch, lr=LR, weight_decay=0.0,
-                          seed=0, gradient_checkpointing=True)
-        )  # fmt: skip
-        parts["read_update_s"] = seconds(host.read_update)
 
-    round_(work.warmup)
-    return timed(lambda: round_(work.steps), work) | {k: round(v, 3) for k, v in parts.items()}
+def client_round(
+    host: AdapterHost, state: GlobalState, data: RandomTokens, work: Workload, steps: int, seed: int
+) -> dict[str, float]:
+    """What a fedpeft client does in a round, each part's seconds."""
+    return {
+        "load_state_s": seconds(lambda: host.load_state(state, init_seed=0)),
+        "train_s": seconds(
+            lambda: train(
+                host.model,
+                None,
+                data,
+                steps=steps,
+                batch_size=work.batch,
+                lr=LR,
+                weight_decay=0.0,
+                seed=seed,
+                gradient_checkpointing=True,
+            )
+        ),  # fmt: skip
+        "read_update_s": seconds(host.read_update),
+    }
 
 
 def seconds(run: Callable[[], object]) -> float:
@@ -258,11 +272,7 @@ def worker(args: list[str]) -> None:
     starts, ends = [], []
     for rnd in range(rounds):
         starts.append(time.time())
-        host.load_state(state, init_seed=0)
-        train(host.model, None, data, steps=work.steps, batch_size=work.batch, lr=LR, weight_decay=0.0,
-              seed=rnd, gradient_checkpointing=True)  # fmt: skip
-        host.read_update()
-        sync()
+        client_round(host, state, data, work, work.steps, seed=rnd)
         ends.append(time.time())
     print(json.dumps({"starts": starts, "ends": ends, "peak_gib": peak_gib()}), flush=True)
 
