@@ -14,7 +14,8 @@ the same bytes:
   dp(fedavg); ``aggregate`` on the list of K for stacking, fedex and vcma);
 - ``server`` (streaming strategies): the server's path from the reply records, as
   ``server.loop`` runs it: decode, validate and fold each reply, then free it;
-- ``flower`` (in the fedavg cell): Flower's ``FedAvg().aggregate_train`` on the K reply messages.
+- ``flower`` (in the fedavg cell): Flower's ``FedAvg().aggregate_train`` on the same K replies in
+  Flower's own record format (one ``.npy`` array per tensor), which its strategies expect.
 Times are the best of up to 5 runs (torch on 1 thread); ``*_rss_rise_bytes`` is the largest rise of
 resident memory (VmHWM, reset before each run) above where a run started.
 
@@ -39,10 +40,10 @@ from pathlib import Path
 
 import torch
 from common import REPO, code_version, machine
-from flwr.app import Message, MessageType
+from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
-from fedpeft.wire import NUM_EXAMPLES, decode_update, encode_update
+from fedpeft.wire import NUM_EXAMPLES, UPDATE_ARRAYS, decode_update, encode_update, unpack_tensors
 from server.replies import RoundReplies
 from strategies import create_strategy
 
@@ -96,6 +97,13 @@ def pool_size(shapes: Shapes, clients: int) -> int:
     return max(1, min(clients, -(-POOL_BYTES // shapes.adapter_bytes())))
 
 
+def flower_format(record: RecordDict) -> RecordDict:
+    """A reply as Flower's own strategies take one: each tensor its own ``.npy`` array."""
+    tensors = unpack_tensors(record[UPDATE_ARRAYS])
+    arrays = ArrayRecord(array_dict={k: Array(t.numpy()) for k, t in tensors.items()})
+    return RecordDict({**{k: v for k, v in record.items() if k != UPDATE_ARRAYS}, UPDATE_ARRAYS: arrays})
+
+
 class Cell:
     """One (shapes, method, K) measurement, run in this process."""
 
@@ -145,7 +153,9 @@ class Cell:
             if reason:
                 out["flower_skipped"] = reason
             else:
-                out["flower_seconds"], out["flower_rss_rise_bytes"] = self._flower(records)
+                out["flower_seconds"], out["flower_rss_rise_bytes"] = self._flower(
+                    [flower_format(r) for r in records]
+                )
         return out
 
     def _strategy(self):

@@ -131,6 +131,7 @@ def train(msg: Message, context: Context) -> Message:
         send_extras=plan.send_extras,
         compression=config.train.compression,
         reference=started,
+        reference_extras=received.extras,
         feedback=feedback,
     )
     store_feedback(context.state, feedback)

@@ -188,6 +188,7 @@ def _edited(msg: Message, content: RecordDict, edit: Callable[..., None]) -> Rec
         send_extras=instructions.plan.send_extras,
         compression=instructions.client_config.train.compression,
         reference=received.adapter,
+        reference_extras=received.extras,
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, RecordDict
 
 from fedpeft.lora import AdapterHost, load_adapter
-from fedpeft.wire import decode_arrays, to_array
+from fedpeft.wire import pack_tensors, unpack_tensors
 
 PERSONAL_B, PERSONAL_EXTRAS = "personal-B", "personal-extras"
 
@@ -20,23 +20,19 @@ def restore(host: AdapterHost, node_state: RecordDict, extras: bool = False) -> 
     record = node_state.get(PERSONAL_B)
     if not isinstance(record, ArrayRecord):
         return
-    personal = decode_arrays(record)
+    personal = unpack_tensors(record, writable=True)
     factors, global_extras = host.read_update()
     for module, f in factors.items():
         f.B = personal[module]
     kept = node_state.get(PERSONAL_EXTRAS)
     if extras and isinstance(kept, ArrayRecord):
-        global_extras = decode_arrays(kept)
+        global_extras = unpack_tensors(kept, writable=True)
     load_adapter(host.model, factors, global_extras)
 
 
 def keep(host: AdapterHost, node_state: RecordDict, extras: bool = False) -> None:
     """Store the B (and with ``extras`` the extras) this client just trained, for its next round."""
     factors, trained_extras = host.read_update()
-    node_state[PERSONAL_B] = ArrayRecord(
-        array_dict={m: to_array(f.B.detach().clone()) for m, f in factors.items()}
-    )
+    node_state[PERSONAL_B] = pack_tensors({m: f.B for m, f in factors.items()})
     if extras:
-        node_state[PERSONAL_EXTRAS] = ArrayRecord(
-            array_dict={k: to_array(t.detach().clone()) for k, t in trained_extras.items()}
-        )
+        node_state[PERSONAL_EXTRAS] = pack_tensors(trained_extras)

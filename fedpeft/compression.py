@@ -2,7 +2,8 @@
 
 - ``fp16``: half precision (2 bytes per value).
 - ``int8``: one byte per value plus one float32 absmax scale per rank component (a row of A, a
-  column of B): ``q = round(x / s)``, ``s = max|x| / 127``, so ``|x - s q| <= s / 2`` everywhere.
+  column of B; a row of a dense 2-D extra such as a classifier head; one scale for any other
+  tensor): ``q = round(x / s)``, ``s = max|x| / 127``, so ``|x - s q| <= s / 2`` everywhere.
 
 What a client compresses is its update, the delta of its factors from the adapter it received
 (small next to the factors themselves, so the same relative error costs far less). Error
@@ -30,8 +31,9 @@ class Packed:
     scale: Tensor | None = None
 
 
-def pack(tensor: Tensor, codec: str, rank_dim: int) -> Packed:
-    """Compress ``tensor`` whose rank components run along ``rank_dim`` (0 for A, 1 for B)."""
+def pack(tensor: Tensor, codec: str, rank_dim: int | None) -> Packed:
+    """Compress ``tensor`` whose rank components run along ``rank_dim`` (0 for A, 1 for B; None:
+    one int8 scale for the whole tensor)."""
     if codec == "none":
         return Packed(tensor.float())
     if codec == "fp16":
@@ -56,7 +58,7 @@ class ErrorFeedback:
     def __init__(self, residuals: dict[str, Tensor] | None = None) -> None:
         self.residuals: dict[str, Tensor] = dict(residuals or {})
 
-    def pack(self, name: str, delta: Tensor, codec: str, rank_dim: int) -> Packed:
+    def pack(self, name: str, delta: Tensor, codec: str, rank_dim: int | None) -> Packed:
         """Compress ``delta`` plus the residual kept for ``name``; keep the new residual."""
         target = delta.float()
         residual = self.residuals.get(name)

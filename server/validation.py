@@ -22,7 +22,7 @@ from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState,
 Signature = tuple[tuple[str, tuple[int, int]], ...]
 
 BYTES_HEADROOM = 2  # a reply at the adapter's rank in float32 is about 1x the adapter (+ headers)
-BYTES_SLACK = 1 << 20  # one npy header (~128 bytes) per array, the meta and metric records
+BYTES_SLACK = 1 << 20  # the packed payload's manifest, the meta and metric records
 NORM_CHUNK_BYTES = 1 << 20  # per fused difference-and-norm in update_norm
 MIN_NORM_POOL = 3  # fewer norms than this have no meaningful median (see NormScreen)
 

@@ -15,7 +15,7 @@ from fedpeft.models import ClassifierSpec, load_classifier
 from fedpeft.state import AdapterFactors, GlobalState
 from fedpeft.testing import LocalGrid
 from fedpeft.training import Encoded
-from fedpeft.wire import decode_update, encode_update
+from fedpeft.wire import decode_update, encode_update, unpack_tensors
 from server.loop import FederatedRun
 from server.secure import SecureModeError, check_strategy
 from strategies import FedAvg, FedSA
@@ -98,15 +98,12 @@ def test_a_fedsa_run_keeps_a_B_per_client_and_logs_each_clients_accuracy(tiny_be
     for row in rows:
         accuracies = [r["client_eval_accuracy"] for r in row["replies"]]
         assert len(accuracies) == 3 and row["client_eval_accuracy"] == pytest.approx(sum(accuracies) / 3)
-    kept = [context.state[personal.PERSONAL_B] for context in grid.contexts.values()]
-    assert len(kept) == 3 and all(len(record) == len(run.state.adapter) for record in kept)
-    first = [record.to_torch_state_dict() for record in kept]
+    first = [unpack_tensors(context.state[personal.PERSONAL_B]) for context in grid.contexts.values()]
+    assert len(first) == 3 and all(b.keys() == run.state.adapter.keys() for b in first)
     module = next(iter(run.state.adapter))
     assert not torch.equal(first[0][module], first[1][module])  # each client's own B
     assert all(not f.B.any() for f in run.state.adapter.values())  # the global B stays the initial zeros
-    heads = [
-        context.state[personal.PERSONAL_EXTRAS].to_torch_state_dict() for context in grid.contexts.values()
-    ]
+    heads = [unpack_tensors(context.state[personal.PERSONAL_EXTRAS]) for context in grid.contexts.values()]
     name = next(iter(heads[0]))
     assert not torch.equal(heads[0][name], heads[1][name])  # each client's own head
     assert not any(torch.equal(run.state.extras[k], heads[0][k]) for k in heads[0])  # heads stay home

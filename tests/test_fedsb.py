@@ -13,7 +13,7 @@ from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
 from fedpeft.testing import LocalGrid
 from fedpeft.training import Encoded, train
-from fedpeft.wire import decode_state, decode_update, encode_state, encode_update
+from fedpeft.wire import decode_state, decode_update, encode_state, encode_update, unpack_tensors
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.loop import FederatedRun
 from strategies import FedSB, create_strategy
@@ -93,7 +93,8 @@ def test_a_core_reply_carries_only_the_cores_and_decodes_against_the_frozen_fact
         n: AdapterFactors(f.A, f.B, f.scale, R=torch.randn(RANK, RANK)) for n, f in state.adapter.items()
     }
     content = encode_update(reply(trained, 5, 0), send_A=False, send_B=False)
-    assert {key.rsplit("/", 1)[-1] for key in content["update"].keys() if key.startswith("lora/")} == {"R"}
+    sent = unpack_tensors(content["update"])
+    assert {key.rsplit("/", 1)[-1] for key in sent if key.startswith("lora/")} == {"R"}
     back = decode_update(content, frozen=state.adapter)
     for name, f in back.factors.items():
         assert torch.equal(f.R, trained[name].R) and torch.equal(f.A, state.adapter[name].A)

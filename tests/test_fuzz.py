@@ -1,10 +1,11 @@
 """Fuzzing the wire decoder and the reply validator with hypothesis.
 
 Client replies are honest ones (fp32, B only, int8 and fp16 delta-coded) with one mutation each
-whose effect is known (dropped or renamed keys, wrong types, truncated or reshaped arrays, NaN,
-huge values, absurd ranks, wrong rounds, bad example counts: refused; unknown extra keys:
-accepted), mutations whose effect is not known (flipped bytes, other dtype names, trailing
-bytes), several mutations stacked, and wholly random records. Every reply goes through
+whose effect is known (dropped or renamed tensors or keys, wrong types, reshaped tensors, a
+truncated, extended or re-typed packed payload, NaN, huge values, absurd ranks, wrong rounds, bad
+example counts: refused; unknown extra keys: accepted), mutations whose effect is not known
+(flipped bytes, tensors cast to other dtypes), several mutations stacked, and wholly random
+records and packed payloads. Every reply goes through
 ``RoundReplies.decode`` then ``offer``/``close`` (the server's own path, with a norm pool as after
 a round); a smaller number goes through the real round loop, ``FederatedRun._attempt``. Nothing
 may raise; a refused reply has a reason; an accepted one must be safe to aggregate.
@@ -13,6 +14,7 @@ may raise; a refused reply has a reason; an accepted one must be safe to aggrega
 from __future__ import annotations
 
 import io
+import json
 import math
 import statistics
 from collections.abc import Callable
@@ -29,9 +31,19 @@ from hypothesis.extra import numpy as hnp
 from rich.console import Console
 
 from client.app import train
+from fedpeft.compression import Packed
 from fedpeft.state import ClientUpdate
 from fedpeft.testing import LocalGrid
-from fedpeft.wire import UPDATE_ARRAYS, UPDATE_META, UPDATE_METRICS, WireError, decode_update, encode_update
+from fedpeft.wire import (
+    UPDATE_ARRAYS,
+    UPDATE_META,
+    UPDATE_METRICS,
+    WireError,
+    decode_update,
+    encode_update,
+    pack_tensors,
+)
+from fedpeft.wire.packed import DTYPES, MAGIC, PACKED_KEY, PACKED_STYPE, PREFIX, Entry, read_manifest
 from server.loop import FederatedRun
 from server.replies import RoundReplies
 from server.validation import ReplyLimits, update_norm
@@ -48,25 +60,54 @@ FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], max
 
 @dataclass
 class Reply:
-    """A reply taken apart into plain dicts a mutation can edit, and put back together."""
+    """A reply taken apart into plain dicts a mutation can edit (its tensors as numpy arrays, an
+    int8 tensor's scales beside it as ``<name>.scale``), and put back together: the tensors packed
+    as the wire packs them, then ``edits`` applied to the packed array."""
 
-    arrays: dict[str, Array]
+    tensors: dict[str, np.ndarray]
     meta: dict
     metrics: dict
     missing: str | None = None  # a record left out
     swapped: str | None = None  # a record replaced by one of another kind
     extra_records: dict = field(default_factory=dict)
+    edits: list[Callable[[Array], Array]] = field(default_factory=list)
 
     @classmethod
     def of(cls, content: RecordDict) -> Reply:
-        arrays = {
-            k: Array(a.dtype, tuple(a.shape), a.stype, a.data) for k, a in content[UPDATE_ARRAYS].items()
-        }
-        return cls(arrays, dict(content[UPDATE_META]), dict(content[UPDATE_METRICS]))
+        data = content[UPDATE_ARRAYS][PACKED_KEY].data
+        entries, start = read_manifest(data)
+        tensors = {}
+        for e in entries:
+            tensors[e.name] = raw(data, start + e.offset, e.dtype, e.numel).reshape(e.shape)
+            if e.scale_numel:
+                tensors[f"{e.name}.scale"] = raw(
+                    data, start + e.scale_offset, torch.float32, e.scale_numel
+                ).reshape(e.scale_shape)
+        return cls(tensors, dict(content[UPDATE_META]), dict(content[UPDATE_METRICS]))
+
+    def packed(self) -> ArrayRecord:
+        """The tensors packed; an int8 tensor's scales that no longer fit it travel as a tensor of
+        their own (which the decoder does not know)."""
+        out: dict[str, torch.Tensor | Packed] = {}
+        for name, values in self.tensors.items():
+            scale = self.tensors.get(f"{name}.scale")
+            if name.endswith(".scale") and name.removesuffix(".scale") in self.tensors:
+                continue
+            tensor = torch.from_numpy(values.copy())
+            out[name] = tensor if scale is None else Packed(tensor, torch.from_numpy(scale.copy()))
+            if isinstance(out[name], Packed):
+                try:
+                    pack_tensors({name: out[name]})
+                except TypeError:
+                    out[name], out[f"{name}.scale"] = tensor, torch.from_numpy(scale.copy())
+        array = pack_tensors(out)[PACKED_KEY]
+        for edit in self.edits:
+            array = edit(array)
+        return ArrayRecord({PACKED_KEY: array})
 
     def content(self) -> RecordDict:
         records = {
-            UPDATE_ARRAYS: ArrayRecord(array_dict=self.arrays),
+            UPDATE_ARRAYS: self.packed(),
             UPDATE_META: ConfigRecord(self.meta),
             UPDATE_METRICS: MetricRecord(self.metrics),
         }
@@ -78,11 +119,17 @@ class Reply:
         return RecordDict({**records, **self.extra_records})
 
     def float_keys(self) -> list[str]:
-        return sorted(k for k, a in self.arrays.items() if a.dtype in ("float32", "float16"))
+        return sorted(k for k, a in self.tensors.items() if a.dtype in (np.float32, np.float16))
 
     def value_keys(self) -> list[str]:
-        """Array keys other than int8 scales."""
-        return sorted(k for k in self.arrays if not k.endswith(".scale"))
+        """Tensor names other than int8 scales."""
+        return sorted(k for k in self.tensors if not k.endswith(".scale"))
+
+
+def raw(data: bytes, offset: int, dtype: torch.dtype, count: int) -> np.ndarray:
+    return np.frombuffer(
+        data, dtype=torch.empty(0, dtype=dtype).numpy().dtype, count=count, offset=offset
+    ).copy()
 
 
 def honest(kind: str, seed: int) -> RecordDict:
@@ -92,10 +139,6 @@ def honest(kind: str, seed: int) -> RecordDict:
     if kind in ("int8", "fp16"):
         return encode_update(update, compression=kind, reference=STATE.adapter)
     return encode_update(update)
-
-
-def load(array: Array) -> np.ndarray:
-    return np.load(io.BytesIO(array.data), allow_pickle=False).copy()
 
 
 def required_meta(r: Reply) -> list[str]:
@@ -156,10 +199,10 @@ def consistent_absurd_rank(data, r: Reply) -> str:
     if r.meta.get("compression") != "none" or not r.meta.get("sent-A"):
         return absurd_rank(data, r)
     rank = data.draw(st.integers(7, 12))
-    for key in [k for k in r.arrays if k.startswith("lora/")]:
-        shape = r.arrays[key].shape
+    for key in [k for k in r.tensors if k.startswith("lora/")]:
+        shape = r.tensors[key].shape
         new = (rank, shape[1]) if key.endswith("/A") else (shape[0], rank)
-        r.arrays[key] = Array(np.random.default_rng(0).standard_normal(new, dtype=np.float32))
+        r.tensors[key] = np.random.default_rng(0).standard_normal(new, dtype=np.float32)
     r.meta["rank"] = rank
     return INVALID
 
@@ -170,26 +213,34 @@ def rename_key(data, r: Reply) -> str:
     new = data.draw(
         st.sampled_from([f"{kind}/{rest}x", f"{kind}x/{rest}", f"{key[:-1]}C", rest, f"{kind}/{rest}/A"])
     )
-    r.arrays[new] = r.arrays.pop(key)
+    r.tensors[new] = r.tensors.pop(key)
     return INVALID
 
 
-def drop_array(data, r: Reply) -> str:
-    del r.arrays[data.draw(st.sampled_from(sorted(r.arrays)))]
+def drop_tensor(data, r: Reply) -> str:
+    del r.tensors[data.draw(st.sampled_from(sorted(r.tensors)))]
     return INVALID
 
 
 def truncate_data(data, r: Reply) -> str:
-    key = data.draw(st.sampled_from(sorted(r.arrays)))
-    array = r.arrays[key]
-    cut = data.draw(st.integers(1, len(array.data)))
-    r.arrays[key] = Array(array.dtype, array.shape, array.stype, array.data[:-cut])
+    cut = data.draw(st.integers(1, 1 << 20))
+    r.edits.append(lambda a: payload_array(a.data[:-cut]))
     return INVALID
+
+
+def extend_data(data, r: Reply) -> str:
+    more = data.draw(st.binary(min_size=1, max_size=64))
+    r.edits.append(lambda a: payload_array(a.data + more))
+    return INVALID
+
+
+def payload_array(data: bytes) -> Array:
+    return Array("uint8", (len(data),), PACKED_STYPE, data)
 
 
 def reshape_array(data, r: Reply) -> str:
     key = data.draw(st.sampled_from(r.value_keys()))
-    values = load(r.arrays[key])
+    values = r.tensors[key]
     if data.draw(st.booleans()):
         shape = (1, *values.shape)
     else:
@@ -197,35 +248,36 @@ def reshape_array(data, r: Reply) -> str:
         shape = tuple(
             d + data.draw(st.sampled_from([-1, 1])) if i == axis else d for i, d in enumerate(values.shape)
         )
-    r.arrays[key] = Array(np.resize(values, shape))
+    r.tensors[key] = np.resize(values, shape)
     return INVALID
 
 
 def poison_value(data, r: Reply) -> str:
     key = data.draw(st.sampled_from(r.float_keys()))
-    values = load(r.arrays[key])
+    values = r.tensors[key].copy()
     if values.size == 0:
         return UNKNOWN
     flat = values.reshape(-1)
     flat[data.draw(st.integers(0, flat.size - 1))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
-    r.arrays[key] = Array(values)
+    r.tensors[key] = values
     return INVALID
 
 
 def huge_value(data, r: Reply) -> str:
     key = data.draw(st.sampled_from(r.float_keys()))
-    values = load(r.arrays[key])
+    values = r.tensors[key].copy()
     flat = values.reshape(-1)
     biggest = float(np.finfo(values.dtype).max)
     flat[data.draw(st.integers(0, flat.size - 1))] = data.draw(st.sampled_from([biggest, -biggest, 1e4]))
-    r.arrays[key] = Array(values)
+    r.tensors[key] = values
     return INVALID
 
 
 def restype(data, r: Reply) -> str:
-    key = data.draw(st.sampled_from(sorted(r.arrays)))
-    a = r.arrays[key]
-    r.arrays[key] = Array(a.dtype, a.shape, data.draw(st.sampled_from(["torch", "", "numpy"])), a.data)
+    stype, dtype = data.draw(
+        st.sampled_from([("numpy.ndarray", "uint8"), ("", "uint8"), (PACKED_STYPE, "int8")])
+    )
+    r.edits.append(lambda a: Array(dtype, a.shape, stype, a.data))
     return INVALID
 
 
@@ -248,28 +300,25 @@ def unknown_keys(data, r: Reply) -> str:
 
 
 def flip_byte(data, r: Reply) -> str:
-    key = data.draw(st.sampled_from(sorted(r.arrays)))
-    a = r.arrays[key]
-    buf = bytearray(a.data)
-    buf[data.draw(st.integers(0, len(buf) - 1))] ^= data.draw(st.integers(1, 255))
-    r.arrays[key] = Array(a.dtype, a.shape, a.stype, bytes(buf))
+    at, bits = data.draw(st.integers(0, 1 << 20)), data.draw(st.integers(1, 255))
+
+    def flipped(a: Array) -> Array:
+        buf = bytearray(a.data)
+        if buf:
+            buf[at % len(buf)] ^= bits
+        return payload_array(bytes(buf))
+
+    r.edits.append(flipped)
     return UNKNOWN
 
 
-def retype_array(data, r: Reply) -> str:
-    key = data.draw(st.sampled_from(sorted(r.arrays)))
-    a = r.arrays[key]
+def retype_tensor(data, r: Reply) -> str:
+    key = data.draw(st.sampled_from(sorted(r.tensors)))
     dtype = data.draw(
-        st.sampled_from(["float64", "int64", "<f4", ">f4", "complex64", "O", "V4", "float16", "zz"])
+        st.sampled_from([np.float64, np.int64, np.int8, np.uint8, np.bool_, np.float16, np.int32])
     )
-    r.arrays[key] = Array(dtype, a.shape, a.stype, a.data)
-    return UNKNOWN
-
-
-def extend_data(data, r: Reply) -> str:
-    key = data.draw(st.sampled_from(sorted(r.arrays)))
-    a = r.arrays[key]
-    r.arrays[key] = Array(a.dtype, a.shape, a.stype, a.data + data.draw(st.binary(min_size=1, max_size=64)))
+    with np.errstate(invalid="ignore", over="ignore"):
+        r.tensors[key] = r.tensors[key].astype(dtype)
     return UNKNOWN
 
 
@@ -283,8 +332,9 @@ KNOWN: list[Callable] = [
     absurd_rank,
     consistent_absurd_rank,
     rename_key,
-    drop_array,
+    drop_tensor,
     truncate_data,
+    extend_data,
     reshape_array,
     poison_value,
     huge_value,
@@ -293,7 +343,7 @@ KNOWN: list[Callable] = [
     bad_metric,
     unknown_keys,
 ]
-ANY = [*KNOWN, flip_byte, retype_array, extend_data]
+ANY = [*KNOWN, flip_byte, retype_tensor]
 KINDS = ["fp32", "B only", "int8", "fp16"]
 
 
@@ -318,11 +368,37 @@ RAW = st.builds(
     st.sampled_from([SType.NUMPY, SType.NUMPY, "x"]),
     st.binary(max_size=200),
 )
+MANIFEST_ROW = st.tuples(
+    NAMES,
+    st.one_of(st.sampled_from(sorted(DTYPES)), st.text(max_size=4)),
+    st.lists(st.integers(-1, 9), max_size=3),
+    st.integers(-3, 2),
+).map(list)
+
+
+def random_packed(rows: list, data) -> Array:
+    """A packed payload of random rows and a random body, usually exactly as long as the rows say."""
+    manifest = json.dumps(rows).encode()
+    head = PREFIX.pack(MAGIC, len(manifest)) + manifest
+    head += bytes(-len(head) % 8)
+    try:
+        entries = [Entry(str(n), DTYPES[d], tuple(shape), a, 0) for n, d, shape, a in rows]
+        size = max(0, sum(e.numel * e.dtype.itemsize + 4 * e.scale_numel + 8 for e in entries))
+    except (KeyError, TypeError, IndexError):
+        size = 16
+    body = data.draw(st.binary(min_size=size, max_size=size + 16))
+    return Array(
+        "uint8", (len(head) + len(body),), PACKED_STYPE, head + body[: data.draw(st.integers(0, len(body)))]
+    )
+
+
+PACKED = st.builds(random_packed, st.lists(MANIFEST_ROW, max_size=5), st.data())
 SCALARS = st.one_of(
     st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_size=8), st.booleans(), st.binary(max_size=8)
 )
 RECORD = st.one_of(
     st.dictionaries(NAMES, st.one_of(NPY, RAW), max_size=6).map(lambda d: ArrayRecord(array_dict=d)),
+    st.dictionaries(st.just(PACKED_KEY), PACKED, min_size=1).map(lambda d: ArrayRecord(array_dict=d)),
     st.dictionaries(
         st.one_of(st.sampled_from(["round", "rank", "alpha", "sent-A", "delta", "scale/layer.0.q"]), NAMES),
         st.one_of(SCALARS, st.lists(st.integers(-5, 5), max_size=3)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import RecordDict
@@ -20,7 +21,9 @@ from fedpeft.wire import (
     encode_state,
     encode_train_message,
     encode_update,
+    pack_tensors,
     record_nbytes,
+    unpack_tensors,
 )
 from tests import factories
 
@@ -62,8 +65,10 @@ def test_bytes_are_the_tensor_payload():
     update = factories.update(rank=4, seed=1, num_examples=3)
     floats = sum(f.A.numel() + f.B.numel() for f in update.factors.values())
     floats += sum(t.numel() for t in update.extras.values())
+    names = [f"lora/{m}/{p}" for m in update.factors for p in "AB"] + [f"extra/{n}" for n in update.extras]
     payload = record_nbytes(encode_update(update))
-    assert floats * 4 <= payload < floats * 4 + 200 * (2 * len(update.factors) + len(update.extras))
+    # one manifest per message: per tensor its name, dtype, shape and scale axis (about 30 bytes)
+    assert floats * 4 < payload < floats * 4 + sum(len(n) + 30 for n in names) + 16
 
 
 def test_bf16_model_update_survives_the_wire(tiny_bert_dir):
@@ -114,8 +119,9 @@ def test_missing_record_is_a_wire_error(drop):
 
 def test_half_a_factor_pair_is_a_wire_error():
     content = encode_update(factories.update(rank=2, seed=0, num_examples=3))
-    arrays = content["update"]
-    del arrays["lora/layer.0.q/B"]
+    tensors = unpack_tensors(content["update"], writable=True)
+    del tensors["lora/layer.0.q/B"]
+    content["update"] = pack_tensors(tensors)
     with pytest.raises(WireError, match="lacks"):
         decode_update(content)
 
@@ -132,11 +138,26 @@ def test_empty_record_is_a_wire_error():
         decode_state(RecordDict())
 
 
+def test_a_float32_reply_decodes_to_views_of_its_payload():
+    update = factories.update(rank=4, seed=1, num_examples=3)
+    content = encode_update(update)
+    payload = content["update"]["tensors"].data
+    start = np.frombuffer(payload, dtype=np.uint8).ctypes.data
+    back = decode_update(content, into=DecodeBuffer())
+    tensors = [t for f in back.factors.values() for t in (f.A, f.B)] + list(back.extras.values())
+    assert all(start < t.data_ptr() < start + len(payload) for t in tensors)  # no copy
+    assert_same_factors(back.factors, update.factors)
+
+
 def test_a_decode_buffer_is_reused_and_decodes_bitwise():
     buffer = DecodeBuffer()
-    first = decode_update(encode_update(factories.update(rank=4, seed=1, num_examples=3)), into=buffer)
-    pointer = first.factors["layer.0.q"].A.data_ptr()
+    reference = factories.factors(rank=4, seed=0)
+    first = encode_update(factories.update(4, 1, 3), compression="fp16", reference=reference)
+    pointer = decode_update(first, frozen=reference, into=buffer).factors["layer.0.q"].A.data_ptr()
     update = factories.update(rank=4, seed=2, num_examples=3)
-    second = decode_update(encode_update(update), into=buffer)
-    assert second.factors["layer.0.q"].A.data_ptr() == pointer  # same memory, no new allocation
-    assert_same_factors(second.factors, update.factors)
+    second = encode_update(update, compression="fp16", reference=reference)
+    back = decode_update(second, frozen=reference, into=buffer)
+    assert back.factors["layer.0.q"].A.data_ptr() == pointer  # same memory, no new allocation
+    for name, f in update.factors.items():
+        delta = (f.A - reference[name].A).to(torch.float16).float()
+        assert torch.equal(back.factors[name].A, delta + reference[name].A)

@@ -1,7 +1,7 @@
-"""What crosses the wire between server and clients, in two layers: ``arrays`` (tensors <->
-Flower arrays, checked) and ``records`` (the value types <-> Flower records)."""
+"""What crosses the wire between server and clients, in two layers: ``packed`` (named tensors <->
+one Flower array, checked) and ``records`` (the value types <-> Flower records)."""
 
-from fedpeft.wire.arrays import DecodeBuffer, WireError, decode_arrays, from_array, record_nbytes, to_array
+from fedpeft.wire.packed import DecodeBuffer, WireError, pack_tensors, record_nbytes, unpack_tensors
 from fedpeft.wire.records import (
     NUM_EXAMPLES,
     NUM_TRAINED,
@@ -35,7 +35,6 @@ __all__ = [
     "DecodeBuffer",
     "RoundInstructions",
     "WireError",
-    "decode_arrays",
     "decode_identity",
     "decode_instructions",
     "decode_moments",
@@ -47,9 +46,9 @@ __all__ = [
     "encode_state",
     "encode_train_message",
     "encode_update",
-    "from_array",
     "load_feedback",
+    "pack_tensors",
     "record_nbytes",
     "store_feedback",
-    "to_array",
+    "unpack_tensors",
 ]

@@ -3,17 +3,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from fedpeft.calibration import ClassMoments
 from fedpeft.compression import ErrorFeedback, Packed, pack
 from fedpeft.config import ClientConfig
 from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState, LowRankDelta
-from fedpeft.wire.arrays import SCALE_SUFFIX, DecodeBuffer, WireError, decode_arrays, to_array
+from fedpeft.wire.packed import DecodeBuffer, WireError, pack_tensors, unpack_tensors
 
 STATE_ARRAYS, STATE_META = "state", "state-meta"
 UPDATE_ARRAYS, UPDATE_META, UPDATE_METRICS = "update", "update-meta", "metrics"
@@ -30,20 +31,20 @@ MOMENTS, MOMENTS_META = "calibration-moments", "calibration-meta"
 def encode_state(state: GlobalState) -> RecordDict:
     """What the server sends clients: merged delta, adapter (if any) and extras. Strategy state
     stays on the server."""
-    arrays: dict[str, Array] = {}
+    tensors: dict[str, Tensor] = {}
     meta: dict[str, int | float | bool] = {"round": state.round, "has-adapter": state.adapter is not None}
     for name, d in state.merged.items():
-        arrays[f"merged/{name}/U"] = to_array(d.U)
-        arrays[f"merged/{name}/V"] = to_array(d.V)
+        tensors[f"merged/{name}/U"] = d.U
+        tensors[f"merged/{name}/V"] = d.V
     for name, f in (state.adapter or {}).items():
-        arrays[f"adapter/{name}/A"] = to_array(f.A)
-        arrays[f"adapter/{name}/B"] = to_array(f.B)
+        tensors[f"adapter/{name}/A"] = f.A
+        tensors[f"adapter/{name}/B"] = f.B
         if f.R is not None:
-            arrays[f"adapter/{name}/R"] = to_array(f.R)
+            tensors[f"adapter/{name}/R"] = f.R
         meta[f"scale/{name}"] = f.scale
     for name, t in state.extras.items():
-        arrays[f"extra/{name}"] = to_array(t)
-    return RecordDict({STATE_ARRAYS: ArrayRecord(array_dict=arrays), STATE_META: ConfigRecord(meta)})
+        tensors[f"extra/{name}"] = t
+    return RecordDict({STATE_ARRAYS: pack_tensors(tensors), STATE_META: ConfigRecord(meta)})
 
 
 def decode_state(content: RecordDict) -> GlobalState:
@@ -67,19 +68,29 @@ def encode_update(
     reference: dict[str, AdapterFactors] | None = None,
     feedback: ErrorFeedback | None = None,
     send_extras: bool = True,
+    reference_extras: dict[str, Tensor] | None = None,
 ) -> RecordDict:
     """The reply record; with ``send_A=False`` (frozen, shared A) only B travels, with
     ``send_B=False`` (a personal or frozen B) only A; a LoRA-SB core R always travels; with
     ``send_extras=False`` (a personal head) no dense extras.
 
     With a lossy ``compression`` (``fedpeft.compression``), each factor travels as its delta
-    from ``reference`` (the adapter the client received) when there is one, through
-    ``feedback`` (error feedback, updated in place) when given; without a reference (a fresh
-    init each round), the factors themselves are compressed.
+    from ``reference`` (the adapter the client received) when there is one, and the dense extras
+    as their deltas from ``reference_extras`` when it holds each of them, through ``feedback``
+    (error feedback, updated in place) when given; without a reference (a fresh init each
+    round), the values themselves are compressed.
     """
-    delta = compression != "none" and reference is not None
+    lossy = compression != "none"
+    delta = lossy and reference is not None
+    delta_extras = (
+        lossy
+        and send_extras
+        and reference_extras is not None
+        and all(
+            n in reference_extras and reference_extras[n].shape == t.shape for n, t in update.extras.items()
+        )
+    )
     send_R = any(f.R is not None for f in update.factors.values())
-    arrays: dict[str, Array] = {}
     meta: dict[str, int | float | str | bool] = {
         "round": update.round,
         "rank": update.rank,
@@ -90,29 +101,33 @@ def encode_update(
         "sent-extras": send_extras,
         "compression": compression,
         "delta": delta,
+        "delta-extras": delta_extras,
     }
+
+    def encoded(key: str, tensor: Tensor, base: Tensor | None, rank_dim: int | None) -> Tensor | Packed:
+        if not lossy:
+            return tensor
+        if base is not None:
+            tensor = tensor.float() - base.float()
+        if feedback is not None and base is not None:
+            return feedback.pack(key, tensor, compression, rank_dim)
+        return pack(tensor, compression, rank_dim)
+
+    tensors: dict[str, Tensor | Packed] = {}
     sends = (("A", 0, send_A), ("B", 1, send_B), ("R", 0, send_R))
     parts = [(part, rank_dim) for part, rank_dim, sent in sends if sent]
     for name, f in update.factors.items():
         for part, rank_dim in parts:
-            key, tensor = f"lora/{name}/{part}", getattr(f, part)
-            if compression == "none":
-                arrays[key] = to_array(tensor)
-                continue
-            if delta:
-                tensor = tensor.float() - getattr(reference[name], part).float()  # type: ignore[index]
-            packer = feedback.pack if feedback is not None and delta else _pack
-            packed = packer(key, tensor, compression, rank_dim)
-            arrays[key] = to_array(packed.values)
-            if packed.scale is not None:
-                arrays[key + SCALE_SUFFIX] = to_array(packed.scale)
+            base = getattr(reference[name], part) if delta else None  # type: ignore[index]
+            tensors[f"lora/{name}/{part}"] = encoded(f"lora/{name}/{part}", getattr(f, part), base, rank_dim)
         meta[f"scale/{name}"] = f.scale
     for name, t in update.extras.items() if send_extras else ():
-        arrays[f"extra/{name}"] = to_array(t)
+        base = reference_extras[name] if delta_extras else None  # type: ignore[index]
+        tensors[f"extra/{name}"] = encoded(f"extra/{name}", t, base, 0 if t.ndim == 2 else None)
     metrics = {NUM_EXAMPLES: update.num_examples, NUM_TRAINED: update.num_trained, **update.metrics}
     return RecordDict(
         {
-            UPDATE_ARRAYS: ArrayRecord(array_dict=arrays),
+            UPDATE_ARRAYS: pack_tensors(tensors),
             UPDATE_META: ConfigRecord(meta),
             UPDATE_METRICS: MetricRecord(metrics),
         }
@@ -135,31 +150,26 @@ def decode_update(
     sent_A, sent_B = _meta(meta, "sent-A", bool), bool(meta.get("sent-B", True))
     sent_R = bool(meta.get("sent-R", False))
     parts = tuple(part for part, sent in (("A", sent_A), ("B", sent_B), ("R", sent_R)) if sent)
-    groups, extras = _split(arrays, {"lora": parts}, into=into)
+    delta, delta_extras = bool(meta.get("delta", False)), bool(meta.get("delta-extras", False))
+    groups, extras = _split(arrays, {"lora": parts}, into=into, writable=delta or delta_extras)
     if not meta.get("sent-extras", True):
         extras = dict(frozen_extras or {})
-    delta = bool(meta.get("delta", False))
+    elif delta_extras:
+        _add_base(extras, frozen_extras or {}, "extras")
     missing = sorted(set(groups["lora"]) - set(frozen or {}))
     if missing and (delta or not sent_A or not sent_B):
         raise WireError(f"the reply is relative to a global adapter that lacks {missing[:3]}")
     if frozen is not None and (delta or not sent_A or not sent_B):  # what this client started from
         rank = _meta(meta, "rank", int)
         frozen = {
-            n: frozen[n].truncated(rank, _meta(meta, f"scale/{n}", float))
-            if frozen[n].rank > rank
+            n: frozen[n].truncated(rank, _positive(meta, f"scale/{n}"))
+            if frozen[n].rank > rank > 0
             else frozen[n]
             for n in groups["lora"]
         }
     for name, pair in groups["lora"].items():
         if delta:
-            for part, tensor in pair.items():
-                base = getattr(frozen[name], part)  # type: ignore[index]
-                if tensor.shape != base.shape or tensor.dtype != base.dtype:
-                    raise WireError(
-                        f"{name}/{part} is {tensor.dtype} {tuple(tensor.shape)}, "
-                        f"the global adapter's {base.dtype} {tuple(base.shape)}"
-                    )
-                tensor.add_(base)
+            _add_base(pair, {part: getattr(frozen[name], part) for part in pair}, name)  # type: ignore[index]
         if not sent_A:
             pair["A"] = frozen[name].A  # type: ignore[index]
         if not sent_B:
@@ -185,18 +195,28 @@ def decode_update(
     )
 
 
-def _pack(name: str, tensor: Tensor, codec: str, rank_dim: int) -> Packed:
-    return pack(tensor, codec, rank_dim)
+def _add_base(deltas: dict[str, Tensor], bases: dict[str, Tensor], what: str) -> None:
+    """Delta-coded tensors (decoded writable) plus what the client started from, in place."""
+    for key, tensor in deltas.items():
+        base = bases.get(key)
+        if base is None:
+            raise WireError(f"the reply's {what} are relative to global ones that lack {key!r}")
+        if tensor.shape != base.shape or tensor.dtype != base.dtype:
+            raise WireError(
+                f"{what}/{key} is {tensor.dtype} {tuple(tensor.shape)}, "
+                f"the global one {base.dtype} {tuple(base.shape)}"
+            )
+        tensor.add_(base)
 
 
 def load_feedback(node_state: RecordDict) -> ErrorFeedback:
     """The error-feedback residuals a client keeps in its Flower ``Context.state``."""
     record = node_state.get(FEEDBACK)
-    return ErrorFeedback(decode_arrays(record) if isinstance(record, ArrayRecord) else None)
+    return ErrorFeedback(unpack_tensors(record, writable=True) if isinstance(record, ArrayRecord) else None)
 
 
 def store_feedback(node_state: RecordDict, feedback: ErrorFeedback) -> None:
-    node_state[FEEDBACK] = ArrayRecord(array_dict={k: to_array(t) for k, t in feedback.residuals.items()})
+    node_state[FEEDBACK] = pack_tensors(feedback.residuals)
 
 
 def _get(content: RecordDict, key: str, kind: type):
@@ -214,18 +234,26 @@ def _meta(meta: ConfigRecord, key: str, kind: type):
     return value
 
 
+def _positive(meta: ConfigRecord, key: str) -> float:
+    value = _meta(meta, key, float)
+    if not (math.isfinite(value) and value > 0):
+        raise WireError(f"'{key}' must be a positive finite number, got {value!r}")
+    return value
+
+
 def _split(
     arrays: ArrayRecord,
     groups: dict[str, tuple[str, ...]],
     optional: tuple[str, ...] = (),
     into: DecodeBuffer | None = None,
+    writable: bool = False,
 ) -> tuple[dict[str, dict[str, dict[str, Tensor]]], dict[str, Tensor]]:
     """Sort ``group/module/part`` keys into ``{group: {module: {part: tensor}}}`` (every part of
     ``groups[group]`` required, those in ``optional`` allowed), and ``extra/name`` keys into the
-    extras."""
+    extras (``into`` and ``writable`` as ``unpack_tensors`` takes them)."""
     found: dict[str, dict[str, dict[str, Tensor]]] = {g: {} for g in groups}
     extras: dict[str, Tensor] = {}
-    for key, tensor in decode_arrays(arrays, into).items():
+    for key, tensor in unpack_tensors(arrays, into, writable).items():
         kind, _, rest = key.partition("/")
         if kind == "extra" and rest:
             extras[rest] = tensor
@@ -247,14 +275,14 @@ def encode_moments(head: str, moments: ClassMoments) -> RecordDict:
     arrays = {"counts": moments.counts, "sums": moments.sums, "outer": moments.outer}
     return RecordDict(
         {
-            MOMENTS: ArrayRecord(array_dict={k: to_array(v) for k, v in arrays.items()}),
+            MOMENTS: pack_tensors(arrays),
             MOMENTS_META: ConfigRecord({"head": head}),
         }
     )
 
 
 def decode_moments(content: RecordDict) -> tuple[str, ClassMoments]:
-    arrays = decode_arrays(_get(content, MOMENTS, ArrayRecord))
+    arrays = unpack_tensors(_get(content, MOMENTS, ArrayRecord))
     if set(arrays) != {"counts", "sums", "outer"}:
         raise WireError(f"calibration moments need counts, sums and outer; got {sorted(arrays)}")
     head = _meta(_get(content, MOMENTS_META, ConfigRecord), "head", str)
