@@ -1,8 +1,8 @@
-"""Factored low-rank deltas: concatenation and exact re-compression (QR of the factors + a small SVD).
+"""Factored low-rank deltas: concatenation and re-compression to a rank cap (``factored_svd``).
 
 The ``merged`` delta grows by every round's exact additions; re-compression keeps it at most
-``rank_cap`` wide. It is exact while the true rank is at most the cap, and reports the fraction of
-spectral energy it discarded when it is not.
+``rank_cap`` wide. It is exact (up to float32 rounding) while the true rank is at most the cap, and
+reports the fraction of spectral energy it discarded when it is not.
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ from torch import Tensor
 
 from fedpeft.state import LowRankDelta
 from strategies.base import WeightedStrategy, check_rank_cap
+from strategies.factored_svd import leading_svd
 
 # Singular values below this fraction of the largest are numerical zeros (float32 inputs).
 RELATIVE_TOLERANCE = 1e-6
+# Dimensions sketched beyond the cap (Halko et al. 2011 recommend 5 to 10 with power iterations).
+OVERSAMPLING = 10
 
 
 def concat(parts: list[LowRankDelta]) -> LowRankDelta:
@@ -25,22 +28,21 @@ def concat(parts: list[LowRankDelta]) -> LowRankDelta:
 def recompress(delta: LowRankDelta, rank_cap: int) -> tuple[LowRankDelta, float]:
     """The best rank-``rank_cap`` factorisation of ``U V``, and the fraction of energy discarded.
 
-    U V = Q_u (R_u R_v^T) Q_v^T with U = Q_u R_u, V^T = Q_v R_v; the SVD of the small core
-    R_u R_v^T = P S Q^T gives U' = Q_u P sqrt(S), V' = sqrt(S) Q^T Q_v^T, truncated to the cap.
-    Computed in float64, returned in the input dtype.
+    With U V ≈ L S R (``factored_svd.leading_svd`` over ``rank_cap + OVERSAMPLING`` dimensions):
+    U' = L sqrt(S), V' = sqrt(S) R, truncated to the cap; the discarded energy is that of the
+    dropped singular values plus what lies outside those dimensions (zero while the true rank is at
+    most the cap plus the oversampling). Returned in the input dtype.
     """
     dtype = delta.U.dtype
-    q_u, r_u = torch.linalg.qr(delta.U.double())
-    q_v, r_v = torch.linalg.qr(delta.V.double().T)
-    p, s, qt = torch.linalg.svd(r_u @ r_v.T)
-    total = float((s**2).sum())
+    left, s, right, outside = leading_svd(delta.U, delta.V, rank_cap + OVERSAMPLING)
+    total = float((s**2).sum()) + outside
     if total == 0.0:
         return _zero_like(delta), 0.0
     keep = min(rank_cap, int((s > s[0] * RELATIVE_TOLERANCE).sum()))
-    discarded = float((s[keep:] ** 2).sum()) / total
+    discarded = (float((s[keep:] ** 2).sum()) + outside) / total
     root = s[:keep].sqrt()
-    U = (q_u @ p[:, :keep]) * root
-    V = root[:, None] * (qt[:keep] @ q_v.T)
+    U = left[:, :keep] * root
+    V = root[:, None] * right[:keep]
     return LowRankDelta(U=U.to(dtype), V=V.to(dtype)), discarded
 
 
