@@ -7,6 +7,10 @@ reports the fraction of spectral energy it discarded when it is not.
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
@@ -20,9 +24,28 @@ RELATIVE_TOLERANCE = 1e-6
 OVERSAMPLING = 10
 
 
-def concat(parts: list[LowRankDelta]) -> LowRankDelta:
-    """One factored delta equal to the sum of ``parts``: U = [U_1 ... U_k], V = [V_1; ...; V_k]."""
-    return LowRankDelta(U=torch.cat([p.U for p in parts], dim=1), V=torch.cat([p.V for p in parts], dim=0))
+class Concatenation:
+    """One factored delta equal to the sum of ``parts``, U = [U_1 ... U_k], V = [V_1; ...; V_k], in
+    two buffers reused from one call to the next (each result is valid until the next call): a fresh
+    ~50 MB tensor per module costs twice the copy itself in page faults (7B shapes, K = 100)."""
+
+    def __init__(self) -> None:
+        self._buffers = [torch.empty(0), torch.empty(0)]
+
+    def __call__(self, parts: list[LowRankDelta]) -> LowRankDelta:
+        return LowRankDelta(
+            U=self._cat([p.U for p in parts], dim=1), V=self._cat([p.V for p in parts], dim=0)
+        )
+
+    def _cat(self, tensors: list[Tensor], dim: int) -> Tensor:
+        shape = list(tensors[0].shape)
+        shape[dim] = sum(t.shape[dim] for t in tensors)
+        size = math.prod(shape)
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+        slot = 1 - dim
+        if self._buffers[slot].numel() < size or self._buffers[slot].dtype != dtype:
+            self._buffers[slot] = torch.empty(size, dtype=dtype)
+        return torch.cat(tensors, dim=dim, out=self._buffers[slot][:size].view(shape))
 
 
 def recompress(delta: LowRankDelta, rank_cap: int) -> tuple[LowRankDelta, float]:
@@ -47,14 +70,17 @@ def recompress(delta: LowRankDelta, rank_cap: int) -> tuple[LowRankDelta, float]
 
 
 def add_to_merged(
-    merged: dict[str, LowRankDelta], additions: dict[str, LowRankDelta], rank_cap: int
+    merged: dict[str, LowRankDelta], additions: Iterable[tuple[str, list[LowRankDelta]]], rank_cap: int
 ) -> tuple[dict[str, LowRankDelta], float]:
-    """``merged + additions`` per module, re-compressed; returns the largest discarded fraction."""
+    """``merged`` plus each module's exact terms (concatenated once), re-compressed; returns the
+    largest discarded fraction. ``additions`` may be a generator: one module's terms at a time."""
     out = dict(merged)
     worst = 0.0
-    for name, extra in additions.items():
-        combined = concat([merged[name], extra]) if name in merged else extra
-        out[name], discarded = recompress(combined, rank_cap)
+    concat = Concatenation()
+    for name, terms in additions:
+        out[name], discarded = recompress(
+            concat([merged[name], *terms] if name in merged else terms), rank_cap
+        )
         worst = max(worst, discarded)
     return out, worst
 
@@ -70,9 +96,10 @@ class MergedDeltaStrategy(WeightedStrategy):
         self.last_metrics: dict[str, float] = {}
 
     def merge(
-        self, merged: dict[str, LowRankDelta], additions: dict[str, LowRankDelta]
+        self, merged: dict[str, LowRankDelta], additions: Iterable[tuple[str, list[LowRankDelta]]]
     ) -> dict[str, LowRankDelta]:
-        """``merged + additions`` re-compressed to the cap; records rank and discarded energy."""
+        """``merged`` plus the sum of each module's terms, re-compressed to the cap; records rank
+        and discarded energy."""
         out, discarded = add_to_merged(merged, additions, self.rank_cap)
         self.last_metrics = {"merged_rank": float(max_rank(out)), "discarded_energy": discarded}
         return out
