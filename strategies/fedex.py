@@ -7,9 +7,7 @@ W0' + s B̄ Ā = W0 + s sum_k p_k B_k A_k.
 
 from __future__ import annotations
 
-import torch
-
-from fedpeft.state import ClientUpdate, GlobalState, LowRankDelta
+from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, LowRankDelta
 from strategies.base import require_updates
 from strategies.fedavg import FedAvg
 from strategies.lowrank import MergedDeltaStrategy
@@ -25,13 +23,19 @@ class FedEx(MergedDeltaStrategy):
         require_updates(self.name, updates)
         averaged = FedAvg(self.weighting).aggregate(rnd, state, updates)
         p = self.weights(updates)
-        residuals = {}
-        for module, mean in averaged.adapter.items():
-            s = mean.scale
-            Us = [s * pk * u.factors[module].B.float() for pk, u in zip(p, updates, strict=True)] + [
-                -s * mean.B
-            ]
-            Vs = [u.factors[module].A.float() for u in updates] + [mean.A]
-            residuals[module] = LowRankDelta(U=torch.cat(Us, dim=1), V=torch.cat(Vs, dim=0))
+        residuals = (
+            (module, residual_terms(module, mean, updates, p)) for module, mean in averaged.adapter.items()
+        )
         merged = self.merge(state.merged, residuals)
         return GlobalState(round=rnd, merged=merged, adapter=averaged.adapter, extras=averaged.extras)
+
+
+def residual_terms(
+    module: str, mean: AdapterFactors, updates: list[ClientUpdate], p: list[float]
+) -> list[LowRankDelta]:
+    """The residual's terms s p_k B_k A_k, one per client, and -s B̄ Ā."""
+    s = mean.scale
+    return [
+        LowRankDelta(U=s * pk * u.factors[module].B.float(), V=u.factors[module].A.float())
+        for pk, u in zip(p, updates, strict=True)
+    ] + [LowRankDelta(U=-s * mean.B, V=mean.A)]

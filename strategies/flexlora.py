@@ -3,11 +3,12 @@ and Client Resources", NeurIPS 2024): clients train at different ranks r_k <= R;
 averages their full weight updates and redistributes them by SVD.
 
 Per module, the server forms the weighted mean of the clients' products (exact, kept factored as a
-rank-sum_k r_k stack, never a dense d_out x d_in matrix until the small core's SVD)
+rank-sum_k r_k stack; ``recompress`` takes its leading SVD, see ``strategies/factored_svd.py``)
 
     ΔW = sum_k p_k s_k B_k A_k = U Σ V^T,
 
-and keeps its best rank-R approximation as the global adapter, Σ on the B side:
+and keeps its best rank-R approximation as the global adapter (near-best once the true rank
+exceeds R plus the oversampling: ``recompress``), Σ on the B side:
 B = U_R Σ_R / s, A = V_R^T (rows beyond the true rank are zeros). A client of rank r_k starts from
 the leading r_k components (``AdapterFactors.truncated``), which is the best rank-r_k approximation
 of ΔW, as FlexLoRA's redistribution step gives it. The energy of ΔW beyond rank R is reported as

@@ -7,11 +7,9 @@ exactly. The stacked product is added to the frozen ``merged`` delta (re-compres
 
 from __future__ import annotations
 
-import torch
-
-from fedpeft.state import ClientUpdate, GlobalState, LowRankDelta
+from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, LowRankDelta
 from strategies.base import require_updates, weighted_sum
-from strategies.lowrank import MergedDeltaStrategy, weighted_rows
+from strategies.lowrank import MergedDeltaStrategy
 
 
 class Stacking(MergedDeltaStrategy):
@@ -23,16 +21,15 @@ class Stacking(MergedDeltaStrategy):
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)
         p = self.weights(updates)
-        stacked = {
-            module: LowRankDelta(
-                U=torch.cat([u.factors[module].B.float() for u in updates], dim=1),
-                V=weighted_rows(
-                    [u.factors[module].A for u in updates],
-                    [pk * u.factors[module].scale for pk, u in zip(p, updates, strict=True)],
-                ),
-            )
+        terms = (
+            (module, [term(u.factors[module], pk) for pk, u in zip(p, updates, strict=True)])
             for module in updates[0].factors
-        }
-        merged = self.merge(state.merged, stacked)
+        )
+        merged = self.merge(state.merged, terms)
         extras = {name: weighted_sum((u.extras[name] for u in updates), p) for name in updates[0].extras}
         return GlobalState(round=rnd, merged=merged, adapter=None, extras=extras)
+
+
+def term(factors: AdapterFactors, weight: float) -> LowRankDelta:
+    """weight s_k B_k A_k as B_k @ (weight s_k A_k)."""
+    return LowRankDelta(U=factors.B.float(), V=(weight * factors.scale) * factors.A.float())
