@@ -14,18 +14,29 @@ nothing a client sends makes these methods raise.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import textwrap
 import time
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
+import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
 from fedpeft.wire import DecodeBuffer, WireError, decode_update, record_nbytes
-from server.validation import ReplyLimits, reference_signature, update_norm, validate
+from server.validation import (
+    NOT_FINITE,
+    ReplyLimits,
+    SpanDistance,
+    all_finite,
+    reference_signature,
+    update_norm,
+    update_tensors,
+    validate,
+)
 from strategies.base import Accumulator, Strategy
 
 POLL_SECONDS = 0.1
@@ -57,6 +68,22 @@ def receive(grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator
             if time.monotonic() >= deadline:
                 return
             time.sleep(POLL_SECONDS)
+
+
+def a_variances(update: ClientUpdate) -> dict[str, float]:
+    """The (unbiased) variance of each module's A, from one sum and one sum of squares per group
+    of equal shapes: per module, or with ``Tensor.var``, the per-call overhead of hundreds of small
+    tensors dominated a reply's server time. The difference is taken in float64."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for module, f in update.factors.items():
+        groups.setdefault(tuple(f.A.shape), []).append(module)
+    out: dict[str, float] = {}
+    for modules in groups.values():
+        stacked = torch.stack([update.factors[m].A for m in modules]).flatten(1)
+        n = stacked.shape[1]
+        total, squares = stacked.sum(dim=1).double(), (stacked * stacked).sum(dim=1).double()
+        out.update(zip(modules, ((squares - total * total / n) / max(n - 1, 1)).tolist(), strict=True))
+    return out
 
 
 class Replies(Protocol):
@@ -97,6 +124,7 @@ class RoundReplies:
         # replies are folded one at a time: one decode buffer, reused
         self.decode_buffer = DecodeBuffer() if self.accumulator is not None else None
         self.reference = reference_signature(state, []) if state.adapter is not None else None
+        self.span = SpanDistance()  # the norm screen's one-pass distance for replies in one layout
         self.pending: list[ClientUpdate] = []
         self.held: list[tuple[ClientUpdate, float]] = []  # streaming, until the norm screen can judge
         self.accepted: list[tuple[str, int, float | None]] = []  # (client id, examples, train loss)
@@ -130,12 +158,17 @@ class RoundReplies:
         if self.accumulator is None:
             self.pending.append(update)
             return None
-        reason = validate(update, self.rnd, self.reference, self.state, self.strategy.mixed_ranks)
+        screened = bool(self.screen.ratio)  # then a NaN or Inf shows in the norm: no separate pass
+        reason = validate(
+            update, self.rnd, self.reference, self.state, self.strategy.mixed_ranks, not screened
+        )
         if reason is not None:
             return self._reject(f"invalid update: {reason}")
         norm = None
-        if self.screen.ratio:
-            norm = update_norm(update, self.state)
+        if screened:
+            norm = update_norm(update, self.state, self.span)
+            if not math.isfinite(norm) and not all_finite(update_tensors(update)):
+                return self._reject(f"invalid update: {NOT_FINITE}")
             reason = self.screen.add(norm)
             if reason is None and not self.screen.can_judge:
                 # cold start: no median yet; hold it (a copy: the decode buffer is reused) for close()
@@ -215,8 +248,8 @@ class RoundReplies:
         self.example_epsilon = max(self.example_epsilon, update.metrics.get("example_epsilon", 0.0))
         if "client_eval_accuracy" in update.metrics:
             self.client_eval[update.client_id] = update.metrics["client_eval_accuracy"]
-        for module, f in update.factors.items():
-            self.client_variance[module] = self.client_variance.get(module, 0.0) + float(f.A.var())
+        for module, variance in a_variances(update).items():
+            self.client_variance[module] = self.client_variance.get(module, 0.0) + variance
 
     def diagnostics(self, result: GlobalState) -> dict[str, float]:
         """What the round's replies say beyond the strategy's own metrics: ``variance_ratio``, and

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fedpeft.config import ServerSection
 from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState, started_from
+from strategies.accumulate import FlatLayout
 
 Signature = tuple[tuple[str, tuple[int, int]], ...]
 
@@ -25,6 +26,7 @@ BYTES_HEADROOM = 2  # a reply at the adapter's rank in float32 is about 1x the a
 BYTES_SLACK = 1 << 20  # the packed payload's manifest, the meta and metric records
 NORM_CHUNK_BYTES = 1 << 20  # per fused difference-and-norm in update_norm
 MIN_NORM_POOL = 3  # fewer norms than this have no meaningful median (see NormScreen)
+NOT_FINITE = "a tensor holds NaN or Inf"
 
 
 def signature(update: ClientUpdate) -> Signature:
@@ -74,11 +76,13 @@ def validate(
     reference: Signature | None,
     sent: GlobalState | None = None,
     mixed_ranks: bool = False,
+    check_finite: bool = True,
 ) -> str | None:
     """``None`` if the update may be aggregated, else the reason to drop it. When ``sent`` (the
     state the server sent) holds a global adapter, each module's rank must be the adapter's (the
     strategy combines the factors element-wise), or at most it with ``mixed_ranks`` (the
-    strategy takes clients that trained the adapter's leading components)."""
+    strategy takes clients that trained the adapter's leading components). ``check_finite=False``
+    leaves finiteness to the caller (``update_norm`` is not finite when a tensor is not)."""
     if update.round != rnd:
         return f"the update is for round {update.round}, not {rnd}"
     if update.num_examples <= 0:
@@ -93,18 +97,23 @@ def validate(
         ranks = {name: (f.rank, adapter[name].rank) for name, f in update.factors.items()}
         if any(rank > limit or (rank < limit and not mixed_ranks) for rank, limit in ranks.values()):
             return f"the declared rank {update.rank} differs from the global adapter's"
-    tensors = [t for f in update.factors.values() for t in factor_tensors(f)] + list(update.extras.values())
+    tensors = update_tensors(update)
     wrong = next((t.dtype for t in tensors if t.dtype != torch.float32), None)
     if wrong is not None:
         return f"a tensor is {wrong}, not float32 (the wire carries float32, float16 or int8)"
-    if not all_finite(tensors):
-        return "a tensor holds NaN or Inf"
+    if check_finite and not all_finite(tensors):
+        return NOT_FINITE
     scalars = [update.alpha, *(f.scale for f in update.factors.values())]
     if not all(math.isfinite(s) and s > 0 for s in scalars):
         return "alpha or a LoRA scale is not a positive finite number"
     if not all(math.isfinite(v) for v in update.metrics.values()):
         return "a reported metric is NaN or Inf"
     return None
+
+
+def update_tensors(update: ClientUpdate) -> list[Tensor]:
+    """Every tensor an update carries: its factors', then its extras."""
+    return [t for f in update.factors.values() for t in factor_tensors(f)] + list(update.extras.values())
 
 
 def factor_tensors(factors: AdapterFactors) -> tuple[Tensor, ...]:
@@ -124,7 +133,7 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     )
 
 
-def update_norm(update: ClientUpdate, state: GlobalState) -> float:
+def update_norm(update: ClientUpdate, state: GlobalState, span: SpanDistance | None = None) -> float:
     """The L2 norm of what the update changes, over everything it sends.
 
     With a global adapter: the factors' and extras' difference from those the client started from
@@ -133,6 +142,7 @@ def update_norm(update: ClientUpdate, state: GlobalState) -> float:
     client starts from a fresh seeded init whose B is zero): the weight delta ``scale B A`` of
     each module, whose squared Frobenius norm is ``scale^2 <B^T B, A A^T>``, two r x r products.
     Extras count as their difference from the server's when it sent them, else as themselves.
+    ``span`` (kept across a round's replies) computes it in one pass when it can.
     """
     got: list[Tensor] = []
     sent: list[Tensor] = []
@@ -148,15 +158,50 @@ def update_norm(update: ClientUpdate, state: GlobalState) -> float:
         sent_extra = state.extras.get(name)
         got.append(t)
         sent.append(sent_extra if sent_extra is not None and sent_extra.shape == t.shape else torch.zeros(()))
-    return math.sqrt(squares + _distances_squared(got, sent))
+    pairs = [(g, s) for g, s in zip(got, sent, strict=True) if g is not s]  # a frozen A adds nothing
+    distance = span.squared(pairs) if span is not None else None
+    return math.sqrt(squares + (_distances_squared(pairs) if distance is None else distance))
 
 
-def _distances_squared(got: list[Tensor], sent: list[Tensor]) -> float:
+class SpanDistance:
+    """``sum_i ||got_i - sent_i||^2`` in one pass, for the replies of a round that lie in one span
+    of memory in one layout (float32 replies decoded from their packed payload): the sent tensors
+    are gathered once into that layout, then each reply costs one subtraction into a reused buffer
+    and one norm, instead of Python per tensor."""
+
+    def __init__(self) -> None:
+        self.sent: list[Tensor] = []  # held, so that identity means the same tensors
+        self.layout: FlatLayout | None = None
+
+    def squared(self, pairs: list[tuple[Tensor, Tensor]]) -> float | None:
+        """The sum, or None where the reply does not lie in the first reply's layout, or its
+        tensors were compared with other sent ones."""
+        if not pairs:
+            return None
+        if self.layout is None:
+            self.layout = FlatLayout({str(i): g for i, (g, _) in enumerate(pairs)})
+            self.sent = [s for _, s in pairs]
+            self.reference = torch.empty(self.layout.numel)
+            torch._foreach_copy_(
+                self.layout.views(self.reference), [s.float().expand_as(g) for g, s in pairs]
+            )
+            self.scratch = torch.empty(self.layout.numel)
+        if len(pairs) != len(self.sent) or any(
+            s is not kept for (_, s), kept in zip(pairs, self.sent, strict=True)
+        ):
+            return None
+        got = self.layout.span([g for g, _ in pairs])
+        if got is None:
+            return None
+        torch.sub(got, self.reference, out=self.scratch)
+        return float(torch.linalg.vector_norm(self.scratch)) ** 2
+
+
+def _distances_squared(pairs: list[tuple[Tensor, Tensor]]) -> float:
     """``sum_i ||got_i - sent_i||^2`` by fused multi-tensor ops over chunks of about
     ``NORM_CHUNK_BYTES`` (a few kernel launches instead of one per tensor, and differences small
-    enough to stay in cache). A tensor that is the one sent (a frozen A) adds nothing: skipped."""
+    enough to stay in cache)."""
     total, chunk, size = 0.0, [], 0
-    pairs = [(g, s) for g, s in zip(got, sent, strict=True) if g is not s]
     for i, (g, s) in enumerate(pairs):
         chunk.append((g, s))
         size += g.numel() * g.element_size()

@@ -15,7 +15,7 @@ from fedpeft.testing import LocalGrid
 from fedpeft.wire import decode_state, decode_update, encode_update
 from server.loop import FederatedRun
 from server.replies import RoundReplies
-from server.validation import ReplyLimits, update_norm, validate
+from server.validation import ReplyLimits, SpanDistance, update_norm, validate
 from strategies import create_strategy
 from tests import factories
 from tests.factories import sent_state, small_config, trained
@@ -36,6 +36,26 @@ def test_update_norm_is_the_distance_from_what_the_server_sent():
     got = [t for f in update.factors.values() for t in (f.A, f.B)] + list(update.extras.values())
     expected = torch.cat([(g - s).flatten() for g, s in zip(got, sent, strict=True)]).norm()
     assert update_norm(update, state) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_the_one_pass_norm_of_replies_in_one_layout_equals_the_per_tensor_one():
+    state = sent_state()
+    span = SpanDistance()
+    for seed in (1, 2, 3):
+        decoded = decode_update(encode_update(trained(state, seed)), frozen=state.adapter)  # one span
+        assert update_norm(decoded, state, span) == pytest.approx(update_norm(decoded, state), rel=1e-6)
+    assert span.squared([(torch.ones(2), torch.zeros(2))]) is None  # another layout: per tensor
+    frozen_A = decode_update(encode_update(trained(state, 4), send_A=False), frozen=state.adapter)
+    assert update_norm(frozen_A, state, span) == pytest.approx(update_norm(frozen_A, state), rel=1e-6)
+
+
+def test_a_nan_is_refused_as_such_when_the_norm_screen_stands_in_for_the_finiteness_pass():
+    state = sent_state()
+    updates = [trained(state, seed) for seed in (1, 2, 3, 4)]
+    next(iter(updates[3].factors.values())).B[0, 0] = float("nan")
+    replies = RoundReplies(create_strategy("fedavg", {}, CONTEXT), 1, state)
+    reasons = offer_all(replies, updates)
+    assert reasons[:3] == [None, None, None] and reasons[3] == "invalid update: a tensor holds NaN or Inf"
 
 
 def test_without_a_global_adapter_the_norm_is_that_of_the_weight_delta():

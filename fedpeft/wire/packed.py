@@ -21,6 +21,7 @@ they are float32 laid back to back (no copy), else a reused ``DecodeBuffer``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -173,8 +174,18 @@ def read_manifest(data: bytes) -> tuple[list[Entry], int]:
     magic, length = PREFIX.unpack_from(data)
     if magic != MAGIC or length > min(len(data) - PREFIX.size, MAX_MANIFEST_BYTES):
         raise WireError("the payload's header is not a fedpeft manifest")
+    entries, size = _parsed(data[PREFIX.size : PREFIX.size + length])
+    start = _aligned(PREFIX.size + length, DATA_ALIGN)
+    if start + size != len(data):
+        raise WireError(f"the manifest accounts for {start + size} bytes, the payload holds {len(data)}")
+    return list(entries), start
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed(manifest: bytes) -> tuple[tuple[Entry, ...], int]:
+    """A manifest's entries and the bytes they span; cached, since a round's replies share one."""
     try:
-        rows = json.loads(data[PREFIX.size : PREFIX.size + length])
+        rows = json.loads(manifest)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WireError(f"the manifest does not parse: {exc}") from exc
     if not isinstance(rows, list):
@@ -187,10 +198,7 @@ def read_manifest(data: bytes) -> tuple[list[Entry], int]:
         names.add(entry.name)
         entries.append(entry)
         offset = entry.stop
-    start = _aligned(PREFIX.size + length, DATA_ALIGN)
-    if start + offset != len(data):
-        raise WireError(f"the manifest accounts for {start + offset} bytes, the payload holds {len(data)}")
-    return entries, start
+    return tuple(entries), offset
 
 
 def _entry(row: object, offset: int) -> Entry:
