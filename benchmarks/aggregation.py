@@ -193,6 +193,7 @@ class Cell:
                 update.num_examples = examples(k)
                 assert replies.offer(update) is None
                 del update  # as server.loop frees each reply before the next
+            assert not replies.close()  # folds the replies a cold start held (the norm screen's first two)
             replies.aggregate()
 
         return self._timed(fold)

@@ -4,10 +4,10 @@ and the accuracy each costs on AG News (same seeded federation for all three).
     HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/compression.py [--rounds 5]
         [--out benchmarks/results/compression.json]
 
-Bytes are the tensor payload of a real reply record (``fedpeft.wire.record_nbytes``: .npy data
-with its headers) for:
-- the AG News model: MiniLM with LoRA r = 8 on query/value plus the classification head (sent
-  uncompressed), FedAvg (A and B sent);
+Bytes are the tensor payload of a real reply record (``fedpeft.wire.record_nbytes``: the one
+packed array of a message, its manifest included) for:
+- the AG News model: MiniLM with LoRA r = 8 on query/value plus the classification head
+  (compressed with the factors, as its delta from the received head), FedAvg (A and B sent);
 - adapter shapes of SmolLM2-135M (q/k/v/o, r = 8) and a 7B Llama (q/k/v/o, r = 16).
 Full-model FedAvg sends every base parameter in fp32 (for the two LLMs counted from their
 published architectures, for MiniLM from the loaded model).
@@ -62,10 +62,9 @@ def trained_like(reference: dict[str, AdapterFactors], seed: int) -> dict[str, A
 
 def reply_bytes(reference: dict[str, AdapterFactors], extras: dict, rank: int) -> dict[str, int]:
     update = ClientUpdate(trained_like(reference, 1), extras, num_examples=1, round=1, rank=rank, alpha=16.0)
+    options = {"reference": reference, "reference_extras": extras}
     return {
-        codec: record_nbytes(
-            encode_update(update, compression=codec, reference=reference, feedback=ErrorFeedback())
-        )
+        codec: record_nbytes(encode_update(update, compression=codec, feedback=ErrorFeedback(), **options))
         for codec in CODECS
     }
 

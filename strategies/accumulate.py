@@ -61,6 +61,26 @@ class FlatLayout:
         return first.new_empty(0).set_(storage, first.storage_offset(), (self.numel,))
 
 
+CAST_CHUNK = 1 << 18  # elements per cast-and-add in add_scaled_: a 2 MiB float64 scratch stays in cache
+
+
+def add_scaled_(total: Tensor, incoming: Tensor, alpha: float = 1.0) -> Tensor:
+    """``total += alpha * incoming`` for a float64 ``total`` and a float32 ``incoming`` (1-D).
+
+    torch's mixed-dtype ``add_`` takes a scalar casting loop: 72 ms for 16.7 M elements (a 7B
+    adapter) against 4 ms for a float32 ``add_`` on this machine. A cast into a small float64
+    scratch, then a same-dtype ``add_``, chunk by chunk while the chunk is in cache, is 13 ms."""
+    if incoming.dtype == total.dtype:
+        return total.add_(incoming, alpha=alpha)
+    scratch = torch.empty(min(CAST_CHUNK, total.numel()), dtype=total.dtype)
+    for start in range(0, total.numel(), CAST_CHUNK):
+        part = total[start : start + CAST_CHUNK]
+        cast = scratch[: part.numel()]
+        cast.copy_(incoming[start : start + CAST_CHUNK])
+        part.add_(cast, alpha=alpha)
+    return total
+
+
 def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
@@ -98,7 +118,7 @@ class WeightedSum:
             if tensors.keys() != set(self.layout.keys):
                 raise ValueError("an update's tensors differ from the first update's")
             incoming = self.layout.gather([tensors[k] for k in self.layout.keys])
-            self.buffer.add_(incoming, alpha=weight / self.unit)
+            add_scaled_(self.buffer, incoming, weight / self.unit)
         self.total += weight / self.unit
         self.count += 1
 

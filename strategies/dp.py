@@ -35,6 +35,7 @@ from torch import Tensor
 
 from fedpeft.privacy import PrivacyAccountant, SecureRandom
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, split_trained
+from strategies.accumulate import add_scaled_
 from strategies.base import StopFederation, Strategy, aggregate_stream
 from strategies.clip import DeltaClipper
 from strategies.registry import StrategyError, create_strategy
@@ -208,18 +209,18 @@ class PrivateSum:
     def add(self, update: ClientUpdate) -> None:
         factor = self.clipper.clip(update, self.dp.clip_norm)
         self.unclipped += factor == 1.0
-        self.total.add_(self.clipper.delta, alpha=factor)
+        add_scaled_(self.total, self.clipper.delta, factor)
 
     def add_sum(self, clipped: dict[str, Tensor]) -> None:
         """Fold in a sum of deltas already clipped (by the clients themselves)."""
-        self.total.add_(self.clipper.layout.gather([clipped[k] for k in self.clipper.layout.keys]))
+        add_scaled_(self.total, self.clipper.layout.gather([clipped[k] for k in self.clipper.layout.keys]))
 
     def result(self) -> GlobalState:
         dp, layout = self.dp, self.clipper.layout
         std = dp.update_noise_multiplier * dp.clip_norm
         if std > 0:
-            self.total.add_(dp.random.normal(layout.numel, std))
-        self.total.div_(dp.clients_per_round).add_(self.clipper.reference)
+            add_scaled_(self.total, dp.random.normal(layout.numel, std))
+        add_scaled_(self.total.div_(dp.clients_per_round), self.clipper.reference)
         self.clipper.delta = torch.empty(0)  # not needed any more: free it before the inner strategy copies
         dp.accountant.step()
         metrics = {

@@ -12,7 +12,7 @@ import torch
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
 from server.replies import RoundReplies
 from server.validation import ReplyLimits, update_norm
-from strategies import create_strategy
+from strategies import accumulate, create_strategy
 from tests import factories
 
 CONTEXT = {"clients_per_round": 4, "num_clients": 10}
@@ -139,3 +139,13 @@ def test_the_streaming_mean_does_not_depend_on_arrival_order():
             assert torch.equal(other.adapter[module].A, f.A) and torch.equal(other.adapter[module].B, f.B)
         for name, t in results[0].extras.items():
             assert torch.equal(other.extras[name], t)
+
+
+@pytest.mark.parametrize("numel", [1, 5, 12, 13])
+def test_the_chunked_cast_and_add_is_bitwise_the_float64_sum(numel, monkeypatch):
+    monkeypatch.setattr(accumulate, "CAST_CHUNK", 4)  # several chunks and a ragged last one
+    gen = torch.Generator().manual_seed(numel)
+    total = torch.randn(numel, generator=gen, dtype=torch.float64)
+    incoming = torch.randn(numel, generator=gen)
+    expected = total.clone().add_(incoming.double(), alpha=0.37)
+    assert torch.equal(accumulate.add_scaled_(total, incoming, 0.37), expected)
