@@ -7,7 +7,9 @@ minutes per round once n = (K + 1) r reaches ~1,600 on 4096-wide layers.
 
 ``leading_svd(U, V, width)``:
 
-- **exact** (float64 QR of U and V^T, SVD of the core) when ``width >= min(n, d_out, d_in)``;
+- **exact** (float64 QR of U and V^T, SVD of the core) when ``width >= min(d_out, d_in)`` or
+  ``n <= EXACT_RATIO * width``: the two QRs cost about 4 d n^2 flops against about 6 d n width for
+  the sketch, so up to twice the width they cost no more than it, and are exact;
 - otherwise **randomized subspace iteration** (Halko, Martinsson and Tropp 2011, Alg. 4.4) through
   the factors: P = orth(M^T orth(M Omega)) with Omega Gaussian (d_in x width), then the SVD of
   Y = M P gives M P P^T = W S X^T P^T, in 2 q + 1 products with M or M^T (q power iterations).
@@ -47,6 +49,7 @@ from torch import Tensor
 POWER_ITERATIONS = 1  # on the factored path: 3 products with M in all, ~2 GFLOP each on 7B shapes
 DENSE_POWER_ITERATIONS = 3  # with M formed, a product costs width / n of forming it
 DENSE_RATIO = 6  # form M when that costs at most twice the factored sketch's 3 products
+EXACT_RATIO = 2  # the exact route while n is at most this many times the width
 TAIL_PROBES = 32
 
 
@@ -56,7 +59,7 @@ def leading_svd(U: Tensor, V: Tensor, width: int) -> tuple[Tensor, Tensor, Tenso
     ``outside = ||U V - left diag(s) right||_F^2``."""
     d_out, n = U.shape
     d_in = V.shape[1]
-    if width >= min(n, d_out, d_in):
+    if width >= min(d_out, d_in) or n <= EXACT_RATIO * width:
         return (*_exact_svd(U, V), 0.0)
     U, V = U.float(), V.float()
     test = _gaussian(d_in, width + TAIL_PROBES, seed=zlib.crc32(f"{d_out}x{n}x{d_in}".encode()))

@@ -18,7 +18,8 @@ CAP = 16
 
 @pytest.fixture(params=["factored", "dense"])
 def path(request, monkeypatch):
-    """Force one randomized path: never or always form the product."""
+    """Force one randomized path (wherever n exceeds the width): never or always form the product."""
+    monkeypatch.setattr(factored_svd, "EXACT_RATIO", 1)
     monkeypatch.setattr(factored_svd, "DENSE_RATIO", 0 if request.param == "factored" else 10**9)
     return request.param
 
@@ -138,6 +139,14 @@ def test_a_zero_delta_recompresses_to_zero(path, n):
     out, discarded = recompress(delta, CAP)
     assert discarded == 0.0
     assert not product(out).any()
+
+
+def test_a_merged_delta_at_most_twice_the_width_takes_the_exact_route():
+    delta = with_spectrum(160, 120, 2 * (CAP + OVERSAMPLING), torch.logspace(0, -3, 40).double(), seed=5)
+    s = torch.linalg.svdvals(product(delta))
+    out, discarded = recompress(delta, CAP)
+    assert error(out, delta) ** 2 == pytest.approx(float((s[CAP:] ** 2).sum()), rel=1e-6)  # the best
+    assert discarded == pytest.approx(float((s[CAP:] ** 2).sum() / (s**2).sum()), rel=1e-6)
 
 
 def test_recompression_is_deterministic(path):
