@@ -71,19 +71,16 @@ def receive(grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator
 
 
 def a_variances(update: ClientUpdate) -> dict[str, float]:
-    """The (unbiased) variance of each module's A, from one sum and one sum of squares per group
-    of equal shapes: per module, or with ``Tensor.var``, the per-call overhead of hundreds of small
-    tensors dominated a reply's server time. The difference is taken in float64."""
-    groups: dict[tuple[int, ...], list[str]] = {}
-    for module, f in update.factors.items():
-        groups.setdefault(tuple(f.A.shape), []).append(module)
-    out: dict[str, float] = {}
-    for modules in groups.values():
-        stacked = torch.stack([update.factors[m].A for m in modules]).flatten(1)
-        n = stacked.shape[1]
-        total, squares = stacked.sum(dim=1).double(), (stacked * stacked).sum(dim=1).double()
-        out.update(zip(modules, ((squares - total * total / n) / max(n - 1, 1)).tolist(), strict=True))
-    return out
+    """The (unbiased) variance of each module's A from its sum and its sum of squares (one fused
+    multi-tensor norm for all of them), the difference taken in float64: ``Tensor.var`` per module
+    cost more than the rest of a small reply's server time, and stacking the A's a copy of half a
+    large one."""
+    modules = list(update.factors)
+    As = [update.factors[m].A for m in modules]
+    squares = torch.stack(torch._foreach_norm(As)).double().square()
+    sums = torch.stack([a.sum() for a in As]).double()
+    n = torch.tensor([a.numel() for a in As], dtype=torch.float64)
+    return dict(zip(modules, ((squares - sums * sums / n) / (n - 1).clamp(min=1)).tolist(), strict=True))
 
 
 class Replies(Protocol):
@@ -171,8 +168,9 @@ class RoundReplies:
                 return self._reject(f"invalid update: {NOT_FINITE}")
             reason = self.screen.add(norm)
             if reason is None and not self.screen.can_judge:
-                # cold start: no median yet; hold it (a copy: the decode buffer is reused) for close()
-                self.held.append((copy.deepcopy(update), norm))
+                # cold start: no median yet; hold it for close() (a copy if it lives in the reused
+                # decode buffer; a float32 reply's tensors are its message's own bytes)
+                self.held.append((self._kept(update), norm))
                 return None
             reason = reason or self.screen.verdict(norm)
             if reason is not None:
@@ -234,6 +232,14 @@ class RoundReplies:
         assert self.accumulator is not None
         self._accept(update, norm)
         self.accumulator.add(update)
+
+    def _kept(self, update: ClientUpdate) -> ClientUpdate:
+        """``update``, copied if any of its tensors lives in the reused decode buffer."""
+        buffer = self.decode_buffer.tensor.untyped_storage().data_ptr() if self.decode_buffer else None
+        tensors = update_tensors(update)
+        if buffer is not None and any(t.untyped_storage().data_ptr() == buffer for t in tensors):
+            return copy.deepcopy(update)
+        return update
 
     def _reject(self, reason: str) -> str:
         self.rejected += 1

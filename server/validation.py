@@ -25,6 +25,7 @@ Signature = tuple[tuple[str, tuple[int, int]], ...]
 BYTES_HEADROOM = 2  # a reply at the adapter's rank in float32 is about 1x the adapter (+ headers)
 BYTES_SLACK = 1 << 20  # the packed payload's manifest, the meta and metric records
 NORM_CHUNK_BYTES = 1 << 20  # per fused difference-and-norm in update_norm
+CHUNK = NORM_CHUNK_BYTES // 4  # float32 elements per difference in SpanDistance
 MIN_NORM_POOL = 3  # fewer norms than this have no meaningful median (see NormScreen)
 NOT_FINITE = "a tensor holds NaN or Inf"
 
@@ -166,8 +167,8 @@ def update_norm(update: ClientUpdate, state: GlobalState, span: SpanDistance | N
 class SpanDistance:
     """``sum_i ||got_i - sent_i||^2`` in one pass, for the replies of a round that lie in one span
     of memory in one layout (float32 replies decoded from their packed payload): the sent tensors
-    are gathered once into that layout, then each reply costs one subtraction into a reused buffer
-    and one norm, instead of Python per tensor."""
+    are gathered once into that layout, then each reply costs a subtraction into a cache-sized
+    buffer and a norm per chunk of it, instead of Python per tensor."""
 
     def __init__(self) -> None:
         self.sent: list[Tensor] = []  # held, so that identity means the same tensors
@@ -185,7 +186,7 @@ class SpanDistance:
             torch._foreach_copy_(
                 self.layout.views(self.reference), [s.float().expand_as(g) for g, s in pairs]
             )
-            self.scratch = torch.empty(self.layout.numel)
+            self.scratch = torch.empty(min(CHUNK, self.layout.numel))
         if len(pairs) != len(self.sent) or any(
             s is not kept for (_, s), kept in zip(pairs, self.sent, strict=True)
         ):
@@ -193,8 +194,12 @@ class SpanDistance:
         got = self.layout.span([g for g, _ in pairs])
         if got is None:
             return None
-        torch.sub(got, self.reference, out=self.scratch)
-        return float(torch.linalg.vector_norm(self.scratch)) ** 2
+        total = 0.0  # chunk by chunk: the difference stays in cache, never written to memory
+        for start in range(0, self.layout.numel, CHUNK):
+            diff = self.scratch[: min(CHUNK, self.layout.numel - start)]
+            torch.sub(got[start : start + CHUNK], self.reference[start : start + CHUNK], out=diff)
+            total += float(torch.linalg.vector_norm(diff)) ** 2
+        return total
 
 
 def _distances_squared(pairs: list[tuple[Tensor, Tensor]]) -> float:
