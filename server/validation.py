@@ -182,10 +182,8 @@ class SpanDistance:
         if self.layout is None:
             self.layout = FlatLayout({str(i): g for i, (g, _) in enumerate(pairs)})
             self.sent = [s for _, s in pairs]
-            self.reference = torch.empty(self.layout.numel)
-            torch._foreach_copy_(
-                self.layout.views(self.reference), [s.float().expand_as(g) for g, s in pairs]
-            )
+            # a view of the global state when it lies in one buffer (the last round's mean does)
+            self.reference = self.layout.gather([s.float().expand_as(g) for g, s in pairs])
             self.scratch = torch.empty(min(CHUNK, self.layout.numel))
         if len(pairs) != len(self.sent) or any(
             s is not kept for (_, s), kept in zip(pairs, self.sent, strict=True)

@@ -126,5 +126,9 @@ class WeightedSum:
         """``sum_k w_k t_k / sum_k w_k`` as float32 tensors (views of one fresh buffer)."""
         if self.total <= 0:
             raise ValueError("cannot aggregate: the replies report no training examples in total")
-        mean = (self.buffer / self.total).to(torch.float32)
+        mean = torch.empty(self.layout.numel)
+        for start in range(0, self.layout.numel, CAST_CHUNK):  # no float64 temporary of it all
+            torch.div(
+                self.buffer[start : start + CAST_CHUNK], self.total, out=mean[start : start + CAST_CHUNK]
+            )
         return dict(zip(self.layout.keys, self.layout.views(mean), strict=True))

@@ -195,6 +195,9 @@ class AdaptiveClip:
         return norm * math.exp(-self.lr * (fraction - self.quantile)), fraction
 
 
+NOISE_CHUNK = 1 << 22  # noise drawn per chunk of this many values: its float64 draws stay 32 MiB
+
+
 class PrivateSum:
     """dp's accumulator: the sum of the clients' clipped deltas from the global adapter, all
     tensors of an update taken as one flat vector."""
@@ -218,8 +221,9 @@ class PrivateSum:
     def result(self) -> GlobalState:
         dp, layout = self.dp, self.clipper.layout
         std = dp.update_noise_multiplier * dp.clip_norm
-        if std > 0:
-            add_scaled_(self.total, dp.random.normal(layout.numel, std))
+        for start in range(0, layout.numel, NOISE_CHUNK) if std > 0 else ():  # bounded temporaries
+            part = self.total[start : start + NOISE_CHUNK]
+            add_scaled_(part, dp.random.normal(part.numel(), std))
         add_scaled_(self.total.div_(dp.clients_per_round), self.clipper.reference)
         self.clipper.delta = torch.empty(0)  # not needed any more: free it before the inner strategy copies
         dp.accountant.step()
