@@ -201,7 +201,8 @@ class TrainSection(Section):
     eval_batch_size: int = Field(64, ge=1, description="rows per forward pass when evaluating")
     compression: Literal["none", "fp16", "int8"] = Field(
         "none",
-        description="how clients send their factors: fp32, half precision, or int8 with error feedback",
+        description="how clients send their factors and dense extras (a head): fp32, half precision, or int8 "
+        "with error feedback",
     )
 
     def round_lr(self, rnd: int) -> float:
