@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import REPO, HeldOut, RunsFile, agnews_config, agnews_pieces_main, run_scored
+from common import REPO, HeldOut, RunsFile, agnews_config, agnews_pieces_main, mean_std, run_scored
 from noniid_agnews import agnews_held_out
 
 OUT = REPO / "benchmarks" / "results" / "vcma_agnews.json"
@@ -106,10 +106,9 @@ def report(results: RunsFile) -> str:
             if not runs:
                 continue
             accs = [r["final_accuracy"] for r in sorted(runs, key=lambda r: r["seed"])]
-            spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
             ratios = [statistics.fmean(v) for v in zip(*(r["variance_ratio"] for r in runs), strict=True)]
             lines.append(
-                f"| {init} | {method} | {statistics.fmean(accs):.4f} ± {spread:.4f} | "
+                f"| {init} | {method} | {mean_std(accs)} | "
                 + ", ".join(f"{v:.3f}" for v in ratios)
                 + " | "
                 + ", ".join(f"{a:.4f}" for a in accs)
