@@ -122,15 +122,18 @@ def run_scored(
     result = {
         "test_accuracy": final["eval_accuracy"],
         "test_loss": final["eval_loss"],
-        "bytes_up_per_round": sum(r["bytes_up"] for r in rounds) / len(rounds),
-        "bytes_up_final_round": rounds[-1]["bytes_up"],
-        "bytes_down_per_round": sum(r["bytes_down"] for r in rounds) / len(rounds),
         "aggregation_seconds_per_round": sum(r["aggregation_seconds"] for r in rounds) / len(rounds),
-        "optimizer_steps": sum(r["clients_aggregated"] for r in rounds) * config.train.local_steps,
-        "replies_rejected": sum(r.get("rejected", 0) for r in rounds),
         "curve": {r["round"]: r["eval_accuracy"] for r in rows},
         "seconds": round(seconds, 1),
     }
+    if "clients_aggregated" in rounds[-1]:  # a private (dp) run logs no per-round client counts or bytes
+        result |= {
+            "bytes_up_per_round": sum(r["bytes_up"] for r in rounds) / len(rounds),
+            "bytes_up_final_round": rounds[-1]["bytes_up"],
+            "bytes_down_per_round": sum(r["bytes_down"] for r in rounds) / len(rounds),
+            "optimizer_steps": sum(r["clients_aggregated"] for r in rounds) * config.train.local_steps,
+            "replies_rejected": sum(r.get("rejected", 0) for r in rounds),
+        }
     result.update({key: rounds[-1][key] for key in metrics if key in rounds[-1]})
     print(f"[{label}] test accuracy {result['test_accuracy']:.4f}", flush=True)
     return result
