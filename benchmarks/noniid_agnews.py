@@ -29,7 +29,7 @@ method gets the same (empty) search and the whole grid is about 70 runs of 6 to 
 - ``recipe/S1/<recipe>/seed=<s>``: S1 fedavg under the client recipes of ``RECIPE_CHECKS``, to
   check the fixed recipe on every seed;
 - ``schedule/S1-10x10/seed=<s>``: S1 fedavg with its 1,000 client steps as 10 rounds of 10;
-- ``S1|S2|S3/<method>+ccvr/seed=<s>``: that setting's fedavg or stacking run with its head
+- ``S1|S2|S3/<method>+ccvr/seed=<s>``: that setting's run of a rule with its head
   calibrated by CCVR after the last round (``calibration.method = "ccvr"``,
   ``fedpeft/calibration.py``). CCVR only acts after training, so it runs on the stored run: the
   run's final state, every client of the setting through the same server and client code over an
@@ -324,8 +324,9 @@ def fixed_pieces() -> list[Piece]:
         for method in ("fedavg", "stacking")
         for seed in SEEDS
     ]
-    out += [  # the other rules run so far, on S1
-        Piece(f"S1/{method}+ccvr/seed={seed}", "calibrated", "S1", method, seed)
+    out += [  # the other rules, on S1 first
+        Piece(f"{setting}/{method}+ccvr/seed={seed}", "calibrated", setting, method, seed)
+        for setting in ("S1", "S3", "S2")
         for method in ("fedex", "ffa", "fedsb")
         for seed in SEEDS
     ]
