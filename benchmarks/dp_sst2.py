@@ -36,6 +36,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fedpeft.config import RunConfig, load_config
 from fedpeft.data import partition
+from server.checkpoint import load_checkpoint
 
 OUT = REPO / "benchmarks" / "results" / "dp_sst2.json"
 WORK = REPO / "runs" / "dp-sst2"
@@ -170,6 +171,7 @@ def run(
     )
     reached = result.get("epsilon", result.get("example_epsilon"))
     return {
+        "noised_parameters": noised_parameters(run_dir(name)),
         "kind": "final",
         "lr": lr,
         "mode": "none" if epsilon is None else mode,
@@ -187,6 +189,23 @@ def run(
     }
 
 
+def noised_parameters(run: Path) -> int:
+    """How many values a client's (clipped, noised) contribution has: B and the dense extras of the
+    final state (A is frozen under ffa)."""
+    state = load_checkpoint(run).state
+    return sum(f.B.numel() for f in state.adapter.values()) + sum(t.numel() for t in state.extras.values())
+
+
+def noise_to_clip(mode: str, z: float, parameters: int) -> float:
+    """The expected norm of the noise added to one aggregate, over the clip norm: z sqrt(d) / m for
+    the mean of m clipped client updates (client level; m the expected clients per round), or of a
+    batch's clipped per-example gradients (example level). The signal's norm is at most 1 on the
+    same scale, so above 1 the noise dominates each step."""
+    spec = MODES[mode]
+    per = spec["clients"] * spec["rate"] if mode == "client" else BATCH
+    return z * parameters**0.5 / per
+
+
 def report(results: RunsFile) -> str:
     lines = [
         "| lr (non-private, client level, seed 0) | validation accuracy | validation per round |",
@@ -200,12 +219,14 @@ def report(results: RunsFile) -> str:
             lines.append(f"| {lr:g}{mark} | {r['validation_accuracy']:.4f} | {curve} |")
     lines += [
         "",
-        "| setting | epsilon | noise multiplier | accuracy, mean ± std | share of non-private | seeds |",
+        "| setting | epsilon | noise multiplier | noise / clip norm | accuracy, mean ± std "
+        "| share of non-private | seeds |",
     ]
-    lines.append("|---|---:|---:|---:|---:|---|")
+    lines.append("|---|---:|---:|---:|---:|---:|---|")
     finals = [r for r in results.data["runs"] if r.get("kind") == "final"]
     for mode in MODES:
         plain = [r["accuracy"] for r in finals if r["setting"] == mode and r["epsilon"] is None]
+        counts = [r["noised_parameters"] for r in finals if r["setting"] == mode and "noised_parameters" in r]
         for eps in (None, *EPSILONS):
             runs = [r for r in finals if r["setting"] == mode and r["epsilon"] == eps]
             if not runs:
@@ -214,8 +235,9 @@ def report(results: RunsFile) -> str:
             share = f"{statistics.fmean(accs) / statistics.fmean(plain):.1%}" if plain else "–"
             z = runs[0]["noise_multiplier"]
             z_cell, eps_cell = ("–" if z is None else f"{z:.3f}"), ("–" if eps is None else f"{eps:g}")
+            ratio = "–" if z is None or not counts else f"{noise_to_clip(mode, z, counts[0]):.2f}"
             lines.append(
-                f"| {mode} level, {runs[0]['clients']} clients | {eps_cell} | {z_cell} | "
+                f"| {mode} level, {runs[0]['clients']} clients | {eps_cell} | {z_cell} | {ratio} | "
                 f"{mean_std(accs)} | {share} | " + ", ".join(f"{a:.4f}" for a in accs) + " |"
             )
     return "\n".join(lines)
