@@ -13,6 +13,9 @@ curves); the final accuracy is on all 1,821 rows of ``test-labeled.tsv``, used f
   expected), ``dp(inner = "ffa")`` with adaptive clipping at the median norm (Andrew et al.), the
   noise multiplier set so that epsilon after the 10 rounds is the target (opacus' RDP accountant);
   the baseline is ffa with 20 clients sampled per round and no DP;
+- client level with Fed-SB inside (pieces ``fedsb/...``, epsilon 8 and none): the same, but each
+  client's contribution is the r x r cores R of Fed-SB (and the head) instead of ffa's B, far fewer
+  values for the same noise per value; its lr is searched the same way (``search/fedsb/lr=<lr>``);
 - example level: 10 clients, all every round, DP-SGD on each (per-example clipping at 1.0), the
   noise multiplier set so that every client's epsilon after its 50 steps is at most the target
   (sampling rate batch / rows of the smallest client); the baseline is the same without DP.
@@ -43,12 +46,13 @@ WORK = REPO / "runs" / "dp-sst2"
 TRAIN, TEST = "sst2_glue/train_full.tsv", "sst2_glue/test-labeled.tsv"
 EPSILONS, DELTA, SEEDS = (1.0, 4.0, 8.0), 1e-5, (0, 1, 2)
 LRS = (1e-3, 5e-3, 2e-2)
+RULES = ("ffa", "fedsb")  # the inner rule of client-level dp: ffa for the main grid
 ROUNDS, LOCAL_STEPS, BATCH = 10, 5, 16
 MODES = {"client": {"clients": 100, "rate": 0.2}, "example": {"clients": 10, "rate": 1.0}}
 LABELS = ["0", "1"]
 
 
-def base_config(files: dict[str, Path], mode: str, seed: int, lr: float) -> dict[str, Any]:
+def base_config(files: dict[str, Path], mode: str, seed: int, lr: float, rule: str = "ffa") -> dict[str, Any]:
     spec = MODES[mode]
     clients = spec["clients"]
     return {
@@ -69,7 +73,7 @@ def base_config(files: dict[str, Path], mode: str, seed: int, lr: float) -> dict
         "train.lr": lr,
         "lora.rank": 4,
         "lora.alpha": 8.0,
-        "strategy.name": "ffa",
+        "strategy.name": rule,
     }
 
 
@@ -83,7 +87,7 @@ def private_config(
         return {
             **overrides,
             "strategy.name": "dp",
-            "strategy.inner": "ffa",
+            "strategy.inner": overrides["strategy.name"],
             "strategy.noise_multiplier": z,
             "strategy.delta": DELTA,
             "strategy.clip_norm": 0.1,  # the starting norm: adaptive clipping takes it to the median
@@ -111,35 +115,53 @@ def config_of(overrides: dict[str, Any]) -> RunConfig:
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
 
-def pieces() -> dict[str, tuple[str, float | None, int, float | None]]:
-    """name -> (mode, epsilon, seed, lr) of every piece, the lr search first (lr None: the chosen)."""
-    search = {f"search/lr={lr:g}": ("client", None, 0, lr) for lr in LRS}
+def pieces() -> dict[str, tuple[str, float | None, int, float | None, str]]:
+    """name -> (mode, epsilon, seed, lr, rule) of every piece, the lr searches first (lr None: the
+    chosen one)."""
+    search = {
+        f"search/{prefix(rule)}lr={lr:g}": ("client", None, 0, lr, rule) for rule in RULES for lr in LRS
+    }
     final = {
-        f"{mode}/{'none' if eps is None else f'eps={eps:g}'}/seed={seed}": (mode, eps, seed, None)
+        f"{mode}/{label(eps)}/seed={seed}": (mode, eps, seed, None, "ffa")
         for mode in MODES
         for eps in (None, *EPSILONS)
         for seed in SEEDS
     }
-    return search | final
+    fedsb = {
+        f"fedsb/client/{label(eps)}/seed={seed}": ("client", eps, seed, None, "fedsb")
+        for eps in (None, 8.0)
+        for seed in SEEDS
+    }
+    return search | final | fedsb
+
+
+def prefix(rule: str) -> str:
+    """The piece-name prefix of a rule's runs (ffa's, the main grid, have none)."""
+    return "" if rule == "ffa" else f"{rule}/"
+
+
+def label(epsilon: float | None) -> str:
+    return "none" if epsilon is None else f"eps={epsilon:g}"
 
 
 def run_dir(name: str) -> Path:
     return WORK / name.replace("/", "-").replace("=", "")
 
 
-def chosen_lr(results: RunsFile) -> float | None:
-    """The lr of the search piece with the best validation accuracy, once every one has run."""
-    runs = [results.get(f"search/lr={lr:g}") for lr in LRS]
+def chosen_lr(results: RunsFile, rule: str = "ffa") -> float | None:
+    """The lr of ``rule``'s search piece with the best validation accuracy, once every one has run."""
+    runs = [results.get(f"search/{prefix(rule)}lr={lr:g}") for lr in LRS]
     if any(r is None for r in runs):
         return None
     return max(runs, key=lambda r: r["validation_accuracy"])["lr"]
 
 
-def search_run(held_out: HeldOut, files: dict[str, Path], name: str, lr: float) -> dict[str, Any]:
-    config = config_of(base_config(files, "client", 0, lr))
+def search_run(held_out: HeldOut, files: dict[str, Path], name: str, lr: float, rule: str) -> dict[str, Any]:
+    config = config_of(base_config(files, "client", 0, lr, rule))
     result = run_scored(name, config, held_out.evaluator("val"), run_dir(name))
     return {
         "kind": "search",
+        "rule": rule,
         "lr": lr,
         "validation_accuracy": result["test_accuracy"],
         "curve": [result["curve"][k] for k in sorted(result["curve"], key=int)],
@@ -155,8 +177,9 @@ def run(
     epsilon: float | None,
     seed: int,
     lr: float,
+    rule: str,
 ) -> dict[str, Any]:
-    overrides = base_config(files, mode, seed, lr)
+    overrides = base_config(files, mode, seed, lr, rule)
     config = config_of(overrides)
     z = None
     if epsilon is not None:
@@ -173,6 +196,7 @@ def run(
     return {
         "noised_parameters": noised_parameters(run_dir(name)),
         "kind": "final",
+        "rule": rule,
         "lr": lr,
         "mode": "none" if epsilon is None else mode,
         "setting": mode,
@@ -208,39 +232,46 @@ def noise_to_clip(mode: str, z: float, parameters: int) -> float:
 
 def report(results: RunsFile) -> str:
     lines = [
-        "| lr (non-private, client level, seed 0) | validation accuracy | validation per round |",
-        "|---:|---:|---|",
+        "| rule | lr (non-private, client level, seed 0) | validation accuracy | validation per round |",
+        "|---|---:|---:|---|",
     ]
-    chosen = chosen_lr(results)
-    for lr in LRS:
-        if (r := results.get(f"search/lr={lr:g}")) is not None:
-            mark = " (chosen)" if lr == chosen else ""
-            curve = ", ".join(f"{a:.3f}" for a in r["curve"])
-            lines.append(f"| {lr:g}{mark} | {r['validation_accuracy']:.4f} | {curve} |")
+    for rule in RULES:
+        chosen = chosen_lr(results, rule)
+        for lr in LRS:
+            if (r := results.get(f"search/{prefix(rule)}lr={lr:g}")) is not None:
+                mark = " (chosen)" if lr == chosen else ""
+                curve = ", ".join(f"{a:.3f}" for a in r["curve"])
+                lines.append(f"| {rule} | {lr:g}{mark} | {r['validation_accuracy']:.4f} | {curve} |")
     lines += [
         "",
-        "| setting | epsilon | noise multiplier | noise / clip norm | accuracy, mean ± std "
+        "| setting | rule | epsilon | noise multiplier | noise / clip norm | accuracy, mean ± std "
         "| share of non-private | seeds |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    lines.append("|---|---:|---:|---:|---:|---:|---|")
     finals = [r for r in results.data["runs"] if r.get("kind") == "final"]
     for mode in MODES:
-        plain = [r["accuracy"] for r in finals if r["setting"] == mode and r["epsilon"] is None]
-        counts = [r["noised_parameters"] for r in finals if r["setting"] == mode and "noised_parameters" in r]
-        for eps in (None, *EPSILONS):
-            runs = [r for r in finals if r["setting"] == mode and r["epsilon"] == eps]
-            if not runs:
-                continue
-            accs = [r["accuracy"] for r in sorted(runs, key=lambda r: r["seed"])]
-            share = f"{statistics.fmean(accs) / statistics.fmean(plain):.1%}" if plain else "–"
-            z = runs[0]["noise_multiplier"]
-            z_cell, eps_cell = ("–" if z is None else f"{z:.3f}"), ("–" if eps is None else f"{eps:g}")
-            ratio = "–" if z is None or not counts else f"{noise_to_clip(mode, z, counts[0]):.2f}"
-            lines.append(
-                f"| {mode} level, {runs[0]['clients']} clients | {eps_cell} | {z_cell} | {ratio} | "
-                f"{mean_std(accs)} | {share} | " + ", ".join(f"{a:.4f}" for a in accs) + " |"
-            )
+        for rule in RULES:
+            group = [r for r in finals if r["setting"] == mode and r.get("rule", "ffa") == rule]
+            lines += [row for eps in (None, *EPSILONS) if (row := report_row(mode, rule, eps, group))]
     return "\n".join(lines)
+
+
+def report_row(mode: str, rule: str, epsilon: float | None, group: list[dict[str, Any]]) -> str | None:
+    """The table row of one (setting, rule, epsilon) from the final runs of that setting and rule."""
+    runs = sorted((r for r in group if r["epsilon"] == epsilon), key=lambda r: r["seed"])
+    if not runs:
+        return None
+    accs = [r["accuracy"] for r in runs]
+    plain = [r["accuracy"] for r in group if r["epsilon"] is None]
+    counts = [r["noised_parameters"] for r in group if "noised_parameters" in r]
+    share = f"{statistics.fmean(accs) / statistics.fmean(plain):.1%}" if plain else "–"
+    z = runs[0]["noise_multiplier"]
+    z_cell = "–" if z is None else f"{z:.3f}"
+    ratio = "–" if z is None or not counts else f"{noise_to_clip(mode, z, counts[0]):.2f}"
+    return (
+        f"| {mode} level, {runs[0]['clients']} clients | {rule} | {label(epsilon).removeprefix('eps=')} | "
+        f"{z_cell} | {ratio} | {mean_std(accs)} | {share} | " + ", ".join(f"{a:.4f}" for a in accs) + " |"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,12 +295,13 @@ def main(argv: list[str] | None = None) -> int:
         return HeldOut(config_of(base_config(files, "client", 0, LRS[0])), files, LABELS), files
 
     def execute(name: str) -> dict[str, Any]:
-        mode, epsilon, seed, lr = runs[name]
+        mode, epsilon, seed, lr, rule = runs[name]
         if lr is not None:
-            return search_run(*held_out(), name, lr)
-        if (lr := chosen_lr(results)) is None:
-            raise SystemExit(f"dp_sst2: {name} needs the chosen lr; run the search first (--only 'search/*')")
-        return run(*held_out(), name, mode, epsilon, seed, lr)
+            return search_run(*held_out(), name, lr, rule)
+        if (lr := chosen_lr(results, rule)) is None:
+            search = f"search/{prefix(rule)}*"
+            raise SystemExit(f"dp_sst2: {name} needs the chosen lr; run the search first (--only '{search}')")
+        return run(*held_out(), name, mode, epsilon, seed, lr, rule)
 
     run_pieces(results, list(runs), execute, args)
     print(report(results))
