@@ -214,10 +214,11 @@ def run(
 
 
 def noised_parameters(run: Path) -> int:
-    """How many values a client's (clipped, noised) contribution has: B and the dense extras of the
-    final state (A is frozen under ffa)."""
+    """How many values a client's (clipped, noised) contribution has in a training round: the dense
+    extras, and B (ffa: A is frozen) or, under Fed-SB, the cores R."""
     state = load_checkpoint(run).state
-    return sum(f.B.numel() for f in state.adapter.values()) + sum(t.numel() for t in state.extras.values())
+    trained = (f.B if f.R is None else f.R for f in state.adapter.values())
+    return sum(t.numel() for t in trained) + sum(t.numel() for t in state.extras.values())
 
 
 def noise_to_clip(mode: str, z: float, parameters: int) -> float:
