@@ -182,10 +182,10 @@ def run(
     overrides = base_config(files, mode, seed, lr, rule)
     config = config_of(overrides)
     z = None
+    smallest = min(
+        len(partition(held_out.train, config.data, k, seed)) for k in range(config.data.num_clients)
+    )
     if epsilon is not None:
-        smallest = min(
-            len(partition(held_out.train, config.data, k, seed)) for k in range(config.data.num_clients)
-        )
         overrides = private_config(overrides, mode, epsilon, smallest)
         config = config_of(overrides)
         z = overrides.get("strategy.noise_multiplier", overrides.get("example_dp.noise_multiplier"))
@@ -205,6 +205,7 @@ def run(
         "delta": None if epsilon is None else DELTA,
         "noise_multiplier": z,
         "clients": config.data.num_clients,
+        "smallest_client_rows": smallest,
         "seed": seed,
         "accuracy": result["test_accuracy"],
         "test_rows": len(held_out.sets["test"]),
@@ -254,7 +255,38 @@ def report(results: RunsFile) -> str:
         for rule in RULES:
             group = [r for r in finals if r["setting"] == mode and r.get("rule", "ffa") == rule]
             lines += [row for eps in (None, *EPSILONS) if (row := report_row(mode, rule, eps, group))]
-    return "\n".join(lines)
+    return "\n".join(lines + sizing_report(finals))
+
+
+def sizing_report(finals: list[dict[str, Any]]) -> list[str]:
+    """The noise over the clip norm at epsilon 8 had the federation more clients per round (client
+    level, same q and rounds, so the same z) or the clients larger batches (example level, each
+    batch size its own z): what each setting needs for the noise to fall below the signal."""
+    lines = ["", "| setting | rule | at epsilon 8 with | noise / clip norm |", "|---|---|---|---:|"]
+    for rule in RULES:
+        runs = [r for r in finals if r["setting"] == "client" and r.get("rule", "ffa") == rule]
+        if counts := [r["noised_parameters"] for r in runs if "noised_parameters" in r]:
+            z = get_noise_multiplier(
+                target_epsilon=8.0, target_delta=DELTA, sample_rate=MODES["client"]["rate"], steps=ROUNDS
+            )
+            for clients in (100, 500, 1000, 5000):
+                m = MODES["client"]["rate"] * clients
+                ratio = z * counts[0] ** 0.5 / m
+                lines.append(
+                    f"| client level | {rule} | {clients:,} clients, m = {m:g} a round | {ratio:.2f} |"
+                )
+    runs = [r for r in finals if r["setting"] == "example" and "smallest_client_rows" in r]
+    if runs:
+        rows, d = runs[0]["smallest_client_rows"], runs[0]["noised_parameters"]
+        for batch in (16, 64, 256, 1024):
+            z = get_noise_multiplier(
+                target_epsilon=8.0, target_delta=DELTA, sample_rate=batch / rows, steps=ROUNDS * LOCAL_STEPS
+            )
+            ratio = z * d**0.5 / batch
+            lines.append(
+                f"| example level | ffa | batch {batch} of {rows:,} rows (z = {z:.2f}) | {ratio:.2f} |"
+            )
+    return lines
 
 
 def report_row(mode: str, rule: str, epsilon: float | None, group: list[dict[str, Any]]) -> str | None:
