@@ -27,6 +27,7 @@ curves); the final accuracy is on all 1,821 rows of ``test-labeled.tsv``, used f
 from __future__ import annotations
 
 import functools
+import json
 import os
 import statistics
 import sys
@@ -78,9 +79,10 @@ def base_config(files: dict[str, Path], mode: str, seed: int, lr: float, rule: s
 
 
 def private_config(
-    overrides: dict[str, Any], mode: str, epsilon: float, smallest_client: int
+    overrides: dict[str, Any], mode: str, epsilon: float, smallest_client: int, clip_start: float
 ) -> dict[str, Any]:
-    """``overrides`` with client-level or example-level DP calibrated to ``epsilon`` at DELTA."""
+    """``overrides`` with client-level or example-level DP calibrated to ``epsilon`` at DELTA;
+    client level clips adaptively from ``clip_start``."""
     if mode == "client":
         rate = MODES["client"]["rate"]
         z = get_noise_multiplier(target_epsilon=epsilon, target_delta=DELTA, sample_rate=rate, steps=ROUNDS)
@@ -90,7 +92,7 @@ def private_config(
             "strategy.inner": overrides["strategy.name"],
             "strategy.noise_multiplier": z,
             "strategy.delta": DELTA,
-            "strategy.clip_norm": 0.1,  # the starting norm: adaptive clipping takes it to the median
+            "strategy.clip_norm": clip_start,  # adaptive clipping follows the median from there
             "strategy.target_quantile": 0.5,
             "strategy.count_noise_std": max(overrides["server.min_clients"] / 20, 2 * z),
             "strategy.epsilon_budget": epsilon * 1.001,
@@ -110,8 +112,6 @@ def private_config(
 
 
 def config_of(overrides: dict[str, Any]) -> RunConfig:
-    import json
-
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
 
@@ -148,12 +148,25 @@ def run_dir(name: str) -> Path:
     return WORK / name.replace("/", "-").replace("=", "")
 
 
-def chosen_lr(results: RunsFile, rule: str = "ffa") -> float | None:
-    """The lr of ``rule``'s search piece with the best validation accuracy, once every one has run."""
+def chosen(results: RunsFile, rule: str = "ffa") -> dict[str, Any] | None:
+    """``rule``'s search piece with the best validation accuracy, once every one has run: its lr,
+    and its median update norm, where client-level DP starts its adaptive clipping norm (both
+    hyperparameters taken from the non-private run, so choosing them spends no privacy budget)."""
     runs = [results.get(f"search/{prefix(rule)}lr={lr:g}") for lr in LRS]
     if any(r is None for r in runs):
         return None
-    return max(runs, key=lambda r: r["validation_accuracy"])["lr"]
+    return max(runs, key=lambda r: r["validation_accuracy"])
+
+
+def chosen_lr(results: RunsFile, rule: str = "ffa") -> float | None:
+    best = chosen(results, rule)
+    return None if best is None else best["lr"]
+
+
+def median_update_norm(run: Path) -> float:
+    """The median of every reply's update norm over a non-private run's rounds (``metrics.jsonl``)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    return statistics.median(n for row in rows for n in row.get("update_norms", []))
 
 
 def search_run(held_out: HeldOut, files: dict[str, Path], name: str, lr: float, rule: str) -> dict[str, Any]:
@@ -164,6 +177,7 @@ def search_run(held_out: HeldOut, files: dict[str, Path], name: str, lr: float, 
         "rule": rule,
         "lr": lr,
         "validation_accuracy": result["test_accuracy"],
+        "median_update_norm": median_update_norm(run_dir(name)),
         "curve": [result["curve"][k] for k in sorted(result["curve"], key=int)],
         "seconds": result["seconds"],
     }
@@ -178,6 +192,7 @@ def run(
     seed: int,
     lr: float,
     rule: str,
+    clip_start: float,
 ) -> dict[str, Any]:
     overrides = base_config(files, mode, seed, lr, rule)
     config = config_of(overrides)
@@ -186,7 +201,7 @@ def run(
         len(partition(held_out.train, config.data, k, seed)) for k in range(config.data.num_clients)
     )
     if epsilon is not None:
-        overrides = private_config(overrides, mode, epsilon, smallest)
+        overrides = private_config(overrides, mode, epsilon, smallest, clip_start)
         config = config_of(overrides)
         z = overrides.get("strategy.noise_multiplier", overrides.get("example_dp.noise_multiplier"))
     result = run_scored(
@@ -331,10 +346,14 @@ def main(argv: list[str] | None = None) -> int:
         mode, epsilon, seed, lr, rule = runs[name]
         if lr is not None:
             return search_run(*held_out(), name, lr, rule)
-        if (lr := chosen_lr(results, rule)) is None:
+        best = chosen(results, rule)
+        if best is None or "median_update_norm" not in best:
             search = f"search/{prefix(rule)}*"
-            raise SystemExit(f"dp_sst2: {name} needs the chosen lr; run the search first (--only '{search}')")
-        return run(*held_out(), name, mode, epsilon, seed, lr, rule)
+            raise SystemExit(
+                f"dp_sst2: {name} needs the chosen lr and its update norm; run the search first "
+                f"(--only '{search}')"
+            )
+        return run(*held_out(), name, mode, epsilon, seed, best["lr"], rule, best["median_update_norm"])
 
     run_pieces(results, list(runs), execute, args)
     print(report(results))
