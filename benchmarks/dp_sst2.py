@@ -270,7 +270,19 @@ def report(results: RunsFile) -> str:
         for rule in RULES:
             group = [r for r in finals if r["setting"] == mode and r.get("rule", "ffa") == rule]
             lines += [row for eps in (None, *EPSILONS) if (row := report_row(mode, rule, eps, group))]
-    return "\n".join(lines + sizing_report(finals))
+    return "\n".join(lines + sizing_report(finals) + superseded_report(results))
+
+
+def superseded_report(results: RunsFile) -> list[str]:
+    """Runs replaced by a rerun, kept under ``superseded`` with the reason."""
+    runs = results.data.get("superseded", [])
+    lines = ["", "| superseded run | commit | why | accuracy |", "|---|---|---|---:|"] if runs else []
+    for r in runs:
+        accuracy = r.get("accuracy", r.get("validation_accuracy"))
+        lines.append(
+            f"| {r['piece']} | {r['commit']['commit'][:7]} | {r['superseded_because']} | {accuracy:.4f} |"
+        )
+    return lines
 
 
 def sizing_report(finals: list[dict[str, Any]]) -> list[str]:
