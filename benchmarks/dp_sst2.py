@@ -290,12 +290,12 @@ def sizing_report(finals: list[dict[str, Any]]) -> list[str]:
     level, same q and rounds, so the same z) or the clients larger batches (example level, each
     batch size its own z): what each setting needs for the noise to fall below the signal."""
     lines = ["", "| setting | rule | at epsilon 8 with | noise / clip norm |", "|---|---|---|---:|"]
+    z = get_noise_multiplier(
+        target_epsilon=8.0, target_delta=DELTA, sample_rate=MODES["client"]["rate"], steps=ROUNDS
+    )
     for rule in RULES:
         runs = [r for r in finals if r["setting"] == "client" and r.get("rule", "ffa") == rule]
         if counts := [r["noised_parameters"] for r in runs if "noised_parameters" in r]:
-            z = get_noise_multiplier(
-                target_epsilon=8.0, target_delta=DELTA, sample_rate=MODES["client"]["rate"], steps=ROUNDS
-            )
             for clients in (100, 500, 1000, 5000):
                 m = MODES["client"]["rate"] * clients
                 ratio = z * counts[0] ** 0.5 / m
