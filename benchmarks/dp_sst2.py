@@ -16,6 +16,8 @@ curves); the final accuracy is on all 1,821 rows of ``test-labeled.tsv``, used f
 - client level with Fed-SB inside (pieces ``fedsb/...``, epsilon 8 and none): the same, but each
   client's contribution is the r x r cores R of Fed-SB (and the head) instead of ffa's B, far fewer
   values for the same noise per value; its lr is searched the same way (``search/fedsb/lr=<lr>``);
+  and Fed-SB with the head frozen at its shared init (``train.freeze_head``, FedBABU; pieces
+  ``fedsb+frozen-head/...``): the clients send, and ``dp`` clips and noises, the cores R only;
 - example level: 10 clients, all every round, DP-SGD on each (per-example clipping at 1.0), the
   noise multiplier set so that every client's epsilon after its 50 steps is at most the target
   (sampling rate batch / rows of the smallest client); the baseline is the same without DP.
@@ -47,7 +49,12 @@ WORK = REPO / "runs" / "dp-sst2"
 TRAIN, TEST = "sst2_glue/train_full.tsv", "sst2_glue/test-labeled.tsv"
 EPSILONS, DELTA, SEEDS = (1.0, 4.0, 8.0), 1e-5, (0, 1, 2)
 LRS = (1e-3, 5e-3, 2e-2)
-RULES = ("ffa", "fedsb")  # the inner rule of client-level dp: ffa for the main grid
+# the inner rule of client-level dp (ffa for the main grid) -> its config overrides
+RULES: dict[str, dict[str, Any]] = {
+    "ffa": {"strategy.name": "ffa"},
+    "fedsb": {"strategy.name": "fedsb"},
+    "fedsb+frozen-head": {"strategy.name": "fedsb", "train.freeze_head": True},
+}
 ROUNDS, LOCAL_STEPS, BATCH = 10, 5, 16
 MODES = {"client": {"clients": 100, "rate": 0.2}, "example": {"clients": 10, "rate": 1.0}}
 LABELS = ["0", "1"]
@@ -74,7 +81,7 @@ def base_config(files: dict[str, Path], mode: str, seed: int, lr: float, rule: s
         "train.lr": lr,
         "lora.rank": 4,
         "lora.alpha": 8.0,
-        "strategy.name": rule,
+        **RULES[rule],
     }
 
 
@@ -127,12 +134,14 @@ def pieces() -> dict[str, tuple[str, float | None, int, float | None, str]]:
         for eps in (None, *EPSILONS)
         for seed in SEEDS
     }
-    fedsb = {
-        f"fedsb/client/{label(eps)}/seed={seed}": ("client", eps, seed, None, "fedsb")
+    variants = {
+        f"{prefix(rule)}client/{label(eps)}/seed={seed}": ("client", eps, seed, None, rule)
+        for rule in RULES
+        if rule != "ffa"
         for eps in (None, 8.0)
         for seed in SEEDS
     }
-    return search | final | fedsb
+    return search | final | variants
 
 
 def prefix(rule: str) -> str:
@@ -209,7 +218,7 @@ def run(
     )
     reached = result.get("epsilon", result.get("example_epsilon"))
     return {
-        "noised_parameters": noised_parameters(run_dir(name)),
+        "noised_parameters": noised_parameters(run_dir(name), config.train.freeze_head),
         "kind": "final",
         "rule": rule,
         "lr": lr,
@@ -229,12 +238,12 @@ def run(
     }
 
 
-def noised_parameters(run: Path) -> int:
-    """How many values a client's (clipped, noised) contribution has in a training round: the dense
-    extras, and B (ffa: A is frozen) or, under Fed-SB, the cores R."""
+def noised_parameters(run: Path, frozen_head: bool) -> int:
+    """How many values a client's (clipped, noised) contribution has in a training round: B (ffa: A
+    is frozen) or, under Fed-SB, the cores R; and the dense extras unless the head is frozen."""
     state = load_checkpoint(run).state
-    trained = (f.B if f.R is None else f.R for f in state.adapter.values())
-    return sum(t.numel() for t in trained) + sum(t.numel() for t in state.extras.values())
+    trained = [f.B if f.R is None else f.R for f in state.adapter.values()]
+    return sum(t.numel() for t in [*trained, *([] if frozen_head else state.extras.values())])
 
 
 def noise_to_clip(mode: str, z: float, parameters: int) -> float:

@@ -86,7 +86,7 @@ def train(msg: Message, context: Context) -> Message:
             seed=hash((config.seed, instructions.round, runtime.seed_key(context))) & 0x7FFFFFFF,
             train_lora_A=plan.train_lora_A,
             train_lora_B=plan.train_lora_B,
-            train_extras=not config.train.freeze_head,
+            train_extras=plan.train_extras,
             proximal_mu=config.train.proximal_mu,
             logit_adjustment=runtime.logit_adjustment(config, data),
             example_dp=accountant.dp if accountant else None,

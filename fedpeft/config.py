@@ -180,7 +180,8 @@ class TrainSection(Section):
     label_skew_tau: float = Field(1.0, gt=0, description="tau of the label-skew adjustment")
     freeze_head: bool = Field(
         False,
-        description="FedBABU: the dense extras (a head) stay at their shared init; only LoRA trains",
+        description="FedBABU: the dense extras (a head) stay at their shared init, neither trained nor sent "
+        "(nor clipped and noised under dp); only LoRA trains",
     )
     max_batch_tokens: int | None = Field(
         None,

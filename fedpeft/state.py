@@ -34,6 +34,7 @@ class ClientPlan:
     train_lora_B: bool = True  # a B that is not trained is not sent either
     personal_B: bool = False  # B stays on each client across rounds; only A (and extras) travel
     personal_extras: bool = False  # the dense extras (a head) stay on each client too
+    train_extras: bool = True  # False (train.freeze_head): the extras stay at the global ones, unsent
     weighting: str = "examples"
     # Instead of training, send a sketch of G, the mean loss gradient w.r.t. each adapted base
     # weight (Fed-SB's initialisation, strategies/fedsb.py): "range" sends B := G Aᵀ, "project"
@@ -48,7 +49,8 @@ class ClientPlan:
 
     @property
     def send_extras(self) -> bool:
-        return not self.personal_extras
+        """Whether clients send the dense extras: when they train them and keep no personal ones."""
+        return self.train_extras and not self.personal_extras
 
 
 @dataclass

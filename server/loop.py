@@ -6,7 +6,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,11 @@ def build_strategy(config: RunConfig) -> Strategy:
     return create_strategy(
         config.strategy.name,
         config.strategy.options,
-        context={"clients_per_round": config.clients_per_round, "num_clients": config.data.num_clients},
+        context={
+            "clients_per_round": config.clients_per_round,
+            "num_clients": config.data.num_clients,
+            "freeze_extras": config.train.freeze_head,
+        },
     )
 
 
@@ -184,6 +188,8 @@ class FederatedRun:
         for rnd in range(self.state.round + 1, self.config.run.rounds + 1):
             try:
                 plan = self.strategy.client_instructions(rnd, self.state)
+                if self.config.train.freeze_head:  # the head stays at the global one: not trained, not sent
+                    plan = replace(plan, train_extras=False)
             except StopFederation as stop:
                 stopped = f"stopped before round {rnd}: {stop}"
                 self.console.print(f"[bold yellow]{stopped}[/bold yellow]")

@@ -30,14 +30,16 @@ class DeltaClipper:
     """One round's updates as flat deltas from the global state the clients started from: their L2
     norms, and each scaled down to a bound. Keeps one reused delta buffer, never K of them."""
 
-    def __init__(self, who: str, state: GlobalState, trains_A: bool, trains_B: bool = True) -> None:
+    def __init__(
+        self, who: str, state: GlobalState, trains_A: bool, trains_B: bool = True, trains_extras: bool = True
+    ) -> None:
         if state.adapter is None:
             raise StrategyError(
                 f"{who} needs the global adapter the clients started from (one LoRA rank for all, "
                 "lora.init = 'shared')"
             )
-        self.state, self.trains = state, (trains_A, trains_B)
-        reference = trained_tensors(state.adapter, state.extras, *self.trains)
+        self.state, self.trains, self.trains_extras = state, (trains_A, trains_B), trains_extras
+        reference = trained_tensors(state.adapter, self._extras(state.extras), *self.trains)
         self.layout = FlatLayout(reference)
         self.reference = self.layout.gather(list(reference.values()))  # read only: a view if it can be
         self.delta = torch.empty(self.layout.numel)  # reused: no fresh allocation per client
@@ -46,9 +48,13 @@ class DeltaClipper:
 
     def measure(self, update: ClientUpdate) -> float:
         """Put ``update``'s delta in ``self.delta`` and return its L2 norm."""
-        sent = trained_tensors(update.factors, update.extras, *self.trains)
+        sent = trained_tensors(update.factors, self._extras(update.extras), *self.trains)
         torch.sub(self.layout.gather([sent[k] for k in self.layout.keys]), self.reference, out=self.delta)
         return float(torch.linalg.vector_norm(self.delta))
+
+    def _extras(self, extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The dense extras that count in an update: none when the clients keep them frozen."""
+        return extras if self.trains_extras else {}
 
     def clip(self, update: ClientUpdate, max_norm: float) -> float:
         """Measure ``update`` (its delta is left in ``self.delta``) and return the factor that brings
@@ -66,7 +72,9 @@ class DeltaClipper:
         buffer = torch.add(self.reference, self.delta, alpha=factor)
         tensors = dict(zip(self.layout.keys, self.layout.views(buffer), strict=True))
         factors, extras = split_trained(tensors, self.state.adapter)
-        return dataclasses.replace(update, factors=factors, extras=extras)
+        return dataclasses.replace(
+            update, factors=factors, extras=extras if self.trains_extras else update.extras
+        )
 
     def metrics(self) -> dict[str, float]:
         """Clipping statistics over the updates measured (none under secure aggregation, where

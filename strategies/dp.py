@@ -20,6 +20,10 @@ b̃ = (sum_k 1[‖Δ_k‖ <= C] + N(0, σ_b²)) / m. The updates then get noise 
 z_Δ = (z⁻² - (2 σ_b)⁻²)^(-1/2), so that the two releases together cost what one Gaussian with z
 does (Andrew et al., Theorem 1): the accountant charges z.
 
+With ``train.freeze_head`` (FedBABU) the clients keep the dense extras (a head) at their shared
+init and do not send them: the noise then covers the LoRA tensors only, far fewer values for the
+same noise per value (the noise's norm on the mean is z C sqrt(d) / m over d noised values).
+
 Noise amplification: with FedAvg both A and B get noise, and the product
 (B + N_B)(A + N_A) = BA + N_B A + B N_A + N_B N_A multiplies it; FFA (A frozen, only B noised)
 avoids this and is the recommended inner strategy.
@@ -64,7 +68,12 @@ class DifferentialPrivacy(Strategy):
         count_noise_std: float | None = None,
         allow_nonlinear: bool = False,
         insecure_noise_seed: int | None = None,
+        freeze_extras: bool = False,
     ) -> None:
+        """``freeze_extras`` (from ``train.freeze_head``, not a [strategy] option): the clients keep
+        the dense extras at the global ones, so they are neither clipped nor noised, and the
+        released extras are the global ones unchanged."""
+        self.freeze_extras = freeze_extras
         self.inner: Strategy = create_strategy(inner, inner_options)
         if not self.inner.linear and not allow_nonlinear:
             raise StrategyError(
@@ -205,7 +214,9 @@ class PrivateSum:
     def __init__(self, dp: DifferentialPrivacy, rnd: int, state: GlobalState) -> None:
         self.dp, self.rnd, self.state = dp, rnd, state
         plan = dp.inner.client_instructions(rnd, state)
-        self.clipper = DeltaClipper(dp.name, state, plan.train_lora_A, plan.train_lora_B)
+        self.clipper = DeltaClipper(
+            dp.name, state, plan.train_lora_A, plan.train_lora_B, trains_extras=not dp.freeze_extras
+        )
         self.total = torch.zeros(self.clipper.layout.numel, dtype=torch.float64)  # order-independent
         self.unclipped = 0
 
@@ -240,6 +251,7 @@ class PrivateSum:
         dp.last_metrics = metrics
         noised = dict(zip(layout.keys, layout.views(self.total.to(torch.float32)), strict=True))
         factors, extras = split_trained(noised, self.state.adapter)
+        extras = extras if self.clipper.trains_extras else dict(self.state.extras)
         first = next(iter(factors.values()))
         virtual = ClientUpdate(
             factors, extras, 1, self.rnd, first.rank, first.scale * first.rank, num_trained=1

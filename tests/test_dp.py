@@ -64,6 +64,22 @@ def test_noise_std_is_z_c_over_m():
     assert torch.equal(out.adapter["m"].A, state.adapter["m"].A)  # ffa: no noise on the frozen A
 
 
+def test_frozen_extras_are_neither_clipped_nor_noised():
+    state, C, z = start_state(), 0.8, 1.3
+    noised = dp(inner="ffa", clip_norm=C, noise_multiplier=z, insecure_noise_seed=5, freeze_extras=True)
+    out = noised.aggregate(1, state, [client(state) for _ in range(M)])
+    assert torch.equal(out.extras["head"], state.extras["head"])
+    assert out.adapter["m"].B.std().item() == pytest.approx(z * C / M, rel=0.06)  # 800 noised values
+    # a head moved far would get every update clipped if it counted; frozen, only B's small delta does
+    updates = [client(state, shift_B=1e-3, shift_head=100.0, seed=s) for s in range(M)]
+    exact = dp(inner="ffa", clip_norm=C, noise_multiplier=0.0, freeze_extras=True).aggregate(
+        1, state, updates
+    )
+    mean_B = sum(u.factors["m"].B for u in updates) / M
+    assert torch.allclose(exact.adapter["m"].B, mean_B, atol=1e-7)
+    assert torch.equal(exact.extras["head"], state.extras["head"])
+
+
 def test_fedavg_inner_noises_A_too():
     state = start_state()
     out = dp(inner="fedavg", clip_norm=1.0, noise_multiplier=1.0).aggregate(1, state, [client(state)] * M)

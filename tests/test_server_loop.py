@@ -159,6 +159,25 @@ def test_ffa_uploads_only_B(tiny_bert_dir, tmp_path):
     assert 0.45 < up["ffa"] / up["fedavg"] < 0.65
 
 
+def test_a_frozen_head_is_not_sent_and_dp_leaves_it_unnoised(tiny_bert_dir, tmp_path):
+    """train.freeze_head: clients send no head, and dp clips and noises the LoRA tensors only, so the
+    released head is the shared init, as in a run without DP."""
+    frozen = {"train.freeze_head": "true"}
+    dp = {"strategy.name": "'dp'", "strategy.inner": "'ffa'", "strategy.noise_multiplier": 1.0, **frozen}
+    states, up = {}, {}
+    for name, options in {"plain": {}, "frozen": frozen, "dp": dp}.items():
+        run = FederatedRun(small_config(tiny_bert_dir, **options, **{"run.rounds": 1}), tmp_path / name)
+        run.run(LocalGrid(3))
+        states[name] = run.state
+        up[name] = json.loads((tmp_path / name / "summary.json").read_text())["bytes_up"]
+    head_values = sum(t.numel() for t in states["plain"].extras.values())
+    assert up["plain"] - up["frozen"] >= 3 * 4 * head_values  # three clients, no fp32 head each
+    for name, head in states["frozen"].extras.items():
+        assert torch.equal(states["dp"].extras[name], head)
+        assert not torch.equal(states["plain"].extras[name], head)  # the head trains unless frozen
+    assert any(not torch.equal(states["dp"].adapter[n].B, f.B) for n, f in states["frozen"].adapter.items())
+
+
 def test_privacy_budget_ends_the_run_cleanly(tiny_bert_dir, tmp_path):
     options = {
         "strategy.name": "'dp'",

@@ -98,14 +98,26 @@ def test_instructions_round_trip():
     config = base.client_config(data=base.data.replace(labels=["a", "b"]))
     content = encode_train_message(
         factories.GlobalState(),
-        RoundInstructions(4, 99, ClientPlan(False, False, weighting="uniform", options={"mu": 0.1}), config),
+        RoundInstructions(
+            4,
+            99,
+            ClientPlan(False, False, weighting="uniform", train_extras=False, options={"mu": 0.1}),
+            config,
+        ),
     )
     back = decode_instructions(content)
     assert (back.round, back.init_seed, back.plan) == (
         4,
         99,
-        ClientPlan(train_lora_A=False, send_lora_A=False, weighting="uniform", options={"mu": 0.1}),
+        ClientPlan(
+            train_lora_A=False,
+            send_lora_A=False,
+            weighting="uniform",
+            train_extras=False,
+            options={"mu": 0.1},
+        ),
     )
+    assert not back.plan.send_extras
     assert back.client_config == config
 
 
