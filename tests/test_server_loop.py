@@ -178,6 +178,30 @@ def test_a_frozen_head_is_not_sent_and_dp_leaves_it_unnoised(tiny_bert_dir, tmp_
     assert any(not torch.equal(states["dp"].adapter[n].B, f.B) for n, f in states["frozen"].adapter.items())
 
 
+def test_fedsb_inside_dp_with_a_frozen_head_trains_only_its_cores(tiny_bert_dir, tmp_path):
+    """Fed-SB's two initialisation rounds and a training round under dp with train.freeze_head: the
+    head is the shared init after all three, each a private round."""
+    options = {
+        "strategy.name": "'dp'",
+        "strategy.inner": "'fedsb'",
+        "strategy.noise_multiplier": 0.5,
+        "train.freeze_head": "true",
+        "run.rounds": 3,
+    }
+    run = FederatedRun(small_config(tiny_bert_dir, **options), tmp_path / "dp")
+    run.run(LocalGrid(3))
+    plain = FederatedRun(
+        small_config(tiny_bert_dir, **{"train.freeze_head": "true", "run.rounds": 1}), tmp_path / "a"
+    )
+    plain.run(LocalGrid(3))
+    for name, head in plain.state.extras.items():
+        assert torch.equal(run.state.extras[name], head)
+    assert all(f.R is not None for f in run.state.adapter.values())
+    rows = [json.loads(line) for line in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
+    epsilons = [r["epsilon"] for r in rows[1:]]
+    assert len(epsilons) == 3 and epsilons == sorted(epsilons) and epsilons[0] > 0
+
+
 def test_privacy_budget_ends_the_run_cleanly(tiny_bert_dir, tmp_path):
     options = {
         "strategy.name": "'dp'",
