@@ -295,22 +295,25 @@ def superseded_report(results: RunsFile) -> list[str]:
 
 
 def sizing_report(finals: list[dict[str, Any]]) -> list[str]:
-    """The noise over the clip norm at epsilon 8 had the federation more clients per round (client
-    level, same q and rounds, so the same z) or the clients larger batches (example level, each
-    batch size its own z): what each setting needs for the noise to fall below the signal."""
+    """The noise over the clip norm at epsilon 8 had the federation more clients (client level, the
+    same q and rounds, so the same z), or every client every round (q = 1, its own z), or the
+    clients larger batches (example level, each batch size its own z): what each setting needs for
+    the noise to fall below the signal."""
     lines = ["", "| setting | rule | at epsilon 8 with | noise / clip norm |", "|---|---|---|---:|"]
-    z = get_noise_multiplier(
-        target_epsilon=8.0, target_delta=DELTA, sample_rate=MODES["client"]["rate"], steps=ROUNDS
-    )
+    rate = MODES["client"]["rate"]
+    populations = [(100, rate), (500, rate), (1000, rate), (5000, rate), (100, 1.0)]
+    z = {
+        q: get_noise_multiplier(target_epsilon=8.0, target_delta=DELTA, sample_rate=q, steps=ROUNDS)
+        for q in {q for _, q in populations}
+    }
     for rule in RULES:
         runs = [r for r in finals if r["setting"] == "client" and r.get("rule", "ffa") == rule]
         if counts := [r["noised_parameters"] for r in runs if "noised_parameters" in r]:
-            for clients in (100, 500, 1000, 5000):
-                m = MODES["client"]["rate"] * clients
-                ratio = z * counts[0] ** 0.5 / m
-                lines.append(
-                    f"| client level | {rule} | {clients:,} clients, m = {m:g} a round | {ratio:.2f} |"
-                )
+            for clients, q in populations:
+                m = q * clients
+                ratio = z[q] * counts[0] ** 0.5 / m
+                each = f"m = {m:g} a round" if q < 1 else f"all every round (z = {z[q]:.2f})"
+                lines.append(f"| client level | {rule} | {clients:,} clients, {each} | {ratio:.2f} |")
     runs = [r for r in finals if r["setting"] == "example" and "smallest_client_rows" in r]
     if runs:
         rows, d = runs[0]["smallest_client_rows"], runs[0]["noised_parameters"]
