@@ -18,6 +18,8 @@ curves); the final accuracy is on all 1,821 rows of ``test-labeled.tsv``, used f
   values for the same noise per value; its lr is searched the same way (``search/fedsb/lr=<lr>``);
   and Fed-SB with the head frozen at its shared init (``train.freeze_head``, FedBABU; pieces
   ``fedsb+frozen-head/...``): the clients send, and ``dp`` clips and noises, the cores R only;
+  and Fed-SB with every client every round (``fedsb+all-clients/...``: q = 1, so z = 2.02 at
+  epsilon 8 but m = 100; five times the client steps), with Fed-SB's lr and clip start;
 - example level: 10 clients, all every round, DP-SGD on each (per-example clipping at 1.0), the
   noise multiplier set so that every client's epsilon after its 50 steps is at most the target
   (sampling rate batch / rows of the smallest client); the baseline is the same without DP.
@@ -54,7 +56,11 @@ RULES: dict[str, dict[str, Any]] = {
     "ffa": {"strategy.name": "ffa"},
     "fedsb": {"strategy.name": "fedsb"},
     "fedsb+frozen-head": {"strategy.name": "fedsb", "train.freeze_head": True},
+    "fedsb+all-clients": {"strategy.name": "fedsb", "server.fraction": 1.0},
 }
+# variants that take another rule's lr and clip start instead of a search of their own: sampling
+# every client changes no client's training, so its update norms are the searched rule's
+SEARCHED_AS = {"fedsb+all-clients": "fedsb"}
 ROUNDS, LOCAL_STEPS, BATCH = 10, 5, 16
 MODES = {"client": {"clients": 100, "rate": 0.2}, "example": {"clients": 10, "rate": 1.0}}
 LABELS = ["0", "1"]
@@ -63,6 +69,7 @@ LABELS = ["0", "1"]
 def base_config(files: dict[str, Path], mode: str, seed: int, lr: float, rule: str = "ffa") -> dict[str, Any]:
     spec = MODES[mode]
     clients = spec["clients"]
+    rate = RULES[rule].get("server.fraction", spec["rate"])
     return {
         "run.seed": seed,
         "run.rounds": ROUNDS,
@@ -73,8 +80,8 @@ def base_config(files: dict[str, Path], mode: str, seed: int, lr: float, rule: s
         "data.labels": LABELS,
         "data.num_clients": clients,
         "data.partition": "iid",
-        "server.fraction": spec["rate"],
-        "server.min_clients": round(spec["rate"] * clients),
+        "server.fraction": rate,
+        "server.min_clients": round(rate * clients),
         "train.local_steps": LOCAL_STEPS,
         "train.batch_size": BATCH,
         "train.eval_batch_size": 128,
@@ -91,7 +98,7 @@ def private_config(
     """``overrides`` with client-level or example-level DP calibrated to ``epsilon`` at DELTA;
     client level clips adaptively from ``clip_start``."""
     if mode == "client":
-        rate = MODES["client"]["rate"]
+        rate = overrides["server.fraction"]
         z = get_noise_multiplier(target_epsilon=epsilon, target_delta=DELTA, sample_rate=rate, steps=ROUNDS)
         return {
             **overrides,
@@ -126,7 +133,10 @@ def pieces() -> dict[str, tuple[str, float | None, int, float | None, str]]:
     """name -> (mode, epsilon, seed, lr, rule) of every piece, the lr searches first (lr None: the
     chosen one)."""
     search = {
-        f"search/{prefix(rule)}lr={lr:g}": ("client", None, 0, lr, rule) for rule in RULES for lr in LRS
+        f"search/{prefix(rule)}lr={lr:g}": ("client", None, 0, lr, rule)
+        for rule in RULES
+        if rule not in SEARCHED_AS
+        for lr in LRS
     }
     final = {
         f"{mode}/{label(eps)}/seed={seed}": (mode, eps, seed, None, "ffa")
@@ -160,7 +170,9 @@ def run_dir(name: str) -> Path:
 def chosen(results: RunsFile, rule: str = "ffa") -> dict[str, Any] | None:
     """``rule``'s search piece with the best validation accuracy, once every one has run: its lr,
     and its median update norm, where client-level DP starts its adaptive clipping norm (both
-    hyperparameters taken from the non-private run, so choosing them spends no privacy budget)."""
+    hyperparameters taken from the non-private run, so choosing them spends no privacy budget); a
+    variant of ``SEARCHED_AS`` takes its rule's."""
+    rule = SEARCHED_AS.get(rule, rule)
     runs = [results.get(f"search/{prefix(rule)}lr={lr:g}") for lr in LRS]
     if any(r is None for r in runs):
         return None
@@ -229,6 +241,7 @@ def run(
         "delta": None if epsilon is None else DELTA,
         "noise_multiplier": z,
         "clients": config.data.num_clients,
+        "sample_rate": config.server.fraction,
         "smallest_client_rows": smallest,
         "seed": seed,
         "accuracy": result["test_accuracy"],
@@ -246,14 +259,14 @@ def noised_parameters(run: Path, frozen_head: bool) -> int:
     return sum(t.numel() for t in [*trained, *([] if frozen_head else state.extras.values())])
 
 
-def noise_to_clip(mode: str, z: float, parameters: int) -> float:
-    """The expected norm of the noise added to one aggregate, over the clip norm: z sqrt(d) / m for
-    the mean of m clipped client updates (client level; m the expected clients per round), or of a
-    batch's clipped per-example gradients (example level). The signal's norm is at most 1 on the
-    same scale, so above 1 the noise dominates each step."""
-    spec = MODES[mode]
-    per = spec["clients"] * spec["rate"] if mode == "client" else BATCH
-    return z * parameters**0.5 / per
+def noise_to_clip(run: dict[str, Any], parameters: int) -> float:
+    """The expected norm of the noise added to one aggregate of ``run``, over the clip norm:
+    z sqrt(d) / m for the mean of m clipped client updates (client level; m the expected clients
+    per round), or of a batch's clipped per-example gradients (example level). The signal's norm is
+    at most 1 on the same scale, so above 1 the noise dominates each step."""
+    rate = run.get("sample_rate", MODES["client"]["rate"])  # runs recorded before it was: 0.2
+    per = run["clients"] * rate if run["setting"] == "client" else BATCH
+    return run["noise_multiplier"] * parameters**0.5 / per
 
 
 def report(results: RunsFile) -> str:
@@ -306,7 +319,7 @@ def sizing_report(finals: list[dict[str, Any]]) -> list[str]:
         q: get_noise_multiplier(target_epsilon=8.0, target_delta=DELTA, sample_rate=q, steps=ROUNDS)
         for q in {q for _, q in populations}
     }
-    for rule in RULES:
+    for rule in (r for r in RULES if r not in SEARCHED_AS):  # a variant sizes as its rule
         runs = [r for r in finals if r["setting"] == "client" and r.get("rule", "ffa") == rule]
         if counts := [r["noised_parameters"] for r in runs if "noised_parameters" in r]:
             for clients, q in populations:
@@ -339,7 +352,7 @@ def report_row(mode: str, rule: str, epsilon: float | None, group: list[dict[str
     share = f"{statistics.fmean(accs) / statistics.fmean(plain):.1%}" if plain else "–"
     z = runs[0]["noise_multiplier"]
     z_cell = "–" if z is None else f"{z:.3f}"
-    ratio = "–" if z is None or not counts else f"{noise_to_clip(mode, z, counts[0]):.2f}"
+    ratio = "–" if z is None or not counts else f"{noise_to_clip(runs[0], counts[0]):.2f}"
     return (
         f"| {mode} level, {runs[0]['clients']} clients | {rule} | {label(epsilon).removeprefix('eps=')} | "
         f"{z_cell} | {ratio} | {mean_std(accs)} | {share} | " + ", ".join(f"{a:.4f}" for a in accs) + " |"
