@@ -71,10 +71,8 @@ class DeltaClipper:
             return update
         buffer = torch.add(self.reference, self.delta, alpha=factor)
         tensors = dict(zip(self.layout.keys, self.layout.views(buffer), strict=True))
-        factors, extras = split_trained(tensors, self.state.adapter)
-        return dataclasses.replace(
-            update, factors=factors, extras=extras if self.trains_extras else update.extras
-        )
+        factors, clipped_extras = split_trained(tensors, self.state.adapter)
+        return dataclasses.replace(update, factors=factors, extras={**update.extras, **clipped_extras})
 
     def metrics(self) -> dict[str, float]:
         """Clipping statistics over the updates measured (none under secure aggregation, where

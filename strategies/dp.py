@@ -250,8 +250,8 @@ class PrivateSum:
             metrics["noised_unclipped_fraction"] = fraction
         dp.last_metrics = metrics
         noised = dict(zip(layout.keys, layout.views(self.total.to(torch.float32)), strict=True))
-        factors, extras = split_trained(noised, self.state.adapter)
-        extras = extras if self.clipper.trains_extras else dict(self.state.extras)
+        factors, noised_extras = split_trained(noised, self.state.adapter)
+        extras = {**self.state.extras, **noised_extras}  # frozen extras: the global ones
         first = next(iter(factors.values()))
         virtual = ClientUpdate(
             factors, extras, 1, self.rnd, first.rank, first.scale * first.rank, num_trained=1
