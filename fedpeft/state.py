@@ -40,6 +40,9 @@ class ClientPlan:
     # weight (Fed-SB's initialisation, strategies/fedsb.py): "range" sends B := G Aᵀ, "project"
     # sends A := Bᵀ G; "" (the default): train.
     init_gradient: str = ""
+    # Server side, not sent: ask the clients whose replies made the previous round's result, not a
+    # fresh sample (Fed-SB's project round must sketch the gradient its range round sketched).
+    same_clients: bool = False
     options: dict[str, bool | int | float | str] = field(default_factory=dict)
 
     @property

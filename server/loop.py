@@ -148,6 +148,7 @@ class FederatedRun:
         self.state = GlobalState()
         self.identities: dict[int, str] = {}  # Flower node id -> stable client id
         self.nodes: dict[str, int] = {}  # stable client id -> its latest Flower node id
+        self.last_clients: list[str] = []  # whose replies made the last round's result (same_clients)
         self.limits = ReplyLimits.from_config(config.server)
         # A private strategy (dp) samples its own clients, runs each round once with whatever
         # arrives, and nothing per client reaches the logs. The norm screen is off: refusing a
@@ -274,6 +275,7 @@ class FederatedRun:
         state.strategy_state = self.strategy.state_dict()
         self.state = state
         self.limits.previous_norms = outcome.replies.norms
+        self.last_clients = [client for client, *_ in outcome.replies.accepted]
         record = RoundRecord(rnd, attempt, aggregation_seconds, self._participation(outcome))
         if isinstance(outcome.replies, RoundReplies) and not self.private:
             record.diagnostics = outcome.replies.diagnostics(state)
@@ -308,7 +310,7 @@ class FederatedRun:
         )
 
     def _attempt(self, grid: Grid, rnd: int, plan: ClientPlan) -> RoundOutcome:
-        nodes = self._sample(grid, rnd=rnd)
+        nodes = self._previous_nodes(grid, rnd) if plan.same_clients else self._sample(grid, rnd=rnd)
         instructions = RoundInstructions(rnd, self.init_seed(rnd), plan, self.client_config)
         content = encode_train_message(self.state, instructions)
         if self.secure is not None:
@@ -406,6 +408,25 @@ class FederatedRun:
         k = count or min(len(known), max(need, math.ceil(self.config.server.fraction * len(known))))
         return self.rng.sample(known, k)
 
+    def _previous_nodes(self, grid: Grid, rnd: int) -> list[int]:
+        """The current nodes of the clients whose replies made round ``rnd - 1``'s result (a plan's
+        ``same_clients``): every one of them once connected and identified, or those that are when
+        ``server.connect_timeout`` has passed."""
+        deadline = time.monotonic() + self.config.server.connect_timeout
+        while True:
+            connected = sorted(grid.get_node_ids())
+            self._identify(grid, connected)
+            nodes = [self.nodes[c] for c in self.last_clients if self.nodes.get(c) in connected]
+            if len(nodes) == len(self.last_clients) or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        if not nodes:
+            raise RoundFailed(
+                f"round {rnd} must go to the clients of round {rnd - 1} ({len(self.last_clients)} of them), "
+                "and none is connected; restart them and resume the run"
+            )
+        return nodes
+
     def _identify(self, grid: Grid, nodes: list[int]) -> None:
         """Ask nodes seen for the first time for their stable client id (one small query each)."""
         new = [n for n in nodes if n not in self.identities]
@@ -435,6 +456,7 @@ class FederatedRun:
         self.recorder.truncate_after(self.state.round)
         last = self.recorder.rounds[-1] if self.recorder.rounds else {}
         self.limits.previous_norms = last.get("update_norms", [])  # the norm screen's starting pool
+        self.last_clients = [reply["client"] for reply in last.get("replies", [])]
         self.console.print(f"resuming {self.run_dir} after round {self.state.round}", soft_wrap=True)
 
     def _finish(self, seconds: float, stopped: str | None) -> dict[str, Any]:

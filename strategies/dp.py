@@ -20,6 +20,10 @@ b̃ = (sum_k 1[‖Δ_k‖ <= C] + N(0, σ_b²)) / m. The updates then get noise 
 z_Δ = (z⁻² - (2 σ_b)⁻²)^(-1/2), so that the two releases together cost what one Gaussian with z
 does (Andrew et al., Theorem 1): the accountant charges z.
 
+Every round draws its own sample, Fed-SB's project round too (its inner plan asks for the range
+round's clients, ``ClientPlan.same_clients``, which ``dp`` drops): the two initialisation sketches
+are then of two samples' mean gradients, which agree as far as the clients' gradients do.
+
 With ``train.freeze_head`` (FedBABU) the clients keep the dense extras (a head) at their shared
 init and do not send them: the noise then covers the LoRA tensors only, far fewer values for the
 same noise per value (the noise's norm on the mean is z C sqrt(d) / m over d noised values).
@@ -32,6 +36,7 @@ avoids this and is the recommended inner strategy.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -137,7 +142,9 @@ class DifferentialPrivacy(Strategy):
                     f"epsilon_budget = {self.epsilon_budget} (delta = {self.accountant.delta}); raise the "
                     "budget or the noise_multiplier to train longer"
                 )
-        return self.inner.client_instructions(rnd, state)
+        # every round a fresh Poisson sample, as the accountant assumes (reusing the last round's
+        # clients would make two rounds' samples dependent): the inner plan's same_clients is dropped
+        return replace(self.inner.client_instructions(rnd, state), same_clients=False)
 
     def start(self, rnd: int, state: GlobalState) -> PrivateSum:
         return PrivateSum(self, rnd, state)

@@ -9,7 +9,9 @@ as a classifier head, stay on each client the same way, as in the authors' GLUE 
 (``Pengxin-Guo/FedSA-LoRA``, ``fedsa-lora.yaml``: ``local_param: ['lora_B', 'classifier']``);
 without it they are averaged with A. The paper's finding is that A learns what is common to the
 clients and B what is specific to each, so each client's model is the global A with its own B
-(and head): evaluate it per client (``data.client_eval_fraction``).
+(and head): evaluate it per client (``data.client_eval_fraction``). The authors' aggregator weighs
+each client by the examples it trained on that round (``sample_size``), our ``weighting = "steps"``;
+the default here is ``examples``, as for every weighted rule.
 
 The global adapter keeps the initial B (and head); the exported adapter is therefore the shared A
 with those: the product of a fedsa run is the per-client models. Secure aggregation refuses it (a

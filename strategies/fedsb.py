@@ -18,7 +18,13 @@ computed as a randomized SVD (Halko et al. 2011) whose two passes are the first 
    sum_k p_k M_k = U S Vᵀ (r x d_in) and sets B = Q U, A = Vᵀ and R = 0.
 
 Each client computes G_k over the same seeded batches in both rounds (``train.local_steps``
-batches), and trains nothing in them: a run of N rounds trains in N - 2. Both rounds are linear
+batches), and trains nothing in them: a run of N rounds trains in N - 2. The project round goes to
+the clients whose sketches made Q (``ClientPlan.same_clients``), not to a fresh sample: Q spans the
+range of their mean gradient, and projecting another sample's mean onto it captures that mean only
+as far as the two samples' gradients agree (nothing of it when they are orthogonal, as under strong
+label skew). A client of the range round that does not answer the project round leaves the
+projected mean one client short. Under ``dp`` each round is its own Poisson sample, since its
+accounting assumes independent samples (see ``strategies/dp.py``). Both rounds are linear
 in the clients' gradients, so ``dp`` and secure aggregation serve them as any other round (what
 leaves a client is clipped and noised like an update, and the rounds count in the privacy
 accounting); each costs one LoRA factor of upload per module. What they reveal: two r-column
@@ -29,7 +35,10 @@ sum is not linear in the clients' contributions, so neither secure aggregation n
 it); the sketch has no oversampling or power iteration, so Q holds the top-r range of Ḡ as well as
 its spectrum decays; and R starts at zero, so training starts from the base model as LoRA's does,
 where LoRA-SB's R starts at the singular values of its first-step estimate at the first warm-up
-step's learning rate (a delta near zero).
+step's learning rate (a delta near zero). The delta is s B R A with LoRA's scale s = alpha / r, as
+under every rule here (2 with alpha = 2 r), where the authors' code sets alpha = r (s = 1): under
+Adam, whose step on R does not depend on the gradient's size, s multiplies the step on the weights
+as a learning rate would.
 """
 
 from __future__ import annotations
@@ -68,7 +77,9 @@ class FedSB(WeightedStrategy):
                 train_lora_A=False, send_lora_A=False, init_gradient=RANGE, weighting=self.weighting
             )
         if stage == PROJECT:
-            return ClientPlan(train_lora_B=False, init_gradient=PROJECT, weighting=self.weighting)
+            return ClientPlan(
+                train_lora_B=False, init_gradient=PROJECT, same_clients=True, weighting=self.weighting
+            )
         return ClientPlan(train_lora_A=False, send_lora_A=False, train_lora_B=False, weighting=self.weighting)
 
     def start(self, rnd: int, state: GlobalState) -> CoreAverage:

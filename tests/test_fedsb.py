@@ -15,7 +15,7 @@ from fedpeft.testing import LocalGrid
 from fedpeft.training import Encoded, train
 from fedpeft.wire import decode_state, decode_update, encode_state, encode_update, unpack_tensors
 from server.checkpoint import load_checkpoint, save_checkpoint
-from server.loop import FederatedRun
+from server.loop import FederatedRun, RoundFailed
 from strategies import FedSB, create_strategy
 from strategies.fedsb import CORE, PROJECT, RANGE, fedsb_stage
 from tests.factories import SHAPES, extras, factors, metrics_rows, small_config
@@ -176,6 +176,44 @@ def test_a_fedsb_run_initialises_in_two_rounds_then_trains_the_cores(tiny_bert_d
     for f in run.state.adapter.values():
         assert f.R is not None and f.R.any()  # rounds 3 and 4 trained the cores
         assert torch.allclose(f.B.T @ f.B, torch.eye(f.rank), atol=1e-4)
+
+
+def replied(row: dict) -> set[str]:
+    return {reply["client"] for reply in row["replies"]}
+
+
+def test_the_project_round_goes_to_the_clients_of_the_range_round_across_a_resume(tiny_bert_dir, tmp_path):
+    """Q spans the range of the range round's clients' mean gradient: projecting another sample's
+    mean onto it would capture that mean only as far as the two agree."""
+    options = {"strategy.name": "fedsb", "data.num_clients": 6, "server.fraction": 0.5, "server.min_clients": 3}
+    FederatedRun(small_config(tiny_bert_dir, **options, **{"run.rounds": 1}), tmp_path).run(LocalGrid(6))
+    resumed = FederatedRun(small_config(tiny_bert_dir, **options, **{"run.rounds": 4}), tmp_path, resume=True)
+    resumed.run(LocalGrid(6))
+    rows = metrics_rows(tmp_path)[1:]
+    assert [len(replied(row)) for row in rows] == [3, 3, 3, 3]
+    assert replied(rows[1]) == replied(rows[0])  # project, after the resume, to the range round's clients
+    assert {frozenset(replied(row)) for row in rows[1:]} != {frozenset(replied(rows[0]))}  # then sampled
+
+
+def test_a_round_for_the_last_rounds_clients_takes_those_connected_and_fails_without_any(tiny_bert_dir, tmp_path):
+    run = FederatedRun(small_config(tiny_bert_dir, **{"server.connect_timeout": 0.1}), tmp_path)
+    grid = LocalGrid(3)
+    run.last_clients = ["partition-2", "gone", "partition-0"]
+    assert [run.identities[n] for n in run._previous_nodes(grid, 2)] == ["partition-2", "partition-0"]
+    run.last_clients = ["gone"]
+    with pytest.raises(RoundFailed, match="must go to the clients of round 1 .* none is connected"):
+        run._previous_nodes(grid, 2)
+
+
+def test_dp_draws_a_fresh_sample_for_the_project_round():
+    state = GlobalState(adapter=factors(RANK, 7, scale=2.0), extras=extras(0))
+    for f in state.adapter.values():
+        f.A.zero_()  # after the range round
+    assert FedSB().client_instructions(2, state).same_clients
+    private = create_strategy("dp", {"inner": "fedsb", "noise_multiplier": 1.0, "clip_norm": 1.0},
+                              {"clients_per_round": 3, "num_clients": 6})  # fmt: skip
+    plan = private.client_instructions(2, state)
+    assert plan.init_gradient == PROJECT and not plan.same_clients
 
 
 def test_fedsb_refuses_clients_without_the_shared_adapter():
