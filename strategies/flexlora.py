@@ -9,7 +9,8 @@ rank-sum_k r_k stack; ``recompress`` takes its leading SVD, see ``strategies/fac
 
 and keeps its best rank-R approximation as the global adapter (near-best once the true rank
 exceeds R plus the oversampling: ``recompress``), Σ on the B side:
-B = U_R Σ_R / s, A = V_R^T (rows beyond the true rank are zeros). A client of rank r_k starts from
+B = U_R Σ_R / s, A = V_R^T (beyond the true rank: zero B columns, A rows completing an orthonormal
+set, as the singular vectors of zero singular values). A client of rank r_k starts from
 the leading r_k components (``AdapterFactors.truncated``), which is the best rank-r_k approximation
 of ΔW, as FlexLoRA's redistribution step gives it. The energy of ΔW beyond rank R is reported as
 ``discarded_energy``. The dense extras are averaged with the same weights.
@@ -63,13 +64,22 @@ class FlexLoRA(WeightedStrategy):
 
 def singular_values_on_B(best: LowRankDelta, glob: AdapterFactors) -> AdapterFactors:
     """``best`` (``recompress``'s U' = U sqrt(Σ), V' = sqrt(Σ) V^T, components in order) as
-    factors of ``glob``'s rank and scale with Σ on B: B = U Σ / s, A = V^T, zero-padded. Row i of
-    V' has norm sqrt(σ_i) (V^T has orthonormal rows), which moves the root across."""
+    factors of ``glob``'s rank and scale with Σ on B: B = U Σ / s, A = V^T. Row i of V' has norm
+    sqrt(σ_i) (V^T has orthonormal rows), which moves the root across.
+
+    Where ΔW's rank is below R (fewer replies than R components), the missing components get zero
+    B columns and A rows that complete A's to an orthonormal set, as a full SVD's singular vectors
+    of zero singular values do in the authors' code: a component with zero A and zero B would get
+    no gradient and never train again. The completion is of ``glob``'s A (the previous round's
+    directions, orthogonalised against the kept ones), so the same inputs give the same factors."""
     root = best.V.norm(dim=1)
     keep = root > 0
     A = best.V[keep] / root[keep, None]
     B = best.U[:, keep] * root[keep] / glob.scale
     missing = glob.rank - A.shape[0]
-    A = torch.cat([A, A.new_zeros(missing, A.shape[1])])
-    B = torch.cat([B, B.new_zeros(B.shape[0], missing)], dim=1)
-    return AdapterFactors(A=A, B=B, scale=glob.scale)
+    if missing:
+        # Householder QR: orthonormal columns whatever the rank of [A^T glob.A^T]; the first k span A's rows
+        Q = torch.linalg.qr(torch.cat([A, glob.A.to(A.dtype)]).double().T).Q
+        A = torch.cat([A, Q[:, A.shape[0] : glob.rank].T.to(A.dtype)])
+        B = torch.cat([B, B.new_zeros(B.shape[0], missing)], dim=1)
+    return AdapterFactors(A=A.contiguous(), B=B, scale=glob.scale)

@@ -17,7 +17,10 @@ global adapter it started from, not only what it trained this round; a client of
 starts from more of it, so it tends to weigh more); the dense extras (a head) are weighted by each
 client's norm over all modules (our addition: the paper has no head). ``examples``, ``steps`` and
 ``uniform`` weigh as fedavg does. The paper's local rank self-pruning is not implemented (a
-client's rank is fixed). No code of the authors' is public; third-party versions differ in where
+client's rank is fixed). One deviation: the components beyond every reply's rank (no client of the
+round trained them) keep their global values, where the zero-padded average would set their A rows
+and B columns to zero, which no later round could undo (both factors of a component at zero get
+no gradient). No code of the authors' is public; third-party versions differ in where
 they put s_k / s (FlexLoRA's HetLoRA baseline splits it as a square root over A and B, with data
 weights): any split gives the same products, not the same averaged factors.
 
@@ -61,11 +64,10 @@ class HetLoRA(Strategy):
         for module, glob in state.adapter.items():
             padded = [padded_to(u.factors[module], glob) for u in updates]
             p = self.weights(updates, [n[module] for n in norms])
-            adapter[module] = AdapterFactors(
-                A=weighted_sum((f.A for f in padded), p),
-                B=weighted_sum((f.B for f in padded), p),
-                scale=glob.scale,
-            )
+            A, B = weighted_sum((f.A for f in padded), p), weighted_sum((f.B for f in padded), p)
+            covered = max(u.factors[module].rank for u in updates)
+            A[covered:], B[:, covered:] = glob.A[covered:], glob.B[:, covered:]  # no reply trained these
+            adapter[module] = AdapterFactors(A=A, B=B, scale=glob.scale)
         overall = [math.sqrt(sum(v**2 for v in n.values())) for n in norms]
         p = self.weights(updates, overall)
         extras = {name: weighted_sum((u.extras[name] for u in updates), p) for name in updates[0].extras}

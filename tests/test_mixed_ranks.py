@@ -100,6 +100,29 @@ def test_flexlora_keeps_the_best_rank_R_approximation_and_clients_get_the_best_o
     assert 0 < strategy.last_metrics["discarded_energy"] < 1  # a rank-10 sum kept at rank 4 (5 x 9 module)
 
 
+def test_hetlora_keeps_the_global_components_no_reply_trained():
+    state = global_state()
+    out = HetLoRA().aggregate(1, state, [client(1, 1), client(2, 2)])
+    for module, glob in out.adapter.items():
+        start = state.adapter[module]
+        assert torch.equal(glob.A[2:], start.A[2:]) and torch.equal(glob.B[:, 2:], start.B[:, 2:])
+        assert not torch.equal(glob.A[:2], start.A[:2])
+
+
+def test_flexlora_below_full_rank_keeps_every_component_trainable():
+    """One rank-1 reply: ΔW has rank 1 < R. Components beyond it get zero B columns and A rows that
+    complete an orthonormal set (a component with zero A and zero B gets no gradient, ever)."""
+    state = global_state()
+    out = FlexLoRA().aggregate(1, state, [client(1, 1)])
+    for module, glob in out.adapter.items():
+        torch.testing.assert_close(glob.A @ glob.A.T, torch.eye(R), rtol=0, atol=1e-5)
+        assert glob.B[:, 1:].abs().max() == 0 and glob.B[:, 0].abs().max() > 0
+        torch.testing.assert_close(glob.delta(), client(1, 1).factors[module].delta(), rtol=1e-4, atol=1e-5)
+        B = glob.B.clone().requires_grad_()
+        (glob.scale * B @ glob.A).sum().backward()  # any loss: B's new columns get a gradient
+        assert (B.grad[:, 1:].norm(dim=0) > 0).all()
+
+
 def test_the_validator_and_the_norm_screen_take_smaller_ranks_only_when_the_strategy_does():
     state = global_state()
     small = client(2, 1)
