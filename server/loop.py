@@ -284,8 +284,13 @@ class FederatedRun:
             record.evaluation = self.evaluator(self.state, self.init_seed(rnd + 1))
         record.seconds = time.perf_counter() - t0
         row = record.row()
-        self._record(row)
-        save_checkpoint(self.run_dir, self.state, self.rng.getstate())
+        if self.private:  # the secret stream's advance is saved before anything of the round is
+            # released: a crash in between must not redo the round with the same noise on other updates
+            save_checkpoint(self.run_dir, self.state, self.rng.getstate())
+            self._record(row)
+        else:  # the row first: a crash before the checkpoint redoes the round, the row with it
+            self._record(row)
+            save_checkpoint(self.run_dir, self.state, self.rng.getstate())
         print_round(self.console, row, self.config.run.rounds)
 
     def _participation(self, outcome: RoundOutcome) -> Participation | None:
@@ -324,7 +329,7 @@ class FederatedRun:
             bytes_down=record_nbytes(content) * len(nodes),
         )
         unanswered = set(nodes)
-        with RoundProgress(self.console, rnd, len(nodes)) as progress:
+        with RoundProgress(self.console, rnd, None if self.private else len(nodes)) as progress:
             for reply in receive(grid, messages, self.config.server.round_timeout):
                 node = reply.metadata.src_node_id
                 unanswered.discard(node)

@@ -138,11 +138,12 @@ class RunRecorder:
 
 class RoundProgress:
     """Replies in so far while a round runs: a live progress bar on a terminal, and otherwise a
-    plain line at most every ``PLAIN_EVERY`` seconds (logs stay readable)."""
+    plain line at most every ``PLAIN_EVERY`` seconds (logs stay readable). With ``sampled`` None (a
+    private run, whose sample size and replies are not released) only the time elapsed."""
 
     PLAIN_EVERY = 30.0
 
-    def __init__(self, console: Console, rnd: int, sampled: int) -> None:
+    def __init__(self, console: Console, rnd: int, sampled: int | None) -> None:
         self.console, self.rnd, self.sampled = console, rnd, sampled
         self.started = self.last_line = time.monotonic()
         self.done = 0
@@ -150,12 +151,8 @@ class RoundProgress:
 
     def __enter__(self) -> RoundProgress:
         if self.console.is_terminal:
-            columns = (
-                TextColumn("round {task.fields[rnd]}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-            )
+            counts = (BarColumn(), MofNCompleteColumn()) if self.sampled is not None else ()
+            columns = (TextColumn("round {task.fields[rnd]}"), *counts, TimeElapsedColumn())
             self.bar = Progress(*columns, console=self.console, transient=True)
             self.bar.start()
             self.task = self.bar.add_task("", total=self.sampled, rnd=self.rnd)
@@ -168,9 +165,8 @@ class RoundProgress:
             self.bar.advance(self.task)
         elif now - self.last_line >= self.PLAIN_EVERY:
             self.last_line = now
-            self.console.print(
-                f"round {self.rnd}: {self.done}/{self.sampled} clients replied, {now - self.started:.0f}s"
-            )
+            so_far = "running" if self.sampled is None else f"{self.done}/{self.sampled} clients replied"
+            self.console.print(f"round {self.rnd}: {so_far}, {now - self.started:.0f}s")
 
     def __exit__(self, *_: object) -> None:
         if self.bar is not None:

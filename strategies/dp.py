@@ -15,10 +15,13 @@ The accountant (opacus' RDP) is the Poisson-subsampled Gaussian mechanism with s
 noise multiplier z under add/remove-one-client adjacency: exactly the mechanism run.
 
 Adaptive clipping (``target_quantile``): C follows the γ-quantile of the update norms,
-C ← C exp(-η (b̃ - γ)), with b̃ the noised fraction of updates at most C long,
-b̃ = (sum_k 1[‖Δ_k‖ <= C] + N(0, σ_b²)) / m. The updates then get noise multiplier
-z_Δ = (z⁻² - (2 σ_b)⁻²)^(-1/2), so that the two releases together cost what one Gaussian with z
-does (Andrew et al., Theorem 1): the accountant charges z.
+C ← C exp(-η (b̃ - γ)), with b̃ the noised fraction of updates at most C long, released centred,
+b̃ = (sum_k (1[‖Δ_k‖ <= C] - 1/2) + N(0, σ_b²)) / m + 1/2: adding or removing a client moves the
+centred sum by 1/2 (the plain count would move by 1, and the number of clients that replied is not
+public under Poisson sampling, so it cannot be subtracted afterwards), as in TensorFlow Privacy's
+quantile estimator. The updates then get noise multiplier z_Δ = (z⁻² - (2 σ_b)⁻²)^(-1/2), so that
+the two releases together cost what one Gaussian with z does (Andrew et al., Theorem 1, whose
+(2 σ_b) is the centred sum's sensitivity 1/2): the accountant charges z.
 
 Every round draws its own sample, Fed-SB's project round too (its inner plan asks for the range
 round's clients, ``ClientPlan.same_clients``, which ``dp`` drops): the two initialisation sketches
@@ -204,10 +207,13 @@ class AdaptiveClip:
             )
         return cls(quantile, lr, count_std, (noise_multiplier**-2 - (2 * count_std) ** -2) ** -0.5)
 
-    def next_norm(self, norm: float, unclipped: int, m: int, random: SecureRandom) -> tuple[float, float]:
-        """The next clipping norm and the noised fraction of unclipped updates it came from."""
+    def next_norm(
+        self, norm: float, unclipped: int, count: int, m: int, random: SecureRandom
+    ) -> tuple[float, float]:
+        """The next clipping norm and the noised fraction of unclipped updates it came from, of
+        ``count`` updates, ``unclipped`` of them within ``norm`` (centred: sensitivity 1/2)."""
         noise = float(random.normal(1, self.count_std)[0]) if self.count_std > 0 else 0.0
-        fraction = (unclipped + noise) / m
+        fraction = (unclipped - count / 2 + noise) / m + 0.5
         return norm * math.exp(-self.lr * (fraction - self.quantile)), fraction
 
 
@@ -225,11 +231,12 @@ class PrivateSum:
             dp.name, state, plan.train_lora_A, plan.train_lora_B, trains_extras=not dp.freeze_extras
         )
         self.total = torch.zeros(self.clipper.layout.numel, dtype=torch.float64)  # order-independent
-        self.unclipped = 0
+        self.unclipped = self.count = 0
 
     def add(self, update: ClientUpdate) -> None:
         factor = self.clipper.clip(update, self.dp.clip_norm)
         self.unclipped += factor == 1.0
+        self.count += 1
         add_scaled_(self.total, self.clipper.delta, factor)
 
     def add_sum(self, clipped: dict[str, Tensor]) -> None:
@@ -252,7 +259,7 @@ class PrivateSum:
         }
         if dp.adaptive is not None:
             dp.clip_norm, fraction = dp.adaptive.next_norm(
-                dp.clip_norm, self.unclipped, dp.clients_per_round, dp.random
+                dp.clip_norm, self.unclipped, self.count, dp.clients_per_round, dp.random
             )
             metrics["noised_unclipped_fraction"] = fraction
         dp.last_metrics = metrics

@@ -41,12 +41,15 @@ class ServerOptimizer(Strategy):
         inner_options: dict[str, Any] | None = None,
         server_lr: float = 1.0,
     ) -> None:
+        around_dp = StrategyError(
+            f"put {self.name} inside dp, not around it: name = 'dp', inner = '{self.name}' (dp then "
+            "clips and noises the updates, and the optimizer steps on the noised mean)"
+        )
         if inner == "dp":
-            raise StrategyError(
-                f"put {self.name} inside dp, not around it: name = 'dp', inner = '{self.name}' (dp then "
-                "clips and noises the updates, and the optimizer steps on the noised mean)"
-            )
+            raise around_dp
         self.inner: Strategy = create_strategy(inner, inner_options)
+        if self.inner.private:  # dp by its import path: around it, the rounds would not be private
+            raise around_dp
         if not self.inner.linear:
             raise StrategyError(
                 f"{self.name} steps on the weighted mean of the updates, so it wraps a linear strategy "

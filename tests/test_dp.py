@@ -15,6 +15,7 @@ from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
 from server.checkpoint import load_checkpoint, save_checkpoint
 from strategies import StopFederation, StrategyError, create_strategy
 from strategies.clip import DeltaClipper
+from strategies.dp import AdaptiveClip
 from tests.factories import global_norm
 
 M, N = 4, 20  # clients per round, clients in all
@@ -238,6 +239,22 @@ def test_adaptive_clipping_follows_the_geometric_rule_towards_the_quantile():
     assert 0.1 < norms[0] < norms[1] < norms[2]  # half unclipped, below the 0.8 target: C grows
 
 
+class FixedNoise:
+    def normal(self, n: int, std: float) -> torch.Tensor:
+        return torch.full((n,), 0.3)
+
+
+def test_the_released_count_moves_by_half_a_client_when_one_joins_or_leaves():
+    """Andrew et al.'s z_Δ = (z⁻² - (2 σ_b)⁻²)^(-1/2) holds for a count of sensitivity 1/2: the bits
+    are centred before the noise (the number of replies is private under Poisson sampling)."""
+    rule = AdaptiveClip.create(0.5, 0.2, 2.0, 1.0, M)
+    _, base = rule.next_norm(1.0, 2, 3, M, FixedNoise())  # 3 replies, 2 within C
+    _, joined_unclipped = rule.next_norm(1.0, 3, 4, M, FixedNoise())
+    _, joined_clipped = rule.next_norm(1.0, 2, 4, M, FixedNoise())
+    assert joined_unclipped - base == pytest.approx(0.5 / M) and base - joined_clipped == pytest.approx(0.5 / M)
+    assert base == pytest.approx((2 - 3 / 2 + 0.3) / M + 0.5)
+
+
 def test_adaptive_clipping_spends_part_of_the_noise_on_the_count_and_the_total_is_charged():
     strategy = dp(inner="ffa", clip_norm=1.0, noise_multiplier=1.0, target_quantile=0.5, count_noise_std=2.0)
     z_delta = strategy.update_noise_multiplier
@@ -294,3 +311,26 @@ def test_a_dp_run_logs_nothing_per_client_and_survives_a_round_that_samples_nobo
     assert all(not per_client & set(r) for r in rows)
     assert 0 < rows[1]["epsilon"] < rows[2]["epsilon"] < rows[3]["epsilon"]  # the empty round is charged
     assert "train_loss" not in out.getvalue() and "partition-" not in out.getvalue()
+
+
+def test_under_dp_a_round_is_checkpointed_before_anything_of_it_is_released(tiny_bert_dir, tmp_path):
+    """The checkpoint holds the secret stream's advance: a crash after the release but before it
+    would redo the round with the same noise on other updates, whose difference it would reveal."""
+    from fedpeft.testing import LocalGrid
+    from server.checkpoint import load_checkpoint
+    from server.loop import FederatedRun
+    from tests.factories import small_config
+
+    config = small_config(tiny_bert_dir, **{"strategy.name": "dp", "strategy.inner": "ffa", "strategy.clip_norm": 0.5})
+    run = FederatedRun(config, tmp_path)
+    checkpointed_at_release = []
+    record = run.recorder.record
+
+    def checked(row):
+        if row["round"] > 0:
+            checkpointed_at_release.append((row["round"], load_checkpoint(tmp_path).state.round))
+        record(row)
+
+    run.recorder.record = checked
+    run.run(LocalGrid(3))
+    assert checkpointed_at_release == [(1, 1), (2, 2)]

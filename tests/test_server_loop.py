@@ -274,7 +274,11 @@ def test_the_drops_of_a_retried_attempt_are_recorded(tiny_bert_dir, tmp_path):
     assert summary["clients_dropped"] == 1
 
 
-def test_a_round_in_progress_prints_plain_lines_when_not_on_a_terminal(monkeypatch):
+@pytest.mark.parametrize(
+    ("sampled", "so_far"), [(4, ["3/4 clients replied", "4/4 clients replied"]), (None, ["running", "running"])]
+)
+def test_a_round_in_progress_prints_plain_lines_when_not_on_a_terminal(monkeypatch, sampled, so_far):
+    """None: a private run, whose sample size and replies are not released."""
     from io import StringIO
 
     from rich.console import Console
@@ -285,13 +289,10 @@ def test_a_round_in_progress_prints_plain_lines_when_not_on_a_terminal(monkeypat
     console = Console(file=out, force_terminal=False)
     clock = iter([0.0, 5.0, 10.0, 31.0, 70.0])  # the start, then one reading per reply
     monkeypatch.setattr("server.report.time.monotonic", lambda: next(clock))
-    with RoundProgress(console, 3, 4) as progress:
+    with RoundProgress(console, 3, sampled) as progress:
         for _ in range(4):
             progress.reply()
-    assert out.getvalue().splitlines() == [
-        "round 3: 3/4 clients replied, 31s",
-        "round 3: 4/4 clients replied, 70s",
-    ]
+    assert out.getvalue().splitlines() == [f"round 3: {so_far[0]}, 31s", f"round 3: {so_far[1]}, 70s"]
 
 
 def test_compare_plots_runs_and_tables_their_final_figures(tiny_bert_dir, tmp_path):

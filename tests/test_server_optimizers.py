@@ -149,6 +149,13 @@ def test_inside_dp_it_steps_on_the_noised_mean():
     ("options", "message"),
     [
         ({"inner": "dp"}, "put fedadam inside dp"),
+        (
+            {
+                "inner": "strategies.dp:DifferentialPrivacy",
+                "inner_options": {"clients_per_round": 2, "num_clients": 4, "noise_multiplier": 1.0},
+            },
+            "put fedadam inside dp",
+        ),
         ({"inner": "stacking"}, "wraps a linear strategy"),
         ({"server_lr": 0.0}, "server_lr must be positive"),
         ({"beta_1": 1.0}, "0 <= beta_1, beta_2 < 1"),
