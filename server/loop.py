@@ -181,6 +181,7 @@ class FederatedRun:
         started = time.perf_counter()
         if self.state.round == 0:
             self._fetch_initial_adapter(grid)
+            self.state = self.strategy.initial_state(self.state, self.config.run.seed)
             if self.evaluator is not None:
                 row = {"round": 0, **self.evaluator(self.state, self.init_seed(1))}
                 self._record(row)

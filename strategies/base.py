@@ -58,6 +58,11 @@ class Strategy(ABC):
         B; weigh by examples under secure aggregation)."""
         return ClientPlan()
 
+    def initial_state(self, state: GlobalState, seed: int) -> GlobalState:
+        """The state round 1 sends, from the clients' seeded initial adapter ``state`` (``seed``: the
+        run's, for anything random the rule adds). Default: ``state`` itself."""
+        return state
+
     @abstractmethod
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         """The next global state from ``state`` (what the clients started from) and their updates."""

@@ -97,6 +97,9 @@ class Clip(Strategy):
         self.inner = inner
         self.clip_norm, self.median_multiple = clip_norm, median_multiple
 
+    def initial_state(self, state: GlobalState, seed: int) -> GlobalState:
+        return self.inner.initial_state(state, seed)
+
     def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
         return self.inner.client_instructions(rnd, state)
 

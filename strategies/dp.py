@@ -136,6 +136,9 @@ class DifferentialPrivacy(Strategy):
         draws = self.random.uniform(len(candidates))
         return [c for c, u in zip(candidates, draws, strict=True) if u < self.sample_rate]
 
+    def initial_state(self, state: GlobalState, seed: int) -> GlobalState:
+        return self.inner.initial_state(state, seed)
+
     def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
         if self.epsilon_budget is not None:
             after = self.accountant.epsilon(self.accountant.rounds + 1)

@@ -74,6 +74,9 @@ class ServerOptimizer(Strategy):
             per_tensor[key] = torch.full_like(like, fill)
         return per_tensor[key]
 
+    def initial_state(self, state: GlobalState, seed: int) -> GlobalState:
+        return self.inner.initial_state(state, seed)
+
     def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
         return self.inner.client_instructions(rnd, state)
 

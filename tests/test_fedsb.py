@@ -16,7 +16,7 @@ from fedpeft.training import Encoded, train
 from fedpeft.wire import decode_state, decode_update, encode_state, encode_update, unpack_tensors
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.loop import FederatedRun, RoundFailed
-from strategies import FedSB, create_strategy
+from strategies import FedSB, StrategyError, create_strategy
 from strategies.fedsb import CORE, PROJECT, RANGE, fedsb_stage
 from tests.factories import SHAPES, extras, factors, metrics_rows, small_config
 from tests.test_secagg_rounds import CLIENTS, secure_config
@@ -228,3 +228,24 @@ def test_a_fedsb_run_under_secure_aggregation_reaches_the_cores(tiny_bert_dir, t
     attempts = [row["attempts"] for row in metrics_rows(tmp_path) if "attempts" in row]
     assert fedsb_stage(run.state) == CORE and attempts == [1, 1, 1]
     assert all(f.R.any() for f in run.state.adapter.values())
+
+
+def test_a_random_frame_trains_the_cores_from_round_one_and_is_seeded(tiny_bert_dir, tmp_path):
+    initial = GlobalState(adapter=factors(RANK, 7, scale=2.0), extras=extras(0))
+    strategy = FedSB(init="random")
+    frame = strategy.initial_state(initial, seed=3)
+    assert fedsb_stage(frame) == CORE and strategy.client_instructions(1, frame).init_gradient == ""
+    for name, f in frame.adapter.items():
+        assert torch.allclose(f.A @ f.A.T, torch.eye(RANK), atol=1e-5)
+        assert torch.allclose(f.B.T @ f.B, torch.eye(RANK), atol=1e-5)
+        assert not f.R.any() and f.scale == initial.adapter[name].scale
+        assert torch.equal(f.B, strategy.initial_state(initial, seed=3).adapter[name].B)
+        assert not torch.equal(f.B, strategy.initial_state(initial, seed=4).adapter[name].B)
+    assert FedSB().initial_state(initial, seed=3) is initial  # the gradient init changes nothing yet
+    with pytest.raises(StrategyError, match="init must be one of gradient, random"):
+        FedSB(init="svd")
+    private = {"strategy.name": "dp", "strategy.inner": "'fedsb'", "strategy.inner_options": "{init = 'random'}"}
+    run = FederatedRun(small_config(tiny_bert_dir, **private, **{"strategy.clip_norm": 10.0}), tmp_path)
+    run.run(LocalGrid(3))
+    assert fedsb_stage(run.state) == CORE and all(f.R.any() for f in run.state.adapter.values())
+    assert run.strategy.accountant.rounds == 2  # both rounds trained the cores
