@@ -20,6 +20,8 @@ curves); the final accuracy is on all 1,821 rows of ``test-labeled.tsv``, used f
   ``fedsb+frozen-head/...``): the clients send, and ``dp`` clips and noises, the cores R only;
   and Fed-SB with every client every round (``fedsb+all-clients/...``: q = 1, so z = 2.02 at
   epsilon 8 but m = 100; five times the client steps), with Fed-SB's lr and clip start;
+  and Fed-SB from a random frame (``fedsb+random-frame/...``, ``init = "random"``): no gradient
+  sketch rounds, whose noise swamps them under DP, so R trains all 10 rounds; its own lr search;
 - example level: 10 clients, all every round, DP-SGD on each (per-example clipping at 1.0), the
   noise multiplier set so that every client's epsilon after its 50 steps is at most the target
   (sampling rate batch / rows of the smallest client); the baseline is the same without DP.
@@ -57,6 +59,7 @@ RULES: dict[str, dict[str, Any]] = {
     "fedsb": {"strategy.name": "fedsb"},
     "fedsb+frozen-head": {"strategy.name": "fedsb", "train.freeze_head": True},
     "fedsb+all-clients": {"strategy.name": "fedsb", "server.fraction": 1.0},
+    "fedsb+random-frame": {"strategy.name": "fedsb", "strategy.init": "random"},
 }
 # variants that take another rule's lr and clip start instead of a search of their own: sampling
 # every client changes no client's training, so its update norms are the searched rule's
@@ -100,10 +103,12 @@ def private_config(
     if mode == "client":
         rate = overrides["server.fraction"]
         z = get_noise_multiplier(target_epsilon=epsilon, target_delta=DELTA, sample_rate=rate, steps=ROUNDS)
+        inner = {k: v for k, v in overrides.items() if k.startswith("strategy.") and k != "strategy.name"}
         return {
-            **overrides,
+            **{k: v for k, v in overrides.items() if k not in inner},
             "strategy.name": "dp",
             "strategy.inner": overrides["strategy.name"],
+            "strategy.inner_options": {k.removeprefix("strategy."): v for k, v in inner.items()},
             "strategy.noise_multiplier": z,
             "strategy.delta": DELTA,
             "strategy.clip_norm": clip_start,  # adaptive clipping follows the median from there
@@ -126,7 +131,14 @@ def private_config(
 
 
 def config_of(overrides: dict[str, Any]) -> RunConfig:
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    return load_config(None, [f"{k}={toml_value(v)}" for k, v in overrides.items()])
+
+
+def toml_value(value: Any) -> str:
+    """A value as the right-hand side of a ``section.key=value`` override (a dict as an inline table)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
 
 
 def pieces() -> dict[str, tuple[str, float | None, int, float | None, str]]:
