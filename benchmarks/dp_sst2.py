@@ -28,6 +28,7 @@ curves); the final accuracy is on all 1,821 rows of ``test-labeled.tsv``, used f
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dp_sst2.py --only 'search/*'   # first: the lr
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dp_sst2.py [--only 'client/*'] [--list]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dp_sst2.py --frames   # Fed-SB's frames vs non-private
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from common import REPO, HeldOut, RunsFile, mean_std, pieces_parser, run_pieces, run_scored, write_splits
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -371,10 +373,43 @@ def report_row(mode: str, rule: str, epsilon: float | None, group: list[dict[str
     )
 
 
+def frame_overlaps(names: list[str]) -> str:
+    """For each recorded Fed-SB run whose directory holds its checkpoint: how much of the frozen frame (B's
+    column space, A's row space) it shares with the non-private Fed-SB run of the same seed, as the
+    mean squared cosine of their principal angles (1: the same subspace; r / d: as two random ones)."""
+    lines = ["| run | B overlap | A overlap | random (r / d) |", "|---|---:|---:|---:|"]
+    for name in names:
+        seed = name.rsplit("=", 1)[-1]
+        reference = run_dir(f"fedsb/client/none/seed={seed}")
+        if not name.startswith("fedsb") or not (run_dir(name) / "checkpoint.safetensors").is_file():
+            continue
+        if not (reference / "checkpoint.safetensors").is_file():
+            continue
+        ours, theirs = (load_checkpoint(d).state.adapter for d in (run_dir(name), reference))
+        b = statistics.fmean(subspace_overlap(f.B, theirs[m].B) for m, f in ours.items())
+        a = statistics.fmean(subspace_overlap(f.A.T, theirs[m].A.T) for m, f in ours.items())
+        first = next(iter(ours.values()))
+        lines.append(f"| {name} | {b:.3f} | {a:.3f} | {first.rank / first.B.shape[0]:.3f} |")
+    return "\n".join(lines)
+
+
+def subspace_overlap(X: torch.Tensor, Y: torch.Tensor) -> float:
+    """Mean squared cosine of the principal angles between the column spaces of X and Y."""
+    qx, qy = (torch.linalg.qr(t.double()).Q for t in (X, Y))
+    return float((qx.T @ qy).square().sum()) / min(qx.shape[1], qy.shape[1])
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = pieces_parser(__doc__.splitlines()[0], OUT, "sst2_glue/").parse_args(argv)
+    parser = pieces_parser(__doc__.splitlines()[0], OUT, "sst2_glue/")
+    parser.add_argument(
+        "--frames", action="store_true", help="compare the Fed-SB runs' frames (needs their run directories)"
+    )
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = RunsFile(args.out, "dp_sst2")
+    if args.frames:
+        print(frame_overlaps([name for name in pieces() if results.get(name) is not None]))
+        return 0
     data_dir = args.data_dir.resolve()
     missing = [f for f in (TRAIN, TEST) if not (data_dir / f).is_file()]
     if not (args.list or args.report) and missing:

@@ -251,7 +251,9 @@ def test_the_released_count_moves_by_half_a_client_when_one_joins_or_leaves():
     _, base = rule.next_norm(1.0, 2, 3, M, FixedNoise())  # 3 replies, 2 within C
     _, joined_unclipped = rule.next_norm(1.0, 3, 4, M, FixedNoise())
     _, joined_clipped = rule.next_norm(1.0, 2, 4, M, FixedNoise())
-    assert joined_unclipped - base == pytest.approx(0.5 / M) and base - joined_clipped == pytest.approx(0.5 / M)
+    assert joined_unclipped - base == pytest.approx(0.5 / M) and base - joined_clipped == pytest.approx(
+        0.5 / M
+    )
     assert base == pytest.approx((2 - 3 / 2 + 0.3) / M + 0.5)
 
 
@@ -321,7 +323,9 @@ def test_under_dp_a_round_is_checkpointed_before_anything_of_it_is_released(tiny
     from server.loop import FederatedRun
     from tests.factories import small_config
 
-    config = small_config(tiny_bert_dir, **{"strategy.name": "dp", "strategy.inner": "ffa", "strategy.clip_norm": 0.5})
+    config = small_config(
+        tiny_bert_dir, **{"strategy.name": "dp", "strategy.inner": "ffa", "strategy.clip_norm": 0.5}
+    )
     run = FederatedRun(config, tmp_path)
     checkpointed_at_release = []
     record = run.recorder.record

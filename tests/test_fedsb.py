@@ -185,7 +185,12 @@ def replied(row: dict) -> set[str]:
 def test_the_project_round_goes_to_the_clients_of_the_range_round_across_a_resume(tiny_bert_dir, tmp_path):
     """Q spans the range of the range round's clients' mean gradient: projecting another sample's
     mean onto it would capture that mean only as far as the two agree."""
-    options = {"strategy.name": "fedsb", "data.num_clients": 6, "server.fraction": 0.5, "server.min_clients": 3}
+    options = {
+        "strategy.name": "fedsb",
+        "data.num_clients": 6,
+        "server.fraction": 0.5,
+        "server.min_clients": 3,
+    }
     FederatedRun(small_config(tiny_bert_dir, **options, **{"run.rounds": 1}), tmp_path).run(LocalGrid(6))
     resumed = FederatedRun(small_config(tiny_bert_dir, **options, **{"run.rounds": 4}), tmp_path, resume=True)
     resumed.run(LocalGrid(6))
@@ -195,7 +200,9 @@ def test_the_project_round_goes_to_the_clients_of_the_range_round_across_a_resum
     assert {frozenset(replied(row)) for row in rows[1:]} != {frozenset(replied(rows[0]))}  # then sampled
 
 
-def test_a_round_for_the_last_rounds_clients_takes_those_connected_and_fails_without_any(tiny_bert_dir, tmp_path):
+def test_a_round_for_the_last_rounds_clients_takes_those_connected_and_fails_without_any(
+    tiny_bert_dir, tmp_path
+):
     run = FederatedRun(small_config(tiny_bert_dir, **{"server.connect_timeout": 0.1}), tmp_path)
     grid = LocalGrid(3)
     run.last_clients = ["partition-2", "gone", "partition-0"]
@@ -244,7 +251,11 @@ def test_a_random_frame_trains_the_cores_from_round_one_and_is_seeded(tiny_bert_
     assert FedSB().initial_state(initial, seed=3) is initial  # the gradient init changes nothing yet
     with pytest.raises(StrategyError, match="init must be one of gradient, random"):
         FedSB(init="svd")
-    private = {"strategy.name": "dp", "strategy.inner": "'fedsb'", "strategy.inner_options": "{init = 'random'}"}
+    private = {
+        "strategy.name": "dp",
+        "strategy.inner": "'fedsb'",
+        "strategy.inner_options": "{init = 'random'}",
+    }
     run = FederatedRun(small_config(tiny_bert_dir, **private, **{"strategy.clip_norm": 10.0}), tmp_path)
     run.run(LocalGrid(3))
     assert fedsb_stage(run.state) == CORE and all(f.R.any() for f in run.state.adapter.values())

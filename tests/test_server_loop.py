@@ -275,7 +275,8 @@ def test_the_drops_of_a_retried_attempt_are_recorded(tiny_bert_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("sampled", "so_far"), [(4, ["3/4 clients replied", "4/4 clients replied"]), (None, ["running", "running"])]
+    ("sampled", "so_far"),
+    [(4, ["3/4 clients replied", "4/4 clients replied"]), (None, ["running", "running"])],
 )
 def test_a_round_in_progress_prints_plain_lines_when_not_on_a_terminal(monkeypatch, sampled, so_far):
     """None: a private run, whose sample size and replies are not released."""
