@@ -116,6 +116,23 @@ def test_a_client_dropping_after_masking_is_recovered_and_the_sum_is_exact(tiny_
     assert row["train_loss"] == pytest.approx(loss, abs=1e-5)
 
 
+def test_a_frozen_head_is_not_masked_and_stays_the_global_one_bit_for_bit(tiny_bert_dir, tmp_path):
+    """Under train.freeze_head nobody trains or sends the head: the sum carries none of it (a head
+    in the ring would be clipped to clip_range and re-quantised), and the result keeps the global."""
+    run = FederatedRun(secure_config(tiny_bert_dir, **{"train.freeze_head": "true"}), tmp_path)
+    initial = {}
+    fetch = run._fetch_initial_adapter
+
+    def keep_initial(grid):
+        fetch(grid)
+        initial.update({k: t.clone() for k, t in run.state.extras.items()})
+
+    run._fetch_initial_adapter = keep_initial
+    run.run(LocalGrid(CLIENTS))
+    assert initial and all(torch.equal(run.state.extras[k], t) for k, t in initial.items())
+    assert run.state.extras and any(f.B.any() for f in run.state.adapter.values())  # the adapter trained
+
+
 def test_clients_weigh_their_masked_update_by_the_strategys_weighting(tiny_bert_dir, tmp_path, masked):
     config = secure_config(tiny_bert_dir, **{"strategy.weighting": "uniform", "data.partition": "dirichlet"})
     run = FederatedRun(config, tmp_path)

@@ -7,7 +7,9 @@ example count) in the ring, which is exact. The sum of K such encodings decodes 
 as its true value fits in a signed 64-bit integer, which ``FixedPoint.check_capacity`` guarantees
 from the number of clients and the largest weight. Decoding the weighted sum and dividing by the
 total weight leaves an error of at most 2^-(fraction_bits+1) per coordinate (a weighted mean of
-rounding errors), plus float64 rounding of the sum (relative 2^-53).
+rounding errors), plus float64 rounding of the sum (relative 2^-53); the server then takes the sum
+as float32 tensors (``SummandLayout.unflatten``) before dividing, which adds up to about two float32
+roundings of the mean (relative 2^-23 each), as the plain path's float32 mean has one.
 """
 
 from __future__ import annotations
