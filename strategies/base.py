@@ -86,7 +86,7 @@ class Strategy(ABC):
             raise ValueError("cannot aggregate: the replies report no training examples in total")
         assert state.adapter is not None, "secure aggregation needs the global adapter"
         factors, extras = split_trained({key: t / weight for key, t in summed.items()}, state.adapter)
-        extras = {**state.extras, **extras}  # extras the clients did not send (a frozen head): the global ones
+        extras = {**state.extras, **extras}  # what the clients did not send (a frozen head): the global
         first = next(iter(factors.values()))
         virtual = ClientUpdate(factors, extras, 1, rnd, first.rank, first.scale * first.rank, num_trained=1)
         return self.aggregate(rnd, state, [virtual])
