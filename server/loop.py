@@ -163,6 +163,14 @@ class FederatedRun:
                 f"'{config.calibration.method}' sends each client's per-class feature moments unprotected; "
                 "set calibration.method = 'none'"
             )
+        if (
+            config.calibration.method != "none"
+            and self.strategy.client_instructions(1, GlobalState()).personal_B
+        ):
+            raise StrategyError(
+                f"strategy '{self.strategy.name}' keeps B on each client, so the global model CCVR would "
+                "calibrate is one no client uses; set calibration.method = 'none'"
+            )
         if resume:
             self._resume()
         else:

@@ -81,7 +81,10 @@ class ServerOptimizer(Strategy):
         return self.inner.client_instructions(rnd, state)
 
     def start(self, rnd: int, state: GlobalState) -> Accumulator:
-        return OptimizerStep(self, rnd, state, self.inner.start(rnd, state))
+        inner = self.inner.start(rnd, state)
+        if inner is not None and self.inner.client_instructions(rnd, state).init_gradient:
+            return inner  # a gradient-sketch round (Fed-SB's initialisation) is not an update: no step
+        return OptimizerStep(self, rnd, state, inner)
 
     def aggregate(self, rnd: int, state: GlobalState, updates: list[ClientUpdate]) -> GlobalState:
         require_updates(self.name, updates)

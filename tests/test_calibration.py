@@ -122,7 +122,10 @@ def test_calibration_is_refused_where_it_cannot_run(overrides, message):
         load_config(None, ["calibration.method='ccvr'", *overrides])
 
 
-def test_calibration_is_refused_under_a_private_strategy(tiny_bert_dir, tmp_path):
-    config = small_config(tiny_bert_dir, **{"calibration.method": "'ccvr'", "strategy.name": "'dp'"})
-    with pytest.raises(StrategyError, match="is private"):
+@pytest.mark.parametrize(("strategy", "message"), [("dp", "is private"), ("fedsa", "keeps B on each client")])
+def test_calibration_is_refused_under_a_private_or_personal_strategy(
+    tiny_bert_dir, tmp_path, strategy, message
+):
+    config = small_config(tiny_bert_dir, **{"calibration.method": "'ccvr'", "strategy.name": f"'{strategy}'"})
+    with pytest.raises(StrategyError, match=message):
         FederatedRun(config, tmp_path)

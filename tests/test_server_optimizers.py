@@ -169,3 +169,23 @@ def test_bad_compositions_and_options_are_refused_in_one_line(options, message):
 def test_fedavgm_refuses_a_momentum_of_one():
     with pytest.raises(StrategyError, match=r"momentum must be in \[0, 1\)"):
         create_strategy("fedavgm", {"momentum": 1.0})
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam"])
+def test_fedsbs_initialisation_rounds_pass_through_and_the_cores_are_stepped(name):
+    """The sketch rounds' results are a frame, not an update: the optimizer must not step on them."""
+    from fedpeft.lora_sb import gradient_sketch
+    from strategies.fedsb import CORE, fedsb_stage
+    from tests.test_fedsb import RANK, low_rank_gradients, reply
+
+    wrapped, plain = create_strategy(name, {"inner": "fedsb"}), create_strategy("fedsb")
+    state = GlobalState(adapter=factories.factors(RANK, 7, scale=2.0), extras=factories.extras(0))
+    for _ in range(2):
+        stage = fedsb_stage(state)
+        replies = [
+            reply(gradient_sketch(state.adapter, low_rank_gradients(k), stage), 10, k) for k in range(3)
+        ]
+        state, expected = wrapped.aggregate(1, state, replies), plain.aggregate(1, state, replies)
+        for module, f in expected.adapter.items():
+            assert torch.equal(state.adapter[module].A, f.A) and torch.equal(state.adapter[module].B, f.B)
+    assert fedsb_stage(state) == CORE and wrapped.steps == 0
