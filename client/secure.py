@@ -106,8 +106,7 @@ def masked_reply(
         )
     if received.adapter is None:
         raise ProtocolError("secure aggregation needs the global adapter in the train message")
-    sent_extras = received.extras if plan.send_extras else {}  # a frozen head is not sent
-    layout = SummandLayout(received.adapter, sent_extras, plan.send_lora_A, plan.send_lora_B)
+    layout = SummandLayout(received.adapter, received.extras, plan)
     codec = FixedPoint(request.clip_range, request.fraction_bits)
     summand = layout.encode(update, (received.adapter, received.extras), codec, request.clip_norm, weight)
     if summand.clipped:

@@ -149,8 +149,7 @@ class _Attempt:
             raise SecureModeError("secure aggregation needs a global adapter; unset lora.client_ranks")
         self.secure, self.grid, self.rnd, self.state = secure, grid, rnd, state
         self.session = os.urandom(SESSION_BYTES)
-        sent_extras = state.extras if plan.send_extras else {}  # a frozen head is not sent
-        self.layout = SummandLayout(state.adapter, sent_extras, plan.send_lora_A, plan.send_lora_B)
+        self.layout = SummandLayout(state.adapter, state.extras, plan)
         self.result = SecureAttempt()
         self.alive: list[int] = []
         self.threshold = 2

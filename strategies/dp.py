@@ -234,12 +234,9 @@ class PrivateSum:
             dp.name, state, plan.train_lora_A, plan.train_lora_B, trains_extras=not dp.freeze_extras
         )
         self.total = torch.zeros(self.clipper.layout.numel, dtype=torch.float64)  # order-independent
-        self.unclipped = self.count = 0
 
     def add(self, update: ClientUpdate) -> None:
         factor = self.clipper.clip(update, self.dp.clip_norm)
-        self.unclipped += factor == 1.0
-        self.count += 1
         add_scaled_(self.total, self.clipper.delta, factor)
 
     def add_sum(self, clipped: dict[str, Tensor]) -> None:
@@ -261,8 +258,9 @@ class PrivateSum:
             "clip_norm": dp.clip_norm,
         }
         if dp.adaptive is not None:
+            count = len(self.clipper.norms)  # the clipper counts the updates it measured and clipped
             dp.clip_norm, fraction = dp.adaptive.next_norm(
-                dp.clip_norm, self.unclipped, self.count, dp.clients_per_round, dp.random
+                dp.clip_norm, count - self.clipper.clipped, count, dp.clients_per_round, dp.random
             )
             metrics["noised_unclipped_fraction"] = fraction
         dp.last_metrics = metrics

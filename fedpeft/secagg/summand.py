@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fedpeft.privacy import clip_factor
 from fedpeft.secagg.ring import FixedPoint
-from fedpeft.state import AdapterFactors, ClientUpdate, trained_tensors
+from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, trained_tensors
 
 LOSS_SCALE = 1024.0  # the loss travels divided by this, so losses up to clip_range * 1024 fit
 
@@ -40,9 +40,11 @@ class SummandLayout:
     """Named tensor shapes laid end to end, then the loss coordinate."""
 
     def __init__(
-        self, adapter: dict[str, AdapterFactors], extras: dict[str, Tensor], send_A: bool, send_B: bool = True
+        self, adapter: dict[str, AdapterFactors], extras: dict[str, Tensor], plan: ClientPlan
     ) -> None:
-        tensors = trained_tensors(adapter, extras, send_A, send_B)
+        """What ``plan`` has clients send of ``adapter`` and ``extras`` (no frozen head)."""
+        sent_extras = extras if plan.send_extras else {}
+        tensors = trained_tensors(adapter, sent_extras, plan.send_lora_A, plan.send_lora_B)
         self.shapes = {key: tuple(t.shape) for key, t in tensors.items()}
         self.numel = sum(math.prod(shape) for shape in self.shapes.values())
 
