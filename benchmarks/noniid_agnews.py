@@ -29,6 +29,9 @@ method gets the same (empty) search and the whole grid is about 70 runs of 6 to 
 - ``recipe/S1/<recipe>/seed=<s>``: S1 fedavg under the client recipes of ``RECIPE_CHECKS``, to
   check the fixed recipe on every seed;
 - ``schedule/S1-10x10/seed=<s>``: S1 fedavg with its 1,000 client steps as 10 rounds of 10;
+- ``lr/S1/<method>/lr=<lr>`` and ``lr/central/lr=<lr>``: S1 seed 0 of each method of
+  ``LR_CHECKS`` (and the centralized baseline) at the other lrs of ``LRS``, the search of
+  ``--search`` without its consequences: does the validation split pick the fixed lr?
 - ``S1|S2|S3/<method>+ccvr/seed=<s>``: that setting's run of a rule with its head
   calibrated by CCVR after the last round (``calibration.method = "ccvr"``,
   ``fedpeft/calibration.py``). CCVR only acts after training, so it runs on the stored run: the
@@ -145,6 +148,8 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 FIXED_LR, FIXED_RECIPE = 1e-3, "uniform+balanced"  # the fixed protocol's lr and client recipe
+# the fixed protocol's lr pieces: each of these (and the centralized baseline) at every lr of LRS
+LR_CHECKS = ("fedavg", "stacking", "fedex", "ffa", "vcma", *SERVER_OPTIMIZERS)
 # the fixed protocol's recipe pieces (S1 fedavg), each against FIXED_RECIPE on every seed
 RECIPE_CHECKS = ("uniform+none", "examples+none", "uniform+frozen", "uniform+balanced+frozen")
 # CCVR's retraining lr, chosen on the validation split of S1 fedavg seed 2 (the worst seed)
@@ -313,6 +318,13 @@ def fixed_pieces() -> list[Piece]:
         for name in SCHEDULES
         for seed in SEEDS
     ]
+    out += [  # is the fixed lr the one the validation split picks? (S1, seed 0, as --search)
+        Piece(f"lr/S1/{method}/lr={lr:g}", "federated", "S1", method, 0, lr)
+        for method in LR_CHECKS
+        for lr in LRS
+        if lr != FIXED_LR  # that one is the S1/<method>/seed=0 piece
+    ]
+    out += [Piece(f"lr/central/lr={lr:g}", "centralized", lr=lr) for lr in LRS if lr != FIXED_LR]
     out += [
         Piece(f"ccvr-lr/S1/fedavg/lr={lr:g}/seed=2", "calibrated", "S1", "fedavg", 2, calibration_lr=lr)
         for lr in CCVR_LRS
@@ -580,19 +592,46 @@ def baseline(results: Results, kind: str, alpha: float | None = None) -> list[fl
     return [r["final_accuracy"] for r in results.data["runs"] if r["kind"] == kind and r["alpha"] == alpha]
 
 
-def search_report(results: Results) -> list[str]:
-    """The lr search and the recipe ablation of the protocol that searches."""
-    lines = ["## search (S1, seed 0): validation score per lr (mean of the last 3 rounds)", ""]
+def lr_table(title: str, cells: dict[str, list[dict[str, Any] | None]]) -> list[str]:
+    """A titled table of each method's runs at the lrs of ``LRS`` (None: not run yet): validation
+    score (test accuracy), and the lr the validation split picks once all are in."""
+    lines = [f"## {title}: validation score per lr (test accuracy)", ""]
     lines += [
-        "| method | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | chosen |",
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | picked on validation |",
         "|---|" + "---:|" * (len(LRS) + 1),
     ]
-    for method in (*BASE_METHODS, *SERVER_OPTIMIZERS, "central"):
-        prefix = "central" if method == "central" else f"search/{method}"
-        cells = [results.get(f"{prefix}/lr={lr:g}") for lr in LRS]
-        values = [f"{selection_score(c):.4f}" if c else "–" for c in cells]
-        chosen = results.chosen_lr(method)
-        lines.append(f"| {method} | " + " | ".join(values) + f" | {chosen if chosen else '–'} |")
+    for method, runs in cells.items():
+        if not any(runs):
+            continue
+        values = [f"{selection_score(r):.4f} ({r['final_accuracy']:.4f})" if r else "–" for r in runs]
+        picked = f"{max(runs, key=selection_score)['lr']:g}" if all(runs) else "–"
+        lines.append(f"| {method} | " + " | ".join(values) + f" | {picked} |")
+    return lines
+
+
+def lr_check_report(results: Results) -> list[str]:
+    """The fixed protocol's lr pieces, with its lr-1e-3 runs of S1 seed 0 in their column."""
+
+    def name(method: str, lr: float) -> str:
+        if lr == FIXED_LR:
+            return "central/seed=0" if method == "central" else f"S1/{method}/seed=0"
+        return f"lr/central/lr={lr:g}" if method == "central" else f"lr/S1/{method}/lr={lr:g}"
+
+    cells = {method: [results.get(name(method, lr)) for lr in LRS] for method in (*LR_CHECKS, "central")}
+    if all(results.get(name(m, lr)) is None for m in cells for lr in LRS if lr != FIXED_LR):
+        return []
+    return ["", *lr_table("Is lr 1e-3 the one the validation split picks? (S1, seed 0)", cells)]
+
+
+def search_report(results: Results) -> list[str]:
+    """The lr search and the recipe ablation of the protocol that searches."""
+    cells = {
+        method: [
+            results.get(f"{'central' if method == 'central' else f'search/{method}'}/lr={lr:g}") for lr in LRS
+        ]
+        for method in (*BASE_METHODS, *SERVER_OPTIMIZERS, "central")
+    }
+    lines = lr_table("search (S1, seed 0)", cells)
     lines += [
         "",
         "## ablation (S2, seed 0, fedavg, lr 1e-3)",
@@ -648,7 +687,8 @@ def report(results: Results) -> str:
         )
         lines += goal_lines(setting, runs_of(results, setting), central, local)
     if not results.search:
-        lines += recipe_report(results) + schedule_report(results) + ccvr_lr_report(results)
+        lines += lr_check_report(results) + recipe_report(results) + schedule_report(results)
+        lines += ccvr_lr_report(results)
     return "\n".join(lines)
 
 
