@@ -84,6 +84,15 @@ class RunsFile:
     def get(self, piece: str) -> dict[str, Any] | None:
         return next((r for r in self.data["runs"] if r["piece"] == piece), None)
 
+    def supersede(self, piece: str, because: str) -> None:
+        """Move ``piece``'s run to ``superseded`` with the reason, so that it runs again."""
+        run = self.get(piece)
+        if run is None:
+            return
+        self.data["runs"].remove(run)
+        self.data.setdefault("superseded", []).append({**run, "superseded_because": because})
+        write_results(self.data, self.path)
+
     def measure(self, piece: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Run one piece, stamp it, and add it (replacing an earlier run of the same piece)."""
         load_before = os.getloadavg()[0]
