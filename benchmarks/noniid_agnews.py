@@ -20,18 +20,22 @@ over its last 3 rounds (the final round alone swings with the clients sampled). 
 on a fixed, seeded 2,000-row sample of ``test.tsv``, the same rows for every run, never used to
 choose anything.
 
-Two protocols. The default, *fixed*, runs every method and baseline at lr 1e-3 with the client
-recipe ``FIXED_RECIPE`` (chosen by a first ablation on S2, see ``benchmarks/README.md``), so every
-method gets the same (empty) search and the whole grid is about 70 runs of 6 to 8 minutes:
+Two protocols. The default, *fixed*, runs every method with the client recipe ``FIXED_RECIPE``
+(chosen by a first ablation on S2, see ``benchmarks/README.md``) and each method of ``LR_CHECKS``
+and the centralized baseline at the lr its ``lr/`` pieces pick on the validation split (1e-3,
+``DEFAULT_LR``, until all three are in; the other methods always). A run trained at another lr than
+its method's pick is superseded (kept in the file under ``superseded``, with the reason) and runs
+again; S1 seed 0 at the picked lr is the ``lr/`` piece itself, copied. The whole grid is about 90
+runs of 6 to 8 minutes:
 
 - ``S1|S2|S3/<method>/seed=<s>``, ``central/seed=<s>``, ``local/alpha=<a>/seed=<s>``, listed in
   the order worth running (the cheap decisive comparisons of every seed first);
-- ``recipe/S1/<recipe>/seed=<s>``: S1 fedavg under the client recipes of ``RECIPE_CHECKS``, to
-  check the fixed recipe on every seed;
-- ``schedule/S1-10x10/seed=<s>``: S1 fedavg with its 1,000 client steps as 10 rounds of 10;
+- ``recipe/S1/<recipe>/seed=<s>``: S1 fedavg at lr 1e-3 under the client recipes of
+  ``RECIPE_CHECKS``, to check the fixed recipe on every seed;
+- ``schedule/S1-10x10/seed=<s>``: S1 fedavg at lr 1e-3 with its 1,000 client steps as 10 rounds of 10;
 - ``lr/S1/<method>/lr=<lr>`` and ``lr/central/lr=<lr>``: S1 seed 0 of each method of
-  ``LR_CHECKS`` (and the centralized baseline) at the other lrs of ``LRS``, the search of
-  ``--search`` without its consequences: does the validation split pick the fixed lr?
+  ``LR_CHECKS`` (and the centralized baseline) at each lr of ``LRS``: the lr search; local-only
+  runs at the centralized baseline's lr;
 - ``S1|S2|S3/<method>+ccvr/seed=<s>``: that setting's run of a rule with its head
   calibrated by CCVR after the last round (``calibration.method = "ccvr"``,
   ``fedpeft/calibration.py``). CCVR only acts after training, so it runs on the stored run: the
@@ -147,8 +151,8 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
         {"train.label_skew": "balanced_softmax", "train.freeze_head": True},
     ),
 }
-FIXED_LR, FIXED_RECIPE = 1e-3, "uniform+balanced"  # the fixed protocol's lr and client recipe
-# the fixed protocol's lr pieces: each of these (and the centralized baseline) at every lr of LRS
+DEFAULT_LR, FIXED_RECIPE = 1e-3, "uniform+balanced"  # the fixed protocol's client recipe
+# the fixed protocol's lr search: each of these (and the centralized baseline) at every lr of LRS
 LR_CHECKS = ("fedavg", "stacking", "fedex", "ffa", "vcma", *SERVER_OPTIMIZERS)
 # the fixed protocol's recipe pieces (S1 fedavg), each against FIXED_RECIPE on every seed
 RECIPE_CHECKS = ("uniform+none", "examples+none", "uniform+frozen", "uniform+balanced+frozen")
@@ -218,13 +222,33 @@ class Results(RunsFile):
     def chosen_lr(self, method: str) -> float | None:
         """The lr of ``method``'s (or the centralized baseline's) best validation accuracy, once
         its whole search is in."""
-        if not self.search:
-            return FIXED_LR
-        prefix = "central" if method == "central" else f"search/{method}"
-        found = [self.get(f"{prefix}/lr={lr:g}") for lr in LRS]
+        if not self.search and method not in (*LR_CHECKS, "central"):
+            return DEFAULT_LR
+        found = [self.get(lr_piece(method, lr, self.search)) for lr in LRS]
         if any(r is None for r in found):
-            return None
+            return None if self.search else DEFAULT_LR  # the fixed protocol's, until its search is in
         return max(found, key=selection_score)["lr"]
+
+    def adopt_twins(self) -> None:
+        """Record S1's (and the centralized baseline's) seed-0 runs as the lr-search pieces of their
+        lr too, where those are missing: the same configuration, so the same run."""
+        for method in (*LR_CHECKS, "central"):
+            twin = self.get("central/seed=0" if method == "central" else f"S1/{method}/seed=0")
+            if twin and twin.get("recipe", FIXED_RECIPE) == FIXED_RECIPE:
+                if not self.get(name := lr_piece(method, twin["lr"], search=False)):
+                    self.copy(twin["piece"], name)
+
+    def supersede_stale(self) -> None:
+        """Supersede the runs of the settings and baselines trained at another lr than their
+        method's pick (the calibrations of such a run with it), so that they run again."""
+        for run in list(self.data["runs"]):
+            piece = run["piece"]
+            if piece.split("/")[0] not in (*SETTINGS, "central", "local"):
+                continue  # lr/, recipe/, schedule/ and ccvr-lr/ pieces keep the lr they name
+            federated = run["kind"] == "federated"
+            picked = self.chosen_lr(run["method"].removesuffix("+ccvr") if federated else "central")
+            if picked is not None and run["lr"] != picked:
+                self.supersede(piece, f"its method's lr search picked {picked:g}")
 
     def chosen_recipe(self) -> str | None:
         """The client recipe with the best validation accuracy, once every ablation piece is in."""
@@ -242,6 +266,13 @@ class Results(RunsFile):
         if any(lr is None for lr in lrs.values()):
             return None
         return max(SERVER_OPTIMIZERS, key=lambda m: selection_score(self.get(f"search/{m}/lr={lrs[m]:g}")))
+
+
+def lr_piece(method: str, lr: float, search: bool) -> str:
+    """The name of the lr-search piece of ``method`` (or ``"central"``) at ``lr`` (S1, seed 0)."""
+    if search:
+        return f"central/lr={lr:g}" if method == "central" else f"search/{method}/lr={lr:g}"
+    return f"lr/central/lr={lr:g}" if method == "central" else f"lr/S1/{method}/lr={lr:g}"
 
 
 def agnews_held_out(data_dir: Path, tokens: int | None = TOKENS) -> HeldOut:
@@ -294,7 +325,12 @@ def fixed_pieces() -> list[Piece]:
         for setting in settings
         for method in methods
     ]
-    out: list[Piece] = []
+    out = [  # the lr search (S1, seed 0), first: the choices every other run waits for
+        Piece(lr_piece(method, lr, search=False), "federated", "S1", method, 0, lr)
+        for method in LR_CHECKS
+        for lr in LRS
+    ]
+    out += [Piece(lr_piece("central", lr, search=False), "centralized", lr=lr) for lr in LRS]
     for seed in SEEDS:
         out += [
             Piece(f"central/seed={seed}", "centralized", seed=seed),
@@ -309,22 +345,15 @@ def fixed_pieces() -> list[Piece]:
     for seed in SEEDS:
         out += federated(SETTINGS, later, seed)
     out += [
-        Piece(f"recipe/S1/{recipe}/seed={seed}", "federated", "S1", "fedavg", seed, recipe=recipe)
+        Piece(f"recipe/S1/{recipe}/seed={seed}", "federated", "S1", "fedavg", seed, DEFAULT_LR, recipe)
         for seed in SEEDS
         for recipe in RECIPE_CHECKS
     ]
     out += [
-        Piece(f"schedule/{name}/seed={seed}", "federated", name, "fedavg", seed)
+        Piece(f"schedule/{name}/seed={seed}", "federated", name, "fedavg", seed, DEFAULT_LR)
         for name in SCHEDULES
         for seed in SEEDS
     ]
-    out += [  # is the fixed lr the one the validation split picks? (S1, seed 0, as --search)
-        Piece(f"lr/S1/{method}/lr={lr:g}", "federated", "S1", method, 0, lr)
-        for method in LR_CHECKS
-        for lr in LRS
-        if lr != FIXED_LR  # that one is the S1/<method>/seed=0 piece
-    ]
-    out += [Piece(f"lr/central/lr={lr:g}", "centralized", lr=lr) for lr in LRS if lr != FIXED_LR]
     out += [
         Piece(f"ccvr-lr/S1/fedavg/lr={lr:g}/seed=2", "calibrated", "S1", "fedavg", 2, calibration_lr=lr)
         for lr in CCVR_LRS
@@ -349,11 +378,11 @@ def search_pieces() -> list[Piece]:
     """Every piece of the protocol that searches, in the order they are worth running."""
     out = [Piece(f"ablation/S2/{recipe}", "federated", "S2", "fedavg", 0, 1e-3, recipe) for recipe in RECIPES]
     out += [
-        Piece(f"search/{method}/lr={lr:g}", "federated", "S1", method, 0, lr)
+        Piece(lr_piece(method, lr, search=True), "federated", "S1", method, 0, lr)
         for method in (*BASE_METHODS, *SERVER_OPTIMIZERS)
         for lr in LRS
     ]
-    out += [Piece(f"central/lr={lr:g}", "centralized", lr=lr) for lr in LRS]
+    out += [Piece(lr_piece("central", lr, search=True), "centralized", lr=lr) for lr in LRS]
     for setting in SETTINGS:
         out += [
             Piece(f"{setting}/{method}/seed={seed}", "federated", setting, method, seed)
@@ -391,6 +420,15 @@ def resolve(piece: Piece, results: Results) -> tuple[str, float, str] | None:
             return None
     lr = piece.lr if piece.lr is not None else results.chosen_lr(method)
     return None if lr is None else (method, lr, recipe)
+
+
+def twin_of(piece: Piece, method: str, lr: float, results: Results) -> str | None:
+    """The lr-search piece that is the same run as ``piece`` (S1 or the centralized baseline, seed 0,
+    at the lr the search picked), once it is in; None for any other piece."""
+    if results.search or piece.seed != 0 or piece.name not in (f"S1/{method}/seed=0", "central/seed=0"):
+        return None
+    twin = lr_piece(method, lr, search=False)
+    return twin if results.get(twin) else None
 
 
 def run_dir_of(piece: str) -> Path:
@@ -571,8 +609,8 @@ def runs_of(results: Results, setting: str) -> dict[str, list[dict[str, Any]]]:
     for run in results.data["runs"]:
         piece = run["piece"]
         final = piece.startswith(f"{setting}/")
-        searched = (
-            setting == "S1" and piece == f"search/{run['method']}/lr={chosen.get(run['method']) or 0:g}"
+        searched = setting == "S1" and piece == lr_piece(
+            run["method"], chosen.get(run["method"]) or 0, search=True
         )
         if run["kind"] == "federated" and (final or searched):
             if run["method"] in SERVER_OPTIMIZERS and best not in (None, run["method"]):
@@ -586,7 +624,7 @@ def baseline(results: Results, kind: str, alpha: float | None = None) -> list[fl
     local-only runs at ``alpha``, one per seed."""
     if kind == "centralized":
         lr = results.chosen_lr("central")
-        first = f"central/lr={lr:g}" if results.search else f"central/seed={SEEDS[0]}"
+        first = lr_piece("central", lr, search=True) if results.search else f"central/seed={SEEDS[0]}"
         names = [first, *(f"central/seed={seed}" for seed in SEEDS[1:])] if lr else []
         return [r["final_accuracy"] for r in map(results.get, names) if r]
     return [r["final_accuracy"] for r in results.data["runs"] if r["kind"] == kind and r["alpha"] == alpha]
@@ -609,29 +647,16 @@ def lr_table(title: str, cells: dict[str, list[dict[str, Any] | None]]) -> list[
     return lines
 
 
-def lr_check_report(results: Results) -> list[str]:
-    """The fixed protocol's lr pieces, with its lr-1e-3 runs of S1 seed 0 in their column."""
-
-    def name(method: str, lr: float) -> str:
-        if lr == FIXED_LR:
-            return "central/seed=0" if method == "central" else f"S1/{method}/seed=0"
-        return f"lr/central/lr={lr:g}" if method == "central" else f"lr/S1/{method}/lr={lr:g}"
-
-    cells = {method: [results.get(name(method, lr)) for lr in LRS] for method in (*LR_CHECKS, "central")}
-    if all(results.get(name(m, lr)) is None for m in cells for lr in LRS if lr != FIXED_LR):
-        return []
-    return ["", *lr_table("Is lr 1e-3 the one the validation split picks? (S1, seed 0)", cells)]
+def lr_search_report(results: Results) -> list[str]:
+    """The lr search of S1 seed 0: each method's validation score at each lr of ``LRS``."""
+    methods = (*BASE_METHODS, *SERVER_OPTIMIZERS) if results.search else LR_CHECKS
+    cells = {m: [results.get(lr_piece(m, lr, results.search)) for lr in LRS] for m in (*methods, "central")}
+    return lr_table("lr search (S1, seed 0)", cells)
 
 
 def search_report(results: Results) -> list[str]:
     """The lr search and the recipe ablation of the protocol that searches."""
-    cells = {
-        method: [
-            results.get(f"{'central' if method == 'central' else f'search/{method}'}/lr={lr:g}") for lr in LRS
-        ]
-        for method in (*BASE_METHODS, *SERVER_OPTIMIZERS, "central")
-    }
-    lines = lr_table("search (S1, seed 0)", cells)
+    lines = lr_search_report(results)
     lines += [
         "",
         "## ablation (S2, seed 0, fedavg, lr 1e-3)",
@@ -652,7 +677,10 @@ def report(results: Results) -> str:
         lines = search_report(results)
     else:
         lines = [
-            f"Every run at lr {FIXED_LR:g}, client recipe {FIXED_RECIPE}, inputs cut at {TOKENS} tokens."
+            f"Client recipe {FIXED_RECIPE}, inputs cut at {TOKENS} tokens; each method at the lr its "
+            f"search picked (lr {DEFAULT_LR:g} until its search is in: the lr column).",
+            "",
+            *lr_search_report(results),
         ]
     central = baseline(results, "centralized")
     for setting, spec in SETTINGS.items():
@@ -687,21 +715,21 @@ def report(results: Results) -> str:
         )
         lines += goal_lines(setting, runs_of(results, setting), central, local)
     if not results.search:
-        lines += lr_check_report(results) + recipe_report(results) + schedule_report(results)
-        lines += ccvr_lr_report(results)
+        lines += recipe_report(results) + schedule_report(results) + ccvr_lr_report(results)
     return "\n".join(lines)
 
 
 def ccvr_lr_report(results: Results) -> list[str]:
     """CCVR's retraining lr on S1 fedavg seed 2: the validation accuracy each gives (the choice)."""
-    default = "S1/fedavg+ccvr/seed=2"
     runs = {
-        lr: results.get(default if lr == CCVR_DEFAULT_LR else f"ccvr-lr/S1/fedavg/lr={lr:g}/seed=2")
+        lr: at_default_lr(results, "S1/fedavg+ccvr/seed=2")
+        if lr == CCVR_DEFAULT_LR
+        else results.get(f"ccvr-lr/S1/fedavg/lr={lr:g}/seed=2")
         for lr in CCVR_LRS
     }
     if not any(runs.values()):
         return []
-    lines = ["", "## CCVR's learning rate (S1 fedavg, seed 2), chosen on the validation split", ""]
+    lines = ["", "## CCVR's learning rate (S1 fedavg at lr 1e-3, seed 2), chosen on the validation split", ""]
     lines += ["| lr | validation | test |", "|---:|---:|---:|"]
     for lr, run in runs.items():
         if run:
@@ -711,16 +739,25 @@ def ccvr_lr_report(results: Results) -> list[str]:
 
 def schedule_report(results: Results) -> list[str]:
     """S1 fedavg against the same client steps spent on more rounds (``SCHEDULES``), seed by seed."""
-    rows = {"S1 (5 x 20)": [results.get(f"S1/fedavg/seed={seed}") for seed in SEEDS]}
+    rows = {"S1 (5 x 20)": [at_default_lr(results, f"S1/fedavg/seed={seed}") for seed in SEEDS]}
     rows |= {name: [results.get(f"schedule/{name}/seed={seed}") for seed in SEEDS] for name in SCHEDULES}
-    return variant_table("S1 fedavg: 5 rounds of 20 local steps against 10 of 10", "schedule", rows)
+    return variant_table(
+        "S1 fedavg at lr 1e-3: 5 rounds of 20 local steps against 10 of 10", "schedule", rows
+    )
 
 
 def recipe_report(results: Results) -> list[str]:
     """S1 fedavg under the fixed recipe and under each of ``RECIPE_CHECKS``, seed by seed."""
-    rows = {FIXED_RECIPE: [results.get(f"S1/fedavg/seed={seed}") for seed in SEEDS]}
+    rows = {FIXED_RECIPE: [at_default_lr(results, f"S1/fedavg/seed={seed}") for seed in SEEDS]}
     rows |= {r: [results.get(f"recipe/S1/{r}/seed={seed}") for seed in SEEDS] for r in RECIPE_CHECKS}
-    return variant_table("S1 fedavg by client recipe", "client recipe", rows)
+    return variant_table("S1 fedavg at lr 1e-3 by client recipe", "client recipe", rows)
+
+
+def at_default_lr(results: Results, piece: str) -> dict[str, Any] | None:
+    """``piece``'s run at ``DEFAULT_LR``, superseded or not: the baseline of the variant tables,
+    whose variants ran at that lr."""
+    run = results.get(piece)
+    return run if run and run["lr"] == DEFAULT_LR else results.superseded(piece, lr=DEFAULT_LR)
 
 
 def variant_table(title: str, column: str, rows: dict[str, list[dict[str, Any] | None]]) -> list[str]:
@@ -861,6 +898,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         bench = Bench(data_dir, results)
+        if not args.search:
+            results.adopt_twins()
+            results.supersede_stale()
         if args.recall:
             bench.add_recall()
         for piece in selected if not args.recall else []:
@@ -869,6 +909,12 @@ def main(argv: list[str] | None = None) -> int:
             chosen = resolve(piece, results)
             if chosen is None:
                 print(f"[{piece.name}] skipped: it waits for the search that picks its lr (--list)")
+                continue
+            if twin := twin_of(piece, chosen[0], chosen[1], results):
+                results.copy(twin, piece.name)
+                if run_dir_of(twin).is_dir():
+                    shutil.copytree(run_dir_of(twin), run_dir_of(piece.name), dirs_exist_ok=True)
+                print(f"[{piece.name}] is {twin}: copied")
                 continue
             results.measure(piece.name, lambda piece=piece, chosen=chosen: bench.run(piece, *chosen))
     plot(results, args.out.with_suffix(".png"))

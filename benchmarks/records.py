@@ -84,6 +84,17 @@ class RunsFile:
     def get(self, piece: str) -> dict[str, Any] | None:
         return next((r for r in self.data["runs"] if r["piece"] == piece), None)
 
+    def copy(self, source: str, piece: str) -> None:
+        """Record ``source``'s run (stamps and all) as ``piece`` too: the same measurement."""
+        run = {**self.get(source), "piece": piece, "copied_from": source}
+        self.data["runs"] = [r for r in self.data["runs"] if r["piece"] != piece] + [run]
+        write_results(self.data, self.path)
+
+    def superseded(self, piece: str, **matching: Any) -> dict[str, Any] | None:
+        """The latest superseded run of ``piece`` whose fields equal ``matching``."""
+        runs = [r for r in self.data.get("superseded", []) if r["piece"] == piece]
+        return next((r for r in reversed(runs) if all(r.get(k) == v for k, v in matching.items())), None)
+
     def supersede(self, piece: str, because: str) -> None:
         """Move ``piece``'s run to ``superseded`` with the reason, so that it runs again."""
         run = self.get(piece)
