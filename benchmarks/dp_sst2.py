@@ -54,9 +54,10 @@ OUT = REPO / "benchmarks" / "results" / "dp_sst2.json"
 WORK = REPO / "runs" / "dp-sst2"
 TRAIN, TEST = "sst2_glue/train_full.tsv", "sst2_glue/test-labeled.tsv"
 EPSILONS, DELTA, SEEDS = (1.0, 4.0, 8.0), 1e-5, (0, 1, 2)
-# 5e-2 was added after every rule chose 2e-2, the grid's largest (a choice at the edge of a grid says
-# the grid stops short); a rule's final runs at another lr than its choice are superseded and rerun
-LRS = (1e-3, 5e-3, 2e-2, 5e-2)
+# Each rule's lr search runs the first BASE_LRS of LRS, then grows one lr at a time while the best is
+# the largest tried (a pick at the edge of a grid says the grid stops short): every rule chose 2e-2,
+# the first grid's largest. A rule's final runs at another lr than its pick are superseded and rerun.
+LRS, BASE_LRS = (1e-3, 5e-3, 2e-2, 5e-2, 1e-1), 3
 # the inner rule of client-level dp (ffa for the main grid) -> its config overrides
 RULES: dict[str, dict[str, Any]] = {
     "ffa": {"strategy.name": "ffa"},
@@ -189,11 +190,32 @@ def chosen(results: RunsFile, rule: str = "ffa") -> dict[str, Any] | None:
     and its median update norm, where client-level DP starts its adaptive clipping norm (both
     hyperparameters taken from the non-private run, so choosing them spends no privacy budget); a
     variant of ``SEARCHED_AS`` takes its rule's."""
-    rule = SEARCHED_AS.get(rule, rule)
-    runs = [results.get(f"search/{prefix(rule)}lr={lr:g}") for lr in LRS]
-    if any(r is None for r in runs):
-        return None
-    return max(runs, key=lambda r: r["validation_accuracy"])
+    runs = searched(results, SEARCHED_AS.get(rule, rule))
+    return None if runs is None or runs[-1] is None else max(runs, key=lambda r: r["validation_accuracy"])
+
+
+def searched(results: RunsFile, rule: str) -> list[dict[str, Any] | None] | None:
+    """``rule``'s search runs so far along ``LRS``, ending with None where the next one its growing
+    grid needs is missing; None while one of the first ``BASE_LRS`` is."""
+    score = lambda r: r["validation_accuracy"]  # noqa: E731
+    runs: list[dict[str, Any] | None] = []
+    for i, lr in enumerate(LRS):
+        if i >= BASE_LRS and max(runs, key=score) is not runs[-1]:
+            break  # the best is inside the grid: it stops growing
+        run = results.get(f"search/{prefix(rule)}lr={lr:g}")
+        if run is None:
+            return None if i < BASE_LRS else [*runs, None]
+        runs.append(run)
+    return runs
+
+
+def needed(results: RunsFile, name: str, spec: PieceSpec) -> bool:
+    """Whether a search piece is in its rule's search as far as it has grown (always, for the others)."""
+    *_, lr, rule = spec
+    if lr is None or LRS.index(lr) < BASE_LRS:
+        return True
+    runs = searched(results, rule)
+    return runs is not None and len(runs) > LRS.index(lr)
 
 
 def chosen_lr(results: RunsFile, rule: str = "ffa") -> float | None:
@@ -206,7 +228,7 @@ def supersede_stale(results: RunsFile, runs: dict[str, PieceSpec]) -> None:
     for name, (*_, lr, rule) in runs.items():
         run, best = results.get(name), chosen_lr(results, rule)
         if lr is None and run is not None and best is not None and run["lr"] != best:
-            results.supersede(name, f"the lr search, grown to {LRS[-1]:g}, chose {best:g}")
+            results.supersede(name, f"the lr search, grown beyond 2e-2, chose {best:g}")
 
 
 def median_update_norm(run: Path) -> float:
@@ -452,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (args.list or args.report):
         supersede_stale(results, runs)
-    run_pieces(results, list(runs), execute, args)
+    run_pieces(results, [name for name, spec in runs.items() if needed(results, name, spec)], execute, args)
     print(report(results))
     return 0
 
