@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from fedpeft.config import ConfigError, load_config
+from server.loop import build_strategy
+
+SHIPPED = sorted(Path("simulations").glob("*.toml"))
 
 
 def write(tmp_path, text):
@@ -18,6 +23,13 @@ def test_quickstart_config_loads():
     config = load_config("simulations/quickstart.toml")
     assert config.strategy.name == "fedavg" and config.data.source == "demo"
     assert config.min_replies == config.server.min_clients
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_validates_and_builds_its_strategy(path):
+    config = load_config(path)
+    plan = build_strategy(config).client_instructions(1, None)
+    assert plan.weighting == config.strategy.options.get("weighting", "examples")
 
 
 def test_overrides_are_typed_and_win(tmp_path):
