@@ -624,9 +624,7 @@ def baseline(results: Results, kind: str, alpha: float | None = None) -> list[fl
     local-only runs at ``alpha``, one per seed."""
     if kind == "centralized":
         lr = results.chosen_lr("central")
-        first = lr_piece("central", lr, search=True) if results.search else f"central/seed={SEEDS[0]}"
-        names = [first, *(f"central/seed={seed}" for seed in SEEDS[1:])] if lr else []
-        return [r["final_accuracy"] for r in map(results.get, names) if r]
+        return central_at(results, lr) if lr else []
     return [r["final_accuracy"] for r in results.data["runs"] if r["kind"] == kind and r["alpha"] == alpha]
 
 
