@@ -734,8 +734,37 @@ def report(results: Results) -> str:
         )
         lines += goal_lines(setting, runs_of(results, setting), central, local, strict)
     if not results.search:
+        lines += pending_report(results)
         lines += recipe_report(results) + schedule_report(results) + ccvr_lr_report(results)
     return "\n".join(lines)
+
+
+def pending_report(results: Results) -> list[str]:
+    """The settings' runs that their method's lr search superseded and whose reruns at the picked lr
+    are not in yet: kept in view, at the lr they ran at, until the reruns replace them."""
+    pending: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for run in results.data.get("superseded", []):
+        piece = run["piece"]
+        group = piece.split("/")[0]
+        if group in (*SETTINGS, "local") and results.get(piece) is None:
+            name = run["method"] if group in SETTINGS else f"local-only, alpha {run['alpha']:g}"
+            pending.setdefault((group, name, run["lr"]), []).append(run)
+    if not pending:
+        return []
+    lines = [
+        "",
+        "## Runs awaiting their rerun at the lr their method's search picked",
+        "",
+        "| setting | method | lr run | lr picked | test accuracy, mean ± std | seeds |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for (group, name, lr), runs in pending.items():
+        picked = results.chosen_lr("central" if group == "local" else name.removesuffix("+ccvr"))
+        runs = sorted(runs, key=lambda r: r["seed"])
+        seeds = ", ".join(f"{r['seed']}: {r['final_accuracy']:.4f}" for r in runs)
+        accs = [r["final_accuracy"] for r in runs]
+        lines.append(f"| {group} | {name} | {lr:g} | {picked:g} | {mean_std(accs)} | {seeds} |")
+    return lines
 
 
 def ccvr_lr_report(results: Results) -> list[str]:
