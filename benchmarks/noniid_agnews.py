@@ -23,7 +23,9 @@ choose anything.
 Two protocols. The default, *fixed*, runs every method with the client recipe ``FIXED_RECIPE``
 (chosen by a first ablation on S2, see ``benchmarks/README.md``) and each method of ``LR_CHECKS``
 and the centralized baseline at the lr its ``lr/`` pieces pick on the validation split (1e-3,
-``DEFAULT_LR``, until all three are in; the other methods always). A run trained at another lr than
+``DEFAULT_LR``, until the search settles; the other methods always). The search walks ``LRS`` from
+1e-3, up first, and settles on the best validation score once the lrs beside it are in (3e-3
+beating 1e-3 settles it: 3e-4 is not run). A run trained at another lr than
 its method's pick is superseded (kept in the file under ``superseded``, with the reason) and runs
 again; S1 seed 0 at the picked lr is the ``lr/`` piece itself, copied. The whole grid is about 90
 runs of 6 to 8 minutes:
@@ -34,7 +36,7 @@ runs of 6 to 8 minutes:
   ``RECIPE_CHECKS``, to check the fixed recipe on every seed;
 - ``schedule/S1-10x10/seed=<s>``: S1 fedavg at lr 1e-3 with its 1,000 client steps as 10 rounds of 10;
 - ``lr/S1/<method>/lr=<lr>`` and ``lr/central/lr=<lr>``: S1 seed 0 of each method of
-  ``LR_CHECKS`` (and the centralized baseline) at each lr of ``LRS``: the lr search; local-only
+  ``LR_CHECKS`` (and the centralized baseline) at the lrs of ``LRS`` its walk needs: the lr search; local-only
   runs at the centralized baseline's lr;
 - ``S1|S2|S3/<method>+ccvr/seed=<s>``: that setting's run of a rule with its head
   calibrated by CCVR after the last round (``calibration.method = "ccvr"``,
@@ -73,6 +75,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import math
 import os
 import shutil
 import statistics
@@ -129,6 +132,8 @@ SCHEDULES = {"S1-10x10": Setting(alpha=0.1, fraction=1.0, rounds=10, local_steps
 CLIENTS, BATCH, MIN_ROWS, TOKENS = 10, 32, 50, 32
 CLIENT_STEPS = 1000  # per setting: rounds x clients per round x local steps
 LRS = (3e-4, 1e-3, 3e-3)
+DEFAULT_LR = 1e-3  # where each lr search starts, and the fixed protocol's lr until a search settles
+LR_WALK = sorted(LRS, key=lambda lr: abs(math.log(lr / DEFAULT_LR)))  # 1e-3, then 3e-3, then 3e-4
 SEEDS = (0, 1, 2)
 VAL_ROWS, TEST_ROWS, SPLIT_SEED = 1000, 2000, 12345
 RECENT = 3  # a federated run is judged by its mean validation accuracy over its last rounds
@@ -151,7 +156,7 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
         {"train.label_skew": "balanced_softmax", "train.freeze_head": True},
     ),
 }
-DEFAULT_LR, FIXED_RECIPE = 1e-3, "uniform+balanced"  # the fixed protocol's client recipe
+FIXED_RECIPE = "uniform+balanced"  # the fixed protocol's client recipe
 # the fixed protocol's lr search: each of these (and the centralized baseline) at every lr of LRS
 LR_CHECKS = ("fedavg", "stacking", "fedex", "ffa", "vcma", *SERVER_OPTIMIZERS)
 # the fixed protocol's recipe pieces (S1 fedavg), each against FIXED_RECIPE on every seed
@@ -219,15 +224,25 @@ class Results(RunsFile):
         if self.data.setdefault("protocol", protocol) != protocol:
             raise SystemExit(f"noniid_agnews: {path} holds the {self.data['protocol']} protocol; pass --out")
 
+    def searched_lr(self, method: str) -> float | None:
+        """The lr ``method``'s (or the centralized baseline's) search settled on, None while it is
+        under way: the best validation score of its runs so far, once the lrs beside it on ``LRS``
+        are in too. The search walks the grid from ``DEFAULT_LR`` (``LR_WALK``) and stops at a
+        local best: an lr beyond it on the grid is one no unimodal curve would pick."""
+        found = {lr: run for lr in LRS if (run := self.get(lr_piece(method, lr, self.search)))}
+        if not found:
+            return None
+        best = max(found, key=lambda lr: selection_score(found[lr]))
+        at = LRS.index(best)
+        return best if all(lr in found for lr in LRS[max(at - 1, 0) : at + 2]) else None
+
     def chosen_lr(self, method: str) -> float | None:
-        """The lr of ``method``'s (or the centralized baseline's) best validation accuracy, once
-        its whole search is in."""
+        """The lr ``method`` (or the centralized baseline) trains at: its search's, once settled
+        (the fixed protocol's ``DEFAULT_LR`` until then, and for the methods it does not search)."""
         if not self.search and method not in (*LR_CHECKS, "central"):
             return DEFAULT_LR
-        found = [self.get(lr_piece(method, lr, self.search)) for lr in LRS]
-        if any(r is None for r in found):
-            return None if self.search else DEFAULT_LR  # the fixed protocol's, until its search is in
-        return max(found, key=selection_score)["lr"]
+        picked = self.searched_lr(method)
+        return picked if picked is not None or self.search else DEFAULT_LR
 
     def adopt_twins(self) -> None:
         """Record S1's (and the centralized baseline's) seed-0 runs as the lr-search pieces of their
@@ -328,9 +343,9 @@ def fixed_pieces() -> list[Piece]:
     out = [  # the lr search (S1, seed 0), first: the choices every other run waits for
         Piece(lr_piece(method, lr, search=False), "federated", "S1", method, 0, lr)
         for method in LR_CHECKS
-        for lr in LRS
+        for lr in LR_WALK
     ]
-    out += [Piece(lr_piece("central", lr, search=False), "centralized", lr=lr) for lr in LRS]
+    out += [Piece(lr_piece("central", lr, search=False), "centralized", lr=lr) for lr in LR_WALK]
     for seed in SEEDS:
         out += [
             Piece(f"central/seed={seed}", "centralized", seed=seed),
@@ -380,9 +395,9 @@ def search_pieces() -> list[Piece]:
     out += [
         Piece(lr_piece(method, lr, search=True), "federated", "S1", method, 0, lr)
         for method in (*BASE_METHODS, *SERVER_OPTIMIZERS)
-        for lr in LRS
+        for lr in LR_WALK
     ]
-    out += [Piece(lr_piece("central", lr, search=True), "centralized", lr=lr) for lr in LRS]
+    out += [Piece(lr_piece("central", lr, search=True), "centralized", lr=lr) for lr in LR_WALK]
     for setting in SETTINGS:
         out += [
             Piece(f"{setting}/{method}/seed={seed}", "federated", setting, method, seed)
@@ -420,6 +435,13 @@ def resolve(piece: Piece, results: Results) -> tuple[str, float, str] | None:
             return None
     lr = piece.lr if piece.lr is not None else results.chosen_lr(method)
     return None if lr is None else (method, lr, recipe)
+
+
+def settled_without(piece: Piece, results: Results) -> bool:
+    """Whether ``piece`` is an lr-search run that its method's search settled without."""
+    method = "central" if piece.kind == "centralized" else piece.method
+    searching = piece.lr is not None and piece.name == lr_piece(method, piece.lr, results.search)
+    return searching and results.searched_lr(method) is not None
 
 
 def twin_of(piece: Piece, method: str, lr: float, results: Results) -> str | None:
@@ -647,9 +669,11 @@ def strictest_central(results: Results) -> tuple[float, list[float]] | None:
     return lr, complete[lr]
 
 
-def lr_table(title: str, cells: dict[str, list[dict[str, Any] | None]]) -> list[str]:
-    """A titled table of each method's runs at the lrs of ``LRS`` (None: not run yet): validation
-    score (test accuracy), and the lr the validation split picks once all are in."""
+def lr_table(
+    title: str, cells: dict[str, list[dict[str, Any] | None]], picks: dict[str, float | None]
+) -> list[str]:
+    """A titled table of each method's runs at the lrs of ``LRS`` (None: not run): validation score
+    (test accuracy), and the lr its search settled on (``picks``; None: under way)."""
     lines = [f"## {title}: validation score per lr (test accuracy)", ""]
     lines += [
         "| method | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | picked on validation |",
@@ -659,7 +683,7 @@ def lr_table(title: str, cells: dict[str, list[dict[str, Any] | None]]) -> list[
         if not any(runs):
             continue
         values = [f"{selection_score(r):.4f} ({r['final_accuracy']:.4f})" if r else "–" for r in runs]
-        picked = f"{max(runs, key=selection_score)['lr']:g}" if all(runs) else "–"
+        picked = "–" if picks[method] is None else f"{picks[method]:g}"
         lines.append(f"| {method} | " + " | ".join(values) + f" | {picked} |")
     return lines
 
@@ -667,8 +691,9 @@ def lr_table(title: str, cells: dict[str, list[dict[str, Any] | None]]) -> list[
 def lr_search_report(results: Results) -> list[str]:
     """The lr search of S1 seed 0: each method's validation score at each lr of ``LRS``."""
     methods = (*BASE_METHODS, *SERVER_OPTIMIZERS) if results.search else LR_CHECKS
-    cells = {m: [results.get(lr_piece(m, lr, results.search)) for lr in LRS] for m in (*methods, "central")}
-    return lr_table("lr search (S1, seed 0)", cells)
+    methods = (*methods, "central")
+    cells = {m: [results.get(lr_piece(m, lr, results.search)) for lr in LRS] for m in methods}
+    return lr_table("lr search (S1, seed 0)", cells, {m: results.searched_lr(m) for m in methods})
 
 
 def search_report(results: Results) -> list[str]:
@@ -943,11 +968,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for piece in everything:
             done = results.get(piece.name)
-            state = (
-                f"done ({done['final_accuracy']:.4f})"
-                if done
-                else ("ready" if resolve(piece, results) else "waits")
-            )
+            if done:
+                state = f"done ({done['final_accuracy']:.4f})"
+            elif settled_without(piece, results):
+                state = "not needed"
+            else:
+                state = "ready" if resolve(piece, results) else "waits"
             print(f"{piece.name:40s} {state}")
         return 0
     if not args.report:
@@ -966,6 +992,9 @@ def main(argv: list[str] | None = None) -> int:
             bench.add_recall()
         for piece in selected if not args.recall else []:
             if results.get(piece.name) and not args.redo:
+                continue
+            if settled_without(piece, results):
+                print(f"[{piece.name}] not needed: its method's lr search settled without it")
                 continue
             chosen = resolve(piece, results)
             if chosen is None:
