@@ -47,7 +47,9 @@ where LoRA-SB's R starts at the singular values of its first-step estimate at th
 step's learning rate (a delta near zero). The delta is s B R A with LoRA's scale s = alpha / r, as
 under every rule here (2 with alpha = 2 r), where the authors' code sets alpha = r (s = 1): under
 Adam, whose step on R does not depend on the gradient's size, s multiplies the step on the weights
-as a learning rate would.
+as a learning rate would. Under DP the authors' code (``fed_sb/DP/SNLI/fed_trainer.py``) is
+example level and estimates the frame's gradient on training rows outside the accounting; here the
+frame's rounds are clipped, noised and charged as any round (or skipped: ``init = "random"``).
 """
 
 from __future__ import annotations
