@@ -783,7 +783,7 @@ def pending_report(results: Results) -> list[str]:
         "| setting | method | lr run | lr picked | test accuracy, mean ± std | seeds |",
         "|---|---|---:|---:|---:|---|",
     ]
-    for (group, name, lr), runs in pending.items():
+    for (group, name, lr), runs in sorted(pending.items()):
         picked = results.chosen_lr("central" if group == "local" else name.removesuffix("+ccvr"))
         runs = sorted(runs, key=lambda r: r["seed"])
         seeds = ", ".join(f"{r['seed']}: {r['final_accuracy']:.4f}" for r in runs)
