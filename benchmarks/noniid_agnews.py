@@ -157,7 +157,7 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 FIXED_RECIPE = "uniform+balanced"  # the fixed protocol's client recipe
-# the fixed protocol's lr search: each of these (and the centralized baseline) at every lr of LRS
+# the fixed protocol's lr search: each of these (and the centralized baseline) along LR_WALK
 LR_CHECKS = ("fedavg", "stacking", "fedex", "ffa", "vcma", *SERVER_OPTIMIZERS)
 # the fixed protocol's recipe pieces (S1 fedavg), each against FIXED_RECIPE on every seed
 RECIPE_CHECKS = ("uniform+none", "examples+none", "uniform+frozen", "uniform+balanced+frozen")
@@ -438,10 +438,10 @@ def resolve(piece: Piece, results: Results) -> tuple[str, float, str] | None:
 
 
 def settled_without(piece: Piece, results: Results) -> bool:
-    """Whether ``piece`` is an lr-search run that its method's search settled without."""
+    """Whether ``piece`` is an lr-search run, not run, that its method's search settled without."""
     method = "central" if piece.kind == "centralized" else piece.method
     searching = piece.lr is not None and piece.name == lr_piece(method, piece.lr, results.search)
-    return searching and results.searched_lr(method) is not None
+    return searching and results.get(piece.name) is None and results.searched_lr(method) is not None
 
 
 def twin_of(piece: Piece, method: str, lr: float, results: Results) -> str | None:
