@@ -22,6 +22,11 @@ curves); the final accuracy is on all 1,821 rows of ``test-labeled.tsv``, used f
   epsilon 8 but m = 100; five times the client steps), with Fed-SB's lr and clip start;
   and Fed-SB from a random frame (``fedsb+random-frame/...``, ``init = "random"``): no gradient
   sketch rounds, whose noise swamps them under DP, so R trains all 10 rounds; its own lr search;
+  and Fed-SB from a public frame (``fedsb+public-frame/...``, ``init = "public"``): LoRA-SB's own
+  initialisation computed by the server on public rows, GLUE's SST-2 ``dev.tsv`` (872 sentences
+  in none of the clients' rows, the validation split or the test rows), at each seed's initial
+  state (``fedpeft frame``, ``server/public_frame.py``): no round and no budget spent on it; its
+  own lr search;
 - example level: 10 clients, all every round, DP-SGD on each (per-example clipping at 1.0), the
   noise multiplier set so that every client's epsilon after its 50 steps is at most the target
   (sampling rate batch / rows of the smallest client); the baseline is the same without DP.
@@ -49,10 +54,11 @@ from opacus.accountants.utils import get_noise_multiplier
 from fedpeft.config import RunConfig, load_config
 from fedpeft.data import partition
 from server.checkpoint import load_checkpoint
+from server.public_frame import write_public_frame
 
 OUT = REPO / "benchmarks" / "results" / "dp_sst2.json"
 WORK = REPO / "runs" / "dp-sst2"
-TRAIN, TEST = "sst2_glue/train_full.tsv", "sst2_glue/test-labeled.tsv"
+TRAIN, TEST, PUBLIC = "sst2_glue/train_full.tsv", "sst2_glue/test-labeled.tsv", "sst2_glue/dev.tsv"
 EPSILONS, DELTA, SEEDS = (1.0, 4.0, 8.0), 1e-5, (0, 1, 2)
 # Each rule's lr search runs the first BASE_LRS of LRS, then grows one lr at a time while the best is
 # the largest tried (a pick at the edge of a grid says the grid stops short): every rule chose 2e-2,
@@ -65,6 +71,7 @@ RULES: dict[str, dict[str, Any]] = {
     "fedsb+frozen-head": {"strategy.name": "fedsb", "train.freeze_head": True},
     "fedsb+all-clients": {"strategy.name": "fedsb", "server.fraction": 1.0},
     "fedsb+random-frame": {"strategy.name": "fedsb", "strategy.init": "random"},
+    "fedsb+public-frame": {"strategy.name": "fedsb", "strategy.init": "public"},
 }
 # variants that take another rule's lr and clip start instead of a search of their own: sampling
 # every client changes no client's training, so its update norms are the searched rule's
@@ -79,7 +86,7 @@ def base_config(files: dict[str, Path], mode: str, seed: int, lr: float, rule: s
     spec = MODES[mode]
     clients = spec["clients"]
     rate = RULES[rule].get("server.fraction", spec["rate"])
-    return {
+    overrides = {
         "run.seed": seed,
         "run.rounds": ROUNDS,
         "data.source": str(files["train"]),
@@ -99,6 +106,20 @@ def base_config(files: dict[str, Path], mode: str, seed: int, lr: float, rule: s
         "lora.alpha": 8.0,
         **RULES[rule],
     }
+    if RULES[rule].get("strategy.init") == "public":
+        overrides["strategy.frame"] = str(public_frame(files, seed))
+    return overrides
+
+
+def public_frame(files: dict[str, Path], seed: int) -> Path:
+    """Seed ``seed``'s Fed-SB frame from the public rows (written once): every rule's model and
+    adapter at that seed's initial state are the same, so ffa's configuration describes them."""
+    path = WORK / "frames" / f"seed={seed}.safetensors"
+    if not path.is_file():
+        print(
+            write_public_frame(config_of(base_config(files, "client", seed, LRS[0])), files["public"], path)
+        )
+    return path
 
 
 def private_config(
@@ -444,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         print(frame_overlaps([name for name in pieces() if results.get(name) is not None]))
         return 0
     data_dir = args.data_dir.resolve()
-    missing = [f for f in (TRAIN, TEST) if not (data_dir / f).is_file()]
+    missing = [f for f in (TRAIN, TEST, PUBLIC) if not (data_dir / f).is_file()]
     if not (args.list or args.report) and missing:
         print(
             f"dp_sst2: {data_dir / missing[0]} not found; pass --data-dir <folder with sst2_glue/>",
@@ -457,7 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     def held_out() -> tuple[HeldOut, dict[str, Path]]:
         read = lambda f: pd.read_csv(data_dir / f, sep="\t").rename(columns={"sentence": "text"})  # noqa: E731
         files = write_splits(read(TRAIN), read(TEST), WORK / "data", 1000, 10**9, 12345)
-        return HeldOut(config_of(base_config(files, "client", 0, LRS[0])), files, LABELS), files
+        held = HeldOut(config_of(base_config(files, "client", 0, LRS[0])), files, LABELS)
+        files["public"] = WORK / "data" / "public.tsv"
+        read(PUBLIC)[["text", "label"]].to_csv(files["public"], sep="\t", header=False, index=False)
+        return held, files
 
     def execute(name: str) -> dict[str, Any]:
         mode, epsilon, seed, lr, rule = runs[name]

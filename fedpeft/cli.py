@@ -12,8 +12,7 @@ from fedpeft.config import load_config
 from fedpeft.errors import UserError
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    """``--set``, ``--run-dir`` and ``--resume``: shared by ``simulate`` and ``server``."""
+def _add_set_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -22,6 +21,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a config value (repeatable), e.g. --set run.rounds=3",
     )
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """``--set``, ``--run-dir`` and ``--resume``: shared by ``simulate`` and ``server``."""
+    _add_set_option(parser)
     parser.add_argument(
         "--run-dir", type=Path, help="where to write the run (default: a new folder in run.output_dir)"
     )
@@ -92,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--merged", type=Path, required=True, metavar="OUT", help="directory for the full model"
     )
+    frame = sub.add_parser(
+        "frame", help='compute Fed-SB\'s frame from public rows (for [strategy] init = "public")'
+    )
+    frame.add_argument("config", type=Path, help="the run configuration (TOML) the frame is for")
+    frame.add_argument("--data", type=Path, required=True, help="public rows, in a client data file's format")
+    frame.add_argument("--out", type=Path, required=True, help="the frame file to write (safetensors)")
+    _add_set_option(frame)
+
     compare = sub.add_parser("compare", help="compare finished runs: one plot and a table of final figures")
     compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run directories")
     compare.add_argument(
@@ -214,6 +226,15 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _frame(args: argparse.Namespace) -> int:
+    from server.public_frame import write_public_frame
+
+    if not args.data.is_file():
+        raise UserError(f"public rows file {args.data} does not exist; pass --data FILE")
+    print(write_public_frame(load_config(args.config, args.overrides), args.data, args.out))
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from server.compare import compare
 
@@ -229,6 +250,7 @@ COMMANDS = {
     "server": _server,
     "client": _client,
     "compare": _compare,
+    "frame": _frame,
     "export": _export,
 }
 

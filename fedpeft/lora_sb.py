@@ -70,3 +70,14 @@ def gradient_sketch(
         else:
             out[name] = AdapterFactors(A=f.B.T @ g, B=f.B, scale=f.scale)
     return out
+
+
+def first_step_frame(gradients: dict[str, Tensor], rank: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """LoRA-SB's frame (A, B) per module from its loss gradient G (d_out x d_in): the top-``rank``
+    right and left singular vectors of the first full fine-tuning step's estimate -sign(G) (Adam's
+    first step, up to the lr), A = V_rᵀ and B = U_r, as the paper initialises B and A."""
+    frame = {}
+    for name, g in gradients.items():
+        U, _, Vh = torch.linalg.svd(-torch.sign(g.double()), full_matrices=False)
+        frame[name] = (Vh[:rank].float().contiguous(), U[:, :rank].float().contiguous())
+    return frame

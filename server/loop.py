@@ -115,6 +115,11 @@ def check_ranks(config: RunConfig, strategy: Strategy) -> None:
         )
 
 
+def round_init_seed(run_seed: int, rnd: int) -> int:
+    """The seed every client uses for a fresh LoRA init in round ``rnd`` of a run seeded ``run_seed``."""
+    return run_seed * 100_003 + rnd
+
+
 class FederatedRun:
     """Runs ``config.run.rounds`` rounds against a Flower ``Grid`` and writes the run directory."""
 
@@ -182,8 +187,7 @@ class FederatedRun:
             tracker.round(row)
 
     def init_seed(self, rnd: int) -> int:
-        """The seed every client uses for a fresh LoRA init in round ``rnd``."""
-        return self.config.run.seed * 100_003 + rnd
+        return round_init_seed(self.config.run.seed, rnd)
 
     def run(self, grid: Grid) -> dict[str, Any]:
         started = time.perf_counter()

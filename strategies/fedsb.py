@@ -39,6 +39,12 @@ d = 19,202 against 962) while its signal is at most C, as a core round's; at the
 clients the sketch is mostly noise, the frame it finds little better than a random one, and it
 spends two rounds of the privacy budget, where a random frame spends none.
 
+With ``init = "public"`` the frame is read from ``frame``, a file ``fedpeft frame`` wrote from rows
+the operator may publish (``server/public_frame.py``): LoRA-SB's own initialisation, the truncated
+SVD of the first-step estimate -sign(G) over those rows, computed in one place as the paper does, so
+it costs no round and no privacy budget, and reveals nothing of the clients' data. It is private
+only if those rows are public: rows of any client (or drawn from the clients' data) are not.
+
 Where this differs from the paper, and why: the subspace is that of Ḡ, not of sign(Ḡ) (a sign of a
 sum is not linear in the clients' contributions, so neither secure aggregation nor DP could serve
 it); the sketch has no oversampling or power iteration, so Q holds the top-r range of Ḡ as well as
@@ -54,9 +60,13 @@ frame's rounds are clipped, noised and charged as any round (or skipped: ``init 
 
 from __future__ import annotations
 
+import os
 import zlib
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from fedpeft.state import (
     AdapterFactors,
@@ -75,28 +85,39 @@ from strategies.registry import StrategyError
 RANGE, PROJECT, CORE = "range", "project", "core"
 
 
-INITS = ("gradient", "random")
+INITS = ("gradient", "random", "public")
 
 
 class FedSB(WeightedStrategy):
     """Two initialisation rounds (a randomized SVD of the clients' mean gradient; none with
-    ``init = "random"``), then the weighted mean of the LoRA-SB cores R and the dense extras
-    (``weighting``: examples, steps or uniform)."""
+    ``init = "random"`` or ``"public"``), then the weighted mean of the LoRA-SB cores R and the
+    dense extras (``weighting``: examples, steps or uniform)."""
 
     name = "fedsb"
     linear = True
 
-    def __init__(self, weighting: str = "examples", init: str = "gradient") -> None:
+    def __init__(self, weighting: str = "examples", init: str = "gradient", frame: str | None = None) -> None:
         super().__init__(weighting)
         if init not in INITS:
             raise StrategyError(f"fedsb's init must be one of {', '.join(INITS)}, got {init!r}")
-        self.init = init
+        if (init == "public") != (frame is not None):
+            raise StrategyError(
+                "fedsb's frame (a file `fedpeft frame` wrote) goes with init = 'public', and only with it"
+            )
+        if frame is not None and not Path(frame).is_file():
+            raise StrategyError(f"fedsb's frame {frame} does not exist; write it with `fedpeft frame`")
+        self.init, self.frame = init, frame
 
     def initial_state(self, state: GlobalState, seed: int) -> GlobalState:
-        """With ``init = "random"``: B and A orthonormal and data-independent, R = 0, from round 1."""
+        """With ``init = "random"`` or ``"public"``: the frame's B and A (orthonormal), R = 0, from
+        round 1."""
         if self.init == "gradient" or state.adapter is None:
             return state
-        adapter = {name: random_frame(f, seed, name) for name, f in state.adapter.items()}
+        if self.init == "random":
+            adapter = {name: random_frame(f, seed, name) for name, f in state.adapter.items()}
+        else:
+            assert self.frame is not None
+            adapter = framed(state.adapter, load_frame(Path(self.frame)), self.frame)
         return GlobalState(round=state.round, merged=state.merged, adapter=adapter, extras=state.extras)
 
     def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
@@ -175,6 +196,54 @@ def random_frame(initial: AdapterFactors, seed: int, module: str) -> AdapterFact
     return AdapterFactors(
         A=A.float().contiguous(), B=B.float().contiguous(), scale=initial.scale, R=torch.zeros(rank, rank)
     )
+
+
+def framed(
+    initial: dict[str, AdapterFactors], frame: dict[str, tuple[torch.Tensor, torch.Tensor]], source: str
+) -> dict[str, AdapterFactors]:
+    """The initial adapter's modules with the (A, B) of ``frame`` and R = 0; the frame must hold
+    every module, at its shapes."""
+    if set(frame) != set(initial):
+        raise StrategyError(
+            f"fedsb's frame {source} is for other modules than this run adapts "
+            f"(lora.target_modules); write it again with `fedpeft frame` and this run's configuration"
+        )
+    out = {}
+    for name, f in initial.items():
+        A, B = frame[name]
+        if A.shape != f.A.shape or B.shape != f.B.shape:
+            raise StrategyError(
+                f"fedsb's frame {source} has {name} at rank {A.shape[0]} (A {tuple(A.shape)}), this run "
+                f"{tuple(f.A.shape)}; write it again with `fedpeft frame` and this run's configuration"
+            )
+        out[name] = AdapterFactors(A=A, B=B, scale=f.scale, R=torch.zeros(f.rank, f.rank))
+    return out
+
+
+def save_frame(
+    path: Path, frame: dict[str, tuple[torch.Tensor, torch.Tensor]], about: dict[str, str]
+) -> None:
+    """Write a LoRA-SB frame, (A, B) per module, as safetensors (``<module>.A``, ``<module>.B``)
+    with ``about`` as its metadata, atomically."""
+    tensors = {
+        f"{name}.{part}": t.contiguous() for name, (A, B) in frame.items() for part, t in (("A", A), ("B", B))
+    }
+    staging = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(staging), metadata=about)
+    os.replace(staging, path)
+
+
+def load_frame(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The (A, B) per module of a frame ``save_frame`` wrote."""
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as exc:
+        raise StrategyError(f"{path} is not a frame `fedpeft frame` wrote ({exc})") from None
+    names = {key.rsplit(".", 1)[0] for key in tensors}
+    try:
+        return {name: (tensors[f"{name}.A"], tensors[f"{name}.B"]) for name in names}
+    except KeyError as missing:
+        raise StrategyError(f"{path} is not a frame `fedpeft frame` wrote (no {missing})") from None
 
 
 def range_basis(sketch: AdapterFactors) -> AdapterFactors:

@@ -3,12 +3,15 @@ average of the LoRA-SB cores, the core on peft's layers, and what travels."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
+from fedpeft.cli import main as cli_main
+from fedpeft.demo_data import LABELS, generate
 from fedpeft.export import combined_factors
 from fedpeft.lora import AdapterHost
-from fedpeft.lora_sb import gradient_sketch
+from fedpeft.lora_sb import first_step_frame, gradient_sketch
 from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
 from fedpeft.testing import LocalGrid
@@ -17,7 +20,7 @@ from fedpeft.wire import decode_state, decode_update, encode_state, encode_updat
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.loop import FederatedRun, RoundFailed
 from strategies import FedSB, StrategyError, create_strategy
-from strategies.fedsb import CORE, PROJECT, RANGE, fedsb_stage
+from strategies.fedsb import CORE, PROJECT, RANGE, fedsb_stage, load_frame, save_frame
 from tests.factories import SHAPES, extras, factors, metrics_rows, small_config
 from tests.test_secagg_rounds import CLIENTS, secure_config
 
@@ -260,3 +263,69 @@ def test_a_random_frame_trains_the_cores_from_round_one_and_is_seeded(tiny_bert_
     run.run(LocalGrid(3))
     assert fedsb_stage(run.state) == CORE and all(f.R.any() for f in run.state.adapter.values())
     assert run.strategy.accountant.rounds == 2  # both rounds trained the cores
+
+
+def test_the_first_step_frame_holds_the_top_singular_subspace_of_minus_sign_g():
+    gradients = low_rank_gradients(5)
+    frame = first_step_frame(gradients, RANK)
+    for name, g in gradients.items():
+        A, B = frame[name]
+        assert torch.allclose(A @ A.T, torch.eye(RANK), atol=1e-5)
+        assert torch.allclose(B.T @ B, torch.eye(RANK), atol=1e-5)
+        step = -torch.sign(g.double())
+        top = torch.linalg.svdvals(step)[:RANK]
+        captured = torch.linalg.svdvals(B.double().T @ step @ A.double().T)  # no other frame holds more
+        assert torch.allclose(captured, top, rtol=1e-5)
+
+
+def test_a_public_frame_is_read_from_its_file_and_checked_against_the_run(tmp_path):
+    initial = GlobalState(adapter=factors(RANK, 7, scale=2.0), extras=extras(0))
+    path = tmp_path / "frame.safetensors"
+    save_frame(path, first_step_frame(low_rank_gradients(5), RANK), {"rows": "3"})
+    state = FedSB(init="public", frame=str(path)).initial_state(initial, seed=3)
+    assert fedsb_stage(state) == CORE
+    for name, (A, B) in load_frame(path).items():
+        f = state.adapter[name]
+        assert torch.equal(f.A, A) and torch.equal(f.B, B) and not f.R.any()
+        assert f.scale == initial.adapter[name].scale
+    with pytest.raises(StrategyError, match="goes with init = 'public'"):
+        FedSB(init="public")
+    with pytest.raises(StrategyError, match="goes with init = 'public'"):
+        FedSB(frame=str(path))
+    with pytest.raises(StrategyError, match="does not exist; write it with `fedpeft frame`"):
+        FedSB(init="public", frame=str(tmp_path / "none.safetensors"))
+    other = tmp_path / "rank1.safetensors"
+    save_frame(other, first_step_frame(low_rank_gradients(5), 1), {})
+    with pytest.raises(StrategyError, match="at rank 1"):
+        FedSB(init="public", frame=str(other)).initial_state(initial, seed=3)
+    (tmp_path / "junk.safetensors").write_text("not a frame")
+    with pytest.raises(StrategyError, match="is not a frame `fedpeft frame` wrote"):
+        FedSB(init="public", frame=str(tmp_path / "junk.safetensors")).initial_state(initial, seed=3)
+
+
+def test_fedpeft_frame_writes_a_frame_a_private_run_trains_its_cores_in(tiny_bert_dir, tmp_path, capsys):
+    rows = generate(40, seed=11)
+    public = tmp_path / "public.csv"
+    labels = [LABELS[y] for y in rows["label"]]
+    pd.DataFrame({"text": rows["text"], "label": labels}).to_csv(public, index=False)
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(
+        f'[model]\nname = "{tiny_bert_dir}"\n[lora]\nrank = 2\nalpha = 4.0\n'
+        "[data]\nnum_clients = 3\ndemo_train_size = 120\ndemo_test_size = 40\nmin_partition_size = 5\n"
+    )
+    out = tmp_path / "frame.safetensors"
+    assert cli_main(["frame", str(config_file), "--data", str(public), "--out", str(out)]) == 0
+    assert "from 40 public rows" in capsys.readouterr().out
+    frame = load_frame(out)
+    private = {
+        "strategy.name": "dp",
+        "strategy.inner": "'fedsb'",
+        "strategy.inner_options": f"{{init = 'public', frame = '{out}'}}",
+        "strategy.clip_norm": 10.0,
+    }
+    run = FederatedRun(small_config(tiny_bert_dir, **private), tmp_path / "run")
+    run.run(LocalGrid(3))
+    assert run.strategy.accountant.rounds == run.config.run.rounds  # the frame cost no round
+    for name, (A, B) in frame.items():
+        f = run.state.adapter[name]
+        assert torch.equal(f.A, A) and torch.equal(f.B, B) and f.R.any()  # frozen frame, trained core
