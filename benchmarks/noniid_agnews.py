@@ -38,6 +38,10 @@ runs of 6 to 8 minutes:
 - ``lr/S1/<method>/lr=<lr>`` and ``lr/central/lr=<lr>``: S1 seed 0 of each method of
   ``LR_CHECKS`` (and the centralized baseline) at the lrs of ``LRS`` its walk needs: the lr search; local-only
   runs at the centralized baseline's lr;
+- ``slr/S1/<method>/slr=<eta>``: S1 seed 0 of each method of ``SERVER_LR_CHECKS`` (FedAvgM) at
+  the client lr its search picked and the server lrs of ``SERVER_LRS`` its walk down from the
+  default 1 needs (the default's run is the ``lr/`` piece): the server-lr search, settled and
+  applied as the lr search is;
 - ``S1|S2|S3/<method>+ccvr/seed=<s>``: that setting's run of a rule with its head
   calibrated by CCVR after the last round (``calibration.method = "ccvr"``,
   ``fedpeft/calibration.py``). CCVR only acts after training, so it runs on the stored run: the
@@ -140,6 +144,11 @@ RECENT = 3  # a federated run is judged by its mean validation accuracy over its
 BASE_METHODS = ("fedavg", "stacking", "fedex", "ffa", "vcma", "fedsb", "fedsb_r32")
 FEDSB_INIT_ROUNDS = 2  # fedsb's two initialisation rounds train nothing: it gets them on top
 SERVER_OPTIMIZERS = ("fedavgm", "fedadam")  # the best of these is reported as "server optimizer"
+# FedAvgM's server lr eta (momentum 0.9 fixed; Reddi et al. tune eta the same way), searched on S1
+# seed 0 at the client lr its lr search picked, walked down from the default 1: added after its S2
+# seed 2 swung by 0.2 between rounds at eta = 1 (an effective step of eta / (1 - 0.9) = 10 updates)
+SERVER_LRS = (1.0, 0.3, 0.1)
+SERVER_LR_CHECKS = ("fedavgm",)
 # Client recipes: name -> (the strategy's weighting, [train] overrides). The ablation pieces run
 # each with fedavg on S2; every other federated run uses the best on the validation split.
 RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -170,11 +179,13 @@ SEARCH_OUT = OUT.with_name("noniid_agnews_search.json")
 WORK = REPO / "runs" / "noniid-agnews"
 
 
-def method_overrides(method: str, weighting: str) -> dict[str, Any]:
-    """The [strategy] of ``method`` with clients weighted by ``weighting``; ``<rule>_r<rank>`` is
-    the rule at that LoRA rank (alpha 2 x rank, the scale of the other runs)."""
+def method_overrides(method: str, weighting: str, server_lr: float | None = None) -> dict[str, Any]:
+    """The [strategy] of ``method`` with clients weighted by ``weighting`` (a server optimizer at
+    ``server_lr``, None: its default); ``<rule>_r<rank>`` is the rule at that LoRA rank (alpha
+    2 x rank, the scale of the other runs)."""
     if method in SERVER_OPTIMIZERS:
-        return {"strategy.name": method, "strategy.inner_options": {"weighting": weighting}}
+        out = {"strategy.name": method, "strategy.inner_options": {"weighting": weighting}}
+        return out if server_lr is None else out | {"strategy.server_lr": server_lr}
     rule, _, rank = method.partition("_r")
     out: dict[str, Any] = {"strategy.name": rule, "strategy.weighting": weighting}
     if rank:
@@ -214,6 +225,28 @@ def selection_score(run: dict[str, Any]) -> float:
     return run.get("val_recent", run["val_accuracy"])
 
 
+def settled_pick(grid: tuple[float, ...], found: dict[float, dict[str, Any]]) -> float | None:
+    """The value of ``grid`` whose run in ``found`` scores best on validation, once the values beside
+    it on the grid are in too (None until then): a search walked from one end or the middle of the
+    grid stops at a local best, since a value beyond it is one no unimodal curve would pick."""
+    if not found:
+        return None
+    best = max(found, key=lambda value: selection_score(found[value]))
+    at = grid.index(best)
+    return best if all(value in found for value in grid[max(at - 1, 0) : at + 2]) else None
+
+
+def server_lr_of(run: dict[str, Any]) -> float | None:
+    """The server lr a run of a method of ``SERVER_LR_CHECKS`` trained at (None for the others)."""
+    return run.get("server_lr", SERVER_LRS[0]) if run["method"] in SERVER_LR_CHECKS else None
+
+
+def method_label(run: dict[str, Any]) -> str:
+    """A run's method, with its server lr where that is searched."""
+    server_lr = server_lr_of(run)
+    return run["method"] if server_lr is None else f"{run['method']} (server lr {server_lr:g})"
+
+
 class Results(RunsFile):
     """The results file, and the choices the search pieces make (fixed ones without ``search``)."""
 
@@ -230,11 +263,7 @@ class Results(RunsFile):
         are in too. The search walks the grid from ``DEFAULT_LR`` (``LR_WALK``) and stops at a
         local best: an lr beyond it on the grid is one no unimodal curve would pick."""
         found = {lr: run for lr in LRS if (run := self.get(lr_piece(method, lr, self.search)))}
-        if not found:
-            return None
-        best = max(found, key=lambda lr: selection_score(found[lr]))
-        at = LRS.index(best)
-        return best if all(lr in found for lr in LRS[max(at - 1, 0) : at + 2]) else None
+        return settled_pick(LRS, found)
 
     def chosen_lr(self, method: str) -> float | None:
         """The lr ``method`` (or the centralized baseline) trains at: its search's, once settled
@@ -243,6 +272,22 @@ class Results(RunsFile):
             return DEFAULT_LR
         picked = self.searched_lr(method)
         return picked if picked is not None or self.search else DEFAULT_LR
+
+    def searched_server_lr(self, method: str) -> float | None:
+        """The server lr ``method``'s search (``SERVER_LRS``, at its picked client lr) settled on,
+        None while it or the client lr search is under way; the default's run is the lr piece."""
+        lr = self.searched_lr(method)
+        if lr is None:
+            return None
+        found = {s: run for s in SERVER_LRS if (run := self.get(server_lr_piece(method, s, lr)))}
+        return settled_pick(SERVER_LRS, found)
+
+    def chosen_server_lr(self, method: str) -> float | None:
+        """The server lr ``method`` trains at: its search's once settled, the default until then;
+        None for a method whose server lr is not searched (the strategy's default)."""
+        if method not in SERVER_LR_CHECKS:
+            return None
+        return self.searched_server_lr(method) or SERVER_LRS[0]
 
     def adopt_twins(self) -> None:
         """Record S1's (and the centralized baseline's) seed-0 runs as the lr-search pieces of their
@@ -254,16 +299,19 @@ class Results(RunsFile):
                     self.copy(twin["piece"], name)
 
     def supersede_stale(self) -> None:
-        """Supersede the runs of the settings and baselines trained at another lr than their
-        method's pick (the calibrations of such a run with it), so that they run again."""
+        """Supersede the runs of the settings and baselines trained at another lr (or server lr)
+        than their method's pick (the calibrations of such a run with it), so that they run again."""
         for run in list(self.data["runs"]):
             piece = run["piece"]
             if piece.split("/")[0] not in (*SETTINGS, "central", "local"):
-                continue  # lr/, recipe/, schedule/ and ccvr-lr/ pieces keep the lr they name
+                continue  # lr/, slr/, recipe/, schedule/ and ccvr-lr/ pieces keep the lr they name
             federated = run["kind"] == "federated"
-            picked = self.chosen_lr(run["method"].removesuffix("+ccvr") if federated else "central")
+            method = run["method"].removesuffix("+ccvr") if federated else "central"
+            picked, server_lr = self.chosen_lr(method), self.chosen_server_lr(method)
             if picked is not None and run["lr"] != picked:
                 self.supersede(piece, f"its method's lr search picked {picked:g}")
+            elif server_lr is not None and server_lr_of(run) != server_lr:
+                self.supersede(piece, f"its method's server lr search picked {server_lr:g}")
 
     def chosen_recipe(self) -> str | None:
         """The client recipe with the best validation accuracy, once every ablation piece is in."""
@@ -288,6 +336,14 @@ def lr_piece(method: str, lr: float, search: bool) -> str:
     if search:
         return f"central/lr={lr:g}" if method == "central" else f"search/{method}/lr={lr:g}"
     return f"lr/central/lr={lr:g}" if method == "central" else f"lr/S1/{method}/lr={lr:g}"
+
+
+def server_lr_piece(method: str, server_lr: float, lr: float) -> str:
+    """The name of the server-lr search piece of ``method`` at ``server_lr`` (S1, seed 0, at the
+    client lr ``lr`` its lr search picked): at the default, that lr search's own piece."""
+    if server_lr == SERVER_LRS[0]:
+        return lr_piece(method, lr, search=False)
+    return f"slr/S1/{method}/slr={server_lr:g}"
 
 
 def agnews_held_out(data_dir: Path, tokens: int | None = TOKENS) -> HeldOut:
@@ -328,6 +384,7 @@ class Piece:
     recipe: str | None = None  # None: the recipe chosen on the validation split
     alpha: float = 0.1
     calibration_lr: float | None = None  # a calibrated piece's CCVR lr (None: the config default)
+    server_lr: float | None = None  # a server-lr search piece's server lr (None: the chosen one)
 
 
 def fixed_pieces() -> list[Piece]:
@@ -346,6 +403,11 @@ def fixed_pieces() -> list[Piece]:
         for lr in LR_WALK
     ]
     out += [Piece(lr_piece("central", lr, search=False), "centralized", lr=lr) for lr in LR_WALK]
+    out += [  # named by server lr only: they run at the client lr the method's search picks
+        Piece(f"slr/S1/{method}/slr={server_lr:g}", "federated", "S1", method, 0, server_lr=server_lr)
+        for method in SERVER_LR_CHECKS
+        for server_lr in SERVER_LRS[1:]
+    ]
     for seed in SEEDS:
         out += [
             Piece(f"central/seed={seed}", "centralized", seed=seed),
@@ -429,6 +491,8 @@ def resolve(piece: Piece, results: Results) -> tuple[str, float, str] | None:
     if recipe is None:
         return None
     method = piece.method
+    if piece.server_lr is not None and results.searched_lr(method) is None:
+        return None  # a server-lr search piece runs at the client lr its method's search picks
     if method == SERVER_OPTIMIZER:
         method = results.best_server_optimizer()
         if method is None:
@@ -438,18 +502,22 @@ def resolve(piece: Piece, results: Results) -> tuple[str, float, str] | None:
 
 
 def settled_without(piece: Piece, results: Results) -> bool:
-    """Whether ``piece`` is an lr-search run, not run, that its method's search settled without."""
+    """Whether ``piece`` is an lr- or server-lr-search run, not run, that its method's search
+    settled without."""
+    if piece.server_lr is not None:
+        return results.get(piece.name) is None and results.searched_server_lr(piece.method) is not None
     method = "central" if piece.kind == "centralized" else piece.method
     searching = piece.lr is not None and piece.name == lr_piece(method, piece.lr, results.search)
     return searching and results.get(piece.name) is None and results.searched_lr(method) is not None
 
 
 def twin_of(piece: Piece, method: str, lr: float, results: Results) -> str | None:
-    """The lr-search piece that is the same run as ``piece`` (S1 or the centralized baseline, seed 0,
-    at the lr the search picked), once it is in; None for any other piece."""
+    """The search piece that is the same run as ``piece`` (S1 or the centralized baseline, seed 0,
+    at the lr and server lr the searches picked), once it is in; None for any other piece."""
     if results.search or piece.seed != 0 or piece.name not in (f"S1/{method}/seed=0", "central/seed=0"):
         return None
-    twin = lr_piece(method, lr, search=False)
+    server_lr = results.chosen_server_lr(method)
+    twin = lr_piece(method, lr, search=False) if server_lr is None else server_lr_piece(method, server_lr, lr)
     return twin if results.get(twin) else None
 
 
@@ -487,14 +555,17 @@ class Bench:
 
     def federated(self, piece: Piece, method: str, lr: float, recipe: str) -> dict[str, Any]:
         weighting, train = RECIPES[recipe]
-        extra = {**method_overrides(method, weighting), **train}
+        server_lr = piece.server_lr  # the lr/ pieces keep the default, the settings' take the pick
+        if server_lr is None and piece.lr is None:
+            server_lr = self.results.chosen_server_lr(method)
+        extra = {**method_overrides(method, weighting, server_lr), **train}
         setting = SETTINGS.get(piece.setting) or SCHEDULES[piece.setting]
         if method.startswith("fedsb"):
             setting = dataclasses.replace(setting, rounds=setting.rounds + FEDSB_INIT_ROUNDS)
         config = self.config(setting, piece.seed, lr, extra)
         run_dir = run_dir_of(piece.name)
         metrics = ("variance_ratio", "merged_rank", "discarded_energy")
-        label = f"{piece.name}: {method} lr {lr:g}"
+        label = f"{piece.name}: {method} lr {lr:g}" + (f" server lr {server_lr:g}" if server_lr else "")
         result = run_scored(label, config, self.scorers.evaluator("test"), run_dir, metrics)
         curve = [result["curve"][k] for k in sorted(result["curve"], key=int)]
         return {
@@ -503,6 +574,7 @@ class Bench:
             "kind": "federated",
             "seed": piece.seed,
             "lr": lr,
+            **({"server_lr": server_lr} if server_lr is not None else {}),
             "recipe": recipe,
             "weighting": weighting,
             "train": train,
@@ -670,14 +742,19 @@ def strictest_central(results: Results) -> tuple[float, list[float]] | None:
 
 
 def lr_table(
-    title: str, cells: dict[str, list[dict[str, Any] | None]], picks: dict[str, float | None]
+    title: str,
+    cells: dict[str, list[dict[str, Any] | None]],
+    picks: dict[str, float | None],
+    grid: tuple[float, ...] = LRS,
+    knob: str = "lr",
 ) -> list[str]:
-    """A titled table of each method's runs at the lrs of ``LRS`` (None: not run): validation score
-    (test accuracy), and the lr its search settled on (``picks``; None: under way)."""
-    lines = [f"## {title}: validation score per lr (test accuracy)", ""]
+    """A titled table of each method's runs at the values of ``grid`` of ``knob`` (None: not run):
+    validation score (test accuracy), and the value its search settled on (``picks``; None: under
+    way)."""
+    lines = [f"## {title}: validation score per {knob} (test accuracy)", ""]
     lines += [
-        "| method | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | picked on validation |",
-        "|---|" + "---:|" * (len(LRS) + 1),
+        "| method | " + " | ".join(f"{knob} {value:g}" for value in grid) + " | picked on validation |",
+        "|---|" + "---:|" * (len(grid) + 1),
     ]
     for method, runs in cells.items():
         if not any(runs):
@@ -693,7 +770,22 @@ def lr_search_report(results: Results) -> list[str]:
     methods = (*BASE_METHODS, *SERVER_OPTIMIZERS) if results.search else LR_CHECKS
     methods = (*methods, "central")
     cells = {m: [results.get(lr_piece(m, lr, results.search)) for lr in LRS] for m in methods}
-    return lr_table("lr search (S1, seed 0)", cells, {m: results.searched_lr(m) for m in methods})
+    lines = lr_table("lr search (S1, seed 0)", cells, {m: results.searched_lr(m) for m in methods})
+    return lines + server_lr_search_report(results)
+
+
+def server_lr_search_report(results: Results) -> list[str]:
+    """The server-lr search of ``SERVER_LR_CHECKS`` (S1, seed 0, at each one's picked client lr)."""
+    cells = {
+        f"{m} (lr {lr:g})": [results.get(server_lr_piece(m, s, lr)) for s in SERVER_LRS]
+        for m in SERVER_LR_CHECKS
+        if (lr := results.searched_lr(m)) is not None
+    }
+    if not any(any(runs[1:]) for runs in cells.values()):
+        return []
+    picks = {f"{m} (lr {results.searched_lr(m):g})": results.searched_server_lr(m) for m in SERVER_LR_CHECKS}
+    title = "server lr search (S1, seed 0, momentum 0.9, at the picked client lr)"
+    return ["", *lr_table(title, cells, picks, SERVER_LRS, "server lr")]
 
 
 def search_report(results: Results) -> list[str]:
@@ -739,14 +831,15 @@ def report(results: Results) -> str:
             "KB up per client and training round | seeds | worst class recall per seed |",
             "|---|---:|---:|---:|---:|---:|---|---|",
         ]
-        for method, runs in runs_of(results, setting).items():
+        for runs in runs_of(results, setting).values():
             accs = [r["final_accuracy"] for r in sorted(runs, key=lambda r: r["seed"])]
             share = f"{statistics.fmean(accs) / statistics.fmean(central):.1%}" if central else "–"
             gap = f"{(statistics.fmean(accs) - statistics.fmean(local)) * 100:+.1f} pt" if local else "–"
             up = runs[0].get("bytes_up_final_round", runs[0]["bytes_up_per_round"])
             kb = f"{up / (spec.fraction * CLIENTS) / 1e3:.1f}"
+            label, lr = method_label(runs[0]), runs[0]["lr"]
             lines.append(
-                f"| {method} | {runs[0]['lr']:g} | {mean_std(accs)} | {share} | {gap} | {kb} | "
+                f"| {label} | {lr:g} | {mean_std(accs)} | {share} | {gap} | {kb} | "
                 + ", ".join(f"{a:.4f}" for a in accs)
                 + f" | {worst_classes(runs)} |"
             )
@@ -772,23 +865,25 @@ def pending_report(results: Results) -> list[str]:
         piece = run["piece"]
         group = piece.split("/")[0]
         if group in (*SETTINGS, "local") and results.get(piece) is None:
-            name = run["method"] if group in SETTINGS else f"local-only, alpha {run['alpha']:g}"
+            name = method_label(run) if group in SETTINGS else f"local-only, alpha {run['alpha']:g}"
             pending.setdefault((group, name, run["lr"]), []).append(run)
     if not pending:
         return []
     lines = [
         "",
-        "## Runs awaiting their rerun at the lr their method's search picked",
+        "## Runs awaiting their rerun at the lr (and server lr) their method's search picked",
         "",
         "| setting | method | lr run | lr picked | test accuracy, mean ± std | seeds |",
         "|---|---|---:|---:|---:|---|",
     ]
     for (group, name, lr), runs in sorted(pending.items()):
-        picked = results.chosen_lr("central" if group == "local" else name.removesuffix("+ccvr"))
+        picked = results.chosen_lr("central" if group == "local" else runs[0]["method"].removesuffix("+ccvr"))
         runs = sorted(runs, key=lambda r: r["seed"])
         seeds = ", ".join(f"{r['seed']}: {r['final_accuracy']:.4f}" for r in runs)
         accs = [r["final_accuracy"] for r in runs]
-        lines.append(f"| {group} | {name} | {lr:g} | {picked:g} | {mean_std(accs)} | {seeds} |")
+        server_lr = results.chosen_server_lr(runs[0]["method"])
+        cell = f"{picked:g}" if server_lr is None else f"{picked:g} (server lr {server_lr:g})"
+        lines.append(f"| {group} | {name} | {lr:g} | {cell} | {mean_std(accs)} | {seeds} |")
     return lines
 
 
