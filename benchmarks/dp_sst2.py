@@ -28,6 +28,12 @@ curves); the final accuracy is on all 1,821 rows of ``test-labeled.tsv``, used f
   state (``fedpeft frame``, ``server/public_frame.py``): no round and no budget spent on it; its
   own lr search; and the same at ε = 8 at its search's runner-up lr (``fedsb+public-frame@5e-2/...``,
   ``PINNED_LR``), added after its pick's private runs: what the lr does under the noise, not a pick;
+  and the same at ε = 8 at the lr a proxy picks (``fedsb+public-frame+proxy-lr/...``, ``PROXY_OF``):
+  the private federation simulated over the public rows (pieces ``proxy/<rule>/lr=<lr>``: 672 of
+  the 872 sentences spread over the same 100 clients, the same sampling, rounds, noise and clip
+  start, scored on the other 200), which reads no client's row and so spends no budget; where the
+  pick's final runs are already in under another variant of the same configuration, they are
+  copied, not rerun;
 - example level: 10 clients, all every round, DP-SGD on each (per-example clipping at 1.0), the
   noise multiplier set so that every client's epsilon after its 50 steps is at most the target
   (sampling rate batch / rows of the smallest client); the baseline is the same without DP.
@@ -74,14 +80,27 @@ RULES: dict[str, dict[str, Any]] = {
     "fedsb+random-frame": {"strategy.name": "fedsb", "strategy.init": "random"},
     "fedsb+public-frame": {"strategy.name": "fedsb", "strategy.init": "public"},
     "fedsb+public-frame@5e-2": {"strategy.name": "fedsb", "strategy.init": "public"},
+    "fedsb+public-frame+proxy-lr": {"strategy.name": "fedsb", "strategy.init": "public"},
 }
 # variants that take another rule's lr and clip start instead of a search of their own: sampling
 # every client changes no client's training, so its update norms are the searched rule's
-SEARCHED_AS = {"fedsb+all-clients": "fedsb", "fedsb+public-frame@5e-2": "fedsb+public-frame"}
+SEARCHED_AS = {
+    "fedsb+all-clients": "fedsb",
+    "fedsb+public-frame@5e-2": "fedsb+public-frame",
+    "fedsb+public-frame+proxy-lr": "fedsb+public-frame",
+}
 # variants that run privately at another lr of their rule's search than its pick, and the lr: the
 # public frame's runner-up, one validation row (of 500) below its pick 1e-1, to see what the lr
 # does under the noise; not a pick (chosen after seeing the pick's private runs), reported as such
 PINNED_LR = {"fedsb+public-frame@5e-2": 5e-2}
+# variants whose private lr is chosen on a proxy instead (pieces ``proxy/<rule>/lr=<lr>``): the
+# private federation itself, client level at PROXY_EPSILON (the same 100 clients, sampling, rounds,
+# noise and clip start), over the public rows, less PROXY_VAL_ROWS of them that score it each round;
+# no client's row is read, so the choice spends no budget. The walk starts at the rule's
+# non-private pick and settles on the best mean validation accuracy of the last PROXY_RECENT rounds
+# once the lrs beside it on LRS are in.
+PROXY_OF = {"fedsb+public-frame+proxy-lr": "fedsb+public-frame"}
+PROXY_EPSILON, PROXY_VAL_ROWS, PROXY_RECENT = 8.0, 200, 3
 ROUNDS, LOCAL_STEPS, BATCH = 10, 5, 16
 MODES = {"client": {"clients": 100, "rate": 0.2}, "example": {"clients": 10, "rate": 1.0}}
 LABELS = ["0", "1"]
@@ -176,11 +195,16 @@ def toml_value(value: Any) -> str:
 
 def pieces() -> dict[str, PieceSpec]:
     """name -> (mode, epsilon, seed, lr, rule) of every piece, the lr searches first (lr None: the
-    chosen one)."""
+    chosen one; epsilon set with an lr: a proxy search piece)."""
     search = {
         f"search/{prefix(rule)}lr={lr:g}": ("client", None, 0, lr, rule)
         for rule in RULES
         if rule not in SEARCHED_AS
+        for lr in LRS
+    }
+    search |= {
+        proxy_piece(rule, lr): ("client", PROXY_EPSILON, 0, lr, rule)
+        for rule in sorted(set(PROXY_OF.values()))
         for lr in LRS
     }
     final = {
@@ -193,10 +217,14 @@ def pieces() -> dict[str, PieceSpec]:
         f"{prefix(rule)}client/{label(eps)}/seed={seed}": ("client", eps, seed, None, rule)
         for rule in RULES
         if rule != "ffa"
-        for eps in ((8.0,) if rule in PINNED_LR else (None, 8.0))
+        for eps in ((8.0,) if rule in PINNED_LR or rule in PROXY_OF else (None, 8.0))
         for seed in SEEDS
     }
     return search | final | variants
+
+
+def proxy_piece(rule: str, lr: float) -> str:
+    return f"proxy/{rule}/lr={lr:g}"
 
 
 def prefix(rule: str) -> str:
@@ -216,13 +244,46 @@ def chosen(results: RunsFile, rule: str = "ffa") -> dict[str, Any] | None:
     """``rule``'s search piece with the best validation accuracy, once every one has run: its lr,
     and its median update norm, where client-level DP starts its adaptive clipping norm (both
     hyperparameters taken from the non-private run, so choosing them spends no privacy budget); a
-    variant of ``SEARCHED_AS`` takes its rule's, at its ``PINNED_LR`` if it has one."""
+    variant of ``SEARCHED_AS`` takes its rule's, at its ``PINNED_LR`` or its proxy's pick if it has
+    one."""
     runs = searched(results, SEARCHED_AS.get(rule, rule))
     if runs is None or runs[-1] is None:
         return None
-    if rule in PINNED_LR:
-        return next((r for r in runs if r["lr"] == PINNED_LR[rule]), None)
+    lr = PINNED_LR.get(rule) or (proxy_pick(results, PROXY_OF[rule]) if rule in PROXY_OF else None)
+    if rule in PINNED_LR or rule in PROXY_OF:
+        return next((r for r in runs if r["lr"] == lr), None)
     return max(runs, key=lambda r: r["validation_accuracy"])
+
+
+def proxy_runs(results: RunsFile, rule: str) -> dict[float, dict[str, Any]]:
+    return {lr: run for lr in LRS if (run := results.get(proxy_piece(rule, lr)))}
+
+
+def proxy_pick(results: RunsFile, rule: str) -> float | None:
+    """The lr ``rule``'s proxy search settled on (``PROXY_OF``), None while it is under way."""
+    found = proxy_runs(results, rule)
+    best = proxy_best(found)
+    if best is None:
+        return None
+    at = LRS.index(best)
+    return best if all(lr in found for lr in LRS[max(at - 1, 0) : at + 2]) else None
+
+
+def proxy_best(found: dict[float, dict[str, Any]]) -> float | None:
+    return max(found, key=lambda lr: found[lr]["proxy_score"]) if found else None
+
+
+def proxy_needed(results: RunsFile, rule: str, lr: float) -> bool:
+    """Whether the proxy search of ``rule`` runs ``lr``: its start (the non-private pick), then the
+    lrs beside its best so far, until it settles."""
+    found = proxy_runs(results, rule)
+    if lr in found:
+        return True
+    start = chosen_lr(results, rule)
+    if start is None or proxy_pick(results, rule) is not None:
+        return False
+    at = LRS.index(proxy_best(found) or start)
+    return lr in LRS[max(at - 1, 0) : at + 2]
 
 
 def searched(results: RunsFile, rule: str) -> list[dict[str, Any] | None] | None:
@@ -242,7 +303,9 @@ def searched(results: RunsFile, rule: str) -> list[dict[str, Any] | None] | None
 
 def needed(results: RunsFile, name: str, spec: PieceSpec) -> bool:
     """Whether a search piece is in its rule's search as far as it has grown (always, for the others)."""
-    *_, lr, rule = spec
+    _, epsilon, _, lr, rule = spec
+    if lr is not None and epsilon is not None:
+        return proxy_needed(results, rule, lr)
     if lr is None or LRS.index(lr) < BASE_LRS:
         return True
     runs = searched(results, rule)
@@ -262,6 +325,24 @@ def supersede_stale(results: RunsFile, runs: dict[str, PieceSpec]) -> None:
             results.supersede(name, f"the lr search, grown beyond 2e-2, chose {best:g}")
 
 
+def adopt_twins(results: RunsFile, runs: dict[str, PieceSpec]) -> None:
+    """Record as a proxy variant's final run the run of another variant with the same overrides,
+    setting, epsilon, seed and lr (so the same clip start), where one is in: the same measurement."""
+    for name, (mode, epsilon, seed, lr, rule) in runs.items():
+        best = chosen(results, rule) if rule in PROXY_OF and lr is None else None
+        if best is None or results.get(name) is not None:
+            continue
+        twins = [
+            other
+            for other, (m, e, s, lr_other, r) in runs.items()
+            if (m, e, s, lr_other) == (mode, epsilon, seed, None) and r != rule and RULES[r] == RULES[rule]
+            and (done := results.get(other)) is not None and done["lr"] == best["lr"]
+        ]  # fmt: skip
+        if twins:
+            results.copy(twins[0], name)
+            print(f"[{name}] is {twins[0]}: copied")
+
+
 def median_update_norm(run: Path) -> float:
     """The median of every reply's update norm over a non-private run's rounds (``metrics.jsonl``)."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
@@ -278,6 +359,31 @@ def search_run(held_out: HeldOut, files: dict[str, Path], name: str, lr: float, 
         "validation_accuracy": result["test_accuracy"],
         "median_update_norm": median_update_norm(run_dir(name)),
         "curve": [result["curve"][k] for k in sorted(result["curve"], key=int)],
+        "seconds": result["seconds"],
+    }
+
+
+def proxy_run(
+    held_out: HeldOut, files: dict[str, Path], name: str, lr: float, rule: str, clip_start: float
+) -> dict[str, Any]:
+    """``rule``'s private client-level federation at ``PROXY_EPSILON`` and ``lr`` over the proxy's
+    public rows, scored on the proxy's validation rows (``held_out``, the proxy's)."""
+    overrides = base_config(files, "client", 0, lr, rule)
+    overrides |= {"data.source": str(files["proxy_train"]), "data.test_source": str(files["proxy_val"])}
+    config = config_of(private_config(overrides, "client", PROXY_EPSILON, 0, clip_start))
+    result = run_scored(name, config, held_out.evaluator("val"), run_dir(name), ("epsilon",))
+    curve = [result["curve"][k] for k in sorted(result["curve"], key=int)]
+    return {
+        "kind": "proxy",
+        "rule": rule,
+        "lr": lr,
+        "epsilon": PROXY_EPSILON,
+        "epsilon_reached": result.get("epsilon"),
+        "clip_start": clip_start,
+        "proxy_rows": len(held_out.train),
+        "validation_accuracy": result["test_accuracy"],  # on the proxy's public validation rows
+        "proxy_score": statistics.fmean(curve[-PROXY_RECENT:]),
+        "curve": curve,
         "seconds": result["seconds"],
     }
 
@@ -359,6 +465,7 @@ def report(results: RunsFile) -> str:
                 mark = " (chosen)" if lr == chosen else ""
                 curve = ", ".join(f"{a:.3f}" for a in r["curve"])
                 lines.append(f"| {rule} | {lr:g}{mark} | {r['validation_accuracy']:.4f} | {curve} |")
+    lines += proxy_report(results)
     lines += [
         "",
         "| setting | rule | epsilon | noise multiplier | noise / clip norm | accuracy, mean ± std "
@@ -371,6 +478,26 @@ def report(results: RunsFile) -> str:
             group = [r for r in finals if r["setting"] == mode and r.get("rule", "ffa") == rule]
             lines += [row for eps in (None, *EPSILONS) if (row := report_row(mode, rule, eps, group))]
     return "\n".join(lines + sizing_report(finals) + superseded_report(results))
+
+
+def proxy_report(results: RunsFile) -> list[str]:
+    """Each proxy search: the proxy's score per lr (its public validation rows, private at
+    ``PROXY_EPSILON``), and the pick."""
+    lines = []
+    for rule in sorted(set(PROXY_OF.values())):
+        found, pick = proxy_runs(results, rule), proxy_pick(results, rule)
+        if not lines and found:
+            lines = [
+                "",
+                f"| rule | lr (proxy: private at epsilon {PROXY_EPSILON:g} on the public rows, seed 0) | "
+                f"validation, mean of the last {PROXY_RECENT} rounds | validation per round |",
+                "|---|---:|---:|---|",
+            ]
+        for lr, r in found.items():
+            mark = " (chosen)" if lr == pick else ""
+            curve = ", ".join(f"{a:.3f}" for a in r["curve"])
+            lines.append(f"| {rule} | {lr:g}{mark} | {r['proxy_score']:.4f} | {curve} |")
+    return lines
 
 
 def superseded_report(results: RunsFile) -> list[str]:
@@ -490,11 +617,26 @@ def main(argv: list[str] | None = None) -> int:
         files = write_splits(read(TRAIN), read(TEST), WORK / "data", 1000, 10**9, 12345)
         held = HeldOut(config_of(base_config(files, "client", 0, LRS[0])), files, LABELS)
         files["public"] = WORK / "data" / "public.tsv"
-        read(PUBLIC)[["text", "label"]].to_csv(files["public"], sep="\t", header=False, index=False)
+        public = read(PUBLIC)
+        public[["text", "label"]].to_csv(files["public"], sep="\t", header=False, index=False)
+        # the proxy's rows: the public rows less PROXY_VAL_ROWS, and those (it has no test rows)
+        proxy = write_splits(public, public[:0], WORK / "data" / "proxy", PROXY_VAL_ROWS, 0, 12345)
+        files |= {"proxy_train": proxy["train"], "proxy_val": proxy["val"]}
         return held, files
+
+    @functools.cache
+    def proxy_held_out() -> HeldOut:
+        held, files = held_out()
+        proxy = {"train": files["proxy_train"], "val": files["proxy_val"]}
+        return HeldOut(held.config, proxy, LABELS)
 
     def execute(name: str) -> dict[str, Any]:
         mode, epsilon, seed, lr, rule = runs[name]
+        if lr is not None and epsilon is not None:
+            start = results.get(f"search/{prefix(rule)}lr={lr:g}")
+            if start is None:
+                raise SystemExit(f"dp_sst2: {name} clips from {rule}'s search run at lr {lr:g}; run it first")
+            return proxy_run(proxy_held_out(), held_out()[1], name, lr, rule, start["median_update_norm"])
         if lr is not None:
             return search_run(*held_out(), name, lr, rule)
         best = chosen(results, rule)
@@ -508,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (args.list or args.report):
         supersede_stale(results, runs)
+        adopt_twins(results, runs)
     run_pieces(results, [name for name, spec in runs.items() if needed(results, name, spec)], execute, args)
     print(report(results))
     return 0
