@@ -473,10 +473,15 @@ def report(results: RunsFile) -> str:
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     finals = [r for r in results.data["runs"] if r.get("kind") == "final"]
+    of = lambda mode, rule: [r for r in finals if r["setting"] == mode and r.get("rule", "ffa") == rule]  # noqa: E731
     for mode in MODES:
         for rule in RULES:
-            group = [r for r in finals if r["setting"] == mode and r.get("rule", "ffa") == rule]
-            lines += [row for eps in (None, *EPSILONS) if (row := report_row(mode, rule, eps, group))]
+            # a variant with no run of its own without DP is against its rule's, same configuration
+            plain = SEARCHED_AS[rule] if rule in PINNED_LR or rule in PROXY_OF else rule
+            group, plain_runs = of(mode, rule), [r for r in of(mode, plain) if r["epsilon"] is None]
+            lines += [
+                row for eps in (None, *EPSILONS) if (row := report_row(mode, rule, eps, group, plain_runs))
+            ]
     return "\n".join(lines + sizing_report(finals) + superseded_report(results))
 
 
@@ -546,13 +551,16 @@ def sizing_report(finals: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def report_row(mode: str, rule: str, epsilon: float | None, group: list[dict[str, Any]]) -> str | None:
-    """The table row of one (setting, rule, epsilon) from the final runs of that setting and rule."""
+def report_row(
+    mode: str, rule: str, epsilon: float | None, group: list[dict[str, Any]], plain_runs: list[dict[str, Any]]
+) -> str | None:
+    """The table row of one (setting, rule, epsilon) from the final runs of that setting and rule,
+    its share of ``plain_runs`` (the same configuration without DP)."""
     runs = sorted((r for r in group if r["epsilon"] == epsilon), key=lambda r: r["seed"])
     if not runs:
         return None
     accs = [r["accuracy"] for r in runs]
-    plain = [r["accuracy"] for r in group if r["epsilon"] is None]
+    plain = [r["accuracy"] for r in plain_runs]
     counts = [r["noised_parameters"] for r in group if "noised_parameters" in r]
     share = f"{statistics.fmean(accs) / statistics.fmean(plain):.1%}" if plain else "–"
     z = runs[0]["noise_multiplier"]
