@@ -196,6 +196,19 @@ def local_only(config: RunConfig, splits: Splits, steps: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- benchmarks in pieces
 
 
+def settled_pick(
+    grid: tuple[float, ...], found: dict[float, dict[str, Any]], score: Callable[[dict[str, Any]], float]
+) -> float | None:
+    """The value of ``grid`` whose run in ``found`` scores best, once the values beside it on the
+    grid are in too (None until then): a search walked along the grid stops at a local best, since
+    a value beyond it is one no unimodal curve would pick."""
+    if not found:
+        return None
+    best = max(found, key=lambda value: score(found[value]))
+    at = grid.index(best)
+    return best if all(value in found for value in grid[max(at - 1, 0) : at + 2]) else None
+
+
 def write_splits(
     train: pd.DataFrame, test: pd.DataFrame, folder: Path, val_rows: int, test_rows: int, seed: int
 ) -> dict[str, Path]:

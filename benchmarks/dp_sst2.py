@@ -55,7 +55,17 @@ from typing import Any
 
 import pandas as pd
 import torch
-from common import REPO, HeldOut, RunsFile, mean_std, pieces_parser, run_pieces, run_scored, write_splits
+from common import (
+    REPO,
+    HeldOut,
+    RunsFile,
+    mean_std,
+    pieces_parser,
+    run_pieces,
+    run_scored,
+    settled_pick,
+    write_splits,
+)
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedpeft.config import RunConfig, load_config
@@ -261,12 +271,7 @@ def proxy_runs(results: RunsFile, rule: str) -> dict[float, dict[str, Any]]:
 
 def proxy_pick(results: RunsFile, rule: str) -> float | None:
     """The lr ``rule``'s proxy search settled on (``PROXY_OF``), None while it is under way."""
-    found = proxy_runs(results, rule)
-    best = proxy_best(found)
-    if best is None:
-        return None
-    at = LRS.index(best)
-    return best if all(lr in found for lr in LRS[max(at - 1, 0) : at + 2]) else None
+    return settled_pick(LRS, proxy_runs(results, rule), lambda run: run["proxy_score"])
 
 
 def proxy_best(found: dict[float, dict[str, Any]]) -> float | None:

@@ -105,6 +105,7 @@ from common import (  # noqa: E402
     mean_std,
     missing_agnews,
     run_scored,
+    settled_pick,
     train_and_score,
     write_results,
     write_splits,
@@ -225,17 +226,6 @@ def selection_score(run: dict[str, Any]) -> float:
     return run.get("val_recent", run["val_accuracy"])
 
 
-def settled_pick(grid: tuple[float, ...], found: dict[float, dict[str, Any]]) -> float | None:
-    """The value of ``grid`` whose run in ``found`` scores best on validation, once the values beside
-    it on the grid are in too (None until then): a search walked from one end or the middle of the
-    grid stops at a local best, since a value beyond it is one no unimodal curve would pick."""
-    if not found:
-        return None
-    best = max(found, key=lambda value: selection_score(found[value]))
-    at = grid.index(best)
-    return best if all(value in found for value in grid[max(at - 1, 0) : at + 2]) else None
-
-
 def server_lr_of(run: dict[str, Any]) -> float | None:
     """The server lr a run of a method of ``SERVER_LR_CHECKS`` trained at (None for the others)."""
     return run.get("server_lr", SERVER_LRS[0]) if run["method"] in SERVER_LR_CHECKS else None
@@ -263,7 +253,7 @@ class Results(RunsFile):
         are in too. The search walks the grid from ``DEFAULT_LR`` (``LR_WALK``) and stops at a
         local best: an lr beyond it on the grid is one no unimodal curve would pick."""
         found = {lr: run for lr in LRS if (run := self.get(lr_piece(method, lr, self.search)))}
-        return settled_pick(LRS, found)
+        return settled_pick(LRS, found, selection_score)
 
     def chosen_lr(self, method: str) -> float | None:
         """The lr ``method`` (or the centralized baseline) trains at: its search's, once settled
@@ -280,7 +270,7 @@ class Results(RunsFile):
         if lr is None:
             return None
         found = {s: run for s in SERVER_LRS if (run := self.get(server_lr_piece(method, s, lr)))}
-        return settled_pick(SERVER_LRS, found)
+        return settled_pick(SERVER_LRS, found, selection_score)
 
     def chosen_server_lr(self, method: str) -> float | None:
         """The server lr ``method`` trains at: its search's once settled, the default until then;
