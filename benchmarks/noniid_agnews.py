@@ -38,10 +38,11 @@ runs of 6 to 8 minutes:
 - ``lr/S1/<method>/lr=<lr>`` and ``lr/central/lr=<lr>``: S1 seed 0 of each method of
   ``LR_CHECKS`` (and the centralized baseline) at the lrs of ``LRS`` its walk needs: the lr search; local-only
   runs at the centralized baseline's lr;
-- ``slr/S1/<method>/slr=<eta>``: S1 seed 0 of each method of ``SERVER_LR_CHECKS`` (FedAvgM) at
-  the client lr its search picked and the server lrs of ``SERVER_LRS`` its walk down from the
-  default 1 needs (the default's run is the ``lr/`` piece): the server-lr search, settled and
-  applied as the lr search is;
+- ``slr/S1/<method>/slr=<eta>`` then ``mom/S1/<method>/mom=<beta>``: S1 seed 0 of each method of
+  ``SERVER_CHECKS`` (FedAvgM) at the client lr its search picked, walking each knob of
+  ``SERVER_KNOBS`` in turn from its default (the server lr at momentum 0.9, then the momentum at the
+  picked server lr; a default's run is the previous walk's pick, first the ``lr/`` piece): the
+  server optimizer's search, settled and applied as the lr search is;
 - ``S1|S2|S3/<method>+ccvr/seed=<s>``: that setting's run of a rule with its head
   calibrated by CCVR after the last round (``calibration.method = "ccvr"``,
   ``fedpeft/calibration.py``). CCVR only acts after training, so it runs on the stored run: the
@@ -145,11 +146,27 @@ RECENT = 3  # a federated run is judged by its mean validation accuracy over its
 BASE_METHODS = ("fedavg", "stacking", "fedex", "ffa", "vcma", "fedsb", "fedsb_r32")
 FEDSB_INIT_ROUNDS = 2  # fedsb's two initialisation rounds train nothing: it gets them on top
 SERVER_OPTIMIZERS = ("fedavgm", "fedadam")  # the best of these is reported as "server optimizer"
-# FedAvgM's server lr eta (momentum 0.9 fixed; Reddi et al. tune eta the same way), searched on S1
-# seed 0 at the client lr its lr search picked, walked down from the default 1: added after its S2
-# seed 2 swung by 0.2 between rounds at eta = 1 (an effective step of eta / (1 - 0.9) = 10 updates)
-SERVER_LRS = (1.0, 0.3, 0.1)
-SERVER_LR_CHECKS = ("fedavgm",)
+
+
+@dataclass(frozen=True)
+class ServerKnob:
+    """A server optimizer's hyperparameter, searched on S1 seed 0 after the client lr."""
+
+    key: str  # the strategy's option, and the field of a run that records it
+    label: str  # its name in tables
+    prefix: str  # the name of its search pieces: <prefix>/S1/<method>/<prefix>=<value>
+    grid: tuple[float, ...]  # walked from the first value, the strategy's default
+
+
+# FedAvgM's server lr eta, then its momentum beta at the picked eta (Reddi et al. tune eta at beta =
+# 0.9; Hsu et al. tune both), each walked down from the default: the server lr was added after its
+# S2 seed 2 swung by 0.2 between rounds at eta = 1 (an effective step of eta / (1 - 0.9) = 10
+# updates), the momentum after seeds 1 and 2 of S2 ended below 0.60 at the searched eta = 1
+SERVER_KNOBS = (
+    ServerKnob("server_lr", "server lr", "slr", (1.0, 0.3, 0.1)),
+    ServerKnob("momentum", "momentum", "mom", (0.9, 0.6, 0.3)),
+)
+SERVER_CHECKS = ("fedavgm",)
 # Client recipes: name -> (the strategy's weighting, [train] overrides). The ablation pieces run
 # each with fedavg on S2; every other federated run uses the best on the validation split.
 RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -180,13 +197,13 @@ SEARCH_OUT = OUT.with_name("noniid_agnews_search.json")
 WORK = REPO / "runs" / "noniid-agnews"
 
 
-def method_overrides(method: str, weighting: str, server_lr: float | None = None) -> dict[str, Any]:
-    """The [strategy] of ``method`` with clients weighted by ``weighting`` (a server optimizer at
-    ``server_lr``, None: its default); ``<rule>_r<rank>`` is the rule at that LoRA rank (alpha
-    2 x rank, the scale of the other runs)."""
+def method_overrides(method: str, weighting: str, server: dict[str, float] | None = None) -> dict[str, Any]:
+    """The [strategy] of ``method`` with clients weighted by ``weighting`` (a server optimizer with
+    the hyperparameters ``server``, None: its defaults); ``<rule>_r<rank>`` is the rule at that LoRA
+    rank (alpha 2 x rank, the scale of the other runs)."""
     if method in SERVER_OPTIMIZERS:
         out = {"strategy.name": method, "strategy.inner_options": {"weighting": weighting}}
-        return out if server_lr is None else out | {"strategy.server_lr": server_lr}
+        return out | {f"strategy.{key}": value for key, value in (server or {}).items()}
     rule, _, rank = method.partition("_r")
     out: dict[str, Any] = {"strategy.name": rule, "strategy.weighting": weighting}
     if rank:
@@ -226,15 +243,22 @@ def selection_score(run: dict[str, Any]) -> float:
     return run.get("val_recent", run["val_accuracy"])
 
 
-def server_lr_of(run: dict[str, Any]) -> float | None:
-    """The server lr a run of a method of ``SERVER_LR_CHECKS`` trained at (None for the others)."""
-    return run.get("server_lr", SERVER_LRS[0]) if run["method"] in SERVER_LR_CHECKS else None
+def server_of(run: dict[str, Any]) -> dict[str, float] | None:
+    """The ``SERVER_KNOBS`` a run of a method of ``SERVER_CHECKS`` trained at (None for the others)."""
+    if run["method"].removesuffix("+ccvr") not in SERVER_CHECKS:
+        return None
+    return {knob.key: run.get(knob.key, knob.grid[0]) for knob in SERVER_KNOBS}
+
+
+def server_text(server: dict[str, float]) -> str:
+    """``server`` as a table shows it: "server lr 1, momentum 0.9"."""
+    return ", ".join(f"{knob.label} {server[knob.key]:g}" for knob in SERVER_KNOBS if knob.key in server)
 
 
 def method_label(run: dict[str, Any]) -> str:
-    """A run's method, with its server lr where that is searched."""
-    server_lr = server_lr_of(run)
-    return run["method"] if server_lr is None else f"{run['method']} (server lr {server_lr:g})"
+    """A run's method, with its server hyperparameters where those are searched."""
+    server = server_of(run)
+    return run["method"] if server is None else f"{run['method']} ({server_text(server)})"
 
 
 class Results(RunsFile):
@@ -263,21 +287,31 @@ class Results(RunsFile):
         picked = self.searched_lr(method)
         return picked if picked is not None or self.search else DEFAULT_LR
 
-    def searched_server_lr(self, method: str) -> float | None:
-        """The server lr ``method``'s search (``SERVER_LRS``, at its picked client lr) settled on,
-        None while it or the client lr search is under way; the default's run is the lr piece."""
-        lr = self.searched_lr(method)
+    def searched_server(self, method: str) -> dict[str, float]:
+        """The ``SERVER_KNOBS`` of ``method``'s search that have settled, in order (at its picked
+        client lr; each walk at the values the walks before it picked): empty while the client lr
+        search is under way, and each knob missing once one before it is."""
+        lr, picks = self.searched_lr(method), {}
         if lr is None:
-            return None
-        found = {s: run for s in SERVER_LRS if (run := self.get(server_lr_piece(method, s, lr)))}
-        return settled_pick(SERVER_LRS, found, selection_score)
+            return picks
+        for knob in SERVER_KNOBS:
+            found = {}
+            for value in knob.grid:
+                run = self.get(server_piece(method, lr, picks, knob, value))
+                if run and all(server_of(run)[k] == v for k, v in picks.items()):
+                    found[value] = run
+            picked = settled_pick(knob.grid, found, selection_score)
+            if picked is None:
+                break
+            picks[knob.key] = picked
+        return picks
 
-    def chosen_server_lr(self, method: str) -> float | None:
-        """The server lr ``method`` trains at: its search's once settled, the default until then;
-        None for a method whose server lr is not searched (the strategy's default)."""
-        if method not in SERVER_LR_CHECKS:
+    def chosen_server(self, method: str) -> dict[str, float] | None:
+        """The ``SERVER_KNOBS`` ``method`` trains at: its search's where settled, the defaults
+        elsewhere; None for a method whose server optimizer is not searched (its defaults)."""
+        if method not in SERVER_CHECKS:
             return None
-        return self.searched_server_lr(method) or SERVER_LRS[0]
+        return {knob.key: knob.grid[0] for knob in SERVER_KNOBS} | self.searched_server(method)
 
     def adopt_twins(self) -> None:
         """Record S1's (and the centralized baseline's) seed-0 runs as the lr-search pieces of their
@@ -289,19 +323,20 @@ class Results(RunsFile):
                     self.copy(twin["piece"], name)
 
     def supersede_stale(self) -> None:
-        """Supersede the runs of the settings and baselines trained at another lr (or server lr)
-        than their method's pick (the calibrations of such a run with it), so that they run again."""
+        """Supersede the runs of the settings and baselines trained at another lr (or server
+        hyperparameters) than their method's pick (the calibrations of such a run with it), so that
+        they run again."""
         for run in list(self.data["runs"]):
             piece = run["piece"]
             if piece.split("/")[0] not in (*SETTINGS, "central", "local"):
                 continue  # lr/, slr/, recipe/, schedule/ and ccvr-lr/ pieces keep the lr they name
             federated = run["kind"] == "federated"
             method = run["method"].removesuffix("+ccvr") if federated else "central"
-            picked, server_lr = self.chosen_lr(method), self.chosen_server_lr(method)
+            picked, server = self.chosen_lr(method), self.chosen_server(method)
             if picked is not None and run["lr"] != picked:
                 self.supersede(piece, f"its method's lr search picked {picked:g}")
-            elif server_lr is not None and server_lr_of(run) != server_lr:
-                self.supersede(piece, f"its method's server lr search picked {server_lr:g}")
+            elif server is not None and server_of(run) != server:
+                self.supersede(piece, f"its method's server search picked {server_text(server)}")
 
     def chosen_recipe(self) -> str | None:
         """The client recipe with the best validation accuracy, once every ablation piece is in."""
@@ -328,12 +363,28 @@ def lr_piece(method: str, lr: float, search: bool) -> str:
     return f"lr/central/lr={lr:g}" if method == "central" else f"lr/S1/{method}/lr={lr:g}"
 
 
-def server_lr_piece(method: str, server_lr: float, lr: float) -> str:
-    """The name of the server-lr search piece of ``method`` at ``server_lr`` (S1, seed 0, at the
-    client lr ``lr`` its lr search picked): at the default, that lr search's own piece."""
-    if server_lr == SERVER_LRS[0]:
+def server_piece(method: str, lr: float, picks: dict[str, float], knob: ServerKnob, value: float) -> str:
+    """The name of the search piece of ``method`` (S1, seed 0, at the client lr ``lr`` its lr search
+    picked) at ``knob`` = ``value``, the knobs before it at ``picks``: at ``knob``'s default, the
+    previous knob's piece at its pick (the lr search's own piece before the first)."""
+    if value != knob.grid[0]:
+        return knob_piece(method, knob, value)
+    at = SERVER_KNOBS.index(knob)
+    if at == 0:
         return lr_piece(method, lr, search=False)
-    return f"slr/S1/{method}/slr={server_lr:g}"
+    previous = SERVER_KNOBS[at - 1]
+    return server_piece(method, lr, picks, previous, picks[previous.key])
+
+
+def knob_piece(method: str, knob: ServerKnob, value: float) -> str:
+    """The name of the search piece of ``method`` at ``knob`` = ``value``, not its default."""
+    return f"{knob.prefix}/S1/{method}/{knob.prefix}={value:g}"
+
+
+def chosen_server_piece(method: str, lr: float, server: dict[str, float]) -> str:
+    """The search piece of ``method`` that ran at the client lr ``lr`` and the server knobs ``server``."""
+    last = SERVER_KNOBS[-1]
+    return server_piece(method, lr, server, last, server[last.key])
 
 
 def agnews_held_out(data_dir: Path, tokens: int | None = TOKENS) -> HeldOut:
@@ -374,7 +425,7 @@ class Piece:
     recipe: str | None = None  # None: the recipe chosen on the validation split
     alpha: float = 0.1
     calibration_lr: float | None = None  # a calibrated piece's CCVR lr (None: the config default)
-    server_lr: float | None = None  # a server-lr search piece's server lr (None: the chosen one)
+    knob: tuple[ServerKnob, float] | None = None  # a server search piece's knob and value
 
 
 def fixed_pieces() -> list[Piece]:
@@ -393,10 +444,11 @@ def fixed_pieces() -> list[Piece]:
         for lr in LR_WALK
     ]
     out += [Piece(lr_piece("central", lr, search=False), "centralized", lr=lr) for lr in LR_WALK]
-    out += [  # named by server lr only: they run at the client lr the method's search picks
-        Piece(f"slr/S1/{method}/slr={server_lr:g}", "federated", "S1", method, 0, server_lr=server_lr)
-        for method in SERVER_LR_CHECKS
-        for server_lr in SERVER_LRS[1:]
+    out += [  # named by the knob only: they run at the client lr (and knobs) the search picked
+        Piece(knob_piece(method, knob, value), "federated", "S1", method, 0, knob=(knob, value))
+        for method in SERVER_CHECKS
+        for knob in SERVER_KNOBS
+        for value in knob.grid[1:]
     ]
     for seed in SEEDS:
         out += [
@@ -481,8 +533,8 @@ def resolve(piece: Piece, results: Results) -> tuple[str, float, str] | None:
     if recipe is None:
         return None
     method = piece.method
-    if piece.server_lr is not None and results.searched_lr(method) is None:
-        return None  # a server-lr search piece runs at the client lr its method's search picks
+    if piece.knob is not None and not server_walk_open(piece, results):
+        return None  # a server search piece runs at the client lr and earlier knobs the search picked
     if method == SERVER_OPTIMIZER:
         method = results.best_server_optimizer()
         if method is None:
@@ -491,11 +543,19 @@ def resolve(piece: Piece, results: Results) -> tuple[str, float, str] | None:
     return None if lr is None else (method, lr, recipe)
 
 
+def server_walk_open(piece: Piece, results: Results) -> bool:
+    """Whether the walk of a server search piece's knob can run: its method's client lr search and
+    the walks of the knobs before it have settled."""
+    searched = results.searched_server(piece.method)
+    before = SERVER_KNOBS[: SERVER_KNOBS.index(piece.knob[0])]
+    return results.searched_lr(piece.method) is not None and all(k.key in searched for k in before)
+
+
 def settled_without(piece: Piece, results: Results) -> bool:
-    """Whether ``piece`` is an lr- or server-lr-search run, not run, that its method's search
+    """Whether ``piece`` is an lr- or server-search run, not run, that its method's search
     settled without."""
-    if piece.server_lr is not None:
-        return results.get(piece.name) is None and results.searched_server_lr(piece.method) is not None
+    if piece.knob is not None:
+        return results.get(piece.name) is None and piece.knob[0].key in results.searched_server(piece.method)
     method = "central" if piece.kind == "centralized" else piece.method
     searching = piece.lr is not None and piece.name == lr_piece(method, piece.lr, results.search)
     return searching and results.get(piece.name) is None and results.searched_lr(method) is not None
@@ -506,8 +566,8 @@ def twin_of(piece: Piece, method: str, lr: float, results: Results) -> str | Non
     at the lr and server lr the searches picked), once it is in; None for any other piece."""
     if results.search or piece.seed != 0 or piece.name not in (f"S1/{method}/seed=0", "central/seed=0"):
         return None
-    server_lr = results.chosen_server_lr(method)
-    twin = lr_piece(method, lr, search=False) if server_lr is None else server_lr_piece(method, server_lr, lr)
+    server = results.chosen_server(method)
+    twin = lr_piece(method, lr, search=False) if server is None else chosen_server_piece(method, lr, server)
     return twin if results.get(twin) else None
 
 
@@ -543,19 +603,25 @@ class Bench:
             self.data_dir, {**setting_overrides(setting, seed, lr, self.files), **(extra or {})}
         )
 
+    def server_for(self, piece: Piece, method: str) -> dict[str, float] | None:
+        """The server knobs a federated piece runs at: a server search piece's own value after the
+        picks before it, a setting's the search's choice; None (the defaults) for the lr search."""
+        if piece.knob is not None:
+            knob, value = piece.knob
+            return self.results.chosen_server(method) | {knob.key: value}
+        return None if piece.lr is not None else self.results.chosen_server(method)
+
     def federated(self, piece: Piece, method: str, lr: float, recipe: str) -> dict[str, Any]:
         weighting, train = RECIPES[recipe]
-        server_lr = piece.server_lr  # the lr/ pieces keep the default, the settings' take the pick
-        if server_lr is None and piece.lr is None:
-            server_lr = self.results.chosen_server_lr(method)
-        extra = {**method_overrides(method, weighting, server_lr), **train}
+        server = self.server_for(piece, method)
+        extra = {**method_overrides(method, weighting, server), **train}
         setting = SETTINGS.get(piece.setting) or SCHEDULES[piece.setting]
         if method.startswith("fedsb"):
             setting = dataclasses.replace(setting, rounds=setting.rounds + FEDSB_INIT_ROUNDS)
         config = self.config(setting, piece.seed, lr, extra)
         run_dir = run_dir_of(piece.name)
         metrics = ("variance_ratio", "merged_rank", "discarded_energy")
-        label = f"{piece.name}: {method} lr {lr:g}" + (f" server lr {server_lr:g}" if server_lr else "")
+        label = f"{piece.name}: {method} lr {lr:g}" + (f" {server_text(server)}" if server else "")
         result = run_scored(label, config, self.scorers.evaluator("test"), run_dir, metrics)
         curve = [result["curve"][k] for k in sorted(result["curve"], key=int)]
         return {
@@ -564,7 +630,7 @@ class Bench:
             "kind": "federated",
             "seed": piece.seed,
             "lr": lr,
-            **({"server_lr": server_lr} if server_lr is not None else {}),
+            **(server or {}),
             "recipe": recipe,
             "weighting": weighting,
             "train": train,
@@ -761,21 +827,25 @@ def lr_search_report(results: Results) -> list[str]:
     methods = (*methods, "central")
     cells = {m: [results.get(lr_piece(m, lr, results.search)) for lr in LRS] for m in methods}
     lines = lr_table("lr search (S1, seed 0)", cells, {m: results.searched_lr(m) for m in methods})
-    return lines + server_lr_search_report(results)
+    return lines + [line for knob in SERVER_KNOBS for line in server_search_report(results, knob)]
 
 
-def server_lr_search_report(results: Results) -> list[str]:
-    """The server-lr search of ``SERVER_LR_CHECKS`` (S1, seed 0, at each one's picked client lr)."""
-    cells = {
-        f"{m} (lr {lr:g})": [results.get(server_lr_piece(m, s, lr)) for s in SERVER_LRS]
-        for m in SERVER_LR_CHECKS
-        if (lr := results.searched_lr(m)) is not None
-    }
+def server_search_report(results: Results, knob: ServerKnob) -> list[str]:
+    """The walk of ``knob`` for each method of ``SERVER_CHECKS`` (S1, seed 0, at its picked client lr
+    and the knobs before ``knob`` at their picks), once it has run beyond the default."""
+    cells, picks = {}, {}
+    for method in SERVER_CHECKS:
+        lr, searched = results.searched_lr(method), results.searched_server(method)
+        before = SERVER_KNOBS[: SERVER_KNOBS.index(knob)]
+        if lr is None or any(k.key not in searched for k in before):
+            continue
+        name = f"{method} (lr {lr:g}" + "".join(f", {k.label} {searched[k.key]:g}" for k in before) + ")"
+        cells[name] = [results.get(server_piece(method, lr, searched, knob, value)) for value in knob.grid]
+        picks[name] = searched.get(knob.key)
     if not any(any(runs[1:]) for runs in cells.values()):
         return []
-    picks = {f"{m} (lr {results.searched_lr(m):g})": results.searched_server_lr(m) for m in SERVER_LR_CHECKS}
-    title = "server lr search (S1, seed 0, momentum 0.9, at the picked client lr)"
-    return ["", *lr_table(title, cells, picks, SERVER_LRS, "server lr")]
+    title = f"{knob.label} search (S1, seed 0, at the picked client lr and the picks before it)"
+    return ["", *lr_table(title, cells, picks, knob.grid, knob.label)]
 
 
 def search_report(results: Results) -> list[str]:
@@ -861,7 +931,7 @@ def pending_report(results: Results) -> list[str]:
         return []
     lines = [
         "",
-        "## Runs awaiting their rerun at the lr (and server lr) their method's search picked",
+        "## Runs awaiting their rerun at the lr (and server hyperparameters) their method's search picked",
         "",
         "| setting | method | lr run | lr picked | test accuracy, mean ± std | seeds |",
         "|---|---|---:|---:|---:|---|",
@@ -871,8 +941,8 @@ def pending_report(results: Results) -> list[str]:
         runs = sorted(runs, key=lambda r: r["seed"])
         seeds = ", ".join(f"{r['seed']}: {r['final_accuracy']:.4f}" for r in runs)
         accs = [r["final_accuracy"] for r in runs]
-        server_lr = results.chosen_server_lr(runs[0]["method"])
-        cell = f"{picked:g}" if server_lr is None else f"{picked:g} (server lr {server_lr:g})"
+        server = results.chosen_server(runs[0]["method"].removesuffix("+ccvr"))
+        cell = f"{picked:g}" if server is None else f"{picked:g} ({server_text(server)})"
         lines.append(f"| {group} | {name} | {lr:g} | {cell} | {mean_std(accs)} | {seeds} |")
     return lines
 
