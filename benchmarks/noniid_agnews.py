@@ -563,7 +563,7 @@ def settled_without(piece: Piece, results: Results) -> bool:
 
 def twin_of(piece: Piece, method: str, lr: float, results: Results) -> str | None:
     """The search piece that is the same run as ``piece`` (S1 or the centralized baseline, seed 0,
-    at the lr and server lr the searches picked), once it is in; None for any other piece."""
+    at the lr and server knobs the searches picked), once it is in; None for any other piece."""
     if results.search or piece.seed != 0 or piece.name not in (f"S1/{method}/seed=0", "central/seed=0"):
         return None
     server = results.chosen_server(method)
