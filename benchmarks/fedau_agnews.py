@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common import REPO, HeldOut, RunsFile, agnews_config, agnews_pieces_main, mean_std, run_scored, runs_by
-from noniid_agnews import TOKENS, agnews_held_out
+from noniid_protocol import TOKENS, agnews_held_out
 
 from client.faults import availability
 from fedpeft.config import RunConfig

@@ -24,7 +24,7 @@ from typing import Any
 
 from common import REPO, HeldOut, RunsFile, agnews_config, agnews_pieces_main, mean_std, run_scored, runs_by
 from flwr.app import Context, RecordDict
-from noniid_agnews import LABELS, TOKENS, agnews_held_out
+from noniid_protocol import LABELS, TOKENS, agnews_held_out
 
 from client import runtime
 from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer

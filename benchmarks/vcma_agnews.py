@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common import REPO, HeldOut, RunsFile, agnews_config, agnews_pieces_main, mean_std, run_scored
-from noniid_agnews import agnews_held_out
+from noniid_protocol import agnews_held_out
 
 OUT = REPO / "benchmarks" / "results" / "vcma_agnews.json"
 WORK = REPO / "runs" / "vcma-agnews"
