@@ -305,9 +305,6 @@ class Bench:
         }
 
 
-# ---------------------------------------------------------------------------- main
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder holding agnews/alps/")

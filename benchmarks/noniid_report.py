@@ -41,8 +41,6 @@ from noniid_protocol import (  # noqa: E402
     server_text,
 )
 
-# ---------------------------------------------------------------------------- the report
-
 GOALS = {"S1": 0.97, "S2": 0.93, "S3": 0.99}  # the best method's share of centralized accuracy
 
 
