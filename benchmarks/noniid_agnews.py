@@ -110,6 +110,7 @@ from noniid_protocol import (
     RECIPES,
     SCHEDULES,
     SEARCH_OUT,
+    SERVER_DEFAULTS,
     SETTINGS,
     TEST_ROWS,
     TOKENS,
@@ -165,10 +166,11 @@ class Bench:
 
     def server_for(self, piece: Piece, method: str) -> dict[str, float] | None:
         """The server knobs a federated piece runs at: a server search piece's own value after the
-        picks before it, a setting's the search's choice; None (the defaults) for the lr search."""
+        picks before it (the defaults after it), a setting's the search's choice; None (the
+        defaults) for the lr search."""
         if piece.knob is not None:
             knob, value = piece.knob
-            return self.results.chosen_server(method) | {knob.key: value}
+            return SERVER_DEFAULTS | self.results.knob_walk(method, knob) | {knob.key: value}
         return None if piece.lr is not None else self.results.chosen_server(method)
 
     def federated(self, piece: Piece, method: str, lr: float, recipe: str) -> dict[str, Any]:

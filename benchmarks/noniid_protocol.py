@@ -69,6 +69,7 @@ SERVER_KNOBS = (
     ServerKnob("server_lr", "server lr", "slr", (1.0, 0.3, 0.1)),
     ServerKnob("momentum", "momentum", "mom", (0.9, 0.6, 0.3)),
 )
+SERVER_DEFAULTS = {knob.key: knob.grid[0] for knob in SERVER_KNOBS}
 SERVER_CHECKS = ("fedavgm",)
 # Client recipes: name -> (the strategy's weighting, [train] overrides). The ablation pieces run
 # each with fedavg on S2; every other federated run uses the best on the validation split.
@@ -214,7 +215,15 @@ class Results(RunsFile):
         elsewhere; None for a method whose server optimizer is not searched (its defaults)."""
         if method not in SERVER_CHECKS:
             return None
-        return {knob.key: knob.grid[0] for knob in SERVER_KNOBS} | self.searched_server(method)
+        return SERVER_DEFAULTS | self.searched_server(method)
+
+    def knob_walk(self, method: str, knob: ServerKnob) -> dict[str, float] | None:
+        """The picks of the knobs before ``knob``, once ``method``'s client lr search and their walks
+        have settled (``knob``'s walk can run then); None until then."""
+        at, searched = SERVER_KNOBS.index(knob), self.searched_server(method)
+        if self.searched_lr(method) is None or len(searched) < at:
+            return None  # searched_server holds the settled knobs in order, stopping at the first open one
+        return {k.key: searched[k.key] for k in SERVER_KNOBS[:at]}
 
     def adopt_twins(self) -> None:
         """Record S1's (and the centralized baseline's) seed-0 runs as the lr-search pieces of their
@@ -436,7 +445,7 @@ def resolve(piece: Piece, results: Results) -> tuple[str, float, str] | None:
     if recipe is None:
         return None
     method = piece.method
-    if piece.knob is not None and not server_walk_open(piece, results):
+    if piece.knob is not None and results.knob_walk(piece.method, piece.knob[0]) is None:
         return None  # a server search piece runs at the client lr and earlier knobs the search picked
     if method == SERVER_OPTIMIZER:
         method = results.best_server_optimizer()
@@ -444,14 +453,6 @@ def resolve(piece: Piece, results: Results) -> tuple[str, float, str] | None:
             return None
     lr = piece.lr if piece.lr is not None else results.chosen_lr(method)
     return None if lr is None else (method, lr, recipe)
-
-
-def server_walk_open(piece: Piece, results: Results) -> bool:
-    """Whether the walk of a server search piece's knob can run: its method's client lr search and
-    the walks of the knobs before it have settled."""
-    searched = results.searched_server(piece.method)
-    before = SERVER_KNOBS[: SERVER_KNOBS.index(piece.knob[0])]
-    return results.searched_lr(piece.method) is not None and all(k.key in searched for k in before)
 
 
 def settled_without(piece: Piece, results: Results) -> bool:

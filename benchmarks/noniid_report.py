@@ -129,13 +129,13 @@ def server_search_report(results: Results, knob: ServerKnob) -> list[str]:
     and the knobs before ``knob`` at their picks), once it has run beyond the default."""
     cells, picks = {}, {}
     for method in SERVER_CHECKS:
-        lr, searched = results.searched_lr(method), results.searched_server(method)
-        before = SERVER_KNOBS[: SERVER_KNOBS.index(knob)]
-        if lr is None or any(k.key not in searched for k in before):
+        before = results.knob_walk(method, knob)
+        if before is None:
             continue
-        name = f"{method} (lr {lr:g}" + "".join(f", {k.label} {searched[k.key]:g}" for k in before) + ")"
-        cells[name] = [results.get(server_piece(method, lr, searched, knob, value)) for value in knob.grid]
-        picks[name] = searched.get(knob.key)
+        lr = results.searched_lr(method)
+        name = f"{method} (lr {lr:g}" + (f", {server_text(before)}" if before else "") + ")"
+        cells[name] = [results.get(server_piece(method, lr, before, knob, value)) for value in knob.grid]
+        picks[name] = results.searched_server(method).get(knob.key)
     if not any(any(runs[1:]) for runs in cells.values()):
         return []
     title = f"{knob.label} search (S1, seed 0, at the picked client lr and the picks before it)"
