@@ -271,11 +271,15 @@ def proxy_runs(results: RunsFile, rule: str) -> dict[float, dict[str, Any]]:
 
 def proxy_pick(results: RunsFile, rule: str) -> float | None:
     """The lr ``rule``'s proxy search settled on (``PROXY_OF``), None while it is under way."""
-    return settled_pick(LRS, proxy_runs(results, rule), lambda run: run["proxy_score"])
+    return settled_pick(LRS, proxy_runs(results, rule), proxy_score)
+
+
+def proxy_score(run: dict[str, Any]) -> float:
+    return run["proxy_score"]
 
 
 def proxy_best(found: dict[float, dict[str, Any]]) -> float | None:
-    return max(found, key=lambda lr: found[lr]["proxy_score"]) if found else None
+    return max(found, key=lambda lr: proxy_score(found[lr])) if found else None
 
 
 def proxy_needed(results: RunsFile, rule: str, lr: float) -> bool:
