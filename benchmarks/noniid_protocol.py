@@ -89,7 +89,7 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 FIXED_RECIPE = "uniform+balanced"  # the fixed protocol's client recipe
 # the fixed protocol's lr search: each of these (and the centralized baseline) along LR_WALK
-LR_CHECKS = ("fedavg", "stacking", "fedex", "ffa", "vcma", *SERVER_OPTIMIZERS)
+LR_CHECKS = ("fedavg", "stacking", "fedex", "ffa", "vcma", "fedsb", *SERVER_OPTIMIZERS)
 # the fixed protocol's recipe pieces (S1 fedavg), each against FIXED_RECIPE on every seed
 RECIPE_CHECKS = ("uniform+none", "examples+none", "uniform+frozen", "uniform+balanced+frozen")
 # CCVR's retraining lr, chosen on the validation split of S1 fedavg seed 2 (the worst seed)
@@ -108,11 +108,16 @@ def method_overrides(method: str, weighting: str, server: dict[str, float] | Non
     if method in SERVER_OPTIMIZERS:
         out = {"strategy.name": method, "strategy.inner_options": {"weighting": weighting}}
         return out | {f"strategy.{key}": value for key, value in (server or {}).items()}
-    rule, _, rank = method.partition("_r")
+    rule, rank = rule_of(method), method.partition("_r")[2]
     out: dict[str, Any] = {"strategy.name": rule, "strategy.weighting": weighting}
     if rank:
         out |= {"lora.rank": int(rank), "lora.alpha": 2.0 * int(rank)}
     return out
+
+
+def rule_of(method: str) -> str:
+    """The aggregation rule of ``method``: ``<rule>_r<rank>`` is ``<rule>`` at another LoRA rank."""
+    return method.partition("_r")[0]
 
 
 def setting_overrides(setting: Setting, seed: int, lr: float, files: dict[str, Path]) -> dict[str, Any]:
@@ -185,7 +190,10 @@ class Results(RunsFile):
 
     def chosen_lr(self, method: str) -> float | None:
         """The lr ``method`` (or the centralized baseline) trains at: its search's, once settled
-        (the fixed protocol's ``DEFAULT_LR`` until then, and for the methods it does not search)."""
+        (the fixed protocol's ``DEFAULT_LR`` until then, and for the methods it does not search);
+        a rule at another rank trains at its rule's."""
+        if not self.search:
+            method = rule_of(method)
         if not self.search and method not in (*LR_CHECKS, "central"):
             return DEFAULT_LR
         picked = self.searched_lr(method)
