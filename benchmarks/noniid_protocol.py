@@ -43,6 +43,10 @@ CLIENT_STEPS = 1000  # per setting: rounds x clients per round x local steps
 LRS = (3e-4, 1e-3, 3e-3)
 DEFAULT_LR = 1e-3  # where each lr search starts, and the fixed protocol's lr until a search settles
 LR_WALK = sorted(LRS, key=lambda lr: abs(math.log(lr / DEFAULT_LR)))  # 1e-3, then 3e-3, then 3e-4
+# What the lr search picked on the validation split for every rule and for the centralized baseline
+# (benchmarks/README.md): the other AG News benchmarks of this model and rank (fedau, fedsa, mixed
+# ranks) train at it rather than search again
+SEARCHED_LR = 3e-3
 SEEDS = (0, 1, 2)
 VAL_ROWS, TEST_ROWS, SPLIT_SEED = 1000, 2000, 12345
 RECENT = 3  # a federated run is judged by its mean validation accuracy over its last rounds
