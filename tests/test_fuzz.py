@@ -75,9 +75,10 @@ class Reply:
     @classmethod
     def of(cls, content: RecordDict) -> Reply:
         data = content[UPDATE_ARRAYS][PACKED_KEY].data
-        entries, start = read_manifest(data)
+        manifest = read_manifest(data)
+        start = manifest.start
         tensors = {}
-        for e in entries:
+        for e in manifest.entries:
             tensors[e.name] = raw(data, start + e.offset, e.dtype, e.numel).reshape(e.shape)
             if e.scale_numel:
                 tensors[f"{e.name}.scale"] = raw(

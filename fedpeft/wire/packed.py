@@ -166,24 +166,39 @@ def payload_of(record: ArrayRecord) -> bytes:
     return array.data
 
 
-def read_manifest(data: bytes) -> tuple[list[Entry], int]:
-    """The entries of a payload and where its tensor bytes start; ``WireError`` unless they
-    account for the payload exactly."""
+@dataclass(frozen=True)
+class Manifest:
+    """A payload's entries, and what decoding needs of them worked out once: a round's replies
+    share one manifest, so this is parsed and derived once per round (``_parsed`` caches it), not
+    once per reply."""
+
+    entries: tuple[Entry, ...]
+    start: int  # where the tensor bytes start in the payload
+    size: int  # the tensor bytes the entries span
+    dense: tuple[Entry, ...]  # the entries that decode to float32, in order
+    dense_numels: tuple[int, ...]
+    dense_numel: int
+    float32_run: bool  # whether the dense entries are float32 laid back to back (decoded in place)
+
+
+def read_manifest(data: bytes) -> Manifest:
+    """A payload's manifest; ``WireError`` unless its entries account for the payload exactly."""
     if len(data) < PREFIX.size:
         raise WireError("the payload is shorter than its header")
     magic, length = PREFIX.unpack_from(data)
     if magic != MAGIC or length > min(len(data) - PREFIX.size, MAX_MANIFEST_BYTES):
         raise WireError("the payload's header is not a fedpeft manifest")
-    entries, size = _parsed(data[PREFIX.size : PREFIX.size + length])
-    start = _aligned(PREFIX.size + length, DATA_ALIGN)
-    if start + size != len(data):
-        raise WireError(f"the manifest accounts for {start + size} bytes, the payload holds {len(data)}")
-    return list(entries), start
+    manifest = _parsed(data[PREFIX.size : PREFIX.size + length])
+    if manifest.start + manifest.size != len(data):
+        raise WireError(
+            f"the manifest accounts for {manifest.start + manifest.size} bytes, the payload holds {len(data)}"
+        )
+    return manifest
 
 
 @functools.lru_cache(maxsize=16)
-def _parsed(manifest: bytes) -> tuple[tuple[Entry, ...], int]:
-    """A manifest's entries and the bytes they span; cached, since a round's replies share one."""
+def _parsed(manifest: bytes) -> Manifest:
+    """A manifest's entries and what is derived from them; cached, since a round's replies share one."""
     try:
         rows = json.loads(manifest)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -198,7 +213,12 @@ def _parsed(manifest: bytes) -> tuple[tuple[Entry, ...], int]:
         names.add(entry.name)
         entries.append(entry)
         offset = entry.stop
-    return tuple(entries), offset
+    dense = tuple(e for e in entries if e.dense)
+    float32_run = bool(dense) and all(e.dtype is torch.float32 for e in dense)
+    float32_run = float32_run and all(b.offset == a.end for a, b in zip(dense, dense[1:], strict=False))
+    numels = tuple(e.numel for e in dense)
+    start = _aligned(PREFIX.size + len(manifest), DATA_ALIGN)
+    return Manifest(tuple(entries), start, offset, dense, numels, sum(numels), float32_run)
 
 
 def _entry(row: object, offset: int) -> Entry:
@@ -244,28 +264,27 @@ def unpack_tensors(
     (read-only: nothing may write into them); else they are copied into ``into``'s buffer (or a
     new one), as every other dense tensor is."""
     data = payload_of(record)
-    entries, start = read_manifest(data)
-    dense = [e for e in entries if e.dense]
-    numel = sum(e.numel for e in dense)
-    flat = None if writable else _float32_span(data, start, dense, numel)
+    manifest = read_manifest(data)
+    start, dense = manifest.start, manifest.dense
+    flat = None if writable else _float32_span(data, manifest)
     if flat is None:
+        numel = manifest.dense_numel
         flat = into.take(numel) if into is not None else torch.empty(numel)
         _fill(flat, data, start, dense)
-    views = dict(zip((e.name for e in dense), _split(flat, dense), strict=True))
-    return {e.name: views[e.name] if e.dense else _owned(data, start, e) for e in entries}
+    views = dict(zip((e.name for e in dense), _split(flat, manifest), strict=True))
+    return {e.name: views[e.name] if e.dense else _owned(data, start, e) for e in manifest.entries}
 
 
-def _float32_span(data: bytes, start: int, dense: list[Entry], numel: int) -> Tensor | None:
-    """A read-only float32 view of the payload over ``dense``, if they are float32 and back to back."""
-    if not dense or any(e.dtype is not torch.float32 for e in dense):
+def _float32_span(data: bytes, manifest: Manifest) -> Tensor | None:
+    """A read-only float32 view of the payload over the dense entries, if they are float32 and
+    back to back."""
+    if not manifest.float32_run:
         return None
-    if any(b.offset != a.end for a, b in zip(dense, dense[1:], strict=False)):
-        return None
-    span = _raw(data, start + dense[0].offset, torch.float32, numel)
+    span = _raw(data, manifest.start + manifest.dense[0].offset, torch.float32, manifest.dense_numel)
     return span if span.data_ptr() % 4 == 0 else None
 
 
-def _fill(flat: Tensor, data: bytes, start: int, dense: list[Entry]) -> None:
+def _fill(flat: Tensor, data: bytes, start: int, dense: tuple[Entry, ...]) -> None:
     """Decode ``dense`` into ``flat``: one copy per run of back-to-back float32 tensors, a cast
     (and for int8 a multiplication by its scales) for each other tensor."""
     at = 0
@@ -287,8 +306,9 @@ def _fill(flat: Tensor, data: bytes, start: int, dense: list[Entry]) -> None:
         i = j
 
 
-def _split(flat: Tensor, dense: list[Entry]) -> list[Tensor]:
-    return [t.view(e.shape) for t, e in zip(flat.split([e.numel for e in dense]), dense, strict=True)]
+def _split(flat: Tensor, manifest: Manifest) -> list[Tensor]:
+    parts = flat.split(manifest.dense_numels)
+    return [t.view(e.shape) for t, e in zip(parts, manifest.dense, strict=True)]
 
 
 def _owned(data: bytes, start: int, entry: Entry) -> Tensor:

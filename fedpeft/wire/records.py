@@ -1,8 +1,9 @@
 """The record layer of the wire: GlobalState, ClientUpdate, round instructions and identities
-<-> Flower ``RecordDict``s, each key named once below (arrays through ``fedpeft.wire.arrays``)."""
+<-> Flower ``RecordDict``s, each key named once below (arrays through ``fedpeft.wire.packed``)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -251,23 +252,43 @@ def _split(
     """Sort ``group/module/part`` keys into ``{group: {module: {part: tensor}}}`` (every part of
     ``groups[group]`` required, those in ``optional`` allowed), and ``extra/name`` keys into the
     extras (``into`` and ``writable`` as ``unpack_tensors`` takes them)."""
+    tensors = unpack_tensors(arrays, into, writable)
+    places = _places(tuple(tensors), tuple(groups.items()), optional)
     found: dict[str, dict[str, dict[str, Tensor]]] = {g: {} for g in groups}
     extras: dict[str, Tensor] = {}
-    for key, tensor in unpack_tensors(arrays, into, writable).items():
+    for (kind, module, part), tensor in zip(places, tensors.values(), strict=True):
+        if kind is None:
+            extras[module] = tensor
+        else:
+            found[kind].setdefault(module, {})[part] = tensor
+    return found, extras
+
+
+@functools.lru_cache(maxsize=16)
+def _places(
+    keys: tuple[str, ...], groups: tuple[tuple[str, tuple[str, ...]], ...], optional: tuple[str, ...]
+) -> tuple[tuple[str | None, str, str], ...]:
+    """Where ``_split`` puts each key: (group, module, part), or (None, name, "") for an extra;
+    ``WireError`` for a key that fits nowhere or a module that lacks a part. Cached: a round's
+    replies share their keys."""
+    allowed = dict(groups)
+    places: list[tuple[str | None, str, str]] = []
+    seen: dict[tuple[str, str], set[str]] = {}
+    for key in keys:
         kind, _, rest = key.partition("/")
         if kind == "extra" and rest:
-            extras[rest] = tensor
+            places.append((None, rest, ""))
             continue
         module, _, part = rest.rpartition("/")
-        if kind not in groups or part not in (*groups[kind], *optional) or not module:
+        if kind not in allowed or part not in (*allowed[kind], *optional) or not module:
             raise WireError(f"unexpected array key {key!r}")
-        found[kind].setdefault(module, {})[part] = tensor
-    for kind, modules in found.items():
-        for module, pair in modules.items():
-            missing = set(groups[kind]) - set(pair)
-            if missing:
-                raise WireError(f"{kind} module {module!r} lacks {sorted(missing)}")
-    return found, extras
+        places.append((kind, module, part))
+        seen.setdefault((kind, module), set()).add(part)
+    for (kind, module), parts in seen.items():
+        missing = set(allowed[kind]) - parts
+        if missing:
+            raise WireError(f"{kind} module {module!r} lacks {sorted(missing)}")
+    return tuple(places)
 
 
 def encode_moments(head: str, moments: ClassMoments) -> RecordDict:
