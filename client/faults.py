@@ -38,8 +38,9 @@ import random
 import time
 from collections.abc import Callable
 
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
 from torch import Tensor
 
 from client.settings import FAULT_KINDS, INJECT_FAULT
@@ -49,14 +50,11 @@ from fedpeft.state import AdapterFactors, ClientUpdate
 from fedpeft.wire import decode_instructions, decode_state, decode_update, encode_update
 
 TIMEOUT_MARGIN = 1.0  # seconds past the server's deadline that a "timeout" client replies
+UNAVAILABLE = "simulated unavailability (faults.availability_beta)"  # the reason a sitting-out client gives
 
 
 class SimulatedCrash(RuntimeError):
     """What a client with a simulated ``crash`` fault raises."""
-
-
-class SimulatedUnavailability(RuntimeError):
-    """What a sampled client raises in a round it is simulated to be unavailable."""
 
 
 def _nan(update: ClientUpdate) -> None:
@@ -133,8 +131,8 @@ def simulated_faults(faults: FaultsSection, seed: int, round_timeout: float) -> 
             return call_next(msg, context)
         rnd = decode_instructions(msg.content).round
         partition = int(context.node_config["partition-id"])
-        if unavailable(faults, seed, rnd, partition):
-            raise SimulatedUnavailability("simulated unavailability (faults.availability_beta)")
+        if unavailable(faults, seed, rnd, partition):  # a declined round, not a failure: no traceback
+            return Message(Error(ErrorCode.NODE_UNAVAILABLE, UNAVAILABLE), reply_to=msg)
         fault = simulated_fault(faults, seed, rnd, partition)
         if fault == "crash":
             raise SimulatedCrash("simulated crash (faults.rate in the run configuration)")
