@@ -374,7 +374,8 @@ def plot(results: Results, path: Path) -> None:
             if "calibrated_from" in runs[0]:  # its curve is its source's plus the calibrated head
                 calibrated = [c[-1] for c in curves]
                 mean, last = statistics.fmean(calibrated), len(curves[0]) - 2  # after the last round
-                spread = [[mean - min(calibrated)], [max(calibrated) - mean]]
+                # clamped: the mean of equal scores can land an ulp outside them
+                spread = [[max(0.0, mean - min(calibrated))], [max(0.0, max(calibrated) - mean)]]
                 ax.errorbar(
                     [last], [mean], yerr=spread, marker="*", ms=10, capsize=3, linestyle="none",
                     label=f"{method} (after the last round)",
