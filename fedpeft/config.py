@@ -234,7 +234,11 @@ class EvalSection(Section):
 class ServerSection(Section):
     fraction: float = Field(0.5, gt=0, le=1, description="share of the connected clients sampled per round")
     min_clients: int = Field(2, ge=1, description="sample at least this many (and wait for them to connect)")
-    min_replies: int | None = Field(None, description="valid replies a round needs (default `min_clients`)")
+    min_replies: int | None = Field(
+        None,
+        description="valid replies a round needs (default `min_clients`); 0: a round with none passes "
+        "without an update (clients that are only sometimes available)",
+    )
     round_timeout: float = Field(600.0, gt=0, description="seconds a round waits for replies")
     connect_timeout: float = Field(
         120.0, gt=0, description="seconds a round waits for `min_clients` clients to connect and identify"
@@ -320,7 +324,8 @@ class FaultsSection(Section):
     availability_beta: list[float] | None = Field(
         None,
         description="each client is available with its own probability, drawn once from Beta(a, b) "
-        "(seeded by run.seed); a sampled client that is unavailable does not train that round",
+        "(seeded by run.seed); a sampled client that is unavailable does not train that round "
+        "(with server.min_replies = 0 a round every sampled client sits out passes without an update)",
     )
 
     @field_validator("availability_beta")
@@ -489,7 +494,7 @@ class RunConfig(Section):
 
     @property
     def min_replies(self) -> int:
-        return self.server.min_replies or self.server.min_clients
+        return self.server.min_clients if self.server.min_replies is None else self.server.min_replies
 
 
 def _cross_checks(config: RunConfig) -> list[tuple[bool, str]]:
@@ -513,8 +518,8 @@ def _cross_checks(config: RunConfig) -> list[tuple[bool, str]]:
             f"({config.data.num_clients}); lower it or add clients",
         ),
         (
-            1 <= config.min_replies <= config.server.min_clients,
-            "server.min_replies must be between 1 and server.min_clients",
+            0 <= config.min_replies <= config.server.min_clients,
+            "server.min_replies must be between 0 and server.min_clients",
         ),
         (
             all(0 <= p < config.data.num_clients for p in config.faults.poisoned),

@@ -282,7 +282,11 @@ class FederatedRun:
                 f"{attempt} attempts; check the clients' logs or lower server.min_replies"
             )
         aggregation_started = time.perf_counter()
-        state = outcome.replies.aggregate()
+        if outcome.replies.count == 0 and not self.private:  # server.min_replies = 0: no update
+            self.strategy.empty_round(rnd)
+            state = replace(self.state)
+        else:
+            state = outcome.replies.aggregate()
         aggregation_seconds = time.perf_counter() - aggregation_started
         state.round = rnd
         state.strategy_state = self.strategy.state_dict()

@@ -103,6 +103,10 @@ class Strategy(ABC):
         default): the server samples ``server.fraction`` of them."""
         return None
 
+    def empty_round(self, rnd: int) -> None:  # noqa: B027 (a default, not abstract)
+        """Round ``rnd`` passed without a valid reply (``server.min_replies = 0``): the global state
+        stays as it was. A strategy that counts rounds (FedAU's participation intervals) counts it."""
+
     def state_dict(self) -> dict[str, Any]:
         """What a restarted server needs to continue exactly: nested dicts of tensors and scalars
         (saved with the checkpoint). Default: nothing (a stateless rule)."""

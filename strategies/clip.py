@@ -103,6 +103,9 @@ class Clip(Strategy):
     def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
         return self.inner.client_instructions(rnd, state)
 
+    def empty_round(self, rnd: int) -> None:
+        self.inner.empty_round(rnd)
+
     def start(self, rnd: int, state: GlobalState) -> ClippedStream | None:
         if self.clip_norm is None:
             return None  # the bound needs every norm of the round first

@@ -17,6 +17,9 @@ have been absent since round 1, as the authors' code tracks every client from th
 their ``weighting_method = 'adaptive'`` (``main.py`` of github.com/IBM/fedau), including that a
 round's intervals are recorded after its weights are used.
 
+A round in which no client takes part (``server.min_replies = 0``: the server passes it) makes no
+step and counts as a round every known client was absent (``empty_round``), as in the authors' loop.
+
 With ``probabilities`` (client id -> p), w_n = 1 / p_n instead: the paper's "known participation
 probabilities" oracle. Clients are told apart by their stable id (``ClientUpdate.client_id``),
 so the estimates survive reconnects and resumes (they are in ``state_dict``).
@@ -107,6 +110,10 @@ class FedAU(Strategy):
             history.absent += 1
             if history.absent >= self.cutoff:
                 history.close(history.absent)
+
+    def empty_round(self, rnd: int) -> None:
+        """A round no client took part in: every known client was absent (no step, as in the paper)."""
+        self.record(rnd, set())
 
     def start(self, rnd: int, state: GlobalState) -> UnbiasedStep:
         if state.adapter is None:

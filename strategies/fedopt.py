@@ -80,6 +80,9 @@ class ServerOptimizer(Strategy):
     def client_instructions(self, rnd: int, state: GlobalState) -> ClientPlan:
         return self.inner.client_instructions(rnd, state)
 
+    def empty_round(self, rnd: int) -> None:
+        self.inner.empty_round(rnd)
+
     def start(self, rnd: int, state: GlobalState) -> Accumulator:
         inner = self.inner.start(rnd, state)
         if inner is not None and self.inner.client_instructions(rnd, state).init_gradient:

@@ -147,3 +147,38 @@ def test_fedau_federates_clients_that_sit_out_rounds(tiny_bert_dir, tmp_path):
         replied |= {r["client"] for r in row["replies"]}
     assert absent > 0  # this seed makes some client sit out
     assert set(run.strategy.clients) == replied  # one history per client heard from
+
+
+def test_a_round_every_client_sits_out_passes_without_an_update(tiny_bert_dir, tmp_path):
+    """With ``server.min_replies = 0`` a round whose sampled clients all sit out keeps the global
+    state (its evaluation repeats the round before's), and fedau counts it as a round each known
+    client missed: every client's closed intervals and current absence add up to all the rounds."""
+    rounds, clients = 4, 2
+    options = {
+        "data.num_clients": clients,
+        "run.rounds": rounds,
+        "server.min_clients": clients,
+        "server.min_replies": 0,
+        "strategy.name": "fedau",
+        "faults.availability_beta": "[1, 1]",
+    }
+    config = small_config(tiny_bert_dir, **options)
+
+    def empty_rounds(seed: int) -> list[int]:
+        return [
+            rnd
+            for rnd in range(1, rounds + 1)
+            if all(unavailable(config.faults, seed, rnd, k) for k in range(clients))
+        ]
+
+    # a seed with an empty round after the first (so there is a state to keep), and a round with replies
+    seed = next(s for s in range(100) if 1 not in empty_rounds(s) and 0 < len(empty_rounds(s)) < rounds - 1)
+    config = small_config(tiny_bert_dir, **options, **{"run.seed": seed})
+    run = FederatedRun(config, tmp_path)
+    run.run(LocalGrid(clients, app=simulation_app(config)))
+    rows = metrics_rows(tmp_path)
+    for rnd in empty_rounds(seed):
+        assert rows[rnd]["clients_aggregated"] == 0
+        assert rows[rnd]["eval_loss"] == rows[rnd - 1]["eval_loss"]
+    for history in run.strategy.clients.values():
+        assert history.mean_interval * history.intervals + history.absent == pytest.approx(rounds)
