@@ -12,6 +12,8 @@ Message types it answers:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -21,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from client import personal, runtime, secure
 from client.errors import private_errors
 from client.faults import injected_fault, simulated_faults
+from client.node_state import kept_state
 from fedpeft.calibration import class_moments, head_of
 from fedpeft.config import ClientConfig, RunConfig
 from fedpeft.errors import UserError
@@ -208,15 +211,15 @@ def client_app(mods: list[Mod] | None = None) -> ClientApp:
     return app
 
 
-def simulation_app(config: RunConfig) -> ClientApp:
-    """The ClientApp ``fedpeft simulate`` runs: with ``[faults]`` set, its clients misbehave as
-    the section says (``client.faults.simulated_faults``)."""
-    faults = config.faults
-    if not faults.active:
-        return app
-    return client_app(
-        [injected_fault, simulated_faults(faults, config.run.seed, config.server.round_timeout)]
-    )
+def simulation_app(config: RunConfig, state_dir: Path) -> ClientApp:
+    """The ClientApp ``fedpeft simulate`` runs: its clients keep what they carry between rounds
+    under ``state_dir`` too (``client.node_state``: a resumed simulation picks it up), and with
+    ``[faults]`` set they misbehave as the section says (``client.faults.simulated_faults``)."""
+    mods = [kept_state(state_dir)]
+    if config.faults.active:
+        mods.append(simulated_faults(config.faults, config.run.seed, config.server.round_timeout))
+    return client_app(mods)
 
 
-app = client_app([injected_fault])  # what Flower loads: `flwr run`, and every deployed SuperNode
+# what Flower loads: `flwr run`, and every deployed SuperNode
+app = client_app([kept_state(), injected_fault])

@@ -9,6 +9,7 @@ and the SuperNode's own exit is translated the same way (an unregistered key).
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from client.preflight import check_data
-from client.settings import CLIENT_ID, DATA_PATH, FAULT_KINDS, INJECT_FAULT, RANK
+from client.settings import CLIENT_ID, DATA_PATH, FAULT_KINDS, INJECT_FAULT, RANK, STATE_DIR
 from fedpeft.certs import key_id_of_file
 from fedpeft.errors import UserError
 from fedpeft.processes import ProcessTree, flower_env, start_watchdog
@@ -39,6 +40,12 @@ REJOIN_SECONDS = 10.0
 
 class ClientError(UserError):
     """A client that cannot join; the message says what to fix."""
+
+
+def default_state_dir() -> Path:
+    """Where a client keeps what it carries between rounds unless told otherwise:
+    ``$XDG_STATE_HOME/fedpeft`` (``~/.local/state/fedpeft``)."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "fedpeft"
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class ClientOptions:
     inject_fault: str | None = None
     config: Path | None = None  # the run's TOML: check the data against it before joining
     verbose: bool = False  # the SuperNode's tracebacks in full
+    state_dir: Path = field(default_factory=default_state_dir)  # client/node_state.py
 
     def check(self) -> None:
         if not self.data.is_file():
@@ -81,7 +89,11 @@ class ClientOptions:
 
     def node_config(self) -> str:
         """Flower's ``--node-config``: space-separated ``key=value`` with TOML values."""
-        settings: dict[str, str | int] = {DATA_PATH: str(self.data.resolve()), CLIENT_ID: self.name}
+        settings: dict[str, str | int] = {
+            DATA_PATH: str(self.data.resolve()),
+            CLIENT_ID: self.name,
+            STATE_DIR: str(self.state_dir.expanduser().resolve()),
+        }
         if self.rank is not None:
             settings[RANK] = self.rank
         if self.inject_fault is not None:

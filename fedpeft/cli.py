@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     client.add_argument("--verbose", action="store_true", help="show the SuperNode's tracebacks in full")
     client.add_argument(
+        "--state-dir",
+        type=Path,
+        help="where this client keeps what it carries between rounds (a FedSA personal B, its DP step "
+        "count), so a restart resumes it (default: $XDG_STATE_HOME/fedpeft or ~/.local/state/fedpeft)",
+    )
+    client.add_argument(
         "--config",
         type=Path,
         help="the run's configuration (the server's TOML): check the data against it before joining",
@@ -209,6 +215,7 @@ def _client(args: argparse.Namespace) -> int:
         inject_fault=args.inject_fault,
         config=args.config,
         verbose=args.verbose,
+        **({"state_dir": args.state_dir} if args.state_dir else {}),
     )
     return run_client(options)
 

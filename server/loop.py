@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import secrets
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -74,6 +76,22 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         )
 
 
+RUN_KEY_FILE = "run-key"
+
+
+def run_key(run_dir: Path, resume: bool) -> str:
+    """The name clients keep their state between rounds under (``client/node_state.py``): drawn
+    when the run starts, read back when it resumes, so a resumed run's clients pick up their own
+    state and a new run never inherits another's. A resumed run that stopped before its first
+    checkpoint keeps it too: its clients' DP step counts include the aborted attempt's steps."""
+    path = run_dir / RUN_KEY_FILE
+    if not (resume and path.is_file()):
+        staging = path.with_suffix(".tmp")
+        staging.write_text(secrets.token_hex(8))
+        os.replace(staging, path)
+    return path.read_text().strip()
+
+
 def build_strategy(config: RunConfig) -> Strategy:
     """The configured strategy, told how many clients there are and how many train per round."""
     return create_strategy(
@@ -138,6 +156,7 @@ class FederatedRun:
         self.run_dir = Path(run_dir)
         check_run_dir(self.run_dir, resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_key = run_key(self.run_dir, resume)
         self.console = console or Console()
         self.strategy = build_strategy(config)
         check_ranks(config, self.strategy)
@@ -189,6 +208,9 @@ class FederatedRun:
     def init_seed(self, rnd: int) -> int:
         return round_init_seed(self.config.run.seed, rnd)
 
+    def _instructions(self, rnd: int, init_seed: int, plan: ClientPlan) -> RoundInstructions:
+        return RoundInstructions(rnd, init_seed, plan, self.client_config, self.run_key)
+
     def run(self, grid: Grid) -> dict[str, Any]:
         started = time.perf_counter()
         if self.state.round == 0:
@@ -219,7 +241,7 @@ class FederatedRun:
         follows the last round's in ``metrics.jsonl``, with the calibrated head's evaluation."""
         rnd = self.state.round
         nodes = self._sample(grid, everyone=True)
-        instructions = RoundInstructions(rnd, self.init_seed(rnd + 1), ClientPlan(), self.client_config)
+        instructions = self._instructions(rnd, self.init_seed(rnd + 1), ClientPlan())
         content = encode_train_message(self.state, instructions)
         timeout, seed = self.config.server.round_timeout, self.config.run.seed
         try:
@@ -249,7 +271,7 @@ class FederatedRun:
         if fresh_starts(self.config, self.strategy):
             return
         node = self._sample(grid, count=1)[0]
-        instructions = RoundInstructions(0, self.init_seed(1), ClientPlan(), self.client_config)
+        instructions = self._instructions(0, self.init_seed(1), ClientPlan())
         content = encode_train_message(GlobalState(), instructions)
         message = Message(content=content, message_type="query.initial_adapter", dst_node_id=node)
         replies = list(grid.send_and_receive([message], timeout=self.config.server.round_timeout))
@@ -333,7 +355,7 @@ class FederatedRun:
 
     def _attempt(self, grid: Grid, rnd: int, plan: ClientPlan) -> RoundOutcome:
         nodes = self._previous_nodes(grid, rnd) if plan.same_clients else self._sample(grid, rnd=rnd)
-        instructions = RoundInstructions(rnd, self.init_seed(rnd), plan, self.client_config)
+        instructions = self._instructions(rnd, self.init_seed(rnd), plan)
         content = encode_train_message(self.state, instructions)
         if self.secure is not None:
             return self._log_drops(rnd, self._secure_attempt(grid, rnd, nodes, content, plan))

@@ -15,6 +15,8 @@ from fedpeft.tasks import get_task
 from server.app import make_server_app
 from server.loop import FederatedRun
 
+CLIENT_STATE_DIR = "clients"  # in the run directory: what the simulated clients keep between rounds
+
 
 def simulate(config: RunConfig, run_dir: Path, *, resume: bool = False, verbose: bool = False) -> Path:
     """Run ``config.data.num_clients`` virtual clients; returns the run directory. The clients'
@@ -43,7 +45,7 @@ def simulate(config: RunConfig, run_dir: Path, *, resume: bool = False, verbose:
         warnings.simplefilter("ignore", FutureWarning)
         run_simulation(
             server_app=make_server_app(federated_run),
-            client_app=simulation_app(config),
+            client_app=simulation_app(config, run_dir / CLIENT_STATE_DIR),
             num_supernodes=config.data.num_clients,
             backend_config=backend_config,
         )

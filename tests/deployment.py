@@ -121,6 +121,7 @@ class Federation:
         key = self.certs.client_key(name)
         args = ["client", "--server", f"127.0.0.1:{self.port}", "--data", str(self.data[name])]
         args += ["--key", str(key), "--ca", str(self.certs.ca_cert), *extra]
+        args += ["--state-dir", str(self.data[name].parent / "client-state")]
         return self.start(name, args)
 
     def kill(self, name: str) -> None:

@@ -75,10 +75,14 @@ def test_client_mistakes_are_one_line(tmp_path, capsys):
     assert "must be HOST:PORT" in capsys.readouterr().err
 
 
-def test_node_config_carries_data_path_name_and_rank(tmp_path):
+def test_node_config_carries_data_path_name_state_dir_and_rank(tmp_path, monkeypatch):
     data = write_rows(tmp_path / "my data.jsonl", ["hello"], [0])
-    options = ClientOptions("127.0.0.1:9092", data, "alice", rank=4, insecure=True)
-    assert options.node_config() == f'data-path="{data.resolve()}" client-id="alice" rank=4'
+    options = ClientOptions("127.0.0.1:9092", data, "alice", rank=4, insecure=True, state_dir=tmp_path / "s")
+    assert options.node_config() == (
+        f'data-path="{data.resolve()}" client-id="alice" state-dir="{tmp_path / "s"}" rank=4'
+    )
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert ClientOptions("127.0.0.1:9092", data, "alice").state_dir == tmp_path / "xdg" / "fedpeft"
 
 
 def tls_server(certs_root: Path, port: int) -> threading.Thread:

@@ -70,7 +70,7 @@ def test_crash_and_garbage_clients_are_dropped_with_their_reasons(tiny_bert_dir,
             "faults.kinds": '["crash", "garbage"]',
         },
     )
-    FederatedRun(config, tmp_path).run(LocalGrid(6, app=simulation_app(config)))
+    FederatedRun(config, tmp_path).run(LocalGrid(6, app=simulation_app(config, tmp_path / "clients")))
     seen = assert_drops_match_the_draws(config, metrics_rows(tmp_path))
     assert seen["crash"] >= 1 and seen["garbage"] >= 1  # this seed draws both kinds
 

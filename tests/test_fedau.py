@@ -135,7 +135,7 @@ def test_fedau_federates_clients_that_sit_out_rounds(tiny_bert_dir, tmp_path):
     }
     config = small_config(tiny_bert_dir, **options)
     run = FederatedRun(config, tmp_path)
-    run.run(LocalGrid(4, app=simulation_app(config)))
+    run.run(LocalGrid(4, app=simulation_app(config, tmp_path / "clients")))
     rows = metrics_rows(tmp_path)[1:]
     absent, replied = 0, set()
     for rnd, row in enumerate(rows, start=1):
@@ -175,7 +175,7 @@ def test_a_round_every_client_sits_out_passes_without_an_update(tiny_bert_dir, t
     seed = next(s for s in range(100) if 1 not in empty_rounds(s) and 0 < len(empty_rounds(s)) < rounds - 1)
     config = small_config(tiny_bert_dir, **options, **{"run.seed": seed})
     run = FederatedRun(config, tmp_path)
-    run.run(LocalGrid(clients, app=simulation_app(config)))
+    run.run(LocalGrid(clients, app=simulation_app(config, tmp_path / "clients")))
     rows = metrics_rows(tmp_path)
     for rnd in empty_rounds(seed):
         assert rows[rnd]["clients_aggregated"] == 0

@@ -326,6 +326,7 @@ class RoundInstructions:
     init_seed: int
     plan: ClientPlan
     client_config: ClientConfig
+    run_key: str = ""  # names the run across server restarts: what a client keeps is kept per run
 
 
 def encode_instructions(instructions: RoundInstructions) -> ConfigRecord:
@@ -341,6 +342,7 @@ def encode_instructions(instructions: RoundInstructions) -> ConfigRecord:
         "init-gradient": instructions.plan.init_gradient,
         "weighting": instructions.plan.weighting,
         "client-config": instructions.client_config.to_json(),
+        "run-key": instructions.run_key,
     }
     record.update({f"option/{k}": v for k, v in instructions.plan.options.items()})
     return ConfigRecord(record)
@@ -364,6 +366,7 @@ def decode_instructions(content: RecordDict) -> RoundInstructions:
             options=options,
         ),
         client_config=ClientConfig.from_json(_meta(record, "client-config", str)),
+        run_key=str(record.get("run-key", "")),
     )
 
 
