@@ -121,8 +121,12 @@ class Federation:
         key = self.certs.client_key(name)
         args = ["client", "--server", f"127.0.0.1:{self.port}", "--data", str(self.data[name])]
         args += ["--key", str(key), "--ca", str(self.certs.ca_cert), *extra]
-        args += ["--state-dir", str(self.data[name].parent / "client-state")]
+        args += ["--state-dir", str(self.state_dir(name))]
         return self.start(name, args)
+
+    def state_dir(self, name: str) -> Path:
+        """Where client ``name`` keeps what it carries between rounds (``--state-dir``)."""
+        return self.root / "client-state" / name
 
     def kill(self, name: str) -> None:
         """SIGKILL a process and everything it started, as a crash or a power cut would."""

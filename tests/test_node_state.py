@@ -97,3 +97,9 @@ def test_a_new_run_never_reads_another_runs_state(tiny_bert_dir, tmp_path):
     first = FederatedRun(config, tmp_path / "first")
     second = FederatedRun(config, tmp_path / "second")
     assert first.run_key != second.run_key
+
+
+def test_a_plain_fedavg_run_keeps_no_files(tiny_bert_dir, tmp_path):
+    config = small_config(tiny_bert_dir)
+    FederatedRun(config, tmp_path / "run").run(LocalGrid(3, app=simulation_app(config, tmp_path / "clients")))
+    assert not (tmp_path / "clients").exists()

@@ -217,7 +217,8 @@ def load_feedback(node_state: RecordDict) -> ErrorFeedback:
 
 
 def store_feedback(node_state: RecordDict, feedback: ErrorFeedback) -> None:
-    node_state[FEEDBACK] = pack_tensors(feedback.residuals)
+    if feedback.residuals:  # uncompressed uploads leave nothing to carry (and nothing to keep on disk)
+        node_state[FEEDBACK] = pack_tensors(feedback.residuals)
 
 
 def _get(content: RecordDict, key: str, kind: type):
