@@ -19,6 +19,7 @@ round.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from flwr.app import Context, Message, MessageType, RecordDict
@@ -34,9 +35,17 @@ from fedpeft.wire.records import FEEDBACK
 
 KEPT = (PERSONAL_B, PERSONAL_EXTRAS, EXAMPLE_DP_STEPS, FEEDBACK)
 SUFFIX = ".records"
+RUN_KEY = re.compile(r"[0-9a-f]{1,64}")  # what ``server.loop.run_key`` draws: nothing that walks a path
+
+
+class BadRunKey(ValueError):
+    """A server's run key that cannot name a file."""
 
 
 def state_file(root: Path, client: str, run_key: str) -> Path:
+    """Where ``client`` keeps its state for the run ``run_key`` (a name the server chose: checked)."""
+    if not RUN_KEY.fullmatch(run_key):
+        raise BadRunKey(f"the server sent run key {run_key[:80]!r}, not 1 to 64 lowercase hex digits")
     return root / client / f"{run_key}{SUFFIX}"
 
 

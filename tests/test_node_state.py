@@ -37,6 +37,12 @@ def test_only_the_kept_records_are_saved_and_they_load_back(tmp_path):
     assert restored[EXAMPLE_DP_STEPS]["steps"] == 40
 
 
+@pytest.mark.parametrize("key", ["../../etc/cron.d/x", "/abs", "ABC", "", "a" * 65])
+def test_a_run_key_that_is_not_a_plain_hex_name_is_refused(tmp_path, key):
+    with pytest.raises(node_state.BadRunKey, match="lowercase hex"):
+        node_state.state_file(tmp_path, "client-a", key)
+
+
 def test_nothing_to_keep_writes_nothing(tmp_path):
     path = node_state.state_file(tmp_path, "client-a", "0123abcd")
     node_state.save(path, RecordDict({"secagg": ConfigRecord({"secret": 7})}))
