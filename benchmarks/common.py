@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from records import REPO, RunsFile, code_version, cpu_model, machine, results_header, write_results  # noqa: F401
 
-from fedpeft.config import RunConfig, load_config
+from fedpeft.config import LoraSection, RunConfig, load_config
 from fedpeft.data import Splits, load_splits, partition
 from fedpeft.models import ClassifierSpec, load_classifier, load_tokenizer
 from fedpeft.training import collate, encode, evaluate, in_order, train
@@ -96,6 +96,11 @@ def comparison_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "lora.alpha": 2.0 * args.rank,
         "server.fraction": args.fraction,
     }
+
+
+def run_lora(run_dir: Path) -> LoraSection:
+    """The LoRA settings the run in ``run_dir`` used (its ``config.json``)."""
+    return LoraSection.model_validate(json.loads((run_dir / "config.json").read_text())["lora"])
 
 
 def sample_test(splits: Splits, rows: int, seed: int) -> Splits:
@@ -238,25 +243,30 @@ class HeldOut:
         }
         self.train = rows.pop("train")
         self.sets = rows
-        self.evaluators: dict[str, CentralEvaluator] = {}
+        self.evaluators: dict[tuple[str, LoraSection], CentralEvaluator] = {}
 
     def with_test(self, name: str = "test") -> Splits:
         return Splits(self.train, self.sets[name], list(self.labels))
 
-    def evaluator(self, name: str) -> CentralEvaluator:
-        if name not in self.evaluators:
-            self.evaluators[name] = CentralEvaluator(self.config, self.with_test(name))
-        return self.evaluators[name]
+    def evaluator(self, name: str, lora: LoraSection | None = None) -> CentralEvaluator:
+        """The evaluator of held-out set ``name`` for a run at ``lora`` (default: the base
+        configuration's). It must be the run's: an evaluator of a smaller rank would score the
+        global adapter cut to its own rank, as a client of that rank starts from it."""
+        key = (name, lora or self.config.lora)
+        if key not in self.evaluators:
+            self.evaluators[key] = CentralEvaluator(self.config.replace(lora=key[1]), self.with_test(name))
+        return self.evaluators[key]
 
     def score(self, run_dir: Path, name: str) -> float:
         """The accuracy of the final global state in ``run_dir`` on held-out set ``name``."""
-        return self.evaluator(name)(load_checkpoint(run_dir).state, init_seed=0)["eval_accuracy"]
+        state = load_checkpoint(run_dir).state
+        return self.evaluator(name, run_lora(run_dir))(state, init_seed=0)["eval_accuracy"]
 
     @torch.no_grad()
     def recall(self, run_dir: Path, name: str) -> dict[str, float]:
         """Per label, the share of its rows in held-out set ``name`` that the final global state in
         ``run_dir`` predicts right (a class no client learned shows as 0)."""
-        evaluator = self.evaluator(name)
+        evaluator = self.evaluator(name, run_lora(run_dir))
         evaluator.host.load_state(load_checkpoint(run_dir).state, init_seed=0)
         model, data = evaluator.host.model.eval(), evaluator.data
         hits, totals = torch.zeros(len(self.labels)), torch.zeros(len(self.labels))

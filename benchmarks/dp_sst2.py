@@ -360,7 +360,7 @@ def median_update_norm(run: Path) -> float:
 
 def search_run(held_out: HeldOut, files: dict[str, Path], name: str, lr: float, rule: str) -> dict[str, Any]:
     config = config_of(base_config(files, "client", 0, lr, rule))
-    result = run_scored(name, config, held_out.evaluator("val"), run_dir(name))
+    result = run_scored(name, config, held_out.evaluator("val", config.lora), run_dir(name))
     return {
         "kind": "search",
         "rule": rule,
@@ -380,7 +380,7 @@ def proxy_run(
     overrides = base_config(files, "client", 0, lr, rule)
     overrides |= {"data.source": str(files["proxy_train"]), "data.test_source": str(files["proxy_val"])}
     config = config_of(private_config(overrides, "client", PROXY_EPSILON, 0, clip_start))
-    result = run_scored(name, config, held_out.evaluator("val"), run_dir(name), ("epsilon",))
+    result = run_scored(name, config, held_out.evaluator("val", config.lora), run_dir(name), ("epsilon",))
     curve = [result["curve"][k] for k in sorted(result["curve"], key=int)]
     return {
         "kind": "proxy",
@@ -419,7 +419,7 @@ def run(
         config = config_of(overrides)
         z = overrides.get("strategy.noise_multiplier", overrides.get("example_dp.noise_multiplier"))
     result = run_scored(
-        name, config, held_out.evaluator("test"), run_dir(name), ("epsilon", "example_epsilon")
+        name, config, held_out.evaluator("test", config.lora), run_dir(name), ("epsilon", "example_epsilon")
     )
     reached = result.get("epsilon", result.get("example_epsilon"))
     return {

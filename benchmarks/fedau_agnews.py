@@ -78,7 +78,7 @@ def run(held_out: HeldOut, data_dir: Path, name: str) -> dict[str, Any]:
     }
     config = agnews_config(data_dir, {**base, **strategy_overrides(method, agnews_config(data_dir, base))})
     run_dir = WORK / re.sub(r"[^\w.-]+", "-", name)
-    result = run_scored(name, config, held_out.evaluator("test"), run_dir)
+    result = run_scored(name, config, held_out.evaluator("test", config.lora), run_dir)
     return {
         "method": method,
         "seed": seed,

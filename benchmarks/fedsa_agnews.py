@@ -61,7 +61,7 @@ def federated(held_out: HeldOut, data_dir: Path, method: str, seed: int) -> dict
     files = {"data.source": str(held_out.files["train"]), "data.test_source": str(held_out.files["val"])}
     config = agnews_config(data_dir, overrides | files)
     run_dir = WORK / f"{method}-seed{seed}"
-    result = run_scored(f"{method}/seed={seed}", config, held_out.evaluator("test"), run_dir)
+    result = run_scored(f"{method}/seed={seed}", config, held_out.evaluator("test", config.lora), run_dir)
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     per_client = {r["client"]: r["client_eval_accuracy"] for r in last["replies"]}
     return {"per_client": dict(sorted(per_client.items())), "global_test_accuracy": result["test_accuracy"]}

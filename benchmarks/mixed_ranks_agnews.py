@@ -64,7 +64,8 @@ def run(held_out: HeldOut, data_dir: Path, name: str) -> dict[str, Any]:
         "data.test_source": str(held_out.files["val"]),
     }
     run_dir = WORK / name.replace("/", "-").replace("=", "")
-    result = run_scored(name, agnews_config(data_dir, overrides), held_out.evaluator("test"), run_dir)
+    config = agnews_config(data_dir, overrides)
+    result = run_scored(name, config, held_out.evaluator("test", config.lora), run_dir)
     return {
         "method": method,
         "seed": seed,

@@ -184,7 +184,7 @@ class Bench:
         run_dir = run_dir_of(piece.name)
         metrics = ("variance_ratio", "merged_rank", "discarded_energy")
         label = f"{piece.name}: {method} lr {lr:g}" + (f" {server_text(server)}" if server else "")
-        result = run_scored(label, config, self.scorers.evaluator("test"), run_dir, metrics)
+        result = run_scored(label, config, self.scorers.evaluator("test", config.lora), run_dir, metrics)
         curve = [result["curve"][k] for k in sorted(result["curve"], key=int)]
         return {
             "setting": piece.setting,
@@ -229,7 +229,7 @@ class Bench:
         run.calibrate(LocalGrid(CLIENTS))
         seconds = time.perf_counter() - started
         row = run.recorder.rounds[-1]
-        test = self.scorers.evaluator("test")(run.state, init_seed=0)["eval_accuracy"]
+        test = self.scorers.evaluator("test", config.lora)(run.state, init_seed=0)["eval_accuracy"]
         print(f"[{piece.name}] test accuracy {trained['final_accuracy']:.4f} -> {test:.4f}", flush=True)
         keep = ("lr", "recipe", "weighting", "train", "bytes_up_per_round", "bytes_up_final_round")
         return {

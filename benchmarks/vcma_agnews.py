@@ -75,7 +75,7 @@ def run(held_out: HeldOut, data_dir: Path, name: str) -> dict[str, Any]:
     }
     config = agnews_config(data_dir, overrides)
     run_dir = WORK / name.replace("/", "-").replace("=", "")
-    result = run_scored(name, config, held_out.evaluator("test"), run_dir)
+    result = run_scored(name, config, held_out.evaluator("test", config.lora), run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in rows if r["round"] > 0]
     return {
