@@ -9,7 +9,9 @@ V (R x d_in) with delta ``U @ V``. A client's effective weight is ``W0 + U V + s
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from torch import Tensor
@@ -113,15 +115,45 @@ class LowRankDelta:
         return self.U @ self.V
 
 
+@dataclass(frozen=True, eq=False)  # one object per wire layout, compared by identity
+class SpanLayout:
+    """Named tensors of the given shapes laid back to back in one 1-D buffer, in order."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @cached_property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(shape) for shape in self.shapes)
+
+    @cached_property
+    def offsets(self) -> tuple[int, ...]:
+        return tuple(sum(self.sizes[:i]) for i in range(len(self.sizes)))
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+
+@dataclass(frozen=True)
+class FlatTensors:
+    """What a client trained (``trained_tensors``' names and order) as one 1-D float32 ``span``,
+    as ``fedpeft.wire`` decodes a float32 reply in place: a streaming fold takes it in one op."""
+
+    layout: SpanLayout
+    span: Tensor
+
+
 @dataclass
 class ClientUpdate:
     """What one client sends back after a round of local training.
 
     ``num_examples`` is the size of the client's training data; ``num_trained`` the examples it
     trained on this round (local steps x batch size, fewer for a client with less than a batch).
+    ``flat``, when set, holds the trained tensors whole (the factors and extras are views of it).
     """
 
-    factors: dict[str, AdapterFactors]
+    factors: Mapping[str, AdapterFactors]
     extras: dict[str, Tensor]
     num_examples: int
     round: int
@@ -130,6 +162,7 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
     client_id: str = ""  # stable across reconnects and resumes (client/runtime.py client_id), not a node id
     num_trained: int = 0
+    flat: FlatTensors | None = None
 
 
 @dataclass

@@ -14,18 +14,21 @@ nothing a client sends makes these methods raise.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 import textwrap
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+from torch import Tensor
 
-from fedpeft.state import ClientPlan, ClientUpdate, GlobalState
+from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, SpanLayout
 from fedpeft.wire import DecodeBuffer, WireError, decode_update, record_nbytes
 from server.validation import (
     NOT_FINITE,
@@ -71,16 +74,76 @@ def receive(grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator
 
 
 def a_variances(update: ClientUpdate) -> dict[str, float]:
-    """The (unbiased) variance of each module's A from its sum and its sum of squares (one fused
-    multi-tensor norm for all of them), the difference taken in float64: ``Tensor.var`` per module
-    cost more than the rest of a small reply's server time, and stacking the A's a copy of half a
-    large one."""
-    modules = list(update.factors)
-    As = [update.factors[m].A for m in modules]
-    squares = torch.stack(torch._foreach_norm(As)).double().square()
-    sums = torch.stack([a.sum() for a in As]).double()
-    n = torch.tensor([a.numel() for a in As], dtype=torch.float64)
+    """The (unbiased) variance of each module's A from its sum and its sum of squares, the
+    difference taken in float64: ``Tensor.var`` per module cost more than the rest of a small
+    reply's server time, and stacking the A's a copy of half a large one. A reply that decoded
+    whole takes a few strided reductions over its span (``a_runs``), else one fused multi-tensor
+    norm over its A's."""
+    if update.flat is not None and sends_A(update.flat.layout):
+        modules, numel, views = [], [], []
+        for run in a_runs(update.flat.layout):
+            modules += run.modules
+            numel += [run.numel] * len(run.modules)
+            views.append(run.view(update.flat.span))
+        squares = torch.cat([torch.linalg.vector_norm(v, dim=1) for v in views]).double().square()
+        sums = torch.cat([v.sum(1) for v in views]).double()
+    else:
+        modules = list(update.factors)
+        As = [update.factors[m].A for m in modules]
+        squares = torch.stack(torch._foreach_norm(As)).double().square()
+        sums = torch.stack([a.sum() for a in As]).double()
+        numel = [a.numel() for a in As]
+    n = torch.tensor(numel, dtype=torch.float64)
     return dict(zip(modules, ((squares - sums * sums / n) / (n - 1).clamp(min=1)).tolist(), strict=True))
+
+
+@functools.lru_cache(maxsize=16)
+def sends_A(layout: SpanLayout) -> bool:
+    return any(name.startswith("A/") for name in layout.names)
+
+
+@dataclass(frozen=True)
+class StridedRun:
+    """Equally sized tensors of a span at a constant stride: rows of one strided view."""
+
+    modules: tuple[str, ...]
+    offset: int
+    stride: int
+    numel: int
+
+    def view(self, span: Tensor) -> Tensor:
+        return span.as_strided(
+            (len(self.modules), self.numel), (self.stride, 1), span.storage_offset() + self.offset
+        )
+
+
+@functools.lru_cache(maxsize=16)
+def a_runs(layout: SpanLayout, lookahead: int = 8) -> tuple[StridedRun, ...]:
+    """The A entries of ``layout`` as few strided runs: greedily, from the first entry not yet
+    taken, the longest run whose stride is to one of the next ``lookahead`` entries of its size
+    (the A's of a transformer's layers repeat at the layer's stride). Cached per layout."""
+    entries = [
+        (name[2:], offset, size)
+        for name, offset, size in zip(layout.names, layout.offsets, layout.sizes, strict=True)
+        if name.startswith("A/")
+    ]
+    by_offset = {offset: (module, size) for module, offset, size in entries}
+    taken: set[int] = set()
+    runs = []
+    for _, offset, size in entries:
+        if offset in taken:
+            continue
+        later = [o for _, o, s in entries if o > offset and s == size and o not in taken][:lookahead]
+        best = [offset]
+        for stride in (o - offset for o in later):
+            run = [offset]
+            while (nxt := run[-1] + stride) in by_offset and by_offset[nxt][1] == size and nxt not in taken:
+                run.append(nxt)
+            best = max(best, run, key=len)
+        taken.update(best)
+        stride = best[1] - best[0] if len(best) > 1 else size
+        runs.append(StridedRun(tuple(by_offset[o][0] for o in best), offset, stride, size))
+    return tuple(runs)
 
 
 class Replies(Protocol):
@@ -122,6 +185,7 @@ class RoundReplies:
         self.decode_buffer = DecodeBuffer() if self.accumulator is not None else None
         self.reference = reference_signature(state, []) if state.adapter is not None else None
         self.span = SpanDistance()  # the norm screen's one-pass distance for replies in one layout
+        self.known: dict[tuple[SpanLayout, int], str | None] = {}  # layout verdicts (validate)
         self.pending: list[ClientUpdate] = []
         self.held: list[tuple[ClientUpdate, float]] = []  # streaming, until the norm screen can judge
         self.accepted: list[tuple[str, int, float | None]] = []  # (client id, examples, train loss)
@@ -132,6 +196,7 @@ class RoundReplies:
             str, float
         ] = {}  # client id -> accuracy of its start model on its held-out rows
         self.client_variance: dict[str, float] = {}  # per module, the sum over clients of var(A_k)
+        self.sent_variances: dict[int, dict[str, float]] = {}  # of the global A, per client rank
 
     def decode(self, content: RecordDict, client_id: str) -> ClientUpdate | str:
         """The update a reply's content carries, or the reason to refuse it (counted)."""
@@ -156,9 +221,8 @@ class RoundReplies:
             self.pending.append(update)
             return None
         screened = bool(self.screen.ratio)  # then a NaN or Inf shows in the norm: no separate pass
-        reason = validate(
-            update, self.rnd, self.reference, self.state, self.strategy.mixed_ranks, not screened
-        )
+        mixed = self.strategy.mixed_ranks
+        reason = validate(update, self.rnd, self.reference, self.state, mixed, not screened, self.known)
         if reason is not None:
             return self._reject(f"invalid update: {reason}")
         norm = None
@@ -254,8 +318,16 @@ class RoundReplies:
         self.example_epsilon = max(self.example_epsilon, update.metrics.get("example_epsilon", 0.0))
         if "client_eval_accuracy" in update.metrics:
             self.client_eval[update.client_id] = update.metrics["client_eval_accuracy"]
-        for module, variance in a_variances(update).items():
+        for module, variance in self._a_variances(update).items():
             self.client_variance[module] = self.client_variance.get(module, 0.0) + variance
+
+    def _a_variances(self, update: ClientUpdate) -> dict[str, float]:
+        """``a_variances``, once per rank for the replies that did not send A (it is the server's)."""
+        if update.flat is None or sends_A(update.flat.layout):
+            return a_variances(update)
+        if update.rank not in self.sent_variances:
+            self.sent_variances[update.rank] = a_variances(update)
+        return self.sent_variances[update.rank]
 
     def diagnostics(self, result: GlobalState) -> dict[str, float]:
         """What the round's replies say beyond the strategy's own metrics: ``variance_ratio``, and

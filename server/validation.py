@@ -17,7 +17,15 @@ import torch
 from torch import Tensor
 
 from fedpeft.config import ServerSection
-from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState, started_from
+from fedpeft.state import (
+    AdapterFactors,
+    ClientPlan,
+    ClientUpdate,
+    FlatTensors,
+    GlobalState,
+    SpanLayout,
+    started_from,
+)
 from strategies.accumulate import FlatLayout
 
 Signature = tuple[tuple[str, tuple[int, int]], ...]
@@ -78,16 +86,45 @@ def validate(
     sent: GlobalState | None = None,
     mixed_ranks: bool = False,
     check_finite: bool = True,
+    known: dict[tuple[SpanLayout, int], str | None] | None = None,
 ) -> str | None:
     """``None`` if the update may be aggregated, else the reason to drop it. When ``sent`` (the
     state the server sent) holds a global adapter, each module's rank must be the adapter's (the
     strategy combines the factors element-wise), or at most it with ``mixed_ranks`` (the
     strategy takes clients that trained the adapter's leading components). ``check_finite=False``
-    leaves finiteness to the caller (``update_norm`` is not finite when a tensor is not)."""
+    leaves finiteness to the caller (``update_norm`` is not finite when a tensor is not).
+    ``known`` caches, for the replies of one round that decoded whole (``ClientUpdate.flat``),
+    the verdict on their layout and rank: it depends on nothing else."""
     if update.round != rnd:
         return f"the update is for round {update.round}, not {rnd}"
     if update.num_examples <= 0:
         return "the update reports no training examples"
+    if known is not None and update.flat is not None:
+        key = (update.flat.layout, update.rank)
+        if key not in known:
+            known[key] = layout_problem(update, reference, sent, mixed_ranks)
+        problem = known[key]
+    else:
+        problem = layout_problem(update, reference, sent, mixed_ranks)
+    if problem:
+        return problem
+    sent = [update.flat.span] if update.flat is not None else update_tensors(update)  # all a client sent
+    if check_finite and not all_finite(sent):
+        return NOT_FINITE
+    # a decoded reply's scales were checked by fedpeft.wire (positive and finite)
+    scales = () if update.flat is not None else tuple(f.scale for f in update.factors.values())
+    if not all(math.isfinite(s) and s > 0 for s in (update.alpha, *scales)):
+        return "alpha or a LoRA scale is not a positive finite number"
+    if not all(math.isfinite(v) for v in update.metrics.values()):
+        return "a reported metric is NaN or Inf"
+    return None
+
+
+def layout_problem(
+    update: ClientUpdate, reference: Signature | None, sent: GlobalState | None, mixed_ranks: bool
+) -> str | None:
+    """What ``validate`` checks of the update's layout: shapes against the declared rank, names
+    and shapes against ``reference``, ranks against the sent adapter's, float32 tensors."""
     problem = shape_problem(update)
     if problem:
         return problem
@@ -98,17 +135,9 @@ def validate(
         ranks = {name: (f.rank, adapter[name].rank) for name, f in update.factors.items()}
         if any(rank > limit or (rank < limit and not mixed_ranks) for rank, limit in ranks.values()):
             return f"the declared rank {update.rank} differs from the global adapter's"
-    tensors = update_tensors(update)
-    wrong = next((t.dtype for t in tensors if t.dtype != torch.float32), None)
+    wrong = next((t.dtype for t in update_tensors(update) if t.dtype != torch.float32), None)
     if wrong is not None:
         return f"a tensor is {wrong}, not float32 (the wire carries float32, float16 or int8)"
-    if check_finite and not all_finite(tensors):
-        return NOT_FINITE
-    scalars = [update.alpha, *(f.scale for f in update.factors.values())]
-    if not all(math.isfinite(s) and s > 0 for s in scalars):
-        return "alpha or a LoRA scale is not a positive finite number"
-    if not all(math.isfinite(v) for v in update.metrics.values()):
-        return "a reported metric is NaN or Inf"
     return None
 
 
@@ -145,6 +174,10 @@ def update_norm(update: ClientUpdate, state: GlobalState, span: SpanDistance | N
     Extras count as their difference from the server's when it sent them, else as themselves.
     ``span`` (kept across a round's replies) computes it in one pass when it can.
     """
+    if span is not None and update.flat is not None and state.adapter is not None:
+        distance = span.squared_flat(update.flat, state)
+        if distance is not None:
+            return math.sqrt(distance)
     got: list[Tensor] = []
     sent: list[Tensor] = []
     squares = 0.0
@@ -173,6 +206,9 @@ class SpanDistance:
     def __init__(self) -> None:
         self.sent: list[Tensor] = []  # held, so that identity means the same tensors
         self.layout: FlatLayout | None = None
+        self.flat_layout: SpanLayout | None = None  # of the replies that decoded whole
+        self.flat_reference: Tensor | None = None
+        self.scratch = torch.empty(CHUNK)
 
     def squared(self, pairs: list[tuple[Tensor, Tensor]]) -> float | None:
         """The sum, or None where the reply does not lie in the first reply's layout, or its
@@ -184,20 +220,53 @@ class SpanDistance:
             self.sent = [s for _, s in pairs]
             # a view of the global state when it lies in one buffer (the last round's mean does)
             self.reference = self.layout.gather([s.float().expand_as(g) for g, s in pairs])
-            self.scratch = torch.empty(min(CHUNK, self.layout.numel))
         if len(pairs) != len(self.sent) or any(
             s is not kept for (_, s), kept in zip(pairs, self.sent, strict=True)
         ):
             return None
         got = self.layout.span([g for g, _ in pairs])
-        if got is None:
+        return None if got is None else chunked_distance(got, self.reference, self.scratch)
+
+    def squared_flat(self, flat: FlatTensors, state: GlobalState) -> float | None:
+        """The sum for a reply that decoded whole (``ClientUpdate.flat``), against what the server
+        sent laid out as the round's first such reply; None for a reply in another layout, or
+        one whose shapes are not the sent ones (a client at a smaller rank)."""
+        if self.flat_layout is None:
+            self.flat_layout, self.flat_reference = flat.layout, sent_span(flat.layout, state)
+        if flat.layout is not self.flat_layout or self.flat_reference is None:
             return None
-        total = 0.0  # chunk by chunk: the difference stays in cache, never written to memory
-        for start in range(0, self.layout.numel, CHUNK):
-            diff = self.scratch[: min(CHUNK, self.layout.numel - start)]
-            torch.sub(got[start : start + CHUNK], self.reference[start : start + CHUNK], out=diff)
-            total += float(torch.linalg.vector_norm(diff)) ** 2
-        return total
+        return chunked_distance(flat.span, self.flat_reference, self.scratch)
+
+
+def sent_span(layout: SpanLayout, state: GlobalState) -> Tensor | None:
+    """What the server sent of each tensor of ``layout`` (an extra it did not send counts as zero),
+    as one 1-D float32 tensor: a view when the state lies so; None where a shape differs."""
+    tensors = []
+    for name, shape in zip(layout.names, layout.shapes, strict=True):
+        kind, _, key = name.partition("/")
+        if kind == "extra":
+            tensor = state.extras.get(key)
+            tensors.append(
+                tensor.float() if tensor is not None and tuple(tensor.shape) == shape else torch.zeros(shape)
+            )
+        else:
+            factors = (state.adapter or {}).get(key)
+            tensor = None if factors is None else getattr(factors, kind)
+            if tensor is None or tuple(tensor.shape) != shape:
+                return None
+            tensors.append(tensor.float())
+    return FlatLayout(dict(zip(layout.names, tensors, strict=True))).gather(tensors)
+
+
+def chunked_distance(got: Tensor, reference: Tensor, scratch: Tensor) -> float:
+    """``||got - reference||^2`` for 1-D tensors, chunk by chunk in ``scratch`` (``CHUNK`` long):
+    the difference stays in cache, never written to memory."""
+    total = 0.0
+    for start in range(0, got.numel(), CHUNK):
+        diff = scratch[: min(CHUNK, got.numel() - start)]
+        torch.sub(got[start : start + CHUNK], reference[start : start + CHUNK], out=diff)
+        total += float(torch.linalg.vector_norm(diff)) ** 2
+    return total
 
 
 def _distances_squared(pairs: list[tuple[Tensor, Tensor]]) -> float:

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fedpeft.state import FlatTensors, SpanLayout
+
 
 class FlatLayout:
     """Named float32 tensors as views into one flat buffer, and a test of whether another set of
@@ -28,6 +30,18 @@ class FlatLayout:
         sizes = [t.numel() for t in tensors.values()]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         self.numel = sum(sizes)
+        self.known: SpanLayout | None = None  # a wire layout found to be this one
+
+    def span_of(self, flat: FlatTensors | None) -> Tensor | None:
+        """``flat``'s span if it holds tensors of these names and shapes in this order (checked
+        once per wire layout object), else None."""
+        if flat is None:
+            return None
+        if flat.layout is not self.known:
+            if flat.layout.names != tuple(self.keys) or list(flat.layout.shapes) != self.shapes:
+                return None
+            self.known = flat.layout
+        return flat.span
 
     def views(self, buffer: Tensor) -> list[Tensor]:
         """One view of ``buffer`` (``numel`` long) per tensor, in order."""
@@ -121,6 +135,16 @@ class WeightedSum:
             add_scaled_(self.buffer, incoming, weight / self.unit)
         self.total += weight / self.unit
         self.count += 1
+
+    def add_flat(self, flat: FlatTensors | None, weight: float) -> bool:
+        """Fold ``flat`` in one op if it lies in this sum's layout (True), else nothing (False)."""
+        span = self.layout.span_of(flat) if self.count else None
+        if span is None:
+            return False
+        add_scaled_(self.buffer, span, weight / self.unit)
+        self.total += weight / self.unit
+        self.count += 1
+        return True
 
     def mean(self) -> dict[str, Tensor]:
         """``sum_k w_k t_k / sum_k w_k`` as float32 tensors (views of one fresh buffer)."""

@@ -48,8 +48,11 @@ class DeltaClipper:
 
     def measure(self, update: ClientUpdate) -> float:
         """Put ``update``'s delta in ``self.delta`` and return its L2 norm."""
-        sent = trained_tensors(update.factors, self._extras(update.extras), *self.trains)
-        torch.sub(self.layout.gather([sent[k] for k in self.layout.keys]), self.reference, out=self.delta)
+        span = self.layout.span_of(update.flat)
+        if span is None:
+            sent = trained_tensors(update.factors, self._extras(update.extras), *self.trains)
+            span = self.layout.gather([sent[k] for k in self.layout.keys])
+        torch.sub(span, self.reference, out=self.delta)
         return float(torch.linalg.vector_norm(self.delta))
 
     def _extras(self, extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,7 +75,9 @@ class DeltaClipper:
         buffer = torch.add(self.reference, self.delta, alpha=factor)
         tensors = dict(zip(self.layout.keys, self.layout.views(buffer), strict=True))
         factors, clipped_extras = split_trained(tensors, self.state.adapter)
-        return dataclasses.replace(update, factors=factors, extras={**update.extras, **clipped_extras})
+        return dataclasses.replace(
+            update, factors=factors, extras={**update.extras, **clipped_extras}, flat=None
+        )
 
     def metrics(self) -> dict[str, float]:
         """Clipping statistics over the updates measured (none under secure aggregation, where

@@ -50,10 +50,9 @@ class FactorAverage:
         check_same_ranks(self.strategy, self.ranks)
         if not self.scales:
             self.scales = {module: f.scale for module, f in update.factors.items()}
-        self.sum.add(
-            trained_tensors(update.factors, update.extras, trains_A=self.frozen is None),
-            update_weight(update, self.weighting),
-        )
+        weight = update_weight(update, self.weighting)
+        if not self.sum.add_flat(update.flat, weight):
+            self.sum.add(trained_tensors(update.factors, update.extras, trains_A=self.frozen is None), weight)
 
     def result(self) -> GlobalState:
         if self.sum.count == 0:

@@ -3,14 +3,16 @@ reference, in any arrival order, and a server that keeps no reply after folding 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 
 import pytest
 import torch
 
-from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
-from server.replies import RoundReplies
+from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, SpanLayout
+from fedpeft.wire import decode_update, encode_update
+from server.replies import RoundReplies, a_runs, a_variances
 from server.validation import ReplyLimits, update_norm
 from strategies import accumulate, create_strategy
 from tests import factories
@@ -149,3 +151,60 @@ def test_the_chunked_cast_and_add_is_bitwise_the_float64_sum(numel, monkeypatch)
     incoming = torch.randn(numel, generator=gen)
     expected = total.clone().add_(incoming.double(), alpha=0.37)
     assert torch.equal(accumulate.add_scaled_(total, incoming, 0.37), expected)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "ffa"])
+def test_replies_folded_whole_give_the_per_tensor_result_bitwise(name):
+    state = start_state()
+    frozen_A = name == "ffa"
+    replies = [
+        encode_update(client(seed, 3 + seed, state, frozen_A), send_A=not frozen_A) for seed in range(4)
+    ]
+    whole = [decode_update(r, str(k), state.adapter) for k, r in enumerate(replies)]
+    apart = [dataclasses.replace(u, flat=None) for u in whole]
+    strategy = create_strategy(name, {}, CONTEXT)
+    accumulator = strategy.start(1, state)
+    for update in whole:
+        accumulator.add(update)
+    assert accumulator.sum.layout.known is whole[0].flat.layout  # folded as spans
+    a, b = accumulator.result(), strategy.aggregate(1, state, apart)
+    for module, f in a.adapter.items():
+        assert torch.equal(f.A, b.adapter[module].A) and torch.equal(f.B, b.adapter[module].B)
+    assert (
+        all(torch.equal(t, b.extras[n]) for n, t in a.extras.items()) and a.extras.keys() == b.extras.keys()
+    )
+
+
+def test_a_variances_of_a_reply_decoded_whole_match_each_module_var():
+    state = start_state()
+    update = decode_update(encode_update(client(1, 5, state)), frozen=state.adapter)
+    assert update.flat is not None
+    expected = {m: float(f.A.double().var()) for m, f in update.factors.items()}
+    assert a_variances(update) == pytest.approx(expected, rel=1e-5)
+    assert a_variances(dataclasses.replace(update, flat=None)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("pattern", [[(6, 4), (2, 2), (2, 2), (6, 4)], [(3, 5)], [(4, 1), (4, 4), (1, 4)]])
+@pytest.mark.parametrize("layers", [1, 3, 7])
+def test_a_runs_cover_every_A_once_with_its_own_values(pattern, layers):
+    names, shapes = [], []
+    for layer in range(layers):
+        for i, (a_size, b_size) in enumerate(pattern):
+            names += [f"A/l{layer}.m{i}", f"B/l{layer}.m{i}"]
+            shapes += [(a_size,), (b_size,)]
+    names.append("extra/head")
+    shapes.append((3,))
+    layout = SpanLayout(tuple(names), tuple(shapes))
+    span = torch.arange(float(layout.numel))
+    seen = {}
+    for run in a_runs(layout):
+        for module, row in zip(run.modules, run.view(span), strict=True):
+            assert module not in seen
+            seen[module] = row
+    entries = {
+        n[2:]: (o, s) for n, o, s in zip(names, layout.offsets, layout.sizes, strict=True) if n[:2] == "A/"
+    }
+    assert seen.keys() == entries.keys()
+    assert all(torch.equal(seen[m], span[o : o + s]) for m, (o, s) in entries.items())
+    if layers == 7:
+        assert len(a_runs(layout)) <= len(pattern)  # one strided run per module of a layer, at most

@@ -41,11 +41,16 @@ def test_update_norm_is_the_distance_from_what_the_server_sent():
 def test_the_one_pass_norm_of_replies_in_one_layout_equals_the_per_tensor_one():
     state = sent_state()
     span = SpanDistance()
-    for seed in (1, 2, 3):
-        decoded = decode_update(encode_update(trained(state, seed)), frozen=state.adapter)  # one span
-        assert update_norm(decoded, state, span) == pytest.approx(update_norm(decoded, state), rel=1e-6)
+    for seed in (1, 2, 3):  # float32: the message's own bytes; fp16: decoded into one buffer
+        for compression in ("none", "fp16"):
+            decoded = decode_update(
+                encode_update(trained(state, seed), compression=compression), frozen=state.adapter
+            )
+            assert (decoded.flat is not None) == (compression == "none")
+            assert update_norm(decoded, state, span) == pytest.approx(update_norm(decoded, state), rel=1e-6)
     assert span.squared([(torch.ones(2), torch.zeros(2))]) is None  # another layout: per tensor
     frozen_A = decode_update(encode_update(trained(state, 4), send_A=False), frozen=state.adapter)
+    assert frozen_A.flat is not None and span.squared_flat(frozen_A.flat, state) is None  # another layout
     assert update_norm(frozen_A, state, span) == pytest.approx(update_norm(frozen_A, state), rel=1e-6)
 
 
@@ -198,3 +203,12 @@ def test_the_loop_counts_rejections_and_a_resumed_run_keeps_the_norm_pool(tiny_b
     assert summary["replies_rejected"] == sum(r["rejected"] for r in rows[1:]) >= 1
     resumed = FederatedRun(config, tmp_path, resume=True)
     assert resumed.limits.previous_norms == last["update_norms"]
+
+
+def test_a_layout_verdict_is_kept_per_declared_rank():
+    state = sent_state()
+    replies = RoundReplies(create_strategy("fedavg", {}, CONTEXT), 1, state)
+    good, bad = encode_update(trained(state, 1)), encode_update(trained(state, 2))
+    bad["update-meta"]["rank"] = 1  # the same layout, another declared rank
+    assert replies.offer(replies.decode(good, "a")) is None
+    assert "declared rank 1" in replies.offer(replies.decode(bad, "b"))

@@ -10,7 +10,7 @@ from flwr.app import RecordDict
 from fedpeft.config import LoraSection
 from fedpeft.lora import extract_adapter
 from fedpeft.models import ClassifierSpec, load_classifier
-from fedpeft.state import ClientPlan, ClientUpdate
+from fedpeft.state import ClientPlan, ClientUpdate, trained_tensors
 from fedpeft.wire import (
     DecodeBuffer,
     RoundInstructions,
@@ -173,3 +173,29 @@ def test_a_decode_buffer_is_reused_and_decodes_bitwise():
     for name, f in update.factors.items():
         delta = (f.A - reference[name].A).to(torch.float16).float()
         assert torch.equal(back.factors[name].A, delta + reference[name].A)
+
+
+@pytest.mark.parametrize("send_A", [True, False])
+def test_a_float32_reply_decodes_whole_in_trained_tensor_order(send_A):
+    update = factories.update(rank=4, seed=1, num_examples=3)
+    back = decode_update(encode_update(update, send_A=send_A), frozen=update.factors)
+    sent = trained_tensors(back.factors, back.extras, trains_A=send_A)
+    assert back.flat is not None and back.flat.layout.names == tuple(sent)
+    assert torch.equal(back.flat.span, torch.cat([t.reshape(-1) for t in sent.values()]))
+    assert_same_factors(back.factors, update.factors)
+    assert back.extras.keys() == update.extras.keys() != set()
+    assert all(torch.equal(t, update.extras[n]) for n, t in back.extras.items())
+    assert decode_update(encode_update(update, compression="fp16")).flat is None  # decoded into a buffer
+
+
+def test_replies_in_one_layout_share_one_layout_object():
+    first, second = (decode_update(encode_update(factories.update(4, seed, 3))) for seed in (1, 2))
+    assert first.flat.layout is second.flat.layout  # what a fold compares, by identity
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), "2"])
+def test_a_reply_whose_scale_is_not_a_positive_number_is_a_wire_error(scale):
+    content = encode_update(factories.update(rank=2, seed=0, num_examples=3))
+    content["update-meta"]["scale/layer.0.q"] = scale
+    with pytest.raises(WireError, match="scale/layer.0.q"):
+        decode_update(content)

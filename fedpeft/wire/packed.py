@@ -166,7 +166,7 @@ def payload_of(record: ArrayRecord) -> bytes:
     return array.data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per manifest (``_parsed``): hashed by identity
 class Manifest:
     """A payload's entries, and what decoding needs of them worked out once: a round's replies
     share one manifest, so this is parsed and derived once per round (``_parsed`` caches it), not
@@ -273,6 +273,17 @@ def unpack_tensors(
         _fill(flat, data, start, dense)
     views = dict(zip((e.name for e in dense), _split(flat, manifest), strict=True))
     return {e.name: views[e.name] if e.dense else _owned(data, start, e) for e in manifest.entries}
+
+
+def float32_span(record: ArrayRecord) -> tuple[Manifest, Tensor] | None:
+    """A packed record's manifest and every tensor as one read-only float32 view of its bytes,
+    when all of them are float32 laid back to back (a plain float32 reply); else None."""
+    data = payload_of(record)
+    manifest = read_manifest(data)
+    if len(manifest.dense) != len(manifest.entries):
+        return None
+    span = _float32_span(data, manifest)
+    return None if span is None else (manifest, span)
 
 
 def _float32_span(data: bytes, manifest: Manifest) -> Tensor | None:

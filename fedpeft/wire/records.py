@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +15,23 @@ from torch import Tensor
 from fedpeft.calibration import ClassMoments
 from fedpeft.compression import ErrorFeedback, Packed, pack
 from fedpeft.config import ClientConfig
-from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState, LowRankDelta
-from fedpeft.wire.packed import DecodeBuffer, WireError, pack_tensors, unpack_tensors
+from fedpeft.state import (
+    AdapterFactors,
+    ClientPlan,
+    ClientUpdate,
+    FlatTensors,
+    GlobalState,
+    LowRankDelta,
+    SpanLayout,
+)
+from fedpeft.wire.packed import (
+    DecodeBuffer,
+    Manifest,
+    WireError,
+    float32_span,
+    pack_tensors,
+    unpack_tensors,
+)
 
 STATE_ARRAYS, STATE_META = "state", "state-meta"
 UPDATE_ARRAYS, UPDATE_META, UPDATE_METRICS = "update", "update-meta", "metrics"
@@ -145,40 +161,65 @@ def decode_update(
     """Decode a reply. ``frozen`` is the global adapter the client started from: a reply
     without A (``sent-A`` false) takes A from it, and delta-coded factors are added to it; a reply
     without extras (a personal head) takes ``frozen_extras``, the global ones.
-    With ``into``, the tensors live in that reused buffer (see ``DecodeBuffer``)."""
+    With ``into``, the tensors live in that reused buffer (see ``DecodeBuffer``).
+
+    A plain float32 reply decodes to ``ClientUpdate.flat``, a view of the message's bytes, and
+    its factors are views of it built on first access (``LazyFactors``): a streaming fold that
+    takes the span whole never pays hundreds of per-tensor views."""
     arrays, meta = _get(content, UPDATE_ARRAYS, ArrayRecord), _get(content, UPDATE_META, ConfigRecord)
     metrics = dict(_get(content, UPDATE_METRICS, MetricRecord))
     sent_A, sent_B = _meta(meta, "sent-A", bool), bool(meta.get("sent-B", True))
     sent_R = bool(meta.get("sent-R", False))
     parts = tuple(part for part, sent in (("A", sent_A), ("B", sent_B), ("R", sent_R)) if sent)
     delta, delta_extras = bool(meta.get("delta", False)), bool(meta.get("delta-extras", False))
-    groups, extras = _split(arrays, {"lora": parts}, into=into, writable=delta or delta_extras)
-    if not meta.get("sent-extras", True):
+    sent_extras = bool(meta.get("sent-extras", True))
+    rank = _meta(meta, "rank", int)
+    flat = None  # a reply that carries all it trained as it is, not relative to the global state
+    if not (delta or delta_extras or (not sent_extras and frozen_extras)):
+        flat = _flat_tensors(arrays, parts)
+    if flat is None:
+        groups, extras = _split(arrays, {"lora": parts}, into=into, writable=delta or delta_extras)
+        modules = tuple(groups["lora"])
+    else:
+        extras = {
+            name: flat.span[offset : offset + size].view(shape)
+            for name, shape, offset, size in _extra_entries(flat.layout)
+        }
+        modules = _modules(flat.layout)
+    if not sent_extras:
         extras = dict(frozen_extras or {})
     elif delta_extras:
         _add_base(extras, frozen_extras or {}, "extras")
-    missing = sorted(set(groups["lora"]) - set(frozen or {}))
+    missing = sorted(set(modules) - set(frozen or {}))
     if missing and (delta or not sent_A or not sent_B):
         raise WireError(f"the reply is relative to a global adapter that lacks {missing[:3]}")
-    if frozen is not None and (delta or not sent_A or not sent_B):  # what this client started from
-        rank = _meta(meta, "rank", int)
-        frozen = {
-            n: frozen[n].truncated(rank, _positive(meta, f"scale/{n}"))
-            if frozen[n].rank > rank > 0
-            else frozen[n]
-            for n in groups["lora"]
+    scales = _scales(meta, modules)
+
+    def start(name: str) -> AdapterFactors:
+        """The module as this client started from it: the global one, truncated to its rank."""
+        base = frozen[name]  # type: ignore[index]
+        return base.truncated(rank, scales[name]) if base.rank > rank > 0 else base
+
+    def factors_of(groups: dict[str, dict[str, dict[str, Tensor]]]) -> dict[str, AdapterFactors]:
+        for name, pair in groups["lora"].items():
+            if not (delta or not sent_A or not sent_B):
+                continue
+            began = start(name)
+            if delta:
+                _add_base(pair, {part: getattr(began, part) for part in pair}, name)
+            if not sent_A:
+                pair["A"] = began.A
+            if not sent_B:
+                pair["B"] = began.B
+        return {
+            n: AdapterFactors(A=p["A"], B=p["B"], scale=scales[n], R=p.get("R"))
+            for n, p in groups["lora"].items()
         }
-    for name, pair in groups["lora"].items():
-        if delta:
-            _add_base(pair, {part: getattr(frozen[name], part) for part in pair}, name)  # type: ignore[index]
-        if not sent_A:
-            pair["A"] = frozen[name].A  # type: ignore[index]
-        if not sent_B:
-            pair["B"] = frozen[name].B  # type: ignore[index]
-    factors = {
-        n: AdapterFactors(A=p["A"], B=p["B"], scale=_meta(meta, f"scale/{n}", float), R=p.get("R"))
-        for n, p in groups["lora"].items()
-    }
+
+    if flat is None:
+        factors: Mapping[str, AdapterFactors] = factors_of(groups)
+    else:
+        factors = LazyFactors(modules, lambda: factors_of(_split(arrays, {"lora": parts})[0]))
     num_examples, num_trained = metrics.pop(NUM_EXAMPLES, None), metrics.pop(NUM_TRAINED, 0)
     for key, count in ((NUM_EXAMPLES, num_examples), (NUM_TRAINED, num_trained)):
         if not isinstance(count, int) or count < 0:
@@ -189,11 +230,67 @@ def decode_update(
         num_examples=num_examples,
         num_trained=num_trained,
         round=_meta(meta, "round", int),
-        rank=_meta(meta, "rank", int),
+        rank=rank,
         alpha=_meta(meta, "alpha", float),
         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
         client_id=client_id,
+        flat=flat,
     )
+
+
+class LazyFactors(Mapping[str, AdapterFactors]):
+    """A decoded reply's factors, built by ``build`` on first access to one of them (its module
+    names are known without it)."""
+
+    def __init__(self, modules: tuple[str, ...], build: Callable[[], dict[str, AdapterFactors]]) -> None:
+        self.modules = modules
+        self._build: Callable[[], dict[str, AdapterFactors]] | None = build
+        self._factors: dict[str, AdapterFactors] = {}
+
+    def __getitem__(self, module: str) -> AdapterFactors:
+        if self._build is not None:
+            self._factors, self._build = self._build(), None
+        return self._factors[module]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+def _flat_tensors(arrays: ArrayRecord, parts: tuple[str, ...]) -> FlatTensors | None:
+    """The reply's trained tensors as one float32 view of its bytes, named as
+    ``fedpeft.state.trained_tensors`` names them, when its payload is plain float32."""
+    found = float32_span(arrays)
+    if found is None:
+        return None
+    manifest, span = found
+    return FlatTensors(_span_layout(manifest, parts), span)
+
+
+@functools.lru_cache(maxsize=16)
+def _span_layout(manifest: Manifest, parts: tuple[str, ...]) -> SpanLayout:
+    """A float32 reply's wire keys (``lora/<module>/<part>``, ``extra/<name>``) as trained-tensor
+    names (``<part>/<module>``, ``extra/<name>``); ``WireError`` for a key that fits nowhere.
+    Cached: a round's replies share one manifest, and one layout object lets them be compared
+    by identity."""
+    keys = tuple(e.name for e in manifest.entries)
+    places = _places(keys, (("lora", parts),), ())
+    names = tuple(f"{part}/{module}" if kind else f"extra/{module}" for kind, module, part in places)
+    return SpanLayout(names, tuple(e.shape for e in manifest.entries))
+
+
+@functools.lru_cache(maxsize=16)
+def _modules(layout: SpanLayout) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(n.partition("/")[2] for n in layout.names if not n.startswith("extra/")))
+
+
+@functools.lru_cache(maxsize=16)
+def _extra_entries(layout: SpanLayout) -> tuple[tuple[str, tuple[int, ...], int, int], ...]:
+    """(name without ``extra/``, shape, offset, size) of each of the layout's extras."""
+    rows = zip(layout.names, layout.shapes, layout.offsets, layout.sizes, strict=True)
+    return tuple((name[len("extra/") :], *rest) for name, *rest in rows if name.startswith("extra/"))
 
 
 def _add_base(deltas: dict[str, Tensor], bases: dict[str, Tensor], what: str) -> None:
@@ -236,11 +333,15 @@ def _meta(meta: ConfigRecord, key: str, kind: type):
     return value
 
 
-def _positive(meta: ConfigRecord, key: str) -> float:
-    value = _meta(meta, key, float)
-    if not (math.isfinite(value) and value > 0):
-        raise WireError(f"'{key}' must be a positive finite number, got {value!r}")
-    return value
+def _scales(meta: ConfigRecord, modules: tuple[str, ...]) -> dict[str, float]:
+    """Each module's ``scale/<module>``, checked to be a positive finite number (read from one
+    plain copy of the record: hundreds of lookups through Flower's typed mapping cost more)."""
+    config = dict(meta.items())
+    scales = {n: config.get(f"scale/{n}") for n in modules}
+    for name, value in scales.items():
+        if type(value) not in (int, float) or not (math.isfinite(value) and value > 0):  # type: ignore[arg-type]
+            raise WireError(f"'scale/{name}' must be a positive finite number, got {value!r}")
+    return {n: float(v) for n, v in scales.items()}  # type: ignore[arg-type]
 
 
 def _split(
