@@ -4,6 +4,7 @@ accountant, with its state made persistable)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp
 from torch import Tensor
 
 KEY_BYTES = 32
@@ -100,9 +102,22 @@ class PrivacyAccountant:
         rounds = self.rounds if rounds is None else rounds
         if rounds == 0:
             return 0.0
-        accountant = RDPAccountant()
-        accountant.history = [(self.noise_multiplier, self.sample_rate, rounds)]
-        return float(accountant.get_epsilon(delta=self.delta))
+        epsilon, _ = rdp.get_privacy_spent(
+            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=self._rdp_per_round * rounds, delta=self.delta
+        )
+        return float(epsilon)
+
+    @functools.cached_property
+    def _rdp_per_round(self) -> np.ndarray:
+        """One round's RDP at each of opacus' default orders. The RDP of repeated rounds is this
+        times their number (what opacus' ``compute_rdp`` returns for ``steps``), so it is computed
+        once, not each round (about 0.15 s a call)."""
+        return rdp.compute_rdp(
+            q=self.sample_rate,
+            noise_multiplier=self.noise_multiplier,
+            steps=1,
+            orders=RDPAccountant.DEFAULT_ALPHAS,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds}

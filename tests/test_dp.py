@@ -124,6 +124,16 @@ def test_epsilon_matches_an_independent_computation(q, sigma, rounds):
     assert ours == pytest.approx(reference, rel=0.01)
 
 
+def test_epsilon_is_opacus_rdp_accountants_at_any_number_of_rounds_asked_in_any_order():
+    from opacus.accountants import RDPAccountant
+
+    accountant = PrivacyAccountant(0.9, 0.3, delta=1e-5)  # its per-round RDP is worked out once
+    for rounds in (40, 1, 7, 40, 300):
+        reference = RDPAccountant()
+        reference.history = [(0.9, 0.3, rounds)]
+        assert accountant.epsilon(rounds) == reference.get_epsilon(delta=1e-5)
+
+
 def test_epsilon_grows_and_is_reported_per_round():
     state = start_state()
     strategy = dp(inner="ffa", clip_norm=1.0, noise_multiplier=1.0)
