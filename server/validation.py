@@ -108,8 +108,8 @@ def validate(
         problem = layout_problem(update, reference, sent, mixed_ranks)
     if problem:
         return problem
-    sent = [update.flat.span] if update.flat is not None else update_tensors(update)  # all a client sent
-    if check_finite and not all_finite(sent):
+    tensors = [update.flat.span] if update.flat is not None else update_tensors(update)  # what it sent
+    if check_finite and not all_finite(tensors):
         return NOT_FINITE
     # a decoded reply's scales were checked by fedpeft.wire (positive and finite)
     scales = () if update.flat is not None else tuple(f.scale for f in update.factors.values())
