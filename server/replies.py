@@ -1,7 +1,9 @@
 """One attempt's valid replies, folded into the strategy as they arrive when it can stream.
 
 A strategy with ``start`` (a linear one) gets each valid update as soon as it is decoded and
-validated; the server keeps no update, so its memory is O(adapter) for any number of clients.
+validated; the server keeps no update once folded (a plain float32 reply's bytes wait, at most
+``fedpeft.kernels.FOLD_WIDTH`` of them, to be folded together), so its memory is O(adapter) for any
+number of clients.
 Other strategies (or a round without a global adapter to validate shapes against) keep the
 updates for one batch ``aggregate``, validated against the most common layout among replies.
 
@@ -23,11 +25,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
-from torch import Tensor
 
+from fedpeft.kernels import segment_statistics
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, SpanLayout
 from fedpeft.wire import DecodeBuffer, WireError, decode_update, record_nbytes
 from server.validation import (
@@ -36,6 +39,7 @@ from server.validation import (
     SpanDistance,
     all_finite,
     reference_signature,
+    segments,
     update_norm,
     update_tensors,
     validate,
@@ -73,77 +77,48 @@ def receive(grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator
             time.sleep(POLL_SECONDS)
 
 
-def a_variances(update: ClientUpdate) -> dict[str, float]:
+def a_variances(update: ClientUpdate, statistics: np.ndarray | None = None) -> ModuleValues:
     """The (unbiased) variance of each module's A from its sum and its sum of squares, the
-    difference taken in float64: ``Tensor.var`` per module cost more than the rest of a small
-    reply's server time, and stacking the A's a copy of half a large one. A reply that decoded
-    whole takes a few strided reductions over its span (``a_runs``), else one fused multi-tensor
-    norm over its A's."""
+    difference taken in float64 (``Tensor.var`` per module cost more than the rest of a small
+    reply's server time). A reply that decoded whole reads them from its tensors' rows of
+    ``statistics`` (``SpanDistance.statistics``), or from one compiled pass over its span; any
+    other takes one fused multi-tensor norm over its A's."""
     if update.flat is not None and sends_A(update.flat.layout):
-        modules, numel, views = [], [], []
-        for run in a_runs(update.flat.layout):
-            modules += run.modules
-            numel += [run.numel] * len(run.modules)
-            views.append(run.view(update.flat.span))
-        squares = torch.cat([torch.linalg.vector_norm(v, dim=1) for v in views]).double().square()
-        sums = torch.cat([v.sum(1) for v in views]).double()
+        layout = update.flat.layout
+        if statistics is None:
+            statistics = segment_statistics(update.flat.span, update.flat.span, *segments(layout))
+        rows, modules = a_entries(layout)
+        sums, squares = statistics[rows, 1], statistics[rows, 2]
+        n = np.array(layout.sizes, dtype=np.float64)[rows]
     else:
-        modules = list(update.factors)
+        modules = tuple(update.factors)
         As = [update.factors[m].A for m in modules]
-        squares = torch.stack(torch._foreach_norm(As)).double().square()
-        sums = torch.stack([a.sum() for a in As]).double()
-        numel = [a.numel() for a in As]
-    n = torch.tensor(numel, dtype=torch.float64)
-    return dict(zip(modules, ((squares - sums * sums / n) / (n - 1).clamp(min=1)).tolist(), strict=True))
-
-
-@functools.lru_cache(maxsize=16)
-def sends_A(layout: SpanLayout) -> bool:
-    return any(name.startswith("A/") for name in layout.names)
+        squares = torch.stack(torch._foreach_norm(As)).double().square().numpy()
+        sums = torch.stack([a.sum() for a in As]).double().numpy()
+        n = np.array([a.numel() for a in As], dtype=np.float64)
+    return ModuleValues(modules, (squares - sums * sums / n) / np.maximum(n - 1, 1))
 
 
 @dataclass(frozen=True)
-class StridedRun:
-    """Equally sized tensors of a span at a constant stride: rows of one strided view."""
+class ModuleValues:
+    """One number per module, as an array in the order of ``modules``."""
 
     modules: tuple[str, ...]
-    offset: int
-    stride: int
-    numel: int
+    values: np.ndarray
 
-    def view(self, span: Tensor) -> Tensor:
-        return span.as_strided(
-            (len(self.modules), self.numel), (self.stride, 1), span.storage_offset() + self.offset
-        )
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.modules, self.values.tolist(), strict=True))
+
+
+def sends_A(layout: SpanLayout) -> bool:
+    return bool(a_entries(layout)[0])
 
 
 @functools.lru_cache(maxsize=16)
-def a_runs(layout: SpanLayout, lookahead: int = 8) -> tuple[StridedRun, ...]:
-    """The A entries of ``layout`` as few strided runs: greedily, from the first entry not yet
-    taken, the longest run whose stride is to one of the next ``lookahead`` entries of its size
-    (the A's of a transformer's layers repeat at the layer's stride). Cached per layout."""
-    entries = [
-        (name[2:], offset, size)
-        for name, offset, size in zip(layout.names, layout.offsets, layout.sizes, strict=True)
-        if name.startswith("A/")
-    ]
-    by_offset = {offset: (module, size) for module, offset, size in entries}
-    taken: set[int] = set()
-    runs = []
-    for _, offset, size in entries:
-        if offset in taken:
-            continue
-        later = [o for _, o, s in entries if o > offset and s == size and o not in taken][:lookahead]
-        best = [offset]
-        for stride in (o - offset for o in later):
-            run = [offset]
-            while (nxt := run[-1] + stride) in by_offset and by_offset[nxt][1] == size and nxt not in taken:
-                run.append(nxt)
-            best = max(best, run, key=len)
-        taken.update(best)
-        stride = best[1] - best[0] if len(best) > 1 else size
-        runs.append(StridedRun(tuple(by_offset[o][0] for o in best), offset, stride, size))
-    return tuple(runs)
+def a_entries(layout: SpanLayout) -> tuple[list[int], tuple[str, ...]]:
+    """The positions of ``layout``'s A tensors and their modules' names."""
+    rows = [i for i, name in enumerate(layout.names) if name.startswith("A/")]
+    return rows, tuple(layout.names[i][2:] for i in rows)
 
 
 class Replies(Protocol):
@@ -195,8 +170,9 @@ class RoundReplies:
         self.client_eval: dict[
             str, float
         ] = {}  # client id -> accuracy of its start model on its held-out rows
-        self.client_variance: dict[str, float] = {}  # per module, the sum over clients of var(A_k)
-        self.sent_variances: dict[int, dict[str, float]] = {}  # of the global A, per client rank
+        # per module, the sum over clients of var(A_k) (one array per set of modules a reply had)
+        self.variance_sums: dict[tuple[str, ...], np.ndarray] = {}
+        self.sent_variances: dict[int, ModuleValues] = {}  # of the global A, per client rank
 
     def decode(self, content: RecordDict, client_id: str) -> ClientUpdate | str:
         """The update a reply's content carries, or the reason to refuse it (counted)."""
@@ -318,13 +294,19 @@ class RoundReplies:
         self.example_epsilon = max(self.example_epsilon, update.metrics.get("example_epsilon", 0.0))
         if "client_eval_accuracy" in update.metrics:
             self.client_eval[update.client_id] = update.metrics["client_eval_accuracy"]
-        for module, variance in self._a_variances(update).items():
-            self.client_variance[module] = self.client_variance.get(module, 0.0) + variance
+        variances = self._a_variances(update)
+        if variances.modules in self.variance_sums:
+            self.variance_sums[variances.modules] += variances.values
+        else:
+            self.variance_sums[variances.modules] = variances.values.copy()
 
-    def _a_variances(self, update: ClientUpdate) -> dict[str, float]:
-        """``a_variances``, once per rank for the replies that did not send A (it is the server's)."""
-        if update.flat is None or sends_A(update.flat.layout):
+    def _a_variances(self, update: ClientUpdate) -> ModuleValues:
+        """``a_variances``, from the pass that measured the reply's norm where one did, and once
+        per rank for the replies that did not send A (it is the server's)."""
+        if update.flat is None:
             return a_variances(update)
+        if sends_A(update.flat.layout):
+            return a_variances(update, self.span.statistics(update.flat, self.state)[0])
         if update.rank not in self.sent_variances:
             self.sent_variances[update.rank] = a_variances(update)
         return self.sent_variances[update.rank]
@@ -346,12 +328,16 @@ class RoundReplies:
         """The variance of the aggregated A over the clients' mean variance of A, averaged over
         modules: about 1 when clients start from one shared A, about 1/K when K clients start from
         independent ones and are plainly averaged (what VCMA corrects). None without an adapter."""
-        if result.adapter is None or not self.client_variance or not self.accepted:
+        if result.adapter is None or not self.variance_sums or not self.accepted:
             return None
+        totals: dict[str, float] = {}
+        for modules, sums in self.variance_sums.items():
+            for module, total in zip(modules, sums.tolist(), strict=True):
+                totals[module] = totals.get(module, 0.0) + total
         count = len(self.accepted)
         ratios = [
             float(result.adapter[m].A.var()) / (total / count)
-            for m, total in self.client_variance.items()
+            for m, total in totals.items()
             if m in result.adapter and total > 0
         ]
         return sum(ratios) / len(ratios) if ratios else None

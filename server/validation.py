@@ -8,15 +8,19 @@ rank against its shapes and its layers, layout against the global adapter, dtype
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from fedpeft.config import ServerSection
+from fedpeft.kernels import segment_statistics
 from fedpeft.state import (
     AdapterFactors,
     ClientPlan,
@@ -33,7 +37,6 @@ Signature = tuple[tuple[str, tuple[int, int]], ...]
 BYTES_HEADROOM = 2  # a reply at the adapter's rank in float32 is about 1x the adapter (+ headers)
 BYTES_SLACK = 1 << 20  # the packed payload's manifest, the meta and metric records
 NORM_CHUNK_BYTES = 1 << 20  # per fused difference-and-norm in update_norm
-CHUNK = NORM_CHUNK_BYTES // 4  # float32 elements per difference in SpanDistance
 MIN_NORM_POOL = 3  # fewer norms than this have no meaningful median (see NormScreen)
 NOT_FINITE = "a tensor holds NaN or Inf"
 
@@ -198,17 +201,18 @@ def update_norm(update: ClientUpdate, state: GlobalState, span: SpanDistance | N
 
 
 class SpanDistance:
-    """``sum_i ||got_i - sent_i||^2`` in one pass, for the replies of a round that lie in one span
-    of memory in one layout (float32 replies decoded from their packed payload): the sent tensors
-    are gathered once into that layout, then each reply costs a subtraction into a cache-sized
-    buffer and a norm per chunk of it, instead of Python per tensor."""
+    """``sum_i ||got_i - sent_i||^2`` in one compiled pass (``fedpeft.kernels``), for the replies of
+    a round that lie in one span of memory in one layout: the sent tensors are gathered once into
+    that layout, then a reply costs one read of its bytes instead of Python per tensor. For a reply
+    that decoded whole the same pass gives each tensor's sum and sum of squares (``statistics``),
+    which ``server.replies.a_variances`` reads."""
 
     def __init__(self) -> None:
         self.sent: list[Tensor] = []  # held, so that identity means the same tensors
         self.layout: FlatLayout | None = None
         self.flat_layout: SpanLayout | None = None  # of the replies that decoded whole
         self.flat_reference: Tensor | None = None
-        self.scratch = torch.empty(CHUNK)
+        self.last: tuple[weakref.ref[FlatTensors], np.ndarray, bool] | None = None  # (reply, rows, measured)
 
     def squared(self, pairs: list[tuple[Tensor, Tensor]]) -> float | None:
         """The sum, or None where the reply does not lie in the first reply's layout, or its
@@ -225,17 +229,38 @@ class SpanDistance:
         ):
             return None
         got = self.layout.span([g for g, _ in pairs])
-        return None if got is None else chunked_distance(got, self.reference, self.scratch)
+        if got is None:
+            return None
+        whole = np.array([0], dtype=np.int64), np.array([got.numel()], dtype=np.int64)
+        return float(segment_statistics(got, self.reference, *whole)[0, 0])
 
     def squared_flat(self, flat: FlatTensors, state: GlobalState) -> float | None:
         """The sum for a reply that decoded whole (``ClientUpdate.flat``), against what the server
         sent laid out as the round's first such reply; None for a reply in another layout, or
         one whose shapes are not the sent ones (a client at a smaller rank)."""
+        rows, measured = self.statistics(flat, state)
+        return float(rows[:, 0].sum()) if measured else None
+
+    def statistics(self, flat: FlatTensors, state: GlobalState) -> tuple[np.ndarray, bool]:
+        """Per tensor of ``flat``, in its layout's order: the squared distance from what the server
+        sent, the sum and the sum of squares (``fedpeft.kernels.segment_statistics``), and whether
+        the distances were measured (see ``squared_flat``; else they are zeros). One pass per
+        reply: the last reply's rows are kept for the next call about it."""
+        if self.last is not None and self.last[0]() is flat:
+            return self.last[1], self.last[2]
         if self.flat_layout is None:
             self.flat_layout, self.flat_reference = flat.layout, sent_span(flat.layout, state)
-        if flat.layout is not self.flat_layout or self.flat_reference is None:
-            return None
-        return chunked_distance(flat.span, self.flat_reference, self.scratch)
+        measured = flat.layout is self.flat_layout and self.flat_reference is not None
+        reference = self.flat_reference if measured else flat.span
+        rows = segment_statistics(flat.span, reference, *segments(flat.layout))  # type: ignore[arg-type]
+        self.last = (weakref.ref(flat), rows, measured)
+        return rows, measured
+
+
+@functools.lru_cache(maxsize=16)
+def segments(layout: SpanLayout) -> tuple[np.ndarray, np.ndarray]:
+    """The offsets and sizes of ``layout``'s tensors as int64 arrays (what the kernels take)."""
+    return np.array(layout.offsets, dtype=np.int64), np.array(layout.sizes, dtype=np.int64)
 
 
 def sent_span(layout: SpanLayout, state: GlobalState) -> Tensor | None:
@@ -256,17 +281,6 @@ def sent_span(layout: SpanLayout, state: GlobalState) -> Tensor | None:
                 return None
             tensors.append(tensor.float())
     return FlatLayout(dict(zip(layout.names, tensors, strict=True))).gather(tensors)
-
-
-def chunked_distance(got: Tensor, reference: Tensor, scratch: Tensor) -> float:
-    """``||got - reference||^2`` for 1-D tensors, chunk by chunk in ``scratch`` (``CHUNK`` long):
-    the difference stays in cache, never written to memory."""
-    total = 0.0
-    for start in range(0, got.numel(), CHUNK):
-        diff = scratch[: min(CHUNK, got.numel() - start)]
-        torch.sub(got[start : start + CHUNK], reference[start : start + CHUNK], out=diff)
-        total += float(torch.linalg.vector_norm(diff)) ** 2
-    return total
 
 
 def _distances_squared(pairs: list[tuple[Tensor, Tensor]]) -> float:

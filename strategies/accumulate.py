@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fedpeft.kernels import FOLD_WIDTH, divided, fold_
 from fedpeft.state import FlatTensors, SpanLayout
 
 
@@ -75,24 +76,13 @@ class FlatLayout:
         return first.new_empty(0).set_(storage, first.storage_offset(), (self.numel,))
 
 
-CAST_CHUNK = 1 << 18  # elements per cast-and-add in add_scaled_: a 2 MiB float64 scratch stays in cache
-
-
 def add_scaled_(total: Tensor, incoming: Tensor, alpha: float = 1.0) -> Tensor:
-    """``total += alpha * incoming`` for a float64 ``total`` and a float32 ``incoming`` (1-D).
-
-    torch's mixed-dtype ``add_`` takes a scalar casting loop: 72 ms for 16.7 M elements (a 7B
-    adapter) against 4 ms for a float32 ``add_`` on this machine. A cast into a small float64
-    scratch, then a same-dtype ``add_``, chunk by chunk while the chunk is in cache, is 13 ms."""
+    """``total += alpha * incoming`` for a float64 ``total`` and a float32 or float64 ``incoming``
+    (1-D), rounded as float64 (``fedpeft.kernels.fold_``; torch's mixed-dtype ``add_`` is a scalar
+    casting loop)."""
     if incoming.dtype == total.dtype:
         return total.add_(incoming, alpha=alpha)
-    scratch = torch.empty(min(CAST_CHUNK, total.numel()), dtype=total.dtype)
-    for start in range(0, total.numel(), CAST_CHUNK):
-        part = total[start : start + CAST_CHUNK]
-        cast = scratch[: part.numel()]
-        cast.copy_(incoming[start : start + CAST_CHUNK])
-        part.add_(cast, alpha=alpha)
-    return total
+    return fold_(total, [incoming], [alpha])
 
 
 def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
@@ -112,47 +102,51 @@ class WeightedSum:
     flat float64 buffer, so the float32 mean does not depend on the order the replies arrived in
     (a rerun round folds them in another order), but for an element whose float64 sum lands on a
     float32 rounding boundary: one ulp there, where float32 sums differ in many elements. An update
-    decoded into one buffer in the same layout is folded by one ``add_``; any other is gathered into
-    that layout first.
+    decoded into one buffer in the same layout (``add_flat``) is held until ``FOLD_WIDTH`` of them
+    are, then folded together in one pass over the sum (the same bits as one at a time); any other
+    is gathered into that layout and folded at once.
     """
 
     def __init__(self) -> None:
         self.total = 0.0
         self.count = 0
         self.unit = 1.0
+        self.held: list[tuple[Tensor, float]] = []  # (span, weight) of replies not yet folded
 
     def add(self, tensors: dict[str, Tensor], weight: float) -> None:
         if self.count == 0:
             self.unit = weight if weight > 0 else 1.0
             self.layout = FlatLayout(tensors)
-            self.buffer = self.layout.gather(list(tensors.values())).double()
-            if weight != self.unit:
-                self.buffer.mul_(weight / self.unit)
-        else:
-            if tensors.keys() != set(self.layout.keys):
-                raise ValueError("an update's tensors differ from the first update's")
-            incoming = self.layout.gather([tensors[k] for k in self.layout.keys])
-            add_scaled_(self.buffer, incoming, weight / self.unit)
+            self.buffer = torch.zeros(self.layout.numel, dtype=torch.float64)
+        elif tensors.keys() != set(self.layout.keys):
+            raise ValueError("an update's tensors differ from the first update's")
+        incoming = self.layout.gather([tensors[k] for k in self.layout.keys])
+        self.held.append((incoming, weight / self.unit))
+        self._fold_held()  # a gathered update may be a reused buffer: not held
         self.total += weight / self.unit
         self.count += 1
 
     def add_flat(self, flat: FlatTensors | None, weight: float) -> bool:
-        """Fold ``flat`` in one op if it lies in this sum's layout (True), else nothing (False)."""
+        """Take ``flat`` if it lies in this sum's layout (True), else nothing (False). Its span (the
+        reply's own bytes) is held until ``FOLD_WIDTH`` replies are, or until ``mean``."""
         span = self.layout.span_of(flat) if self.count else None
         if span is None:
             return False
-        add_scaled_(self.buffer, span, weight / self.unit)
+        self.held.append((span, weight / self.unit))
+        if len(self.held) == FOLD_WIDTH:
+            self._fold_held()
         self.total += weight / self.unit
         self.count += 1
         return True
+
+    def _fold_held(self) -> None:
+        fold_(self.buffer, [span for span, _ in self.held], [weight for _, weight in self.held])
+        self.held = []
 
     def mean(self) -> dict[str, Tensor]:
         """``sum_k w_k t_k / sum_k w_k`` as float32 tensors (views of one fresh buffer)."""
         if self.total <= 0:
             raise ValueError("cannot aggregate: the replies report no training examples in total")
-        mean = torch.empty(self.layout.numel)
-        for start in range(0, self.layout.numel, CAST_CHUNK):  # no float64 temporary of it all
-            torch.div(
-                self.buffer[start : start + CAST_CHUNK], self.total, out=mean[start : start + CAST_CHUNK]
-            )
+        self._fold_held()
+        mean = divided(self.buffer, self.total)
         return dict(zip(self.layout.keys, self.layout.views(mean), strict=True))

@@ -1,0 +1,105 @@
+"""Compiled loops (numba) for the server's two passes over each reply's bytes: the statistics the
+norm screen and the variance diagnostics read, and the float64 fold of the round's weighted sum.
+
+Written by hand because torch has neither operation fused: a float32-into-float64 weighted add is
+a cast and an add (two passes, and torch's mixed-dtype ``add_`` is a scalar loop), and the
+distance from the sent state, the sum and the sum of squares are three reductions with a
+temporary. ``benchmarks/aggregation.py`` measured those torch passes at 5x the memory-bandwidth
+bound per reply on 7B adapter shapes; these loops read a reply once per pass at the bound's pace.
+Compiled on first use and cached on disk (numba's ``cache``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+BLOCK = 2048  # float32 partial sums of at most this many terms, added into float64 totals
+FOLD_WIDTH = 4  # replies folded per pass over the sum (fold_)
+# the statistics reassociate their sums (vectorized partial sums); NaN and Inf keep their meaning
+REDUCTION = {"reassoc", "nsz", "contract"}
+
+
+@numba.njit(nogil=True, cache=True, fastmath=REDUCTION)
+def _statistics(x, reference, starts, sizes, out):  # pragma: no cover - compiled
+    for j in range(starts.size):
+        squares = 0.0
+        total = 0.0
+        power = 0.0
+        end = starts[j] + sizes[j]
+        for block in range(starts[j], end, BLOCK):
+            xs = x[block : min(block + BLOCK, end)]
+            refs = reference[block : block + xs.size]
+            d2 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            for i in range(xs.size):
+                value = xs[i]
+                diff = value - refs[i]
+                d2 += diff * diff
+                s1 += value
+                s2 += value * value
+            squares += d2
+            total += s1
+            power += s2
+        out[j, 0] = squares
+        out[j, 1] = total
+        out[j, 2] = power
+
+
+def segment_statistics(x: Tensor, reference: Tensor, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """For each segment ``x[s : s + n]`` (``starts``, ``sizes``: int64 arrays) of a 1-D float32
+    ``x``: ``||x - reference||^2``, the sum and the sum of squares of ``x``, as float64 rows of
+    one ``(segments, 3)`` array. Partial sums of ``BLOCK`` terms are float32 (relative error
+    about ``BLOCK / 16`` float32 ulps), their totals float64; a NaN or Inf in ``x`` shows in each
+    of its segment's figures."""
+    out = np.empty((starts.size, 3))
+    _statistics(x.numpy(), reference.numpy(), starts, sizes, out)
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _fold1(total, x0, w0):  # pragma: no cover - compiled
+    for i in range(total.size):
+        total[i] = total[i] + w0 * x0[i]
+
+
+@numba.njit(nogil=True, cache=True)
+def _fold4(total, x0, x1, x2, x3, w0, w1, w2, w3):  # pragma: no cover - compiled
+    for i in range(total.size):
+        total[i] = total[i] + w0 * x0[i] + w1 * x1[i] + w2 * x2[i] + w3 * x3[i]
+
+
+def fold_(total: Tensor, parts: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``total += sum_g weights[g] * parts[g]`` for a 1-D float64 ``total`` and float32 ``parts``
+    of its length, element by element in the order given, each product and sum rounded in float64
+    (no fused multiply-add): bitwise what adding them one at a time gives, whatever the grouping.
+    Up to ``FOLD_WIDTH`` parts share one pass over ``total``."""
+    sums = total.numpy()
+    arrays = [p.float().contiguous().numpy() for p in parts]  # no copy of a contiguous float32 part
+    start = 0
+    while len(arrays) - start >= FOLD_WIDTH:
+        group = slice(start, start + FOLD_WIDTH)
+        _fold4(sums, *arrays[group], *map(float, weights[group]))
+        start += FOLD_WIDTH
+    for x, w in zip(arrays[start:], weights[start:], strict=True):
+        _fold1(sums, x, float(w))
+    return total
+
+
+@numba.njit(nogil=True, cache=True)
+def _divide(out, total, divisor):  # pragma: no cover - compiled
+    for i in range(total.size):
+        out[i] = total[i] / divisor
+
+
+def divided(total: Tensor, divisor: float) -> Tensor:
+    """``total / divisor`` divided in float64 and rounded to a new float32 tensor (torch's
+    mixed-dtype division is a scalar loop)."""
+    out = torch.empty(total.numel())
+    _divide(out.numpy(), total.numpy(), float(divisor))
+    return out
