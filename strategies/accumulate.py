@@ -112,12 +112,11 @@ class WeightedSum:
         self.count = 0
         self.unit = 1.0
         self.held: list[tuple[Tensor, float]] = []  # (span, weight) of replies not yet folded
+        self.layout: FlatLayout | None = None
 
     def add(self, tensors: dict[str, Tensor], weight: float) -> None:
-        if self.count == 0:
-            self.unit = weight if weight > 0 else 1.0
-            self.layout = FlatLayout(tensors)
-            self.buffer = torch.zeros(self.layout.numel, dtype=torch.float64)
+        if self.layout is None:
+            self.start(tensors, weight)
         elif tensors.keys() != set(self.layout.keys):
             raise ValueError("an update's tensors differ from the first update's")
         incoming = self.layout.gather([tensors[k] for k in self.layout.keys])
@@ -129,7 +128,7 @@ class WeightedSum:
     def add_flat(self, flat: FlatTensors | None, weight: float) -> bool:
         """Take ``flat`` if it lies in this sum's layout (True), else nothing (False). Its span (the
         reply's own bytes) is held until ``FOLD_WIDTH`` replies are, or until ``mean``."""
-        span = self.layout.span_of(flat) if self.count else None
+        span = self.layout.span_of(flat) if self.layout is not None else None
         if span is None:
             return False
         self.held.append((span, weight / self.unit))
@@ -138,6 +137,13 @@ class WeightedSum:
         self.total += weight / self.unit
         self.count += 1
         return True
+
+    def start(self, tensors: dict[str, Tensor], weight: float) -> None:
+        """Lay the sum out as the first update's ``tensors`` (not folded: ``add`` them, or
+        ``add_flat`` their span), weights taken relative to its ``weight``."""
+        self.unit = weight if weight > 0 else 1.0
+        self.layout = FlatLayout(tensors)
+        self.buffer = torch.zeros(self.layout.numel, dtype=torch.float64)
 
     def _fold_held(self) -> None:
         fold_(self.buffer, [span for span, _ in self.held], [weight for _, weight in self.held])

@@ -6,6 +6,8 @@ Kept because it is the baseline every paper compares against.
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, trained_tensors, update_weight
 from strategies.accumulate import WeightedSum
 from strategies.base import WeightedStrategy, aggregate_stream, require_updates
@@ -51,8 +53,13 @@ class FactorAverage:
         if not self.scales:
             self.scales = {module: f.scale for module, f in update.factors.items()}
         weight = update_weight(update, self.weighting)
+        if self.sum.layout is None and update.flat is not None:  # so that the first span is held too
+            self.sum.start(self._trained(update), weight)
         if not self.sum.add_flat(update.flat, weight):
-            self.sum.add(trained_tensors(update.factors, update.extras, trains_A=self.frozen is None), weight)
+            self.sum.add(self._trained(update), weight)
+
+    def _trained(self, update: ClientUpdate) -> dict[str, Tensor]:
+        return trained_tensors(update.factors, update.extras, trains_A=self.frozen is None)
 
     def result(self) -> GlobalState:
         if self.sum.count == 0:
