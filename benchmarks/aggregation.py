@@ -13,7 +13,8 @@ the same bytes:
 - ``strategy``: the strategy on decoded updates (the streaming accumulator for fedavg, ffa and
   dp(fedavg); ``aggregate`` on the list of K for stacking, fedex and vcma);
 - ``server`` (streaming strategies): the server's path from the reply records, as
-  ``server.loop`` runs it: decode, validate and fold each reply, then free it;
+  ``server.loop`` runs it: decode, validate (the norm screen on, but off under dp as the loop
+  has it) and fold each reply, then free it;
 - ``flower`` (in the fedavg cell): Flower's ``FedAvg().aggregate_train`` on the same K replies in
   Flower's own record format (one ``.npy`` array per tensor), which its strategies expect.
 Times are the best of up to 5 runs (torch on 1 thread); ``*_rss_rise_bytes`` is the largest rise of
@@ -45,6 +46,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
 from fedpeft.wire import NUM_EXAMPLES, UPDATE_ARRAYS, decode_update, encode_update, unpack_tensors
 from server.replies import RoundReplies
+from server.validation import ReplyLimits
 from strategies import create_strategy
 
 POOL_BYTES = 1 << 30
@@ -185,8 +187,11 @@ class Cell:
     def _server(self, strategy, records: list) -> tuple[float, int]:
         """Decode, validate and fold each reply record, as ``server.loop`` does."""
 
+        # as server.loop: the norm screen at its default ratio, off under a private strategy (dp)
+        limits = ReplyLimits(max_norm_ratio=0.0 if strategy.private else 10.0)
+
         def fold() -> None:
-            replies = RoundReplies(strategy, 1, self.state)
+            replies = RoundReplies(strategy, 1, self.state, limits)
             for k in range(self.clients):
                 record = records[k % len(records)]
                 update = decode_update(record, str(k), self.state.adapter, replies.decode_buffer)

@@ -294,6 +294,8 @@ class RoundReplies:
         self.example_epsilon = max(self.example_epsilon, update.metrics.get("example_epsilon", 0.0))
         if "client_eval_accuracy" in update.metrics:
             self.client_eval[update.client_id] = update.metrics["client_eval_accuracy"]
+        if self.strategy.private:  # nothing per client is reported under a private strategy
+            return
         variances = self._a_variances(update)
         if variances.modules in self.variance_sums:
             self.variance_sums[variances.modules] += variances.values

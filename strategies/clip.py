@@ -14,11 +14,14 @@ folded in as it arrives.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from typing import Any
 
+import numpy as np
 import torch
 
+from fedpeft.kernels import segment_statistics
 from fedpeft.privacy import clip_factor
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, split_trained, trained_tensors
 from strategies.accumulate import FlatLayout
@@ -42,25 +45,29 @@ class DeltaClipper:
         reference = trained_tensors(state.adapter, self._extras(state.extras), *self.trains)
         self.layout = FlatLayout(reference)
         self.reference = self.layout.gather(list(reference.values()))  # read only: a view if it can be
-        self.delta = torch.empty(self.layout.numel)  # reused: no fresh allocation per client
+        self.whole = np.array([0], dtype=np.int64), np.array([self.layout.numel], dtype=np.int64)
+        self.span = self.reference  # the last update measured, in this layout
+        self.own_bytes = False  # whether that span is the reply's own bytes (else a gathered copy)
         self.norms: list[float] = []
         self.clipped = 0
 
     def measure(self, update: ClientUpdate) -> float:
-        """Put ``update``'s delta in ``self.delta`` and return its L2 norm."""
+        """Lay ``update`` out in ``self.span`` (its own bytes when it decoded whole in this layout,
+        else a gathered copy) and return the L2 norm of its delta, in one compiled pass."""
         span = self.layout.span_of(update.flat)
+        self.own_bytes = span is not None
         if span is None:
             sent = trained_tensors(update.factors, self._extras(update.extras), *self.trains)
             span = self.layout.gather([sent[k] for k in self.layout.keys])
-        torch.sub(span, self.reference, out=self.delta)
-        return float(torch.linalg.vector_norm(self.delta))
+        self.span = span
+        return math.sqrt(segment_statistics(span, self.reference, *self.whole)[0, 0])
 
     def _extras(self, extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The dense extras that count in an update: none when the clients keep them frozen."""
         return extras if self.trains_extras else {}
 
     def clip(self, update: ClientUpdate, max_norm: float) -> float:
-        """Measure ``update`` (its delta is left in ``self.delta``) and return the factor that brings
+        """Measure ``update`` (it is left in ``self.span``) and return the factor that brings
         the delta within ``max_norm``; the norm and whether it was clipped go into the metrics."""
         norm = self.measure(update)
         factor = clip_factor(norm, max_norm)
@@ -72,7 +79,7 @@ class DeltaClipper:
         """``update`` with the delta just measured scaled by ``factor`` (itself when 1)."""
         if factor == 1.0:
             return update
-        buffer = torch.add(self.reference, self.delta, alpha=factor)
+        buffer = torch.add(self.reference, torch.sub(self.span, self.reference), alpha=factor)
         tensors = dict(zip(self.layout.keys, self.layout.views(buffer), strict=True))
         factors, clipped_extras = split_trained(tensors, self.state.adapter)
         return dataclasses.replace(
