@@ -5,8 +5,8 @@ Written by hand because torch has neither operation fused: a float32-into-float6
 a cast and an add (two passes, and torch's mixed-dtype ``add_`` is a scalar loop), and the
 distance from the sent state, the sum and the sum of squares are three reductions with a
 temporary. ``benchmarks/aggregation.py`` measured those torch passes at 5x the memory-bandwidth
-bound per reply on 7B adapter shapes; these loops read a reply once per pass at the bound's pace.
-Compiled on first use and cached on disk (numba's ``cache``).
+bound per reply on 7B adapter shapes; these loops read a reply once per pass, at about the bound's
+pace. Compiled on first use and cached on disk (numba's ``cache``).
 """
 
 from __future__ import annotations

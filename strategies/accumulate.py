@@ -1,5 +1,5 @@
-"""The flat-buffer kernels behind streaming folds: a round's weighted sum kept in one contiguous
-buffer, folded into by one vectorized op per reply.
+"""The flat buffers behind streaming folds: a round's weighted sum kept in one contiguous float64
+buffer, folded into by a compiled pass per few replies (``fedpeft.kernels.fold_``).
 
 Written by hand for speed, not for reading: ``benchmarks/aggregation.py`` measured the per-tensor
 Python loop these replace at several times the memory-bandwidth bound on SmolLM2 and 7B adapter
@@ -121,7 +121,7 @@ class WeightedSum:
             raise ValueError("an update's tensors differ from the first update's")
         incoming = self.layout.gather([tensors[k] for k in self.layout.keys])
         self.held.append((incoming, weight / self.unit))
-        self._fold_held()  # a gathered update may be a reused buffer: not held
+        self._fold_held()  # now, with any held before it: a gathered update may be a reused buffer
         self.total += weight / self.unit
         self.count += 1
 
