@@ -20,8 +20,9 @@ the same bytes:
 Times are the best of up to 5 runs (torch on 1 thread); ``*_rss_rise_bytes`` is the largest rise of
 resident memory (VmHWM, reset before each run) above where a run started.
 
-K replies are drawn from a pool of distinct updates of at least 1 GiB (more than the 480 MiB L3
-the machine reports), so every client's bytes come from DRAM as a reply off the network would.
+K replies are drawn in turn from a pool of min(K, 1 GiB / adapter) distinct updates: where it
+reaches 1 GiB (more than the 480 MiB L3 the machine reports) every client's bytes come from DRAM as
+a reply off the network would; a smaller pool is read partly from cache, by the bound as well.
 A batch method holds K references into that pool, so its RSS understates what a real server
 holding K distinct replies needs (K x the adapter); cells where that cannot fit a 24 GiB machine
 are reported as skipped with the reason, not run.
