@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
 from typing import Any
 
@@ -16,6 +15,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp
 from torch import Tensor
+
+from fedpeft.kernels import box_muller
 
 KEY_BYTES = 32
 
@@ -62,14 +63,9 @@ class SecureRandom:
         return (self._words(count) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
     def normal(self, count: int, std: float) -> Tensor:
-        """``count`` float32 draws of N(0, std²) (Box-Muller on float64 uniforms)."""
-        pairs = (count + 1) // 2
-        words = self._words(2 * pairs) >> np.uint64(11)
-        u1 = (words[:pairs].astype(np.float64) + 1.0) * 2.0**-53  # (0, 1]: log is finite
-        u2 = words[pairs:].astype(np.float64) * 2.0**-53
-        radius, angle = np.sqrt(-2.0 * np.log(u1)), 2.0 * math.pi * u2
-        z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
-        return torch.from_numpy(z * std).to(torch.float32)
+        """``count`` float32 draws of N(0, std²) (Box-Muller on float64 uniforms:
+        ``fedpeft.kernels.box_muller``)."""
+        return box_muller(self._words(2 * ((count + 1) // 2)), count, std)
 
     def state_dict(self) -> dict[str, Any]:
         return {"key": torch.frombuffer(bytearray(self.key), dtype=torch.uint8), "calls": self.calls}
