@@ -1,5 +1,6 @@
-"""The compiled server loops: the fold is the float64 sum in the given order to the bit, whatever
-the grouping; the statistics match float64 references and show NaN and Inf."""
+"""The compiled loops: the fold is the float64 sum in the given order to the bit, whatever the
+grouping; the statistics match float64 references and show NaN and Inf; the mean and the Gaussian
+noise are their float64 formulas rounded to float32."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft.kernels import FOLD_WIDTH, divided, fold_, segment_statistics
+from fedpeft.kernels import FOLD_WIDTH, box_muller, divided, fold_, segment_statistics
 
 
 @pytest.mark.parametrize("count", [1, FOLD_WIDTH - 1, FOLD_WIDTH, 2 * FOLD_WIDTH + 3])
@@ -56,3 +57,14 @@ def test_a_nan_or_inf_shows_in_its_segment_only(bad):
 def test_divided_is_torch_float64_division_rounded_to_float32():
     total = torch.randn(5000, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1e3
     assert torch.equal(divided(total, 7.3), (total / 7.3).float())
+
+
+def test_box_muller_gives_the_float64_transform_of_its_words_rounded_to_float32():
+    words = np.random.default_rng(0).integers(0, 2**64, size=2 * 500, dtype=np.uint64)
+    top = words >> np.uint64(11)
+    u1, u2 = (top[:500].astype(np.float64) + 1.0) * 2.0**-53, top[500:].astype(np.float64) * 2.0**-53
+    radius, angle = np.sqrt(-2.0 * np.log(u1)) * 3.0, 2.0 * np.pi * u2
+    expected = torch.from_numpy(np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:999])
+    got = box_muller(words, 999, 3.0)
+    assert got.dtype == torch.float32 and got.shape == (999,)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-7)  # float32 rounding
