@@ -63,6 +63,12 @@ def segment_statistics(x: Tensor, reference: Tensor, starts: np.ndarray, sizes: 
     return out
 
 
+def squared_distance(x: Tensor, reference: Tensor) -> float:
+    """``||x - reference||^2`` of two 1-D float32 tensors (``segment_statistics`` of one segment)."""
+    whole = np.zeros(1, dtype=np.int64), np.array([x.numel()], dtype=np.int64)
+    return float(segment_statistics(x, reference, *whole)[0, 0])
+
+
 @numba.njit(nogil=True, cache=True)
 def _fold1(total, x0, w0):  # pragma: no cover - compiled
     for i in range(total.size):

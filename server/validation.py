@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fedpeft.config import ServerSection
-from fedpeft.kernels import segment_statistics
+from fedpeft.kernels import segment_statistics, squared_distance
 from fedpeft.state import (
     AdapterFactors,
     ClientPlan,
@@ -229,10 +229,7 @@ class SpanDistance:
         ):
             return None
         got = self.layout.span([g for g, _ in pairs])
-        if got is None:
-            return None
-        whole = np.array([0], dtype=np.int64), np.array([got.numel()], dtype=np.int64)
-        return float(segment_statistics(got, self.reference, *whole)[0, 0])
+        return None if got is None else squared_distance(got, self.reference)
 
     def squared_flat(self, flat: FlatTensors, state: GlobalState) -> float | None:
         """The sum for a reply that decoded whole (``ClientUpdate.flat``), against what the server

@@ -85,6 +85,28 @@ def add_scaled_(total: Tensor, incoming: Tensor, alpha: float = 1.0) -> Tensor:
     return fold_(total, [incoming], [alpha])
 
 
+class HeldFold:
+    """Spans waiting to be folded into a float64 ``total``, ``FOLD_WIDTH`` per pass over it
+    (``fedpeft.kernels.fold_``: the same bits as one at a time, in the order added)."""
+
+    def __init__(self, total: Tensor) -> None:
+        self.total = total
+        self.held: list[tuple[Tensor, float]] = []
+
+    def add(self, span: Tensor, weight: float, keep: bool = True) -> None:
+        """Fold ``weight * span`` in; ``keep=False`` for a span that may not outlive this call
+        (a reused buffer): then it is folded now, with whatever is held."""
+        self.held.append((span, weight))
+        if not keep or len(self.held) == FOLD_WIDTH:
+            self.flush()
+
+    def flush(self) -> Tensor:
+        """Fold what is held; the total."""
+        fold_(self.total, [span for span, _ in self.held], [weight for _, weight in self.held])
+        self.held = []
+        return self.total
+
+
 def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
@@ -111,7 +133,6 @@ class WeightedSum:
         self.total = 0.0
         self.count = 0
         self.unit = 1.0
-        self.held: list[tuple[Tensor, float]] = []  # (span, weight) of replies not yet folded
         self.layout: FlatLayout | None = None
 
     def add(self, tensors: dict[str, Tensor], weight: float) -> None:
@@ -120,8 +141,7 @@ class WeightedSum:
         elif tensors.keys() != set(self.layout.keys):
             raise ValueError("an update's tensors differ from the first update's")
         incoming = self.layout.gather([tensors[k] for k in self.layout.keys])
-        self.held.append((incoming, weight / self.unit))
-        self._fold_held()  # now, with any held before it: a gathered update may be a reused buffer
+        self.pending.add(incoming, weight / self.unit, keep=False)  # may be a reused buffer
         self.total += weight / self.unit
         self.count += 1
 
@@ -131,9 +151,7 @@ class WeightedSum:
         span = self.layout.span_of(flat) if self.layout is not None else None
         if span is None:
             return False
-        self.held.append((span, weight / self.unit))
-        if len(self.held) == FOLD_WIDTH:
-            self._fold_held()
+        self.pending.add(span, weight / self.unit)
         self.total += weight / self.unit
         self.count += 1
         return True
@@ -143,16 +161,11 @@ class WeightedSum:
         ``add_flat`` their span), weights taken relative to its ``weight``."""
         self.unit = weight if weight > 0 else 1.0
         self.layout = FlatLayout(tensors)
-        self.buffer = torch.zeros(self.layout.numel, dtype=torch.float64)
-
-    def _fold_held(self) -> None:
-        fold_(self.buffer, [span for span, _ in self.held], [weight for _, weight in self.held])
-        self.held = []
+        self.pending = HeldFold(torch.zeros(self.layout.numel, dtype=torch.float64))
 
     def mean(self) -> dict[str, Tensor]:
         """``sum_k w_k t_k / sum_k w_k`` as float32 tensors (views of one fresh buffer)."""
         if self.total <= 0:
             raise ValueError("cannot aggregate: the replies report no training examples in total")
-        self._fold_held()
-        mean = divided(self.buffer, self.total)
+        mean = divided(self.pending.flush(), self.total)
         return dict(zip(self.layout.keys, self.layout.views(mean), strict=True))

@@ -18,10 +18,9 @@ import math
 import statistics
 from typing import Any
 
-import numpy as np
 import torch
 
-from fedpeft.kernels import segment_statistics
+from fedpeft.kernels import squared_distance
 from fedpeft.privacy import clip_factor
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, split_trained, trained_tensors
 from strategies.accumulate import FlatLayout
@@ -45,7 +44,6 @@ class DeltaClipper:
         reference = trained_tensors(state.adapter, self._extras(state.extras), *self.trains)
         self.layout = FlatLayout(reference)
         self.reference = self.layout.gather(list(reference.values()))  # read only: a view if it can be
-        self.whole = np.array([0], dtype=np.int64), np.array([self.layout.numel], dtype=np.int64)
         self.span = self.reference  # the last update measured, in this layout
         self.own_bytes = False  # whether that span is the reply's own bytes (else a gathered copy)
         self.norms: list[float] = []
@@ -60,7 +58,7 @@ class DeltaClipper:
             sent = trained_tensors(update.factors, self._extras(update.extras), *self.trains)
             span = self.layout.gather([sent[k] for k in self.layout.keys])
         self.span = span
-        return math.sqrt(segment_statistics(span, self.reference, *self.whole)[0, 0])
+        return math.sqrt(squared_distance(span, self.reference))
 
     def _extras(self, extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The dense extras that count in an update: none when the clients keep them frozen."""

@@ -45,10 +45,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedpeft.kernels import FOLD_WIDTH, fold_
 from fedpeft.privacy import PrivacyAccountant, SecureRandom
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, split_trained
-from strategies.accumulate import add_scaled_
+from strategies.accumulate import HeldFold, add_scaled_
 from strategies.base import StopFederation, Strategy, aggregate_stream
 from strategies.clip import DeltaClipper
 from strategies.registry import StrategyError, create_strategy
@@ -238,19 +237,13 @@ class PrivateSum:
         # the sum of clipped deltas is then the first less the second times the reference, in
         # float64 (cancellation costs about K float64 ulps of x: far below float32's)
         self.total = torch.zeros(self.clipper.layout.numel, dtype=torch.float64)  # order-independent
+        self.pending = HeldFold(self.total)
         self.factors = 0.0
-        self.held: list[tuple[Tensor, float]] = []  # replies' own bytes, folded FOLD_WIDTH at a time
 
     def add(self, update: ClientUpdate) -> None:
         factor = self.clipper.clip(update, self.dp.clip_norm)
         self.factors += factor
-        self.held.append((self.clipper.span, factor))
-        if not self.clipper.own_bytes or len(self.held) == FOLD_WIDTH:  # a copy may be a reused buffer
-            self._fold_held()
-
-    def _fold_held(self) -> None:
-        fold_(self.total, [span for span, _ in self.held], [factor for _, factor in self.held])
-        self.held = []
+        self.pending.add(self.clipper.span, factor, keep=self.clipper.own_bytes)  # a copy may be reused
 
     def add_sum(self, clipped: dict[str, Tensor]) -> None:
         """Fold in a sum of deltas already clipped (by the clients themselves)."""
@@ -258,8 +251,7 @@ class PrivateSum:
 
     def result(self) -> GlobalState:
         dp, layout = self.dp, self.clipper.layout
-        self._fold_held()
-        fold_(self.total, [self.clipper.reference], [-self.factors])  # now the sum of clipped deltas
+        self.pending.add(self.clipper.reference, -self.factors, keep=False)  # now the sum of clipped deltas
         std = dp.update_noise_multiplier * dp.clip_norm
         for start in range(0, layout.numel, NOISE_CHUNK) if std > 0 else ():  # bounded temporaries
             part = self.total[start : start + NOISE_CHUNK]
