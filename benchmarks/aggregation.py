@@ -10,19 +10,25 @@ Each cell (shapes, strategy, K) runs in its own subprocess and measures, one aft
 the same bytes:
 - ``bound``: the memory-bandwidth bound, ``w @ X``: one BLAS matrix-vector product over the
   clients' summed factors as the rows of one matrix (A and B; B only for ffa);
+- ``read``: one plain read of every client's bytes (a vectorized sum per reply, nothing kept):
+  how fast this machine's core streams memory, to read the bound against (BLAS's ``w @ X`` is a
+  reference implementation, not the hardware's limit);
 - ``strategy``: the strategy on decoded updates (the streaming accumulator for fedavg, ffa and
   dp(fedavg); ``aggregate`` on the list of K for stacking, fedex and vcma);
 - ``server`` (streaming strategies): the server's path from the reply records, as
   ``server.loop`` runs it: decode, validate (the norm screen on, but off under dp as the loop
-  has it) and fold each reply, then free it;
+  has it) and fold each reply, then free it. It is a run's first round: the screen has no norms
+  of a previous round, so its first replies are measured in a pass of their own until the pool
+  bounds the threshold, the rest in the fold's pass (``server.replies``);
 - ``flower`` (in the fedavg cell): Flower's ``FedAvg().aggregate_train`` on the same K replies in
   Flower's own record format (one ``.npy`` array per tensor), which its strategies expect.
 Times are the best of up to 5 runs (torch on 1 thread); ``*_rss_rise_bytes`` is the largest rise of
 resident memory (VmHWM, reset before each run) above where a run started.
 
-K replies are drawn in turn from a pool of min(K, 1 GiB / adapter) distinct updates: where it
-reaches 1 GiB (more than the 480 MiB L3 the machine reports) every client's bytes come from DRAM as
-a reply off the network would; a smaller pool is read partly from cache, by the bound as well.
+K replies are drawn in turn from a pool of min(K, 1 GiB / adapter) distinct updates: where the
+pool outgrows the last-level cache (32 MiB on the machine of 2026-12-07; 1 GiB outgrows any) every
+client's bytes come from DRAM as a reply off the network would; a pool that fits is read from
+cache, by the bound as well.
 A batch method holds K references into that pool, so its RSS understates what a real server
 holding K distinct replies needs (K x the adapter); cells where that cannot fit a 24 GiB machine
 are reported as skipped with the reason, not run.
@@ -145,6 +151,7 @@ class Cell:
         fedavg, Flower's FedAvg: all on the same bytes, in this process, one after the other."""
         out: dict[str, float | str] = {}
         out["bound_seconds"], out["bound_rss_rise_bytes"] = self._bound()
+        out["read_seconds"], _ = self._read()
         strategy = self._strategy()
         out["strategy_seconds"], out["strategy_rss_rise_bytes"] = self._timed(lambda: self._fold(strategy))
         if self.method not in STREAMING:
@@ -232,6 +239,16 @@ class Cell:
             out.div_(weights.sum())
 
         return self._timed(weighted_sum)  # the matrix is freed on return
+
+    def _read(self) -> tuple[float, int]:
+        """One read of each of the K replies' bytes, in the order the strategy folds them."""
+        buffers = [self._buffer(u) for u in self.pool]
+
+        def read() -> None:
+            for k in range(self.clients):
+                buffers[k % len(buffers)].sum()
+
+        return self._timed(read)
 
     def _buffer(self, update: ClientUpdate) -> torch.Tensor:
         """The one buffer a pool update's summed factors are views of."""
@@ -362,13 +379,15 @@ def ratio(row: dict, key: str) -> str:
 def report(result: dict, plot_path: Path) -> None:
     """A markdown table of times as ratios to the bound, and a plot of seconds against K."""
     print(
-        "| shapes | strategy | K | bound | strategy (x bound) | server path (x bound) "
+        "| shapes | strategy | K | bound | one read (x bound) | strategy (x bound) | server path (x bound) "
         "| Flower FedAvg (x bound) | server RSS rise (x adapter) |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in result["rows"]:
         if "skipped" in row:
-            print(f"| {row['shapes']} | {row['method']} | {row['clients']} | skipped: {row['skipped']} |||||")
+            print(
+                f"| {row['shapes']} | {row['method']} | {row['clients']} | skipped: {row['skipped']} ||||||"
+            )
             continue
         bound = row["bound_seconds"]
 
@@ -377,7 +396,8 @@ def report(result: dict, plot_path: Path) -> None:
         flower = ratio(row, "flower_seconds") if "flower_skipped" not in row else "cannot hold K replies"
         print(
             f"| {row['shapes']} | {row['method']} | {row['clients']} | {bound:.3g} s "
-            f"| {ratio(row, 'strategy_seconds')} | {ratio(row, 'server_seconds')} | {flower} | {rise_text} |"
+            f"| {ratio(row, 'read_seconds')} | {ratio(row, 'strategy_seconds')} "
+            f"| {ratio(row, 'server_seconds')} | {flower} | {rise_text} |"
         )
     import matplotlib
 

@@ -1,13 +1,13 @@
-"""Compiled loops (numba) for the server's two passes over each reply's bytes: the statistics the
-norm screen and the variance diagnostics read, and the float64 fold of the round's weighted sum.
+"""Compiled loops (numba) for the server's passes over each reply's bytes: the statistics the
+norm screen and the variance diagnostics read, and the float64 fold of the round's weighted sum,
+apart or in one pass (``probed_fold_``: four replies measured and folded block by block).
 
 Written by hand because torch has neither operation fused: a float32-into-float64 weighted add is
 a cast and an add (two passes, and torch's mixed-dtype ``add_`` is a scalar loop), and the
 distance from the sent state, the sum and the sum of squares are three reductions with a
 temporary. ``benchmarks/aggregation.py`` measured those torch passes at 5x the memory-bandwidth
 bound per reply on 7B adapter shapes; these loops read a reply once per pass, at about the bound's
-pace. Compiled on first use and cached on disk (numba's ``cache``).
-"""
+pace. Compiled on first use and cached on disk (numba's ``cache``)."""
 
 from __future__ import annotations
 
@@ -96,6 +96,145 @@ def fold_(total: Tensor, parts: Sequence[Tensor], weights: Sequence[float]) -> T
     for x, w in zip(arrays[start:], weights[start:], strict=True):
         _fold1(sums, x, float(w))
     return total
+
+
+@numba.njit(nogil=True, cache=True, fastmath=REDUCTION)
+def _statistics4(x0, x1, x2, x3, reference, lo, hi):  # pragma: no cover - compiled
+    a, b, c, d, r = x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi], reference[lo:hi]
+    q0 = q1 = q2 = q3 = s0 = s1 = s2 = s3 = p0 = p1 = p2 = p3 = np.float32(0.0)
+    for i in range(r.size):
+        ref, va, vb, vc, vd = r[i], a[i], b[i], c[i], d[i]
+        da, db, dc, dd = va - ref, vb - ref, vc - ref, vd - ref
+        q0 += da * da
+        q1 += db * db
+        q2 += dc * dc
+        q3 += dd * dd
+        s0 += va
+        s1 += vb
+        s2 += vc
+        s3 += vd
+        p0 += va * va
+        p1 += vb * vb
+        p2 += vc * vc
+        p3 += vd * vd
+    return (q0, s0, p0), (q1, s1, p1), (q2, s2, p2), (q3, s3, p3)
+
+
+@numba.njit(nogil=True, cache=True, fastmath=REDUCTION)
+def _distances4(x0, x1, x2, x3, reference, lo, hi):  # pragma: no cover - compiled
+    a, b, c, d, r = x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi], reference[lo:hi]
+    q0 = q1 = q2 = q3 = np.float32(0.0)
+    for i in range(r.size):
+        ref = r[i]
+        da, db, dc, dd = a[i] - ref, b[i] - ref, c[i] - ref, d[i] - ref
+        q0 += da * da
+        q1 += db * db
+        q2 += dc * dc
+        q3 += dd * dd
+    zero = np.float32(0.0)
+    return (q0, zero, zero), (q1, zero, zero), (q2, zero, zero), (q3, zero, zero)
+
+
+@numba.njit(nogil=True, cache=True)
+def _fold4_range(total, x0, x1, x2, x3, w0, w1, w2, w3, lo, hi):  # pragma: no cover - compiled
+    t, a, b, c, d = total[lo:hi], x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi]
+    for i in range(t.size):
+        t[i] = t[i] + w0 * a[i] + w1 * b[i] + w2 * c[i] + w3 * d[i]
+
+
+@numba.njit(nogil=True, cache=True)
+def _fold1_range(total, x, w, lo, hi):  # pragma: no cover - compiled
+    t, a = total[lo:hi], x[lo:hi]
+    for i in range(t.size):
+        t[i] = t[i] + w * a[i]
+
+
+@numba.njit(nogil=True, cache=True)
+def _take(g, j, lo, row, out, running, stopped, caps):  # pragma: no cover - compiled
+    out[g, j, 0] += row[0]
+    out[g, j, 1] += row[1]
+    out[g, j, 2] += row[2]
+    running[g] += row[0]
+    if stopped[g] < 0 and not running[g] <= caps[g]:  # NaN and Inf fail the test too
+        stopped[g] = lo
+
+
+@numba.njit(nogil=True, cache=True)
+def _probed_fold4(
+    total, x0, x1, x2, x3, w, reference, starts, sizes, moments, caps, out, stopped
+):  # pragma: no cover
+    running = np.zeros(4)
+    for j in range(starts.size):
+        end = starts[j] + sizes[j]
+        for lo in range(starts[j], end, BLOCK):
+            hi = min(lo + BLOCK, end)
+            if moments[j]:
+                r0, r1, r2, r3 = _statistics4(x0, x1, x2, x3, reference, lo, hi)
+            else:
+                r0, r1, r2, r3 = _distances4(x0, x1, x2, x3, reference, lo, hi)
+            _take(0, j, lo, r0, out, running, stopped, caps)
+            _take(1, j, lo, r1, out, running, stopped, caps)
+            _take(2, j, lo, r2, out, running, stopped, caps)
+            _take(3, j, lo, r3, out, running, stopped, caps)
+            if stopped[0] < 0 and stopped[1] < 0 and stopped[2] < 0 and stopped[3] < 0:
+                _fold4_range(total, x0, x1, x2, x3, w[0], w[1], w[2], w[3], lo, hi)
+                continue
+            if stopped[0] < 0:  # the same order of additions as the four together
+                _fold1_range(total, x0, w[0], lo, hi)
+            if stopped[1] < 0:
+                _fold1_range(total, x1, w[1], lo, hi)
+            if stopped[2] < 0:
+                _fold1_range(total, x2, w[2], lo, hi)
+            if stopped[3] < 0:
+                _fold1_range(total, x3, w[3], lo, hi)
+
+
+def probed_fold_(
+    total: Tensor,
+    parts: Sequence[Tensor],
+    weights: Sequence[float],
+    reference: Tensor,
+    starts: np.ndarray,
+    sizes: np.ndarray,
+    moments: np.ndarray,
+    caps: Sequence[float],
+) -> tuple[np.ndarray, list[int]]:
+    """``fold_`` of float32 ``parts`` that measures them on the way, for a fold that takes replies
+    before they are judged: ``segment_statistics`` of each part against ``reference`` (rows
+    ``(parts, segments, 3)``), and how many leading elements of each part were folded. Part ``g``
+    stops being folded at the first block (``BLOCK`` elements of a segment) that would take its
+    running squared distance above ``caps[g]`` or holds NaN or Inf, so what was folded of it is
+    finite and bounded by its cap; every part's statistics cover all of it. ``FOLD_WIDTH`` parts
+    take one pass that reads each of them and ``reference`` once (folding a block right after
+    measuring it, from cache); fewer are measured first, then folded whole or not at all."""
+    arrays = [p.numpy() for p in parts]
+    out = np.zeros((len(arrays), starts.size, 3))
+    if len(arrays) == FOLD_WIDTH:
+        stopped = np.full(FOLD_WIDTH, -1, dtype=np.int64)
+        bounds = np.array(caps, dtype=np.float64)
+        _probed_fold4(
+            total.numpy(),
+            *arrays,
+            np.array(weights, dtype=np.float64),
+            reference.numpy(),
+            starts,
+            sizes,
+            moments,
+            bounds,
+            out,
+            stopped,
+        )
+        return out, [int(s) if s >= 0 else a.size for s, a in zip(stopped, arrays, strict=True)]
+    for g, x in enumerate(arrays):
+        _statistics(x, reference.numpy(), starts, sizes, out[g])
+    out[:, ~moments, 1:] = 0.0
+    taken = [bool(out[g, :, 0].sum() <= cap) for g, cap in enumerate(caps)]
+    fold_(
+        total,
+        [p for p, ok in zip(parts, taken, strict=True) if ok],
+        [w for w, ok in zip(weights, taken, strict=True) if ok],
+    )
+    return out, [a.size if ok else 0 for a, ok in zip(arrays, taken, strict=True)]
 
 
 @numba.njit(nogil=True, cache=True)

@@ -3,7 +3,10 @@
 A strategy with ``start`` (a linear one) gets each valid update as soon as it is decoded and
 validated; the server keeps no update once folded (a plain float32 reply's bytes wait, at most
 ``fedpeft.kernels.FOLD_WIDTH`` of them, to be folded together), so its memory is O(adapter) for any
-number of clients.
+number of clients. Where its accumulator can (``strategies.base.ProbedAccumulator``) and the norm
+screen's threshold has a finite bound, such a reply goes to the fold before its norm is known: the
+fold's one pass over the replies' bytes measures them too, the screen then judges them in arrival
+order, and a refused one is taken back out of the sum (its verdict comes from ``close``).
 Other strategies (or a round without a global adapter to validate shapes against) keep the
 updates for one batch ``aggregate``, validated against the most common layout among replies.
 
@@ -44,7 +47,8 @@ from server.validation import (
     update_tensors,
     validate,
 )
-from strategies.base import Accumulator, Strategy
+from strategies.accumulate import Probe
+from strategies.base import Accumulator, ProbedAccumulator, Strategy
 
 POLL_SECONDS = 0.1
 MAX_REASON_CHARS = 300
@@ -115,6 +119,14 @@ def sends_A(layout: SpanLayout) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
+def moment_segments(layout: SpanLayout) -> np.ndarray:
+    """Which of ``layout``'s tensors ``a_variances`` reads the sum and sum of squares of (its A's)."""
+    flags = np.zeros(len(layout.names), dtype=np.bool_)
+    flags[a_entries(layout)[0]] = True
+    return flags
+
+
+@functools.lru_cache(maxsize=16)
 def a_entries(layout: SpanLayout) -> tuple[list[int], tuple[str, ...]]:
     """The positions of ``layout``'s A tensors and their modules' names."""
     rows = [i for i, name in enumerate(layout.names) if name.startswith("A/")]
@@ -156,6 +168,7 @@ class RoundReplies:
         self.accumulator: Accumulator | None = (
             strategy.start(rnd, state) if state.adapter is not None else None
         )
+        self.probed = self.accumulator if isinstance(self.accumulator, ProbedAccumulator) else None
         # replies are folded one at a time: one decode buffer, reused
         self.decode_buffer = DecodeBuffer() if self.accumulator is not None else None
         self.reference = reference_signature(state, []) if state.adapter is not None else None
@@ -163,6 +176,8 @@ class RoundReplies:
         self.known: dict[tuple[SpanLayout, int], str | None] = {}  # layout verdicts (validate)
         self.pending: list[ClientUpdate] = []
         self.held: list[tuple[ClientUpdate, float]] = []  # streaming, until the norm screen can judge
+        self.waiting: list[tuple[ClientUpdate, Probe]] = []  # taken by a probed fold, not yet judged
+        self.deferred: list[tuple[str, str]] = []  # (client id, reason) of those then refused
         self.accepted: list[tuple[str, int, float | None]] = []  # (client id, examples, train loss)
         self.examples = 0
         self.loss_sum = 0.0
@@ -203,10 +218,11 @@ class RoundReplies:
             return self._reject(f"invalid update: {reason}")
         norm = None
         if screened:
+            if self._probed(update):
+                return None
+            self._judge_waiting()  # the pool takes norms in arrival order
             norm = update_norm(update, self.state, self.span)
-            if not math.isfinite(norm) and not all_finite(update_tensors(update)):
-                return self._reject(f"invalid update: {NOT_FINITE}")
-            reason = self.screen.add(norm)
+            reason = self._screen_problem(update, norm)
             if reason is None and not self.screen.can_judge:
                 # cold start: no median yet; hold it for close() (a copy if it lives in the reused
                 # decode buffer; a float32 reply's tensors are its message's own bytes)
@@ -218,11 +234,58 @@ class RoundReplies:
         self._fold(update, norm)
         return None
 
+    def _probed(self, update: ClientUpdate) -> bool:
+        """Hand ``update`` to the fold before judging it, measured in the same pass over its bytes
+        (``ProbedAccumulator``), where that is safe: a reply that decoded whole in the round's
+        layout, and a norm screen whose threshold has a finite bound whatever the norms still
+        unjudged (so what a refused reply left in the sum is bounded, and taken back). Its verdict
+        comes when the fold has measured it: ``close`` returns a refusal."""
+        if self.probed is None or update.flat is None:
+            return False
+        reference = self.span.reference_of(update.flat, self.state)
+        threshold = self.screen.largest_threshold(len(self.waiting) + 1)
+        if reference is None or not math.isfinite(threshold):
+            return False
+        layout = update.flat.layout
+        probe = Probe(reference, *segments(layout), moment_segments(layout), threshold * threshold)
+        if not self.probed.add_probed(update, probe):
+            return False
+        self.waiting.append((update, probe))
+        if probe.rows is not None:  # the fold ran
+            self._judge_waiting()
+        return True
+
+    def _judge_waiting(self) -> None:
+        """Judge the updates a probed fold took, in arrival order, and settle each with the fold."""
+        if not self.waiting:
+            return
+        assert self.probed is not None
+        self.probed.fold_held()
+        for update, probe in self.waiting:
+            norm = math.sqrt(probe.squared_distance)
+            reason = self._screen_problem(update, norm) or self.screen.verdict(norm)
+            self.probed.settle(update, probe, accepted=reason is None)
+            if reason is None:
+                self._accept(update, norm, probe.rows)
+            else:
+                self.deferred.append((update.client_id, reason))
+                self.rejected += 1
+        self.waiting = []
+
+    def _screen_problem(self, update: ClientUpdate, norm: float) -> str | None:
+        """Why the norm screen refuses ``update`` outright (NaN, Inf, overflow), else None and its
+        ``norm`` joins the pool."""
+        if not math.isfinite(norm) and not all_finite(update_tensors(update)):
+            return NOT_FINITE
+        return self.screen.add(norm)
+
     def close(self) -> list[tuple[str, str]]:
         """Judge what was kept: the updates a streaming cold start held, and every update in batch
         mode (structure first, then norms), against the norms of the whole round (and of the
         previous round); returns (client id, reason) for each refused one."""
-        dropped = []
+        self._judge_waiting()
+        dropped, self.deferred = self.deferred, []
+        refused = len(dropped)  # counted when judged
         for update, norm in self.held:
             reason = self.screen.verdict(norm)
             if reason is None:
@@ -250,10 +313,11 @@ class RoundReplies:
                 self.pending.append(update)
             else:
                 dropped.append((update.client_id, reason))
-        self.rejected += len(dropped)
+        self.rejected += len(dropped) - refused
         return dropped
 
     def aggregate(self) -> GlobalState:
+        self._judge_waiting()  # close() has, when called
         if self.accumulator is not None:
             return self.accumulator.result()
         return self.strategy.aggregate(self.rnd, self.state, self.pending)
@@ -285,7 +349,7 @@ class RoundReplies:
         self.rejected += 1
         return reason
 
-    def _accept(self, update: ClientUpdate, norm: float | None) -> None:
+    def _accept(self, update: ClientUpdate, norm: float | None, statistics: np.ndarray | None = None) -> None:
         if norm is not None:
             self.norms.append(norm)
         self.accepted.append((update.client_id, update.num_examples, update.metrics.get("train_loss")))
@@ -296,19 +360,22 @@ class RoundReplies:
             self.client_eval[update.client_id] = update.metrics["client_eval_accuracy"]
         if self.strategy.private:  # nothing per client is reported under a private strategy
             return
-        variances = self._a_variances(update)
+        variances = self._a_variances(update, statistics)
         if variances.modules in self.variance_sums:
             self.variance_sums[variances.modules] += variances.values
         else:
             self.variance_sums[variances.modules] = variances.values.copy()
 
-    def _a_variances(self, update: ClientUpdate) -> ModuleValues:
-        """``a_variances``, from the pass that measured the reply's norm where one did, and once
-        per rank for the replies that did not send A (it is the server's)."""
+    def _a_variances(self, update: ClientUpdate, statistics: np.ndarray | None = None) -> ModuleValues:
+        """``a_variances``, from the pass that measured the reply's norm where one did (its
+        ``statistics``, or ``SpanDistance``'s), and once per rank for the replies that did not
+        send A (it is the server's)."""
         if update.flat is None:
             return a_variances(update)
         if sends_A(update.flat.layout):
-            return a_variances(update, self.span.statistics(update.flat, self.state)[0])
+            if statistics is None:
+                statistics = self.span.statistics(update.flat, self.state)[0]
+            return a_variances(update, statistics)
         if update.rank not in self.sent_variances:
             self.sent_variances[update.rank] = a_variances(update)
         return self.sent_variances[update.rank]

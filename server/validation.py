@@ -238,6 +238,13 @@ class SpanDistance:
         rows, measured = self.statistics(flat, state)
         return float(rows[:, 0].sum()) if measured else None
 
+    def reference_of(self, flat: FlatTensors, state: GlobalState) -> Tensor | None:
+        """What the server sent, laid out as ``flat``: None for a reply in another layout than the
+        round's first that decoded whole, or whose shapes are not the sent ones."""
+        if self.flat_layout is None:
+            self.flat_layout, self.flat_reference = flat.layout, sent_span(flat.layout, state)
+        return self.flat_reference if flat.layout is self.flat_layout else None
+
     def statistics(self, flat: FlatTensors, state: GlobalState) -> tuple[np.ndarray, bool]:
         """Per tensor of ``flat``, in its layout's order: the squared distance from what the server
         sent, the sum and the sum of squares (``fedpeft.kernels.segment_statistics``), and whether
@@ -245,11 +252,11 @@ class SpanDistance:
         reply: the last reply's rows are kept for the next call about it."""
         if self.last is not None and self.last[0]() is flat:
             return self.last[1], self.last[2]
-        if self.flat_layout is None:
-            self.flat_layout, self.flat_reference = flat.layout, sent_span(flat.layout, state)
-        measured = flat.layout is self.flat_layout and self.flat_reference is not None
-        reference = self.flat_reference if measured else flat.span
-        rows = segment_statistics(flat.span, reference, *segments(flat.layout))  # type: ignore[arg-type]
+        reference = self.reference_of(flat, state)
+        measured = reference is not None
+        rows = segment_statistics(
+            flat.span, flat.span if reference is None else reference, *segments(flat.layout)
+        )
         self.last = (weakref.ref(flat), rows, measured)
         return rows, measured
 
@@ -327,6 +334,13 @@ class NormScreen:
     def can_judge(self) -> bool:
         """Whether the pool is large enough for a meaningful median."""
         return len(self.pool) >= MIN_NORM_POOL
+
+    def largest_threshold(self, unjudged: int) -> float:
+        """The most the threshold (``ratio`` x the median) can be once ``unjudged`` more norms, of
+        any size, join the pool; inf while they could leave it too small to judge."""
+        if not self.ratio or len(self.pool) + unjudged < MIN_NORM_POOL:
+            return math.inf
+        return self.ratio * statistics.median_low(self.pool + [math.inf] * unjudged)
 
     def verdict(self, norm: float) -> str | None:
         """Whether ``norm`` passes against the pool as it stands (adds nothing)."""

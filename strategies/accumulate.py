@@ -1,5 +1,6 @@
 """The flat buffers behind streaming folds: a round's weighted sum kept in one contiguous float64
-buffer, folded into by a compiled pass per few replies (``fedpeft.kernels.fold_``).
+buffer, folded into by a compiled pass per few replies (``fedpeft.kernels.fold_``, or
+``probed_fold_`` for replies the server has the fold measure before it judges them).
 
 Written by hand for speed, not for reading: ``benchmarks/aggregation.py`` measured the per-tensor
 Python loop these replace at several times the memory-bandwidth bound on SmolLM2 and 7B adapter
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from fedpeft.kernels import FOLD_WIDTH, divided, fold_
+from fedpeft.kernels import FOLD_WIDTH, divided, fold_, probed_fold_
 from fedpeft.state import FlatTensors, SpanLayout
 
 
@@ -85,25 +88,64 @@ def add_scaled_(total: Tensor, incoming: Tensor, alpha: float = 1.0) -> Tensor:
     return fold_(total, [incoming], [alpha])
 
 
+@dataclass
+class Probe:
+    """What a fold measures of a reply it takes before the server has judged it
+    (``WeightedSum.add_flat`` with a probe, ``fedpeft.kernels.probed_fold_``): the distance from
+    ``reference`` (the sent state in the sum's layout) per segment, with the sum and the sum of
+    squares where ``moments`` asks. ``rows`` and ``folded`` are filled in when the reply is folded;
+    the fold stops taking it where its squared distance would pass ``cap``."""
+
+    reference: Tensor
+    starts: np.ndarray
+    sizes: np.ndarray
+    moments: np.ndarray
+    cap: float
+    rows: np.ndarray | None = None  # (segments, 3): squared distance, sum, sum of squares
+    folded: int = 0  # the reply's leading elements in the sum
+
+    @property
+    def squared_distance(self) -> float:
+        assert self.rows is not None, "the reply is not folded yet"
+        return float(self.rows[:, 0].sum())
+
+
 class HeldFold:
     """Spans waiting to be folded into a float64 ``total``, ``FOLD_WIDTH`` per pass over it
-    (``fedpeft.kernels.fold_``: the same bits as one at a time, in the order added)."""
+    (``fedpeft.kernels.fold_``: the same bits as one at a time, in the order added; spans with a
+    ``Probe`` through ``probed_fold_``, which measures them in the same pass)."""
 
     def __init__(self, total: Tensor) -> None:
         self.total = total
-        self.held: list[tuple[Tensor, float]] = []
+        self.held: list[tuple[Tensor, float, Probe | None]] = []
 
-    def add(self, span: Tensor, weight: float, keep: bool = True) -> None:
+    def add(self, span: Tensor, weight: float, keep: bool = True, probe: Probe | None = None) -> None:
         """Fold ``weight * span`` in; ``keep=False`` for a span that may not outlive this call
         (a reused buffer): then it is folded now, with whatever is held."""
-        self.held.append((span, weight))
+        self.held.append((span, weight, probe))
         if not keep or len(self.held) == FOLD_WIDTH:
             self.flush()
 
     def flush(self) -> Tensor:
-        """Fold what is held; the total."""
-        fold_(self.total, [span for span, _ in self.held], [weight for _, weight in self.held])
+        """Fold what is held, filling in the probes; the total."""
+        probed = [(span, weight, probe) for span, weight, probe in self.held if probe is not None]
+        plain = [(span, weight) for span, weight, probe in self.held if probe is None]
         self.held = []
+        if probed:
+            first = probed[0][2]
+            rows, folded = probed_fold_(
+                self.total,
+                [span for span, _, _ in probed],
+                [weight for _, weight, _ in probed],
+                first.reference,
+                first.starts,
+                first.sizes,
+                first.moments,
+                [probe.cap for _, _, probe in probed],
+            )
+            for (_, _, probe), row, count in zip(probed, rows, folded, strict=True):
+                probe.rows, probe.folded = row, count
+        fold_(self.total, [span for span, _ in plain], [weight for _, weight in plain])
         return self.total
 
 
@@ -134,6 +176,7 @@ class WeightedSum:
         self.count = 0
         self.unit = 1.0
         self.layout: FlatLayout | None = None
+        self.pending: HeldFold | None = None
 
     def add(self, tensors: dict[str, Tensor], weight: float) -> None:
         if self.layout is None:
@@ -145,27 +188,65 @@ class WeightedSum:
         self.total += weight / self.unit
         self.count += 1
 
-    def add_flat(self, flat: FlatTensors | None, weight: float) -> bool:
+    def add_flat(self, flat: FlatTensors | None, weight: float, probe: Probe | None = None) -> bool:
         """Take ``flat`` if it lies in this sum's layout (True), else nothing (False). Its span (the
-        reply's own bytes) is held until ``FOLD_WIDTH`` replies are, or until ``mean``."""
+        reply's own bytes) is held until ``FOLD_WIDTH`` replies are, or until ``mean``. With a
+        ``probe`` the reply is taken before it is judged: ``settle`` it once the probe is filled."""
         span = self.layout.span_of(flat) if self.layout is not None else None
         if span is None:
             return False
-        self.pending.add(span, weight / self.unit)
+        self.pending.add(span, weight / self.unit, probe=probe)
         self.total += weight / self.unit
         self.count += 1
         return True
+
+    def settle(self, flat: FlatTensors, weight: float, probe: Probe, accepted: bool) -> None:
+        """After the fold filled ``probe``: fold the rest of an accepted reply the fold stopped
+        taking (only float rounding lets its distance pass the cap and the screen still take it),
+        or take back what was folded of a refused one (finite and bounded by the cap: float64
+        rounding of it remains, far below the float32 mean's)."""
+        span, total, w = flat.span, self.pending.total, weight / self.unit
+        if accepted:
+            if probe.folded < span.numel():
+                fold_(total[probe.folded :], [span[probe.folded :]], [w])
+            return
+        if probe.folded:
+            fold_(total[: probe.folded], [span[: probe.folded]], [-w])
+        self.total -= w
+        self.count -= 1
+
+    def fold_held(self) -> None:
+        """Fold the held replies now (filling their probes)."""
+        if self.pending is not None:
+            self.pending.flush()
 
     def start(self, tensors: dict[str, Tensor], weight: float) -> None:
         """Lay the sum out as the first update's ``tensors`` (not folded: ``add`` them, or
         ``add_flat`` their span), weights taken relative to its ``weight``."""
         self.unit = weight if weight > 0 else 1.0
         self.layout = FlatLayout(tensors)
-        self.pending = HeldFold(torch.zeros(self.layout.numel, dtype=torch.float64))
+        self.pending = HeldFold(zeroed_sum(self.layout.numel))
 
     def mean(self) -> dict[str, Tensor]:
-        """``sum_k w_k t_k / sum_k w_k`` as float32 tensors (views of one fresh buffer)."""
+        """``sum_k w_k t_k / sum_k w_k`` as float32 tensors (views of one fresh buffer), once: the
+        float64 sum is then handed to the next round's (``zeroed_sum``)."""
         if self.total <= 0:
             raise ValueError("cannot aggregate: the replies report no training examples in total")
+        if self.pending is None:
+            raise RuntimeError("this sum's mean was taken already: a WeightedSum gives it once")
         mean = divided(self.pending.flush(), self.total)
+        _spare[:] = [self.pending.total]
+        self.pending = None
         return dict(zip(self.layout.keys, self.layout.views(mean), strict=True))
+
+
+_spare: list[Tensor] = []  # the float64 buffer of the last sum whose mean was taken
+
+
+def zeroed_sum(numel: int) -> Tensor:
+    """A zeroed float64 buffer of ``numel`` elements: the last finished sum's when it has that size
+    (a server's rounds do), else a new one. A new buffer the size of a 7B adapter's sum (134 MB)
+    costs about 60 ms in page faults as the first replies are folded; zeroing a used one, 7 ms."""
+    if _spare and _spare[0].numel() == numel:
+        return _spare.pop().zero_()
+    return torch.zeros(numel, dtype=torch.float64)

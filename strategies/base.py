@@ -7,12 +7,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from fedpeft.state import WEIGHTINGS, ClientPlan, ClientUpdate, GlobalState, split_trained, update_weight
+from strategies.accumulate import Probe
 
 
 class StopFederation(Exception):
@@ -30,6 +31,20 @@ class Accumulator(Protocol):
     def add(self, update: ClientUpdate) -> None: ...
 
     def result(self) -> GlobalState: ...
+
+
+@runtime_checkable
+class ProbedAccumulator(Accumulator, Protocol):
+    """An accumulator that can take an update before the server has judged it, measuring it in the
+    same pass over its bytes as the fold (``strategies.accumulate.Probe``), and take it back if the
+    server refuses it (``strategies.fedavg.FactorAverage``). The server offers this to a streaming
+    rule whose accumulator has these methods; no rule needs them."""
+
+    def add_probed(self, update: ClientUpdate, probe: Probe) -> bool: ...
+
+    def fold_held(self) -> None: ...
+
+    def settle(self, update: ClientUpdate, probe: Probe, accepted: bool) -> None: ...
 
 
 class Strategy(ABC):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, trained_tensors, update_weight
-from strategies.accumulate import WeightedSum
+from strategies.accumulate import Probe, WeightedSum
 from strategies.base import WeightedStrategy, aggregate_stream, require_updates
 
 
@@ -48,15 +48,39 @@ class FactorAverage:
         self.scales: dict[str, float] = {}
 
     def add(self, update: ClientUpdate) -> None:
-        self.ranks.add((update.rank, update.alpha))
-        check_same_ranks(self.strategy, self.ranks)
-        if not self.scales:
-            self.scales = {module: f.scale for module, f in update.factors.items()}
+        self._note(update)
         weight = update_weight(update, self.weighting)
         if self.sum.layout is None and update.flat is not None:  # so that the first span is held too
             self.sum.start(self._trained(update), weight)
         if not self.sum.add_flat(update.flat, weight):
             self.sum.add(self._trained(update), weight)
+
+    def add_probed(self, update: ClientUpdate, probe: Probe) -> bool:
+        """Hold ``update`` for a fold that measures it before it is judged; False (nothing taken)
+        where it did not decode whole in the sum's layout. ``settle`` it once ``probe`` is filled."""
+        if update.flat is None:
+            return False
+        weight = update_weight(update, self.weighting)
+        if self.sum.layout is None:
+            self.sum.start(self._trained(update), weight)
+        return self.sum.add_flat(update.flat, weight, probe)
+
+    def fold_held(self) -> None:
+        self.sum.fold_held()
+
+    def settle(self, update: ClientUpdate, probe: Probe, accepted: bool) -> None:
+        """Keep or take back a probed update once the server has judged it."""
+        assert update.flat is not None
+        if accepted:
+            self._note(update)
+        self.sum.settle(update.flat, update_weight(update, self.weighting), probe, accepted)
+
+    def _note(self, update: ClientUpdate) -> None:
+        """Record the rank, alpha and scales of an update that counts."""
+        self.ranks.add((update.rank, update.alpha))
+        check_same_ranks(self.strategy, self.ranks)
+        if not self.scales:
+            self.scales = {module: f.scale for module, f in update.factors.items()}
 
     def _trained(self, update: ClientUpdate) -> dict[str, Tensor]:
         return trained_tensors(update.factors, update.extras, trains_A=self.frozen is None)

@@ -14,7 +14,8 @@ from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
 from fedpeft.wire import decode_update, encode_update
 from server.replies import RoundReplies, a_variances
 from server.validation import ReplyLimits, update_norm
-from strategies import create_strategy
+from strategies import accumulate, create_strategy
+from strategies.accumulate import WeightedSum
 from tests import factories
 
 CONTEXT = {"clients_per_round": 4, "num_clients": 10}
@@ -172,3 +173,16 @@ def test_a_variances_of_a_reply_decoded_whole_match_each_module_var():
     expected = {m: float(f.A.double().var()) for m, f in update.factors.items()}
     assert a_variances(update).as_dict() == pytest.approx(expected, rel=1e-5)
     assert a_variances(dataclasses.replace(update, flat=None)).as_dict() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_sum_takes_the_last_finished_sums_buffer_zeroed_and_gives_its_mean_once():
+    first = WeightedSum()
+    first.add({"x": torch.ones(5)}, 2.0)
+    first.mean()
+    buffer = accumulate._spare[0]
+    second = WeightedSum()
+    second.add({"x": torch.full((5,), 3.0)}, 1.0)
+    assert second.pending.total is buffer  # a server's next round: no fresh pages to fault in
+    assert torch.equal(second.mean()["x"], torch.full((5,), 3.0))
+    with pytest.raises(RuntimeError, match="once"):
+        second.mean()

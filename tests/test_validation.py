@@ -3,6 +3,7 @@ their rejections counted in the metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -14,9 +15,10 @@ from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState
 from fedpeft.testing import LocalGrid
 from fedpeft.wire import decode_state, decode_update, encode_update
 from server.loop import FederatedRun
-from server.replies import RoundReplies
-from server.validation import ReplyLimits, SpanDistance, update_norm, validate
+from server.replies import RoundReplies, moment_segments
+from server.validation import ReplyLimits, SpanDistance, segments, update_norm, validate
 from strategies import create_strategy
+from strategies.accumulate import Probe
 from tests import factories
 from tests.factories import sent_state, small_config, trained
 
@@ -90,7 +92,8 @@ def test_a_streaming_cold_start_holds_its_first_replies_until_the_round_can_judg
     updates = [trained(state, 3, boost=100.0), trained(state, 1), trained(state, 2), trained(state, 4)]
     replies = RoundReplies(fedavg, 1, state)
     reasons = [replies.offer(replies.decode(encode_update(u), str(i))) for i, u in enumerate(updates)]
-    assert reasons == [None] * 4 and replies.count == 2  # two held, the others folded on arrival
+    # two held for the cold start, two taken by the fold that measures them (judged when it runs)
+    assert reasons == [None] * 4 and len(replies.held) == 2 and replies.count == 0
     [(client, reason)] = replies.close()
     assert client == "0" and "max_norm_ratio" in reason and replies.count == 3
     expected = fedavg.aggregate(1, state, updates[1:])
@@ -212,3 +215,70 @@ def test_a_layout_verdict_is_kept_per_declared_rank():
     bad["update-meta"]["rank"] = 1  # the same layout, another declared rank
     assert replies.offer(replies.decode(good, "a")) is None
     assert "declared rank 1" in replies.offer(replies.decode(bad, "b"))
+
+
+def test_replies_measured_in_the_fold_are_judged_as_each_on_arrival():
+    """With last round's norms in the pool, float32 replies in the round's layout go to the fold
+    unjudged, measured in its pass; an outsized reply and one with a NaN in its last tensor are
+    refused once measured (``close`` returns them) and what the fold took of them is taken back.
+    The result is the mean of the others; the verdicts, norms and pool are those of judging each
+    reply on arrival (an fp16 reply between them is judged at once, after those waiting)."""
+    state = sent_state()
+    updates = [trained(state, seed) for seed in range(1, 10)]
+    updates[2] = trained(state, 3, boost=100.0)
+    updates[5].extras["head.bias"][-1] = float("nan")
+    compression = ["none"] * 9
+    compression[6] = "fp16"
+    decoded = [
+        decode_update(encode_update(u, compression=c), str(i), state.adapter)
+        for i, (u, c) in enumerate(zip(updates, compression, strict=True))
+    ]
+    previous = [update_norm(trained(state, seed), state) for seed in (11, 12, 13)]
+    fedavg = create_strategy("fedavg", {}, CONTEXT)
+    probed = RoundReplies(fedavg, 1, state, ReplyLimits(previous_norms=previous))
+    assert [probed.offer(u) for u in decoded[:3]] == [None] * 3
+    assert probed.count == 0 and probed.rejected == 0  # waiting for the fold's pass to measure them
+    assert [probed.offer(u) for u in decoded[3:]] == [None] * 6
+    refused = dict(probed.close())
+    assert refused.keys() == {"2", "5"} and "max_norm_ratio" in refused["2"] and "NaN" in refused["5"]
+    assert probed.rejected == 2 and probed.count == 7
+
+    one_by_one = RoundReplies(fedavg, 1, state, ReplyLimits(previous_norms=previous))
+    reasons = [one_by_one.offer(dataclasses.replace(u, flat=None)) for u in decoded]  # judged on arrival
+    assert [i for i, r in enumerate(reasons) if r] == [2, 5] and one_by_one.close() == []
+    assert probed.norms == pytest.approx(one_by_one.norms, rel=1e-5)
+    assert probed.screen.pool[:3] == previous and len(probed.screen.pool) == 11  # the NaN is not in it
+    assert probed.screen.pool == pytest.approx(one_by_one.screen.pool, rel=1e-5)
+    got, expected = probed.aggregate(), one_by_one.aggregate()
+    for name, f in got.adapter.items():
+        torch.testing.assert_close(f.A, expected.adapter[name].A, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(f.B, expected.adapter[name].B, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got.extras["head.bias"], expected.extras["head.bias"], rtol=1e-6, atol=1e-7)
+
+
+def test_a_probed_update_is_folded_whole_or_taken_back_when_settled():
+    """A fold that stopped taking replies at their first block (a cap of zero) folds the rest of
+    an accepted one when settled, and leaves a refused one out of the mean and its weight."""
+    state = sent_state()
+    decoded = [
+        decode_update(encode_update(trained(state, seed)), str(seed), state.adapter) for seed in range(4)
+    ]
+    fedavg = create_strategy("fedavg", {}, CONTEXT)
+    accumulator = fedavg.start(1, state)
+    span = SpanDistance()
+    layout = decoded[0].flat.layout
+    probes = [
+        Probe(span.reference_of(u.flat, state), *segments(layout), moment_segments(layout), cap=0.0)
+        for u in decoded
+    ]
+    assert all(accumulator.add_probed(u, p) for u, p in zip(decoded, probes, strict=True))
+    accumulator.fold_held()
+    assert [p.folded for p in probes] == [0] * 4 and all(p.squared_distance > 0 for p in probes)
+    for k, (update, probe) in enumerate(zip(decoded, probes, strict=True)):
+        accumulator.settle(update, probe, accepted=k != 1)
+    expected = fedavg.aggregate(
+        1, state, [dataclasses.replace(u, flat=None) for k, u in enumerate(decoded) if k != 1]
+    )
+    for name, f in accumulator.result().adapter.items():
+        torch.testing.assert_close(f.A, expected.adapter[name].A, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(f.B, expected.adapter[name].B, rtol=1e-6, atol=1e-7)
