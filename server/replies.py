@@ -91,9 +91,8 @@ def a_variances(update: ClientUpdate, statistics: np.ndarray | None = None) -> M
         layout = update.flat.layout
         if statistics is None:
             statistics = segment_statistics(update.flat.span, update.flat.span, *segments(layout))
-        rows, modules = a_entries(layout)
+        rows, modules, n = a_entries(layout)
         sums, squares = statistics[rows, 1], statistics[rows, 2]
-        n = np.array(layout.sizes, dtype=np.float64)[rows]
     else:
         modules = tuple(update.factors)
         As = [update.factors[m].A for m in modules]
@@ -115,7 +114,7 @@ class ModuleValues:
 
 
 def sends_A(layout: SpanLayout) -> bool:
-    return bool(a_entries(layout)[0])
+    return bool(a_entries(layout)[0].size)
 
 
 @functools.lru_cache(maxsize=16)
@@ -127,10 +126,11 @@ def moment_segments(layout: SpanLayout) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def a_entries(layout: SpanLayout) -> tuple[list[int], tuple[str, ...]]:
-    """The positions of ``layout``'s A tensors and their modules' names."""
-    rows = [i for i, name in enumerate(layout.names) if name.startswith("A/")]
-    return rows, tuple(layout.names[i][2:] for i in rows)
+def a_entries(layout: SpanLayout) -> tuple[np.ndarray, tuple[str, ...], np.ndarray]:
+    """The positions of ``layout``'s A tensors, their modules' names and their sizes."""
+    rows = np.array([i for i, name in enumerate(layout.names) if name.startswith("A/")], dtype=np.int64)
+    sizes = np.array(layout.sizes, dtype=np.float64)[rows]
+    return rows, tuple(layout.names[i][2:] for i in rows), sizes
 
 
 class Replies(Protocol):

@@ -8,9 +8,9 @@ rank against its shapes and its layers, layout against the global adapter, dtype
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
-import statistics
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -321,13 +321,13 @@ class NormScreen:
 
     def __init__(self, ratio: float, previous: list[float]) -> None:
         self.ratio = ratio
-        self.pool = list(previous)
+        self.pool = sorted(previous)  # kept sorted: a median per reply, not a sort of K norms
 
     def add(self, norm: float) -> str | None:
         """Put ``norm`` in the pool; the reason to refuse it outright if it is not finite."""
         if not math.isfinite(norm):
             return "the update's norm overflows float32 (absurdly large values)"
-        self.pool.append(norm)
+        bisect.insort(self.pool, norm)
         return None
 
     @property
@@ -340,13 +340,14 @@ class NormScreen:
         any size, join the pool; inf while they could leave it too small to judge."""
         if not self.ratio or len(self.pool) + unjudged < MIN_NORM_POOL:
             return math.inf
-        return self.ratio * statistics.median_low(self.pool + [math.inf] * unjudged)
+        middle = (len(self.pool) + unjudged - 1) // 2  # the lower median's place, the unjudged last
+        return self.ratio * self.pool[middle] if middle < len(self.pool) else math.inf
 
     def verdict(self, norm: float) -> str | None:
         """Whether ``norm`` passes against the pool as it stands (adds nothing)."""
         if not self.ratio or not self.can_judge:
             return None
-        median = statistics.median_low(self.pool)
+        median = self.pool[(len(self.pool) - 1) // 2]  # the lower median
         if norm > self.ratio * median:
             return (
                 f"the update's norm {norm:.4g} exceeds server.max_norm_ratio = {self.ratio:g} "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import statistics
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from fedpeft.testing import LocalGrid
 from fedpeft.wire import decode_state, decode_update, encode_update
 from server.loop import FederatedRun
 from server.replies import RoundReplies, moment_segments
-from server.validation import ReplyLimits, SpanDistance, segments, update_norm, validate
+from server.validation import NormScreen, ReplyLimits, SpanDistance, segments, update_norm, validate
 from strategies import create_strategy
 from strategies.accumulate import Probe
 from tests import factories
@@ -247,7 +249,7 @@ def test_replies_measured_in_the_fold_are_judged_as_each_on_arrival():
     reasons = [one_by_one.offer(dataclasses.replace(u, flat=None)) for u in decoded]  # judged on arrival
     assert [i for i, r in enumerate(reasons) if r] == [2, 5] and one_by_one.close() == []
     assert probed.norms == pytest.approx(one_by_one.norms, rel=1e-5)
-    assert probed.screen.pool[:3] == previous and len(probed.screen.pool) == 11  # the NaN is not in it
+    assert set(previous) <= set(probed.screen.pool) and len(probed.screen.pool) == 11  # not the NaN
     assert probed.screen.pool == pytest.approx(one_by_one.screen.pool, rel=1e-5)
     got, expected = probed.aggregate(), one_by_one.aggregate()
     for name, f in got.adapter.items():
@@ -282,3 +284,17 @@ def test_a_probed_update_is_folded_whole_or_taken_back_when_settled():
     for name, f in accumulator.result().adapter.items():
         torch.testing.assert_close(f.A, expected.adapter[name].A, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(f.B, expected.adapter[name].B, rtol=1e-6, atol=1e-7)
+
+
+def test_the_norm_screen_takes_the_lower_median_of_its_pool_as_it_grows():
+    gen = torch.Generator().manual_seed(5)
+    norms = (torch.rand(40, generator=gen) * 10).tolist()
+    screen = NormScreen(2.0, norms[:3])
+    for k, norm in enumerate(norms[3:], start=4):  # k norms in the pool
+        assert screen.add(norm) is None
+        median = statistics.median_low(norms[:k])
+        assert screen.largest_threshold(3) == 2.0 * statistics.median_low(norms[:k] + [math.inf] * 3)
+        assert screen.verdict(2.0 * median) is None and screen.verdict(2.0 * median * 1.001) is not None
+    assert NormScreen(2.0, [1.0]).largest_threshold(1) == math.inf  # two norms cannot judge
+    assert NormScreen(2.0, [1.0]).largest_threshold(2) == math.inf  # the median would be an unjudged one
+    assert NormScreen(2.0, [1.0, 2.0]).largest_threshold(2) == 4.0
