@@ -219,7 +219,8 @@ def test_a_layout_verdict_is_kept_per_declared_rank():
     assert "declared rank 1" in replies.offer(replies.decode(bad, "b"))
 
 
-def test_replies_measured_in_the_fold_are_judged_as_each_on_arrival():
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm"])  # fedavgm: a server optimizer's accumulator
+def test_replies_measured_in_the_fold_are_judged_as_each_on_arrival(name):
     """With last round's norms in the pool, float32 replies in the round's layout go to the fold
     unjudged, measured in its pass; an outsized reply and one with a NaN in its last tensor are
     refused once measured (``close`` returns them) and what the fold took of them is taken back.
@@ -236,8 +237,8 @@ def test_replies_measured_in_the_fold_are_judged_as_each_on_arrival():
         for i, (u, c) in enumerate(zip(updates, compression, strict=True))
     ]
     previous = [update_norm(trained(state, seed), state) for seed in (11, 12, 13)]
-    fedavg = create_strategy("fedavg", {}, CONTEXT)
-    probed = RoundReplies(fedavg, 1, state, ReplyLimits(previous_norms=previous))
+    limits = ReplyLimits(previous_norms=previous)
+    probed = RoundReplies(create_strategy(name, {}, CONTEXT), 1, state, limits)
     assert [probed.offer(u) for u in decoded[:3]] == [None] * 3
     assert probed.count == 0 and probed.rejected == 0  # waiting for the fold's pass to measure them
     assert [probed.offer(u) for u in decoded[3:]] == [None] * 6
@@ -245,7 +246,9 @@ def test_replies_measured_in_the_fold_are_judged_as_each_on_arrival():
     assert refused.keys() == {"2", "5"} and "max_norm_ratio" in refused["2"] and "NaN" in refused["5"]
     assert probed.rejected == 2 and probed.count == 7
 
-    one_by_one = RoundReplies(fedavg, 1, state, ReplyLimits(previous_norms=previous))
+    one_by_one = RoundReplies(
+        create_strategy(name, {}, CONTEXT), 1, state, ReplyLimits(previous_norms=previous)
+    )
     reasons = [one_by_one.offer(dataclasses.replace(u, flat=None)) for u in decoded]  # judged on arrival
     assert [i for i, r in enumerate(reasons) if r] == [2, 5] and one_by_one.close() == []
     assert probed.norms == pytest.approx(one_by_one.norms, rel=1e-5)
