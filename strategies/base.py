@@ -4,6 +4,7 @@ has a default, overridden only when the rule needs it (see ``docs/strategies.md`
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -45,6 +46,28 @@ class ProbedAccumulator(Accumulator, Protocol):
     def fold_held(self) -> None: ...
 
     def settle(self, update: ClientUpdate, probe: Probe, accepted: bool) -> None: ...
+
+
+class ForwardsProbes:
+    """For an accumulator that wraps another (``inner``): ``ProbedAccumulator``'s methods, handed
+    to the inner one where it has them (``add_probed`` is False where it has not)."""
+
+    inner: Accumulator | None
+
+    @functools.cached_property
+    def _probed(self) -> ProbedAccumulator | None:
+        return self.inner if isinstance(self.inner, ProbedAccumulator) else None
+
+    def add_probed(self, update: ClientUpdate, probe: Probe) -> bool:
+        return self._probed is not None and self._probed.add_probed(update, probe)
+
+    def fold_held(self) -> None:
+        if self._probed is not None:
+            self._probed.fold_held()
+
+    def settle(self, update: ClientUpdate, probe: Probe, accepted: bool) -> None:
+        assert self._probed is not None, "settle() follows an add_probed() that returned True"
+        self._probed.settle(update, probe, accepted)
 
 
 class Strategy(ABC):

@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, split_trained, trained_tensors
-from strategies.accumulate import Probe
-from strategies.base import Accumulator, ProbedAccumulator, Strategy, aggregate_stream, require_updates
+from strategies.base import Accumulator, ForwardsProbes, Strategy, aggregate_stream, require_updates
 from strategies.registry import StrategyError, create_strategy
 
 
@@ -127,7 +126,7 @@ def _copy(moments: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]
     return {kind: {key: t.clone() for key, t in tensors.items()} for kind, tensors in moments.items()}
 
 
-class OptimizerStep:
+class OptimizerStep(ForwardsProbes):
     """The inner strategy's accumulator (or a list of updates, when it cannot stream); the
     optimizer steps when the round's result is asked for."""
 
@@ -136,26 +135,12 @@ class OptimizerStep:
     ) -> None:
         self.optimizer, self.rnd, self.state, self.inner = optimizer, rnd, state, inner
         self.updates: list[ClientUpdate] = []
-        self.probed = inner if isinstance(inner, ProbedAccumulator) else None
 
     def add(self, update: ClientUpdate) -> None:
         if self.inner is not None:
             self.inner.add(update)
         else:
             self.updates.append(update)
-
-    def add_probed(self, update: ClientUpdate, probe: Probe) -> bool:
-        """Hand ``update`` to the inner accumulator before it is judged, where that one can
-        (``ProbedAccumulator``); False otherwise."""
-        return self.probed is not None and self.probed.add_probed(update, probe)
-
-    def fold_held(self) -> None:
-        if self.probed is not None:
-            self.probed.fold_held()
-
-    def settle(self, update: ClientUpdate, probe: Probe, accepted: bool) -> None:
-        assert self.probed is not None, "settle() follows an add_probed() that returned True"
-        self.probed.settle(update, probe, accepted)
 
     def result(self) -> GlobalState:
         if self.inner is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from fedpeft.state import AdapterFactors, ClientPlan, ClientUpdate, GlobalState
-from strategies.base import Accumulator
+from strategies.base import Accumulator, ForwardsProbes
 from strategies.fedavg import FedAvg
 
 
@@ -44,7 +44,7 @@ class FedSA(FedAvg):
         return SharedA(super().start(rnd, state), state, self.personal_head)
 
 
-class SharedA:
+class SharedA(ForwardsProbes):
     """fedavg's fold, whose result keeps the global B the round started with (zeros before any),
     and with ``keep_extras`` its extras."""
 

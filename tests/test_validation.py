@@ -219,7 +219,7 @@ def test_a_layout_verdict_is_kept_per_declared_rank():
     assert "declared rank 1" in replies.offer(replies.decode(bad, "b"))
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedavgm"])  # fedavgm: a server optimizer's accumulator
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedsa"])  # accumulators that wrap fedavg's
 def test_replies_measured_in_the_fold_are_judged_as_each_on_arrival(name):
     """With last round's norms in the pool, float32 replies in the round's layout go to the fold
     unjudged, measured in its pass; an outsized reply and one with a NaN in its last tensor are
