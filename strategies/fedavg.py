@@ -50,18 +50,17 @@ class FactorAverage:
     def add(self, update: ClientUpdate) -> None:
         self._note(update)
         weight = update_weight(update, self.weighting)
-        if self.sum.layout is None and update.flat is not None:  # so that the first span is held too
-            self.sum.start(self._trained(update), weight)
-        if not self.sum.add_flat(update.flat, weight):
+        if not self._add_flat(update, weight):
             self.sum.add(self._trained(update), weight)
 
     def add_probed(self, update: ClientUpdate, probe: Probe) -> bool:
         """Hold ``update`` for a fold that measures it before it is judged; False (nothing taken)
         where it did not decode whole in the sum's layout. ``settle`` it once ``probe`` is filled."""
-        if update.flat is None:
-            return False
-        weight = update_weight(update, self.weighting)
-        if self.sum.layout is None:
+        return self._add_flat(update, update_weight(update, self.weighting), probe)
+
+    def _add_flat(self, update: ClientUpdate, weight: float, probe: Probe | None = None) -> bool:
+        """Hold ``update``'s span if it decoded whole in the sum's layout (False otherwise)."""
+        if self.sum.layout is None and update.flat is not None:  # so that the first span is held too
             self.sum.start(self._trained(update), weight)
         return self.sum.add_flat(update.flat, weight, probe)
 
