@@ -1,6 +1,6 @@
 """Compiled loops (numba) for the server's passes over each reply's bytes: the statistics the
 norm screen and the variance diagnostics read, and the float64 fold of the round's weighted sum,
-apart or in one pass (``probed_fold_``: four replies measured and folded block by block).
+apart or in one pass (``screened_fold_``: four replies measured and folded in one loop).
 
 Written by hand because torch has neither operation fused: a float32-into-float64 weighted add is
 a cast and an add (two passes, and torch's mixed-dtype ``add_`` is a scalar loop), and the
@@ -99,98 +99,67 @@ def fold_(total: Tensor, parts: Sequence[Tensor], weights: Sequence[float]) -> T
 
 
 @numba.njit(nogil=True, cache=True, fastmath=REDUCTION)
-def _statistics4(x0, x1, x2, x3, reference, lo, hi):  # pragma: no cover - compiled
-    a, b, c, d, r = x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi], reference[lo:hi]
-    q0 = q1 = q2 = q3 = s0 = s1 = s2 = s3 = p0 = p1 = p2 = p3 = np.float32(0.0)
-    for i in range(r.size):
-        ref, va, vb, vc, vd = r[i], a[i], b[i], c[i], d[i]
-        da, db, dc, dd = va - ref, vb - ref, vc - ref, vd - ref
-        q0 += da * da
-        q1 += db * db
-        q2 += dc * dc
-        q3 += dd * dd
-        s0 += va
-        s1 += vb
-        s2 += vc
-        s3 += vd
-        p0 += va * va
-        p1 += vb * vb
-        p2 += vc * vc
-        p3 += vd * vd
-    return (q0, s0, p0), (q1, s1, p1), (q2, s2, p2), (q3, s3, p3)
+def _plus(total, value):  # pragma: no cover - compiled
+    # a reduction's addition carries its own fastmath flags through inlining: the loops below
+    # vectorize their sums while their fold keeps strict float64 rounding
+    return total + value
 
 
 @numba.njit(nogil=True, cache=True, fastmath=REDUCTION)
-def _distances4(x0, x1, x2, x3, reference, lo, hi):  # pragma: no cover - compiled
-    # _statistics4 without the sums: a third of its work, for tensors whose moments nobody reads
-    a, b, c, d, r = x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi], reference[lo:hi]
-    q0 = q1 = q2 = q3 = np.float32(0.0)
-    for i in range(r.size):
-        ref = r[i]
-        da, db, dc, dd = a[i] - ref, b[i] - ref, c[i] - ref, d[i] - ref
-        q0 += da * da
-        q1 += db * db
-        q2 += dc * dc
-        q3 += dd * dd
+def _plus_square(total, value):  # pragma: no cover - compiled
+    return total + value * value
+
+
+@numba.njit(nogil=True, cache=True)
+def _screened_block4(
+    total, x0, x1, x2, x3, w0, w1, w2, w3, reference, c0, c1, c2, c3, lo, hi
+):  # pragma: no cover - compiled
+    t, a, b, c, d, r = total[lo:hi], x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi], reference[lo:hi]
     zero = np.float32(0.0)
-    return (q0, zero, zero), (q1, zero, zero), (q2, zero, zero), (q3, zero, zero)
-
-
-@numba.njit(nogil=True, cache=True)
-def _fold4_range(total, x0, x1, x2, x3, w0, w1, w2, w3, lo, hi):  # pragma: no cover - compiled
-    t, a, b, c, d = total[lo:hi], x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi]
+    q0 = q1 = q2 = q3 = s0 = s1 = s2 = s3 = p0 = p1 = p2 = p3 = zero
     for i in range(t.size):
-        t[i] = t[i] + w0 * a[i] + w1 * b[i] + w2 * c[i] + w3 * d[i]
+        ri, ai, bi, ci, di = r[i], a[i], b[i], c[i], d[i]
+        da, db, dc, dd = ai - ri, bi - ri, ci - ri, di - ri
+        ea, eb, ec, ed = da * da, db * db, dc * dc, dd * dd  # the same bits as _masked_fold's
+        q0, q1, q2, q3 = _plus(q0, ea), _plus(q1, eb), _plus(q2, ec), _plus(q3, ed)
+        s0, s1, s2, s3 = _plus(s0, ai), _plus(s1, bi), _plus(s2, ci), _plus(s3, di)
+        p0, p1 = _plus_square(p0, ai), _plus_square(p1, bi)
+        p2, p3 = _plus_square(p2, ci), _plus_square(p3, di)
+        t[i] = (
+            t[i]
+            + w0 * (ai if ea <= c0 else zero)
+            + w1 * (bi if eb <= c1 else zero)
+            + w2 * (ci if ec <= c2 else zero)
+            + w3 * (di if ed <= c3 else zero)
+        )
+    return (q0, s0, p0), (q1, s1, p1), (q2, s2, p2), (q3, s3, p3)
 
 
 @numba.njit(nogil=True, cache=True)
-def _fold1_range(total, x, w, lo, hi):  # pragma: no cover - compiled
-    t, a = total[lo:hi], x[lo:hi]
-    for i in range(t.size):
-        t[i] = t[i] + w * a[i]
-
-
-@numba.njit(nogil=True, cache=True)
-def _take(g, j, lo, row, out, running, stopped, caps):  # pragma: no cover - compiled
-    out[g, j, 0] += row[0]
-    out[g, j, 1] += row[1]
-    out[g, j, 2] += row[2]
-    running[g] += row[0]
-    if stopped[g] < 0 and not running[g] <= caps[g]:  # NaN and Inf fail the test too
-        stopped[g] = lo
-
-
-@numba.njit(nogil=True, cache=True)
-def _probed_fold4(
-    total, x0, x1, x2, x3, w, reference, starts, sizes, moments, caps, out, stopped
-):  # pragma: no cover
-    running = np.zeros(4)
+def _screened_fold4(total, x0, x1, x2, x3, w, reference, starts, sizes, caps, out):  # pragma: no cover
     for j in range(starts.size):
         end = starts[j] + sizes[j]
         for lo in range(starts[j], end, BLOCK):
-            hi = min(lo + BLOCK, end)
-            if moments[j]:
-                r0, r1, r2, r3 = _statistics4(x0, x1, x2, x3, reference, lo, hi)
-            else:
-                r0, r1, r2, r3 = _distances4(x0, x1, x2, x3, reference, lo, hi)
-            _take(0, j, lo, r0, out, running, stopped, caps)
-            _take(1, j, lo, r1, out, running, stopped, caps)
-            _take(2, j, lo, r2, out, running, stopped, caps)
-            _take(3, j, lo, r3, out, running, stopped, caps)
-            if stopped[0] < 0 and stopped[1] < 0 and stopped[2] < 0 and stopped[3] < 0:
-                _fold4_range(total, x0, x1, x2, x3, w[0], w[1], w[2], w[3], lo, hi)
-                continue
-            if stopped[0] < 0:  # the same order of additions as the four together
-                _fold1_range(total, x0, w[0], lo, hi)
-            if stopped[1] < 0:
-                _fold1_range(total, x1, w[1], lo, hi)
-            if stopped[2] < 0:
-                _fold1_range(total, x2, w[2], lo, hi)
-            if stopped[3] < 0:
-                _fold1_range(total, x3, w[3], lo, hi)
+            rows = _screened_block4(
+                total, x0, x1, x2, x3, w[0], w[1], w[2], w[3], reference,
+                caps[0], caps[1], caps[2], caps[3], lo, min(lo + BLOCK, end),
+            )  # fmt: skip
+            for g in range(4):
+                for k in range(3):
+                    out[g, j, k] += rows[g][k]
 
 
-def probed_fold_(
+def float32_cap(cap: float) -> np.float32:
+    """The least float32 at or above ``cap`` (a float32 square at or below it is within ``cap``),
+    at most float32's largest finite value: no cap takes an Inf."""
+    largest = np.finfo(np.float32).max
+    if cap >= largest:
+        return largest
+    rounded = np.float32(cap)
+    return rounded if rounded >= cap else np.nextafter(rounded, np.float32(np.inf))
+
+
+def screened_fold_(
     total: Tensor,
     parts: Sequence[Tensor],
     weights: Sequence[float],
@@ -199,43 +168,49 @@ def probed_fold_(
     sizes: np.ndarray,
     moments: np.ndarray,
     caps: Sequence[float],
-) -> tuple[np.ndarray, list[int]]:
+) -> np.ndarray:
     """``fold_`` of float32 ``parts`` that measures them on the way, for a fold that takes replies
     before they are judged: ``segment_statistics`` of each part against ``reference`` (rows
-    ``(parts, segments, 3)``), and how many leading elements of each part were folded. Part ``g``
-    stops being folded at the first block (``BLOCK`` elements of a segment) that would take its
-    running squared distance above ``caps[g]`` or holds NaN or Inf, so what was folded of it is
-    finite and bounded by its cap; every part's statistics cover all of it. ``FOLD_WIDTH`` parts
-    take one pass that reads each of them and ``reference`` once (folding a block right after
-    measuring it, from cache); fewer are measured first, then folded whole or not at all."""
-    arrays = [p.numpy() for p in parts]
-    out = np.zeros((len(arrays), starts.size, 3))
-    if len(arrays) == FOLD_WIDTH:
-        stopped = np.full(FOLD_WIDTH, -1, dtype=np.int64)
-        bounds = np.array(caps, dtype=np.float64)
-        _probed_fold4(
-            total.numpy(),
-            *arrays,
-            np.array(weights, dtype=np.float64),
-            reference.numpy(),
-            starts,
-            sizes,
-            moments,
-            bounds,
-            out,
-            stopped,
-        )
-        return out, [int(s) if s >= 0 else a.size for s, a in zip(stopped, arrays, strict=True)]
-    for g, x in enumerate(arrays):
-        _statistics(x, reference.numpy(), starts, sizes, out[g])
-    out[:, ~moments, 1:] = 0.0
-    taken = [bool(out[g, :, 0].sum() <= cap) for g, cap in enumerate(caps)]
-    fold_(
-        total,
-        [p for p, ok in zip(parts, taken, strict=True) if ok],
-        [w for w, ok in zip(weights, taken, strict=True) if ok],
+    ``(parts, segments, 3)``; sum and sum of squares only where ``moments``), and of part ``g``
+    only the elements whose squared distance ``(x - reference)^2`` (float32) is within
+    ``float32_cap(caps[g])``: NaN, Inf and outsized elements stay out of the sum, so what a refused
+    part left in it is finite and bounded element by element (``masked_fold_`` takes it back). A
+    part whose squared distance is within that cap was folded whole, bitwise as ``fold_`` folds it. Up to
+    ``FOLD_WIDTH`` parts share one pass that reads each of them and ``reference`` once."""
+    if not 0 < len(parts) <= FOLD_WIDTH:
+        raise ValueError(f"screened_fold_ takes 1 to {FOLD_WIDTH} parts, got {len(parts)}")
+    pad = FOLD_WIDTH - len(parts)  # the reference at weight 0 adds +0.0: the sum is unchanged
+    arrays = [p.numpy() for p in parts] + [reference.numpy()] * pad
+    out = np.zeros((FOLD_WIDTH, starts.size, 3))
+    _screened_fold4(
+        total.numpy(),
+        *arrays,
+        np.array([*weights, *[0.0] * pad], dtype=np.float64),
+        reference.numpy(),
+        starts,
+        sizes,
+        np.array([float32_cap(c) for c in [*caps, *[np.inf] * pad]], dtype=np.float32),
+        out,
     )
-    return out, [a.size if ok else 0 for a, ok in zip(arrays, taken, strict=True)]
+    out[:, ~moments, 1:] = 0.0  # measured anyway: one loop for all segments runs faster than two
+    return out[: len(parts)]
+
+
+@numba.njit(nogil=True, cache=True)
+def _masked_fold(total, x, w, reference, cap, inside):  # pragma: no cover - compiled
+    zero = np.float32(0.0)
+    for i in range(total.size):
+        difference = x[i] - reference[i]
+        within = difference * difference <= cap
+        total[i] = total[i] + w * (x[i] if within == inside else zero)
+
+
+def masked_fold_(total: Tensor, part: Tensor, weight: float, reference: Tensor, cap: float, inside: bool) -> Tensor:
+    """``total += weight * part`` over the elements ``screened_fold_`` took of ``part`` at ``cap``
+    (``inside``) or over those it left out (not ``inside``): take back a refused part with a
+    negative weight, or fold the rest of an accepted one."""
+    _masked_fold(total.numpy(), part.numpy(), float(weight), reference.numpy(), float32_cap(cap), inside)
+    return total
 
 
 @numba.njit(nogil=True, cache=True)

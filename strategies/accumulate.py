@@ -1,6 +1,6 @@
 """The flat buffers behind streaming folds: a round's weighted sum kept in one contiguous float64
 buffer, folded into by a compiled pass per few replies (``fedpeft.kernels.fold_``, or
-``probed_fold_`` for replies the server has the fold measure before it judges them).
+``screened_fold_`` for replies the server has the fold measure before it judges them).
 
 Written by hand for speed, not for reading: ``benchmarks/aggregation.py`` measured the per-tensor
 Python loop these replace at several times the memory-bandwidth bound on SmolLM2 and 7B adapter
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedpeft.kernels import FOLD_WIDTH, divided, fold_, probed_fold_
+from fedpeft.kernels import FOLD_WIDTH, divided, float32_cap, fold_, masked_fold_, screened_fold_
 from fedpeft.state import FlatTensors, SpanLayout
 
 
@@ -91,10 +91,11 @@ def add_scaled_(total: Tensor, incoming: Tensor, alpha: float = 1.0) -> Tensor:
 @dataclass
 class Probe:
     """What a fold measures of a reply it takes before the server has judged it
-    (``WeightedSum.add_flat`` with a probe, ``fedpeft.kernels.probed_fold_``): the distance from
+    (``WeightedSum.add_flat`` with a probe, ``fedpeft.kernels.screened_fold_``): the distance from
     ``reference`` (the sent state in the sum's layout) per segment, with the sum and the sum of
-    squares where ``moments`` asks. ``rows`` and ``folded`` are filled in when the reply is folded;
-    the fold stops taking it where its squared distance would pass ``cap``."""
+    squares where ``moments`` asks; ``rows`` is filled in when the reply is folded. The fold leaves
+    out the reply's elements whose own squared distance passes ``cap`` (NaN and Inf too): a reply
+    whose squared distance is within ``cap`` was folded whole."""
 
     reference: Tensor
     starts: np.ndarray
@@ -102,7 +103,6 @@ class Probe:
     moments: np.ndarray
     cap: float
     rows: np.ndarray | None = None  # (segments, 3): squared distance, sum, sum of squares
-    folded: int = 0  # the reply's leading elements in the sum
 
     @property
     def squared_distance(self) -> float:
@@ -113,7 +113,7 @@ class Probe:
 class HeldFold:
     """Spans waiting to be folded into a float64 ``total``, ``FOLD_WIDTH`` per pass over it
     (``fedpeft.kernels.fold_``: the same bits as one at a time, in the order added; spans with a
-    ``Probe`` through ``probed_fold_``, which measures them in the same pass)."""
+    ``Probe`` through ``screened_fold_``, which measures them in the same pass)."""
 
     def __init__(self, total: Tensor) -> None:
         self.total = total
@@ -133,7 +133,7 @@ class HeldFold:
         self.held = []
         if probed:
             first = probed[0][2]
-            rows, folded = probed_fold_(
+            rows = screened_fold_(
                 self.total,
                 [span for span, _, _ in probed],
                 [weight for _, weight, _ in probed],
@@ -143,8 +143,8 @@ class HeldFold:
                 first.moments,
                 [probe.cap for _, _, probe in probed],
             )
-            for (_, _, probe), row, count in zip(probed, rows, folded, strict=True):
-                probe.rows, probe.folded = row, count
+            for (_, _, probe), row in zip(probed, rows, strict=True):
+                probe.rows = row
         fold_(self.total, [span for span, _ in plain], [weight for _, weight in plain])
         return self.total
 
@@ -201,17 +201,16 @@ class WeightedSum:
         return True
 
     def settle(self, flat: FlatTensors, weight: float, probe: Probe, accepted: bool) -> None:
-        """After the fold filled ``probe``: fold the rest of an accepted reply the fold stopped
-        taking (only float rounding lets its distance pass the cap and the screen still take it),
-        or take back what was folded of a refused one (finite and bounded by the cap: float64
+        """After the fold filled ``probe``: fold the elements the fold left out of an accepted
+        reply (only float rounding lets its distance pass the cap and the screen still take it), or
+        take back what was folded of a refused one (finite, each element within the cap: float64
         rounding of it remains, far below the float32 mean's)."""
         span, total, w = flat.span, self.pending.total, weight / self.unit
         if accepted:
-            if probe.folded < span.numel():
-                fold_(total[probe.folded :], [span[probe.folded :]], [w])
+            if not probe.squared_distance <= float32_cap(probe.cap):  # something left out
+                masked_fold_(total, span, w, probe.reference, probe.cap, inside=False)
             return
-        if probe.folded:
-            fold_(total[: probe.folded], [span[: probe.folded]], [-w])
+        masked_fold_(total, span, -w, probe.reference, probe.cap, inside=True)
         self.total -= w
         self.count -= 1
 

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft.kernels import FOLD_WIDTH, box_muller, divided, fold_, probed_fold_, segment_statistics
+from fedpeft.kernels import (
+    FOLD_WIDTH,
+    box_muller,
+    divided,
+    float32_cap,
+    fold_,
+    masked_fold_,
+    screened_fold_,
+    segment_statistics,
+)
 
 
 @pytest.mark.parametrize("count", [1, FOLD_WIDTH - 1, FOLD_WIDTH, 2 * FOLD_WIDTH + 3])
@@ -70,7 +79,7 @@ def test_box_muller_gives_the_float64_transform_of_its_words_rounded_to_float32(
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-7)  # float32 rounding
 
 
-def probed_case(count: int, seed: int = 0):
+def screened_case(count: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     sizes = (1, 5000, 4096, 2049, 7)
     reference = torch.randn(sum(sizes), generator=gen)
@@ -80,50 +89,53 @@ def probed_case(count: int, seed: int = 0):
     return sizes, reference, parts, weights, total
 
 
-@pytest.mark.parametrize("count", [FOLD_WIDTH, FOLD_WIDTH - 1])
-def test_the_probed_fold_is_the_fold_and_the_statistics_in_one_pass(count):
-    sizes, reference, parts, weights, total = probed_case(count)
+@pytest.mark.parametrize("count", [1, FOLD_WIDTH - 1, FOLD_WIDTH])
+def test_the_screened_fold_is_the_fold_and_the_statistics_in_one_pass(count):
+    """Parts within their caps (one exactly at its squared distance) are folded whole, bitwise as
+    ``fold_`` folds them, and measured as ``segment_statistics`` measures them."""
+    sizes, reference, parts, weights, total = screened_case(count)
     expected = fold_(total.clone(), parts, weights)
     everything = np.ones(len(sizes), dtype=np.bool_)
-    rows, folded = probed_fold_(
-        total, parts, weights, reference, *segments(*sizes), everything, [np.inf] * count
-    )
-    assert folded == [sum(sizes)] * count and torch.equal(total, expected)
+    exact = float(segment_statistics(parts[0], reference, *segments(*sizes))[:, 0].sum())
+    caps = [exact] + [np.inf] * (count - 1)
+    rows = screened_fold_(total, parts, weights, reference, *segments(*sizes), everything, caps)
+    assert torch.equal(total, expected) and rows.shape == (count, len(sizes), 3)
     for part, row in zip(parts, rows, strict=True):
         assert row == pytest.approx(segment_statistics(part, reference, *segments(*sizes)), rel=1e-5)
     only_distances = np.zeros(len(sizes), dtype=np.bool_)
-    rows_without, _ = probed_fold_(
-        total, parts, weights, reference, *segments(*sizes), only_distances, [np.inf] * count
-    )
+    rows_without = screened_fold_(total, parts, weights, reference, *segments(*sizes), only_distances, caps)
     assert (rows_without[:, :, 1:] == 0).all() and rows_without[:, :, 0] == pytest.approx(
         rows[:, :, 0], rel=1e-5
     )
 
 
-@pytest.mark.parametrize("count", [FOLD_WIDTH, FOLD_WIDTH - 1])
-def test_the_probed_fold_stops_taking_a_part_at_a_nan_or_past_its_cap(count):
-    """Part 1 holds a NaN; part 0's cap is half its squared distance. All of FOLD_WIDTH parts go
-    through one pass, which stops taking a part at its block that holds the NaN or would pass the
-    cap (what it took is the part's leading elements); fewer parts are folded whole or not at all."""
-    sizes, reference, parts, weights, total = probed_case(count, seed=1)
-    parts[1][6000] = float("nan")
-    distance = float((parts[0].double() - reference.double()).square().sum())
-    caps = [distance / 2] + [np.inf] * (count - 1)
+@pytest.mark.parametrize("count", [2, FOLD_WIDTH])
+def test_the_screened_fold_leaves_out_nan_inf_and_elements_past_the_cap(count):
+    """Part 1 holds a NaN and an Inf; part 0 one outsized element under a cap of a tenth of its
+    squared distance. The sum takes every element within its part's cap (bitwise, in order) and
+    nothing else; ``masked_fold_`` takes back what was folded of a part, or folds the rest."""
+    sizes, reference, parts, weights, total = screened_case(count, seed=1)
+    parts[1][6000], parts[1][10] = float("nan"), float("inf")
+    parts[0][3] = 1e30
+    squares = [(part - reference).square() for part in parts]  # float32, as the fold computes them
+    distance = float(squares[0][torch.arange(len(reference)) != 3].double().sum())
+    caps = [distance / 10] + [np.inf] * (count - 1)
     start = total.clone()
-    rows, folded = probed_fold_(
-        total, parts, weights, reference, *segments(*sizes), np.ones(5, np.bool_), caps
-    )
-    assert torch.isfinite(total).all()
-    assert not np.isfinite(rows[1, :, 0].sum()) and rows[0, :, 0].sum() == pytest.approx(distance, rel=1e-5)
-    expected = start.clone()
-    for part, weight, count_folded in zip(parts, weights, folded, strict=True):
-        fold_(expected[:count_folded], [part[:count_folded]], [weight])  # each part's taken prefix, in order
-    assert torch.equal(total, expected)
-    if count < FOLD_WIDTH:
-        assert folded == [0, 0] + [sum(sizes)] * (count - 2)
-        return
-    assert folded[1] == 5001 and folded[2:] == [sum(sizes)] * (count - 2)  # 5001: the NaN's block starts
-    block_starts = sorted({*range(1, 5001, 2048), *range(5001, 9097, 2048), 9097, 11146, sum(sizes)})
-    taken, next_end = folded[0], block_starts[block_starts.index(folded[0]) + 1]
-    squared = (parts[0].double() - reference.double()).square().cumsum(0)
-    assert 0 < taken and float(squared[taken - 1]) <= caps[0] < float(squared[next_end - 1])
+    rows = screened_fold_(total, parts, weights, reference, *segments(*sizes), np.ones(5, np.bool_), caps)
+    assert torch.isfinite(total).all() and not np.isfinite(rows[1, :, 0].sum())
+    assert rows[0, :, 0].sum() == pytest.approx(float(squares[0].double().sum()), rel=1e-5)
+    within = [square <= float(float32_cap(cap)) for square, cap in zip(squares, caps, strict=True)]
+    assert 0 < int(within[0].sum()) < len(reference) and int((~within[1]).sum()) == 2
+    kept = [torch.where(inside, part, 0.0) for part, inside in zip(parts, within, strict=True)]
+    assert torch.equal(total, fold_(start.clone(), kept, weights))
+    masked_fold_(total, parts[0], weights[0], reference, caps[0], inside=False)  # the rest of part 0
+    masked_fold_(total, parts[1], -weights[1], reference, caps[1], inside=True)  # part 1 taken back
+    expected = fold_(start.clone(), [parts[0], *parts[2:]], [weights[0], *weights[2:]])
+    torch.testing.assert_close(total, expected, rtol=0, atol=1e-9 * 1e30 * weights[0])
+    torch.testing.assert_close(total[4:], expected[4:], rtol=1e-12, atol=1e-12)
+
+
+def test_screened_fold_refuses_more_parts_than_its_width():
+    sizes, reference, parts, weights, total = screened_case(FOLD_WIDTH + 1)
+    with pytest.raises(ValueError, match="1 to"):
+        screened_fold_(total, parts, weights, reference, *segments(*sizes), np.ones(5, np.bool_), [1.0] * 5)
