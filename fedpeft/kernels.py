@@ -26,30 +26,44 @@ REDUCTION = {"reassoc", "nsz", "contract"}
 
 
 @numba.njit(nogil=True, cache=True, fastmath=REDUCTION)
-def _statistics(x, reference, starts, sizes, out):  # pragma: no cover - compiled
+def _block_statistics4(x0, x1, x2, x3, reference, lo, hi):  # pragma: no cover - compiled
+    a, b, c, d, r = x0[lo:hi], x1[lo:hi], x2[lo:hi], x3[lo:hi], reference[lo:hi]
+    q0 = q1 = q2 = q3 = s0 = s1 = s2 = s3 = p0 = p1 = p2 = p3 = np.float32(0.0)
+    for i in range(r.size):
+        ri, ai, bi, ci, di = r[i], a[i], b[i], c[i], d[i]
+        da, db, dc, dd = ai - ri, bi - ri, ci - ri, di - ri
+        q0, q1, q2, q3 = q0 + da * da, q1 + db * db, q2 + dc * dc, q3 + dd * dd
+        s0, s1, s2, s3 = s0 + ai, s1 + bi, s2 + ci, s3 + di
+        p0, p1, p2, p3 = p0 + ai * ai, p1 + bi * bi, p2 + ci * ci, p3 + di * di
+    return (q0, s0, p0), (q1, s1, p1), (q2, s2, p2), (q3, s3, p3)
+
+
+@numba.njit(nogil=True, cache=True)
+def _statistics4(x0, x1, x2, x3, reference, starts, sizes, out):  # pragma: no cover - compiled
     for j in range(starts.size):
-        squares = 0.0
-        total = 0.0
-        power = 0.0
         end = starts[j] + sizes[j]
-        for block in range(starts[j], end, BLOCK):
-            xs = x[block : min(block + BLOCK, end)]
-            refs = reference[block : block + xs.size]
-            d2 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            for i in range(xs.size):
-                value = xs[i]
-                diff = value - refs[i]
-                d2 += diff * diff
-                s1 += value
-                s2 += value * value
-            squares += d2
-            total += s1
-            power += s2
-        out[j, 0] = squares
-        out[j, 1] = total
-        out[j, 2] = power
+        for lo in range(starts[j], end, BLOCK):
+            rows = _block_statistics4(x0, x1, x2, x3, reference, lo, min(lo + BLOCK, end))
+            for g in range(4):
+                for k in range(3):
+                    out[g, j, k] += rows[g][k]
+
+
+def padded(parts: Sequence[Tensor], reference: Tensor) -> list[np.ndarray]:
+    """``FOLD_WIDTH`` arrays for a four-part loop: ``parts``, then ``reference`` in the places left."""
+    if not 0 < len(parts) <= FOLD_WIDTH:
+        raise ValueError(f"a pass takes 1 to {FOLD_WIDTH} parts, got {len(parts)}")
+    return [p.numpy() for p in parts] + [reference.numpy()] * (FOLD_WIDTH - len(parts))
+
+
+def segments_statistics(
+    parts: Sequence[Tensor], reference: Tensor, starts: np.ndarray, sizes: np.ndarray
+) -> np.ndarray:
+    """``segment_statistics`` of up to ``FOLD_WIDTH`` parts in one pass (``reference`` read once):
+    rows ``(parts, segments, 3)``."""
+    out = np.zeros((FOLD_WIDTH, starts.size, 3))
+    _statistics4(*padded(parts, reference), reference.numpy(), starts, sizes, out)
+    return out[: len(parts)]
 
 
 def segment_statistics(x: Tensor, reference: Tensor, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -58,9 +72,7 @@ def segment_statistics(x: Tensor, reference: Tensor, starts: np.ndarray, sizes: 
     one ``(segments, 3)`` array. Partial sums of ``BLOCK`` terms are float32 (relative error
     about ``BLOCK / 16`` float32 ulps), their totals float64; a NaN or Inf in ``x`` shows in each
     of its segment's figures."""
-    out = np.empty((starts.size, 3))
-    _statistics(x.numpy(), reference.numpy(), starts, sizes, out)
-    return out
+    return segments_statistics([x], reference, starts, sizes)[0]
 
 
 def squared_distance(x: Tensor, reference: Tensor) -> float:
@@ -177,14 +189,11 @@ def screened_fold_(
     part left in it is finite and bounded element by element (``masked_fold_`` takes it back). A
     part whose squared distance is within that cap was folded whole, bitwise as ``fold_`` folds it. Up to
     ``FOLD_WIDTH`` parts share one pass that reads each of them and ``reference`` once."""
-    if not 0 < len(parts) <= FOLD_WIDTH:
-        raise ValueError(f"screened_fold_ takes 1 to {FOLD_WIDTH} parts, got {len(parts)}")
     pad = FOLD_WIDTH - len(parts)  # the reference at weight 0 adds +0.0: the sum is unchanged
-    arrays = [p.numpy() for p in parts] + [reference.numpy()] * pad
     out = np.zeros((FOLD_WIDTH, starts.size, 3))
     _screened_fold4(
         total.numpy(),
-        *arrays,
+        *padded(parts, reference),
         np.array([*weights, *[0.0] * pad], dtype=np.float64),
         reference.numpy(),
         starts,
@@ -224,6 +233,20 @@ def divided(total: Tensor, divisor: float) -> Tensor:
     mixed-dtype division is a scalar loop)."""
     out = torch.empty(total.numel())
     _divide(out.numpy(), total.numpy(), float(divisor))
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _released(out, total, noise, reference, divisor):  # pragma: no cover - compiled
+    for i in range(total.size):
+        out[i] = (total[i] + noise[i]) / divisor + reference[i]
+
+
+def released_(out: Tensor, total: Tensor, noise: Tensor, reference: Tensor, divisor: float) -> Tensor:
+    """``out = (total + noise) / divisor + reference`` for a float64 ``total`` and float32
+    ``noise``, ``reference`` and ``out``: each step rounded in float64, the result to float32, in
+    one pass (dp's release of a noised mean delta)."""
+    _released(out.numpy(), total.numpy(), noise.numpy(), reference.numpy(), float(divisor))
     return out
 
 

@@ -43,6 +43,7 @@ from server.validation import (
     all_finite,
     reference_signature,
     segments,
+    sent_tensors,
     update_norm,
     update_tensors,
     validate,
@@ -211,16 +212,19 @@ class RoundReplies:
         if self.accumulator is None:
             self.pending.append(update)
             return None
-        screened = bool(self.screen.ratio)  # then a NaN or Inf shows in the norm: no separate pass
         mixed = self.strategy.mixed_ranks
-        reason = validate(update, self.rnd, self.reference, self.state, mixed, not screened, self.known)
+        # finiteness is checked below: a NaN or Inf shows in the norm a pass measures anyway
+        reason = validate(update, self.rnd, self.reference, self.state, mixed, False, self.known)
         if reason is not None:
             return self._reject(f"invalid update: {reason}")
+        if self._probed(update):
+            return None
+        self._judge_waiting()  # replies are judged in arrival order (the pool takes their norms so)
         norm = None
-        if screened:
-            if self._probed(update):
-                return None
-            self._judge_waiting()  # the pool takes norms in arrival order
+        if not self.screen.ratio:
+            if not all_finite(sent_tensors(update)):
+                return self._reject(f"invalid update: {NOT_FINITE}")
+        else:
             norm = update_norm(update, self.state, self.span)
             reason = self._screen_problem(update, norm)
             if reason is None and not self.screen.can_judge:
@@ -236,16 +240,18 @@ class RoundReplies:
 
     def _probed(self, update: ClientUpdate) -> bool:
         """Hand ``update`` to the fold before judging it, measured in the same pass over its bytes
-        (``ProbedAccumulator``), where that is safe: a reply that decoded whole in the round's
-        layout, and a norm screen whose threshold has a finite bound whatever the norms still
-        unjudged (so what a refused reply left in the sum is bounded, and taken back). Its verdict
-        comes when the fold has measured it: ``close`` returns a refusal."""
+        (``ProbedAccumulator``), where the accumulator takes it: a reply that decoded whole in the
+        round's layout, with the most the norm screen's threshold can be whatever the norms still
+        unjudged as its cap (inf with the screen off or too few norms: an accumulator that folds
+        before measuring refuses that, as what a refused reply left in its sum must be bounded to
+        be taken back). Its verdict comes when the fold has measured it: ``close`` returns a
+        refusal."""
         if self.probed is None or update.flat is None:
             return False
         reference = self.span.reference_of(update.flat, self.state)
-        threshold = self.screen.largest_threshold(len(self.waiting) + 1)
-        if reference is None or not math.isfinite(threshold):
+        if reference is None:
             return False
+        threshold = self.screen.largest_threshold(len(self.waiting) + 1)
         layout = update.flat.layout
         probe = Probe(reference, *segments(layout), moment_segments(layout), threshold * threshold)
         if not self.probed.add_probed(update, probe):
@@ -262,8 +268,12 @@ class RoundReplies:
         assert self.probed is not None
         self.probed.fold_held()
         for update, probe in self.waiting:
-            norm = math.sqrt(probe.squared_distance)
-            reason = self._screen_problem(update, norm) or self.screen.verdict(norm)
+            norm: float | None = math.sqrt(probe.squared_distance)
+            if self.screen.ratio:
+                reason = self._screen_problem(update, norm) or self.screen.verdict(norm)
+            else:  # only a NaN or Inf refuses a reply; its norm is not recorded
+                finite = math.isfinite(norm) or all_finite(sent_tensors(update))
+                reason, norm = None if finite else NOT_FINITE, None
             self.probed.settle(update, probe, accepted=reason is None)
             if reason is None:
                 self._accept(update, norm, probe.rows)
@@ -275,7 +285,7 @@ class RoundReplies:
     def _screen_problem(self, update: ClientUpdate, norm: float) -> str | None:
         """Why the norm screen refuses ``update`` outright (NaN, Inf, overflow), else None and its
         ``norm`` joins the pool."""
-        if not math.isfinite(norm) and not all_finite(update_tensors(update)):
+        if not math.isfinite(norm) and not all_finite(sent_tensors(update)):
             return NOT_FINITE
         return self.screen.add(norm)
 

@@ -111,8 +111,7 @@ def validate(
         problem = layout_problem(update, reference, sent, mixed_ranks)
     if problem:
         return problem
-    tensors = [update.flat.span] if update.flat is not None else update_tensors(update)  # what it sent
-    if check_finite and not all_finite(tensors):
+    if check_finite and not all_finite(sent_tensors(update)):
         return NOT_FINITE
     # a decoded reply's scales were checked by fedpeft.wire (positive and finite)
     scales = () if update.flat is not None else tuple(f.scale for f in update.factors.values())
@@ -147,6 +146,11 @@ def layout_problem(
 def update_tensors(update: ClientUpdate) -> list[Tensor]:
     """Every tensor an update carries: its factors', then its extras."""
     return [t for f in update.factors.values() for t in factor_tensors(f)] + list(update.extras.values())
+
+
+def sent_tensors(update: ClientUpdate) -> list[Tensor]:
+    """What the update sent: its one span when it decoded whole, else ``update_tensors``."""
+    return [update.flat.span] if update.flat is not None else update_tensors(update)
 
 
 def factor_tensors(factors: AdapterFactors) -> tuple[Tensor, ...]:

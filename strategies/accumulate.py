@@ -234,7 +234,7 @@ class WeightedSum:
         if self.pending is None:
             raise RuntimeError("this sum's mean was taken already: a WeightedSum gives it once")
         mean = divided(self.pending.flush(), self.total)
-        _spare[:] = [self.pending.total]
+        release_sum(self.pending.total)
         self.pending = None
         return dict(zip(self.layout.keys, self.layout.views(mean), strict=True))
 
@@ -249,3 +249,8 @@ def zeroed_sum(numel: int) -> Tensor:
     if _spare and _spare[0].numel() == numel:
         return _spare.pop().zero_()
     return torch.zeros(numel, dtype=torch.float64)
+
+
+def release_sum(total: Tensor) -> None:
+    """Hand a finished sum's float64 buffer (no longer read) to the next ``zeroed_sum``."""
+    _spare[:] = [total]

@@ -67,7 +67,10 @@ class DeltaClipper:
     def clip(self, update: ClientUpdate, max_norm: float) -> float:
         """Measure ``update`` (it is left in ``self.span``) and return the factor that brings
         the delta within ``max_norm``; the norm and whether it was clipped go into the metrics."""
-        norm = self.measure(update)
+        return self.record(self.measure(update), max_norm)
+
+    def record(self, norm: float, max_norm: float) -> float:
+        """Count an update of L2 norm ``norm`` (its delta's) in the metrics; its clipping factor."""
         factor = clip_factor(norm, max_norm)
         self.norms.append(norm)
         self.clipped += factor < 1.0

@@ -45,9 +45,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedpeft.privacy import PrivacyAccountant, SecureRandom
+from fedpeft.kernels import FOLD_WIDTH, released_, segments_statistics
+from fedpeft.privacy import PrivacyAccountant, SecureRandom, clip_factor
 from fedpeft.state import ClientPlan, ClientUpdate, GlobalState, split_trained
-from strategies.accumulate import HeldFold, add_scaled_
+from strategies.accumulate import HeldFold, Probe, add_scaled_, release_sum, zeroed_sum
 from strategies.base import StopFederation, Strategy, aggregate_stream
 from strategies.clip import DeltaClipper
 from strategies.registry import StrategyError, create_strategy
@@ -225,7 +226,12 @@ NOISE_CHUNK = 1 << 22  # noise drawn per chunk of this many values: its float64 
 
 class PrivateSum:
     """dp's accumulator: the sum of the clients' clipped deltas from the global adapter, all
-    tensors of an update taken as one flat vector."""
+    tensors of an update taken as one flat vector.
+
+    Clipping needs an update's norm before its fold, so each update is read twice. A reply the
+    server hands over unjudged (``add_probed``: it decoded whole in this round's layout) waits
+    until ``FOLD_WIDTH`` do; one pass then measures them, reading the sent state once for all
+    (its rows fill the probes the server judges them by), and the finite ones are folded clipped."""
 
     def __init__(self, dp: DifferentialPrivacy, rnd: int, state: GlobalState) -> None:
         self.dp, self.rnd, self.state = dp, rnd, state
@@ -236,14 +242,51 @@ class PrivateSum:
         # sum_k f_k x_k over the clipped updates x_k (f_k their clipping factors), and sum_k f_k:
         # the sum of clipped deltas is then the first less the second times the reference, in
         # float64 (cancellation costs about K float64 ulps of x: far below float32's)
-        self.total = torch.zeros(self.clipper.layout.numel, dtype=torch.float64)  # order-independent
+        self.total = zeroed_sum(self.clipper.layout.numel)  # float64: order-independent
         self.pending = HeldFold(self.total)
         self.factors = 0.0
+        self.held: list[tuple[Tensor, Probe]] = []  # unjudged replies' spans, not yet measured
 
     def add(self, update: ClientUpdate) -> None:
         factor = self.clipper.clip(update, self.dp.clip_norm)
         self.factors += factor
         self.pending.add(self.clipper.span, factor, keep=self.clipper.own_bytes)  # a copy may be reused
+
+    def add_probed(self, update: ClientUpdate, probe: Probe) -> bool:
+        """Hold ``update`` to be measured with others (``fold_held``); False where it did not
+        decode whole in this round's layout. ``settle`` it once ``probe`` is filled."""
+        span = self.clipper.layout.span_of(update.flat)
+        if span is None:
+            return False
+        self.held.append((span, probe))
+        if len(self.held) == FOLD_WIDTH:
+            self.fold_held()
+        return True
+
+    def fold_held(self) -> None:
+        """Measure the held replies in one pass, filling their probes, and fold each finite one
+        clipped (a NaN or Inf stays out: the server refuses it)."""
+        if not self.held:
+            return
+        spans, probes = zip(*self.held, strict=True)
+        self.held = []
+        rows = segments_statistics(spans, self.clipper.reference, probes[0].starts, probes[0].sizes)
+        for span, probe, row in zip(spans, probes, rows, strict=True):
+            probe.rows = row
+            if math.isfinite(probe.squared_distance):
+                self.pending.add(span, self._factor(probe))
+
+    def settle(self, update: ClientUpdate, probe: Probe, accepted: bool) -> None:
+        """Count an accepted reply (its norm and clipping factor), or take a refused one back."""
+        if accepted:
+            self.factors += self.clipper.record(math.sqrt(probe.squared_distance), self.dp.clip_norm)
+        elif math.isfinite(probe.squared_distance):  # it was folded
+            self.pending.add(self.clipper.layout.span_of(update.flat), -self._factor(probe))
+
+    def _factor(self, probe: Probe) -> float:
+        """The clipping factor of a measured reply: 0 where its norm overflowed (nothing folded)."""
+        norm = math.sqrt(probe.squared_distance)
+        return clip_factor(norm, self.dp.clip_norm) if math.isfinite(norm) else 0.0
 
     def add_sum(self, clipped: dict[str, Tensor]) -> None:
         """Fold in a sum of deltas already clipped (by the clients themselves)."""
@@ -253,10 +296,13 @@ class PrivateSum:
         dp, layout = self.dp, self.clipper.layout
         self.pending.add(self.clipper.reference, -self.factors, keep=False)  # now the sum of clipped deltas
         std = dp.update_noise_multiplier * dp.clip_norm
-        for start in range(0, layout.numel, NOISE_CHUNK) if std > 0 else ():  # bounded temporaries
-            part = self.total[start : start + NOISE_CHUNK]
-            add_scaled_(part, dp.random.normal(part.numel(), std))
-        add_scaled_(self.total.div_(dp.clients_per_round), self.clipper.reference)
+        mean = torch.empty(layout.numel)  # the noised mean delta, added to the reference
+        for start in range(0, layout.numel, NOISE_CHUNK):  # bounded temporaries
+            end = min(start + NOISE_CHUNK, layout.numel)
+            noise = dp.random.normal(end - start, std) if std > 0 else torch.zeros(end - start)
+            reference = self.clipper.reference[start:end]
+            released_(mean[start:end], self.total[start:end], noise, reference, dp.clients_per_round)
+        release_sum(self.total)
         dp.accountant.step()
         metrics = {
             "epsilon": dp.accountant.epsilon(),
@@ -270,7 +316,7 @@ class PrivateSum:
             )
             metrics["noised_unclipped_fraction"] = fraction
         dp.last_metrics = metrics
-        noised = dict(zip(layout.keys, layout.views(self.total.to(torch.float32)), strict=True))
+        noised = dict(zip(layout.keys, layout.views(mean), strict=True))
         factors, noised_extras = split_trained(noised, self.state.adapter)
         extras = {**self.state.extras, **noised_extras}  # frozen extras: the global ones
         first = next(iter(factors.values()))

@@ -6,6 +6,8 @@ Kept because it is the baseline every paper compares against.
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, trained_tensors, update_weight
@@ -55,7 +57,11 @@ class FactorAverage:
 
     def add_probed(self, update: ClientUpdate, probe: Probe) -> bool:
         """Hold ``update`` for a fold that measures it before it is judged; False (nothing taken)
-        where it did not decode whole in the sum's layout. ``settle`` it once ``probe`` is filled."""
+        where it did not decode whole in the sum's layout, or ``probe`` has no finite cap (the fold
+        takes it before measuring it: a refused reply's part in the sum must be bounded to be taken
+        back). ``settle`` it once ``probe`` is filled."""
+        if not math.isfinite(probe.cap):
+            return False
         return self._add_flat(update, update_weight(update, self.weighting), probe)
 
     def _add_flat(self, update: ClientUpdate, weight: float, probe: Probe | None = None) -> bool:

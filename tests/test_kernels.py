@@ -15,6 +15,7 @@ from fedpeft.kernels import (
     float32_cap,
     fold_,
     masked_fold_,
+    released_,
     screened_fold_,
     segment_statistics,
 )
@@ -77,6 +78,14 @@ def test_box_muller_gives_the_float64_transform_of_its_words_rounded_to_float32(
     got = box_muller(words, 999, 3.0)
     assert got.dtype == torch.float32 and got.shape == (999,)
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-7)  # float32 rounding
+
+
+def test_released_is_the_float64_noised_mean_rounded_once_to_float32():
+    gen = torch.Generator().manual_seed(2)
+    total = torch.randn(999, generator=gen, dtype=torch.float64) * 7
+    noise, reference = torch.randn(999, generator=gen), torch.randn(999, generator=gen)
+    expected = ((total + noise.double()) / 3.0 + reference.double()).float()
+    assert torch.equal(released_(torch.empty(999), total, noise, reference, 3.0), expected)
 
 
 def screened_case(count: int, seed: int = 0):

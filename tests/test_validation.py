@@ -18,7 +18,7 @@ from fedpeft.testing import LocalGrid
 from fedpeft.wire import decode_state, decode_update, encode_update
 from server.loop import FederatedRun
 from server.replies import RoundReplies, moment_segments
-from server.validation import NormScreen, ReplyLimits, SpanDistance, segments, update_norm, validate
+from server.validation import NOT_FINITE, NormScreen, ReplyLimits, SpanDistance, segments, update_norm, validate
 from strategies import create_strategy
 from strategies.accumulate import Probe
 from tests import factories
@@ -255,6 +255,36 @@ def test_replies_measured_in_the_fold_are_judged_as_each_on_arrival(name):
     assert set(previous) <= set(probed.screen.pool) and len(probed.screen.pool) == 11  # not the NaN
     assert probed.screen.pool == pytest.approx(one_by_one.screen.pool, rel=1e-5)
     got, expected = probed.aggregate(), one_by_one.aggregate()
+    for name, f in got.adapter.items():
+        torch.testing.assert_close(f.A, expected.adapter[name].A, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(f.B, expected.adapter[name].B, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got.extras["head.bias"], expected.extras["head.bias"], rtol=1e-6, atol=1e-7)
+
+
+def test_dp_measures_unjudged_replies_four_at_a_time_and_the_server_refuses_a_nan():
+    """Under dp (the norm screen off) float32 replies in the round's layout go to dp's accumulator
+    unjudged; one pass measures four, the finite ones are folded clipped, and the one with a NaN
+    is refused once measured. The release is the one of the same replies clipped one at a time
+    (the same noise), the NaN left out; an fp16 reply between them is judged at once."""
+    state = sent_state()
+    updates = [trained(state, seed) for seed in range(1, 8)]
+    updates[4].extras["head.bias"][-1] = float("nan")
+    compression = ["none"] * 7
+    compression[2] = "fp16"
+    decoded = [
+        decode_update(encode_update(u, compression=c), str(i), state.adapter)
+        for i, (u, c) in enumerate(zip(updates, compression, strict=True))
+    ]
+    options = {"inner": "fedavg", "clip_norm": 0.05, "noise_multiplier": 0.5, "insecure_noise_seed": 3}
+    limits = ReplyLimits(max_norm_ratio=0.0)
+    probed = RoundReplies(create_strategy("dp", options, CONTEXT), 1, state, limits)
+    assert [probed.offer(u) for u in decoded] == [None] * 7
+    assert dict(probed.close()) == {"4": NOT_FINITE} and probed.rejected == 1 and probed.count == 6
+    assert probed.norms == []  # nothing per client is recorded under dp
+    dp = create_strategy("dp", options, CONTEXT)
+    expected = dp.aggregate(1, state, [dataclasses.replace(u, flat=None) for u in decoded if u.client_id != "4"])
+    got = probed.aggregate()
+    assert probed.strategy.last_metrics == dp.last_metrics and 0 < dp.last_metrics["epsilon"]
     for name, f in got.adapter.items():
         torch.testing.assert_close(f.A, expected.adapter[name].A, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(f.B, expected.adapter[name].B, rtol=1e-6, atol=1e-7)
