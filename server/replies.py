@@ -45,7 +45,6 @@ from server.validation import (
     segments,
     sent_tensors,
     update_norm,
-    update_tensors,
     validate,
 )
 from strategies.accumulate import Probe
@@ -350,7 +349,7 @@ class RoundReplies:
     def _kept(self, update: ClientUpdate) -> ClientUpdate:
         """``update``, copied if any of its tensors lives in the reused decode buffer."""
         buffer = self.decode_buffer.tensor.untyped_storage().data_ptr() if self.decode_buffer else None
-        tensors = update_tensors(update)
+        tensors = sent_tensors(update)  # a reply decoded whole: its span (no per-module views built)
         if buffer is not None and any(t.untyped_storage().data_ptr() == buffer for t in tensors):
             return copy.deepcopy(update)
         return update

@@ -143,7 +143,7 @@ def honest(kind: str, seed: int) -> RecordDict:
 
 
 def required_meta(r: Reply) -> list[str]:
-    return sorted({"round", "rank", "alpha", "sent-A"} | {k for k in r.meta if k.startswith("scale/")})
+    return sorted({"round", "rank", "alpha", "sent-A"} | ({"scales"} & r.meta.keys()))
 
 
 # Mutations: each edits the reply and says whether it is now invalid, still valid, or unknown.
@@ -153,6 +153,7 @@ WRONG_TYPES = {
     "rank": ["4", 4.0, False, [4]],
     "alpha": ["16", True, [16.0], b"\x00"],
     "sent-A": [1, "true", 0.0, [True]],
+    "scales": ["1", 1.0, [True], [b"\x00"]],
 }
 
 
@@ -283,8 +284,13 @@ def restype(data, r: Reply) -> str:
 
 
 def bad_scalar(data, r: Reply) -> str:
-    key = data.draw(st.sampled_from(["alpha", *[k for k in r.meta if k.startswith("scale/")]]))
-    r.meta[key] = data.draw(st.sampled_from([math.nan, math.inf, -math.inf, -1.0, 0.0]))
+    bad = data.draw(st.sampled_from([math.nan, math.inf, -math.inf, -1.0, 0.0]))
+    scales = list(r.meta.get("scales", []))
+    if not scales or data.draw(st.booleans()):
+        r.meta["alpha"] = bad
+        return INVALID
+    scales[data.draw(st.integers(0, len(scales) - 1))] = bad
+    r.meta["scales"] = scales
     return INVALID
 
 
@@ -401,7 +407,7 @@ RECORD = st.one_of(
     st.dictionaries(NAMES, st.one_of(NPY, RAW), max_size=6).map(lambda d: ArrayRecord(array_dict=d)),
     st.dictionaries(st.just(PACKED_KEY), PACKED, min_size=1).map(lambda d: ArrayRecord(array_dict=d)),
     st.dictionaries(
-        st.one_of(st.sampled_from(["round", "rank", "alpha", "sent-A", "delta", "scale/layer.0.q"]), NAMES),
+        st.one_of(st.sampled_from(["round", "rank", "alpha", "sent-A", "delta", "scales"]), NAMES),
         st.one_of(SCALARS, st.lists(st.integers(-5, 5), max_size=3)),
         max_size=6,
     ).map(ConfigRecord),

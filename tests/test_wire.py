@@ -196,6 +196,18 @@ def test_replies_in_one_layout_share_one_layout_object():
 @pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), "2"])
 def test_a_reply_whose_scale_is_not_a_positive_number_is_a_wire_error(scale):
     content = encode_update(factories.update(rank=2, seed=0, num_examples=3))
-    content["update-meta"]["scale/layer.0.q"] = scale
-    with pytest.raises(WireError, match="scale/layer.0.q"):
+    modules = len(content["update-meta"]["scales"])
+    content["update-meta"]["scales"] = [scale] * modules  # a list holds values of one type
+    with pytest.raises(WireError, match="scale of layer.0.q in 'scales'"):
+        decode_update(content)
+
+
+@pytest.mark.parametrize("scales", [None, 2.0, [2.0]])
+def test_a_reply_without_one_scale_per_module_is_a_wire_error(scales):
+    content = encode_update(factories.update(rank=2, seed=0, num_examples=3))
+    if scales is None:
+        del content["update-meta"]["scales"]
+    else:
+        content["update-meta"]["scales"] = scales
+    with pytest.raises(WireError, match="one LoRA scale per module"):
         decode_update(content)

@@ -40,6 +40,7 @@ NUM_EXAMPLES = "num-examples"
 NUM_TRAINED = "num-trained"
 WEIGHT = "weight"  # a masked reply's weight under the strategy's weighting (secure aggregation)
 
+SCALES = "scales"  # meta: each module's LoRA scale, in the order the modules' tensors travel
 PLAN = "plan"
 IDENTITY = "identity"
 FEEDBACK = "error-feedback"
@@ -59,7 +60,8 @@ def encode_state(state: GlobalState) -> RecordDict:
         tensors[f"adapter/{name}/B"] = f.B
         if f.R is not None:
             tensors[f"adapter/{name}/R"] = f.R
-        meta[f"scale/{name}"] = f.scale
+    if state.adapter is not None:
+        meta[SCALES] = [float(f.scale) for f in state.adapter.values()]
     for name, t in state.extras.items():
         tensors[f"extra/{name}"] = t
     return RecordDict({STATE_ARRAYS: pack_tensors(tensors), STATE_META: ConfigRecord(meta)})
@@ -71,8 +73,9 @@ def decode_state(content: RecordDict) -> GlobalState:
     merged = {n: LowRankDelta(U=p["U"], V=p["V"]) for n, p in groups["merged"].items()}
     adapter = None
     if _meta(meta, "has-adapter", bool):
+        scales = _scales(meta, tuple(groups["adapter"]))
         adapter = {
-            n: AdapterFactors(A=p["A"], B=p["B"], scale=_meta(meta, f"scale/{n}", float), R=p.get("R"))
+            n: AdapterFactors(A=p["A"], B=p["B"], scale=scales[n], R=p.get("R"))
             for n, p in groups["adapter"].items()
         }
     return GlobalState(round=_meta(meta, "round", int), merged=merged, adapter=adapter, extras=extras)
@@ -138,7 +141,7 @@ def encode_update(
         for part, rank_dim in parts:
             base = getattr(reference[name], part) if delta else None  # type: ignore[index]
             tensors[f"lora/{name}/{part}"] = encoded(f"lora/{name}/{part}", getattr(f, part), base, rank_dim)
-        meta[f"scale/{name}"] = f.scale
+    meta[SCALES] = [float(f.scale) for f in update.factors.values()]
     for name, t in update.extras.items() if send_extras else ():
         base = reference_extras[name] if delta_extras else None  # type: ignore[index]
         tensors[f"extra/{name}"] = encoded(f"extra/{name}", t, base, 0 if t.ndim == 2 else None)
@@ -335,26 +338,22 @@ def _meta(meta: ConfigRecord, key: str, kind: type):
 
 
 def _scales(meta: ConfigRecord, modules: tuple[str, ...]) -> dict[str, float]:
-    """Each module's ``scale/<module>``, checked to be a positive finite number (read from one
-    plain copy of the record and checked in one numpy pass: hundreds of lookups through Flower's
-    typed mapping, or a Python check per module, cost more than the rest of a small reply's
+    """``scales``: each module's LoRA scale, in the order its tensors travel, checked to be a
+    positive finite number in one numpy pass (one list entry: a meta entry per module, hundreds
+    of lookups through Flower's typed mapping, cost more than the rest of a small reply's
     decoding)."""
-    config = dict(meta.items())
-    values = [config.get(key) for key in _scale_keys(modules)]
+    values = meta.get(SCALES)
+    if not isinstance(values, list) or len(values) != len(modules):
+        raise WireError(f"'{SCALES}' must list one LoRA scale per module ({len(modules)}), got {values!r}")
     scales = np.array(values, dtype=np.float64) if set(map(type, values)) <= {int, float} else None
     if scales is None or not (np.isfinite(scales) & (scales > 0)).all():
         name, value = next((n, v) for n, v in zip(modules, values, strict=True) if not _positive_finite(v))
-        raise WireError(f"'scale/{name}' must be a positive finite number, got {value!r}")
+        raise WireError(f"the scale of {name} in '{SCALES}' must be a positive finite number, got {value!r}")
     return dict(zip(modules, scales.tolist(), strict=True))
 
 
 def _positive_finite(value: object) -> bool:
     return type(value) in (int, float) and math.isfinite(value) and value > 0  # type: ignore[arg-type]
-
-
-@functools.lru_cache(maxsize=16)
-def _scale_keys(modules: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(f"scale/{name}" for name in modules)
 
 
 def _split(
