@@ -219,6 +219,15 @@ def test_a_layout_verdict_is_kept_per_declared_rank():
     assert "declared rank 1" in replies.offer(replies.decode(bad, "b"))
 
 
+def decoded_replies(state: GlobalState, updates: list[ClientUpdate], fp16_at: int) -> list[ClientUpdate]:
+    """``updates`` as the server decodes their replies (client ids "0", "1", ...), the one at
+    ``fp16_at`` sent in fp16 (not decoded whole: judged on arrival)."""
+    return [
+        decode_update(encode_update(u, compression="fp16" if i == fp16_at else "none"), str(i), state.adapter)
+        for i, u in enumerate(updates)
+    ]
+
+
 @pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedsa"])  # accumulators that wrap fedavg's
 def test_replies_measured_in_the_fold_are_judged_as_each_on_arrival(name):
     """With last round's norms in the pool, float32 replies in the round's layout go to the fold
@@ -230,12 +239,7 @@ def test_replies_measured_in_the_fold_are_judged_as_each_on_arrival(name):
     updates = [trained(state, seed) for seed in range(1, 10)]
     updates[2] = trained(state, 3, boost=100.0)
     updates[5].extras["head.bias"][-1] = float("nan")
-    compression = ["none"] * 9
-    compression[6] = "fp16"
-    decoded = [
-        decode_update(encode_update(u, compression=c), str(i), state.adapter)
-        for i, (u, c) in enumerate(zip(updates, compression, strict=True))
-    ]
+    decoded = decoded_replies(state, updates, fp16_at=6)
     previous = [update_norm(trained(state, seed), state) for seed in (11, 12, 13)]
     limits = ReplyLimits(previous_norms=previous)
     probed = RoundReplies(create_strategy(name, {}, CONTEXT), 1, state, limits)
@@ -269,12 +273,7 @@ def test_dp_measures_unjudged_replies_four_at_a_time_and_the_server_refuses_a_na
     state = sent_state()
     updates = [trained(state, seed) for seed in range(1, 8)]
     updates[4].extras["head.bias"][-1] = float("nan")
-    compression = ["none"] * 7
-    compression[2] = "fp16"
-    decoded = [
-        decode_update(encode_update(u, compression=c), str(i), state.adapter)
-        for i, (u, c) in enumerate(zip(updates, compression, strict=True))
-    ]
+    decoded = decoded_replies(state, updates, fp16_at=2)
     options = {"inner": "fedavg", "clip_norm": 0.05, "noise_multiplier": 0.5, "insecure_noise_seed": 3}
     limits = ReplyLimits(max_norm_ratio=0.0)
     probed = RoundReplies(create_strategy("dp", options, CONTEXT), 1, state, limits)
