@@ -49,7 +49,7 @@ def _statistics4(x0, x1, x2, x3, reference, starts, sizes, out):  # pragma: no c
                     out[g, j, k] += rows[g][k]
 
 
-def padded(parts: Sequence[Tensor], reference: Tensor) -> list[np.ndarray]:
+def _padded(parts: Sequence[Tensor], reference: Tensor) -> list[np.ndarray]:
     """``FOLD_WIDTH`` arrays for a four-part loop: ``parts``, then ``reference`` in the places left."""
     if not 0 < len(parts) <= FOLD_WIDTH:
         raise ValueError(f"a pass takes 1 to {FOLD_WIDTH} parts, got {len(parts)}")
@@ -62,7 +62,7 @@ def segments_statistics(
     """``segment_statistics`` of up to ``FOLD_WIDTH`` parts in one pass (``reference`` read once):
     rows ``(parts, segments, 3)``."""
     out = np.zeros((FOLD_WIDTH, starts.size, 3))
-    _statistics4(*padded(parts, reference), reference.numpy(), starts, sizes, out)
+    _statistics4(*_padded(parts, reference), reference.numpy(), starts, sizes, out)
     return out[: len(parts)]
 
 
@@ -193,7 +193,7 @@ def screened_fold_(
     out = np.zeros((FOLD_WIDTH, starts.size, 3))
     _screened_fold4(
         total.numpy(),
-        *padded(parts, reference),
+        *_padded(parts, reference),
         np.array([*weights, *[0.0] * pad], dtype=np.float64),
         reference.numpy(),
         starts,

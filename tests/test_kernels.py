@@ -18,6 +18,7 @@ from fedpeft.kernels import (
     released_,
     screened_fold_,
     segment_statistics,
+    segments_statistics,
 )
 
 
@@ -78,6 +79,14 @@ def test_box_muller_gives_the_float64_transform_of_its_words_rounded_to_float32(
     got = box_muller(words, 999, 3.0)
     assert got.dtype == torch.float32 and got.shape == (999,)
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-7)  # float32 rounding
+
+
+def test_parts_measured_in_one_pass_get_the_statistics_each_gets_alone():
+    sizes, reference, parts, _, _ = screened_case(FOLD_WIDTH - 1, seed=3)
+    rows = segments_statistics(parts, reference, *segments(*sizes))
+    assert rows.shape == (FOLD_WIDTH - 1, len(sizes), 3)
+    for part, row in zip(parts, rows, strict=True):
+        assert np.array_equal(row, segment_statistics(part, reference, *segments(*sizes)))
 
 
 def test_released_is_the_float64_noised_mean_rounded_once_to_float32():
