@@ -214,7 +214,9 @@ def _masked_fold(total, x, w, reference, cap, inside):  # pragma: no cover - com
         total[i] = total[i] + w * (x[i] if within == inside else zero)
 
 
-def masked_fold_(total: Tensor, part: Tensor, weight: float, reference: Tensor, cap: float, inside: bool) -> Tensor:
+def masked_fold_(
+    total: Tensor, part: Tensor, weight: float, reference: Tensor, cap: float, inside: bool
+) -> Tensor:
     """``total += weight * part`` over the elements ``screened_fold_`` took of ``part`` at ``cap``
     (``inside``) or over those it left out (not ``inside``): take back a refused part with a
     negative weight, or fold the rest of an accepted one."""

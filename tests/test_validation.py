@@ -18,7 +18,15 @@ from fedpeft.testing import LocalGrid
 from fedpeft.wire import decode_state, decode_update, encode_update
 from server.loop import FederatedRun
 from server.replies import RoundReplies, moment_segments
-from server.validation import NOT_FINITE, NormScreen, ReplyLimits, SpanDistance, segments, update_norm, validate
+from server.validation import (
+    NOT_FINITE,
+    NormScreen,
+    ReplyLimits,
+    SpanDistance,
+    segments,
+    update_norm,
+    validate,
+)
 from strategies import create_strategy
 from strategies.accumulate import Probe
 from tests import factories
@@ -281,7 +289,8 @@ def test_dp_measures_unjudged_replies_four_at_a_time_and_the_server_refuses_a_na
     assert dict(probed.close()) == {"4": NOT_FINITE} and probed.rejected == 1 and probed.count == 6
     assert probed.norms == []  # nothing per client is recorded under dp
     dp = create_strategy("dp", options, CONTEXT)
-    expected = dp.aggregate(1, state, [dataclasses.replace(u, flat=None) for u in decoded if u.client_id != "4"])
+    kept = [dataclasses.replace(u, flat=None) for u in decoded if u.client_id != "4"]
+    expected = dp.aggregate(1, state, kept)
     got = probed.aggregate()
     assert probed.strategy.last_metrics == dp.last_metrics and 0 < dp.last_metrics["epsilon"]
     for name, f in got.adapter.items():
