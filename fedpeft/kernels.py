@@ -39,14 +39,19 @@ def _block_statistics4(x0, x1, x2, x3, reference, lo, hi):  # pragma: no cover -
 
 
 @numba.njit(nogil=True, cache=True)
+def _add_rows(out, j, rows):  # pragma: no cover - compiled
+    # a block's (distance, sum, sum of squares) per part into segment j's float64 totals
+    for g in range(4):
+        for k in range(3):
+            out[g, j, k] += rows[g][k]
+
+
+@numba.njit(nogil=True, cache=True)
 def _statistics4(x0, x1, x2, x3, reference, starts, sizes, out):  # pragma: no cover - compiled
     for j in range(starts.size):
         end = starts[j] + sizes[j]
         for lo in range(starts[j], end, BLOCK):
-            rows = _block_statistics4(x0, x1, x2, x3, reference, lo, min(lo + BLOCK, end))
-            for g in range(4):
-                for k in range(3):
-                    out[g, j, k] += rows[g][k]
+            _add_rows(out, j, _block_statistics4(x0, x1, x2, x3, reference, lo, min(lo + BLOCK, end)))
 
 
 def _padded(parts: Sequence[Tensor], reference: Tensor) -> list[np.ndarray]:
@@ -156,9 +161,7 @@ def _screened_fold4(total, x0, x1, x2, x3, w, reference, starts, sizes, caps, ou
                 total, x0, x1, x2, x3, w[0], w[1], w[2], w[3], reference,
                 caps[0], caps[1], caps[2], caps[3], lo, min(lo + BLOCK, end),
             )  # fmt: skip
-            for g in range(4):
-                for k in range(3):
-                    out[g, j, k] += rows[g][k]
+            _add_rows(out, j, rows)
 
 
 def float32_cap(cap: float) -> np.float32:

@@ -81,6 +81,12 @@ def receive(grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator
             time.sleep(POLL_SECONDS)
 
 
+def not_finite(update: ClientUpdate, norm: float = math.nan) -> bool:
+    """Whether ``update`` holds a NaN or Inf: no pass over it when ``norm``, measured over what it
+    sent, is finite (a NaN or Inf would show in it; an infinite norm may merely overflow)."""
+    return not math.isfinite(norm) and not all_finite(sent_tensors(update))
+
+
 def a_variances(update: ClientUpdate, statistics: np.ndarray | None = None) -> ModuleValues:
     """The (unbiased) variance of each module's A from its sum and its sum of squares, the
     difference taken in float64 (``Tensor.var`` per module cost more than the rest of a small
@@ -221,7 +227,7 @@ class RoundReplies:
         self._judge_waiting()  # replies are judged in arrival order (the pool takes their norms so)
         norm = None
         if not self.screen.ratio:
-            if not all_finite(sent_tensors(update)):
+            if not_finite(update):
                 return self._reject(f"invalid update: {NOT_FINITE}")
         else:
             norm = update_norm(update, self.state, self.span)
@@ -271,8 +277,7 @@ class RoundReplies:
             if self.screen.ratio:
                 reason = self._screen_problem(update, norm) or self.screen.verdict(norm)
             else:  # only a NaN or Inf refuses a reply; its norm is not recorded
-                finite = math.isfinite(norm) or all_finite(sent_tensors(update))
-                reason, norm = None if finite else NOT_FINITE, None
+                reason, norm = NOT_FINITE if not_finite(update, norm) else None, None
             self.probed.settle(update, probe, accepted=reason is None)
             if reason is None:
                 self._accept(update, norm, probe.rows)
@@ -284,7 +289,7 @@ class RoundReplies:
     def _screen_problem(self, update: ClientUpdate, norm: float) -> str | None:
         """Why the norm screen refuses ``update`` outright (NaN, Inf, overflow), else None and its
         ``norm`` joins the pool."""
-        if not math.isfinite(norm) and not all_finite(sent_tensors(update)):
+        if not_finite(update, norm):
             return NOT_FINITE
         return self.screen.add(norm)
 
