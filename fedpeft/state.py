@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
@@ -56,6 +56,19 @@ class ClientPlan:
     def send_extras(self) -> bool:
         """Whether clients send the dense extras: when they train them and keep no personal ones."""
         return self.train_extras and not self.personal_extras
+
+
+class FactorShapes(NamedTuple):
+    """One module's factor shapes: what the server checks of a reply's layout, known without
+    building per-module views of a reply that decoded whole."""
+
+    A: tuple[int, ...]
+    B: tuple[int, ...]
+    R: tuple[int, ...] | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.A[0]
 
 
 @dataclass
@@ -163,6 +176,21 @@ class ClientUpdate:
     client_id: str = ""  # stable across reconnects and resumes (client/runtime.py client_id), not a node id
     num_trained: int = 0
     flat: FlatTensors | None = None
+
+    def scales(self) -> dict[str, float]:
+        """Each module's LoRA scale (a decoded reply knows them without building its factors)."""
+        known = getattr(self.factors, "scales", None)
+        return dict(known) if known is not None else {m: f.scale for m, f in self.factors.items()}
+
+    def factor_shapes(self) -> dict[str, FactorShapes]:
+        """Each module's factor shapes (a decoded reply knows them without building its factors)."""
+        known = getattr(self.factors, "shapes", None)
+        if known is not None:
+            return known()
+        return {
+            m: FactorShapes(tuple(f.A.shape), tuple(f.B.shape), None if f.R is None else tuple(f.R.shape))
+            for m, f in self.factors.items()
+        }
 
 
 @dataclass

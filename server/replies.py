@@ -92,20 +92,28 @@ def a_variances(update: ClientUpdate, statistics: np.ndarray | None = None) -> M
     difference taken in float64 (``Tensor.var`` per module cost more than the rest of a small
     reply's server time). A reply that decoded whole reads them from its tensors' rows of
     ``statistics`` (``SpanDistance.statistics``), or from one compiled pass over its span; any
-    other takes one fused multi-tensor norm over its A's."""
-    if update.flat is not None and sends_A(update.flat.layout):
-        layout = update.flat.layout
-        if statistics is None:
-            statistics = segment_statistics(update.flat.span, update.flat.span, *segments(layout))
-        rows, modules, n = a_entries(layout)
-        sums, squares = statistics[rows, 1], statistics[rows, 2]
-    else:
+    other from one pass over its A's gathered (``tensor_variances``)."""
+    if update.flat is None or not sends_A(update.flat.layout):
         modules = tuple(update.factors)
-        As = [update.factors[m].A for m in modules]
-        squares = torch.stack(torch._foreach_norm(As)).double().square().numpy()
-        sums = torch.stack([a.sum() for a in As]).double().numpy()
-        n = np.array([a.numel() for a in As], dtype=np.float64)
-    return ModuleValues(modules, (squares - sums * sums / n) / np.maximum(n - 1, 1))
+        return tensor_variances(modules, [update.factors[m].A for m in modules])
+    layout = update.flat.layout
+    if statistics is None:
+        statistics = segment_statistics(update.flat.span, update.flat.span, *segments(layout))
+    rows, modules, n = a_entries(layout)
+    return _variances(modules, statistics[rows, 1], statistics[rows, 2], n)
+
+
+def tensor_variances(names: tuple[str, ...], tensors: list[torch.Tensor]) -> ModuleValues:
+    """The (unbiased) variance of each of ``tensors``: one compiled pass over them gathered into
+    one span (one ``Tensor.var`` each costs several times that on a small adapter's 120)."""
+    span = torch.cat([t.reshape(-1).float() for t in tensors])
+    sizes = np.array([t.numel() for t in tensors], dtype=np.int64)
+    statistics = segment_statistics(span, span, np.cumsum(sizes) - sizes, sizes)
+    return _variances(names, statistics[:, 1], statistics[:, 2], sizes.astype(np.float64))
+
+
+def _variances(names: tuple[str, ...], sums: np.ndarray, squares: np.ndarray, n: np.ndarray) -> ModuleValues:
+    return ModuleValues(names, (squares - sums * sums / n) / np.maximum(n - 1, 1))
 
 
 @dataclass(frozen=True)
@@ -390,8 +398,12 @@ class RoundReplies:
             if statistics is None:
                 statistics = self.span.statistics(update.flat, self.state)[0]
             return a_variances(update, statistics)
-        if update.rank not in self.sent_variances:
-            self.sent_variances[update.rank] = a_variances(update)
+        if update.rank not in self.sent_variances:  # the A's the server sent, at the reply's rank
+            assert self.state.adapter is not None  # a streaming round has one
+            modules = tuple(self.state.adapter)
+            sent = [self.state.adapter[m].A for m in modules]
+            sent = [a if a.shape[0] == update.rank else a[: update.rank] for a in sent]
+            self.sent_variances[update.rank] = tensor_variances(modules, sent)
         return self.sent_variances[update.rank]
 
     def diagnostics(self, result: GlobalState) -> dict[str, float]:

@@ -43,7 +43,7 @@ NOT_FINITE = "a tensor holds NaN or Inf"
 
 def signature(update: ClientUpdate) -> Signature:
     """Module names with their (d_out, d_in), plus extras with their shapes: what must agree."""
-    mods = [(n, (f.B.shape[0], f.A.shape[1])) for n, f in update.factors.items()]
+    mods = [(n, (s.B[0], s.A[1])) for n, s in update.factor_shapes().items()]
     extras = [(f"extra/{n}", tuple(t.shape)) for n, t in update.extras.items()]
     return tuple(sorted(mods + extras))  # type: ignore[arg-type]
 
@@ -66,18 +66,15 @@ def shape_problem(update: ClientUpdate) -> str | None:
         return "the update carries no LoRA factors"
     if update.rank < 1:
         return f"the declared rank {update.rank} is not positive"
-    for name, f in update.factors.items():
-        if f.A.ndim != 2 or f.B.ndim != 2:
-            return f"{name}: factors must be 2-D, got A{tuple(f.A.shape)} B{tuple(f.B.shape)}"
-        if f.A.shape[0] != update.rank or f.B.shape[1] != update.rank:
-            return (
-                f"{name}: shapes A{tuple(f.A.shape)} B{tuple(f.B.shape)} do not match "
-                f"the declared rank {update.rank}"
-            )
-        if f.R is not None and tuple(f.R.shape) != (update.rank, update.rank):
-            return f"{name}: the LoRA-SB core R{tuple(f.R.shape)} is not {update.rank} x {update.rank}"
-        if update.rank > min(f.B.shape[0], f.A.shape[1]):
-            dims = (f.B.shape[0], f.A.shape[1])
+    for name, s in update.factor_shapes().items():
+        if len(s.A) != 2 or len(s.B) != 2:
+            return f"{name}: factors must be 2-D, got A{s.A} B{s.B}"
+        if s.A[0] != update.rank or s.B[1] != update.rank:
+            return f"{name}: shapes A{s.A} B{s.B} do not match the declared rank {update.rank}"
+        if s.R is not None and s.R != (update.rank, update.rank):
+            return f"{name}: the LoRA-SB core R{s.R} is not {update.rank} x {update.rank}"
+        dims = (s.B[0], s.A[1])
+        if update.rank > min(dims):
             return f"{name}: the declared rank {update.rank} exceeds the layer's dimensions {dims}"
     return None
 
@@ -134,10 +131,10 @@ def layout_problem(
         return "module names or layer shapes differ from the global adapter"
     if sent is not None and sent.adapter is not None:
         adapter = sent.adapter
-        ranks = {name: (f.rank, adapter[name].rank) for name, f in update.factors.items()}
+        ranks = {name: (s.rank, adapter[name].rank) for name, s in update.factor_shapes().items()}
         if any(rank > limit or (rank < limit and not mixed_ranks) for rank, limit in ranks.values()):
             return f"the declared rank {update.rank} differs from the global adapter's"
-    wrong = next((t.dtype for t in update_tensors(update) if t.dtype != torch.float32), None)
+    wrong = next((t.dtype for t in sent_tensors(update) if t.dtype != torch.float32), None)
     if wrong is not None:
         return f"a tensor is {wrong}, not float32 (the wire carries float32, float16 or int8)"
     return None

@@ -10,7 +10,7 @@ shapes (``benchmarks/PERFORMANCE.md``). A strategy author never needs them: ``We
 
 from __future__ import annotations
 
-import math
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,9 +31,9 @@ class FlatLayout:
         self.keys = list(tensors)
         self.shapes = [t.shape for t in tensors.values()]
         self.strides = [contiguous_strides(shape) for shape in self.shapes]
-        sizes = [t.numel() for t in tensors.values()]
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        self.numel = sum(sizes)
+        self.sizes = [t.numel() for t in tensors.values()]
+        self.offsets = [0, *itertools.accumulate(self.sizes)][:-1]
+        self.numel = sum(self.sizes)
         self.known: SpanLayout | None = None  # a wire layout found to be this one
 
     def span_of(self, flat: FlatTensors | None) -> Tensor | None:
@@ -49,16 +49,15 @@ class FlatLayout:
 
     def views(self, buffer: Tensor) -> list[Tensor]:
         """One view of ``buffer`` (``numel`` long) per tensor, in order."""
-        spans = zip(self.offsets, self.shapes, strict=True)
-        return [buffer[o : o + math.prod(shape)].view(shape) for o, shape in spans]
+        spans = zip(self.offsets, self.sizes, self.shapes, strict=True)
+        return [buffer[o : o + n].view(shape) for o, n, shape in spans]
 
     def gather(self, tensors: list[Tensor]) -> Tensor:
         """``tensors`` as one 1-D float32 tensor in this layout: a view if they already lie so,
         else a copy."""
         span = self.span(tensors)
-        if span is None:
-            span = torch.empty(self.numel)
-            torch._foreach_copy_(self.views(span), tensors)
+        if span is None:  # one copy, not one per tensor through views of a new buffer
+            span = torch.cat([t.reshape(-1) for t in tensors]).float()
         return span
 
     def span(self, tensors: list[Tensor]) -> Tensor | None:

@@ -67,8 +67,16 @@ class FactorAverage:
     def _add_flat(self, update: ClientUpdate, weight: float, probe: Probe | None = None) -> bool:
         """Hold ``update``'s span if it decoded whole in the sum's layout (False otherwise)."""
         if self.sum.layout is None and update.flat is not None:  # so that the first span is held too
-            self.sum.start(self._trained(update), weight)
+            self.sum.start(self._sent_layout() or self._trained(update), weight)
         return self.sum.add_flat(update.flat, weight, probe)
+
+    def _sent_layout(self) -> dict[str, Tensor] | None:
+        """What a client trains, laid out as the sent state holds it: the layout of every valid
+        reply (the server checks names, shapes and ranks against it), without building a reply's
+        per-module views."""
+        if self.state.adapter is None:
+            return None
+        return trained_tensors(self.state.adapter, self.state.extras, trains_A=self.frozen is None)
 
     def fold_held(self) -> None:
         self.sum.fold_held()
@@ -85,7 +93,7 @@ class FactorAverage:
         self.ranks.add((update.rank, update.alpha))
         check_same_ranks(self.strategy, self.ranks)
         if not self.scales:
-            self.scales = {module: f.scale for module, f in update.factors.items()}
+            self.scales = update.scales()
 
     def _trained(self, update: ClientUpdate) -> dict[str, Tensor]:
         return trained_tensors(update.factors, update.extras, trains_A=self.frozen is None)

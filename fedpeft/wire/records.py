@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from fedpeft.state import (
     AdapterFactors,
     ClientPlan,
     ClientUpdate,
+    FactorShapes,
     FlatTensors,
     GlobalState,
     LowRankDelta,
@@ -220,10 +222,26 @@ def decode_update(
             for n, p in groups["lora"].items()
         }
 
+    def shapes_of(layout: SpanLayout) -> dict[str, FactorShapes]:
+        """``factors_of``'s shapes for a reply that decoded whole, without building them."""
+        sent = dict(zip(layout.names, layout.shapes, strict=True))
+        out = {}
+        for name in modules:
+            A, B = sent.get(f"A/{name}"), sent.get(f"B/{name}")
+            if A is None or B is None:  # the global module's, at this client's rank (``start``)
+                base = frozen[name]  # type: ignore[index]
+                width = rank if base.rank > rank > 0 else base.rank
+                A = A if A is not None else (width, base.A.shape[1])
+                B = B if B is not None else (base.B.shape[0], width)
+            out[name] = FactorShapes(A, B, sent.get(f"R/{name}"))
+        return out
+
     if flat is None:
         factors: Mapping[str, AdapterFactors] = factors_of(groups)
     else:
-        factors = LazyFactors(modules, lambda: factors_of(_split(arrays, {"lora": parts})[0]))
+        layout = flat.layout
+        build = lambda: factors_of(_split(arrays, {"lora": parts})[0])  # noqa: E731
+        factors = LazyFactors(modules, build, scales, functools.cache(lambda: shapes_of(layout)))
     num_examples, num_trained = metrics.pop(NUM_EXAMPLES, None), metrics.pop(NUM_TRAINED, 0)
     for key, count in ((NUM_EXAMPLES, num_examples), (NUM_TRAINED, num_trained)):
         if not isinstance(count, int) or count < 0:
@@ -244,10 +262,18 @@ def decode_update(
 
 class LazyFactors(Mapping[str, AdapterFactors]):
     """A decoded reply's factors, built by ``build`` on first access to one of them (its module
-    names are known without it)."""
+    names, scales and shapes are known without it)."""
 
-    def __init__(self, modules: tuple[str, ...], build: Callable[[], dict[str, AdapterFactors]]) -> None:
+    def __init__(
+        self,
+        modules: tuple[str, ...],
+        build: Callable[[], dict[str, AdapterFactors]],
+        scales: Mapping[str, float],
+        shapes: Callable[[], dict[str, FactorShapes]],
+    ) -> None:
         self.modules = modules
+        self.scales = scales  # each module's LoRA scale, known without building the factors
+        self.shapes = shapes  # each module's factor shapes, worked out without building them
         self._build: Callable[[], dict[str, AdapterFactors]] | None = build
         self._factors: dict[str, AdapterFactors] = {}
 
@@ -339,17 +365,30 @@ def _meta(meta: ConfigRecord, key: str, kind: type):
 
 def _scales(meta: ConfigRecord, modules: tuple[str, ...]) -> dict[str, float]:
     """``scales``: each module's LoRA scale, in the order its tensors travel, checked to be a
-    positive finite number in one numpy pass (one list entry: a meta entry per module, hundreds
-    of lookups through Flower's typed mapping, cost more than the rest of a small reply's
-    decoding)."""
+    positive finite number (one list entry: a meta entry per module, hundreds of lookups through
+    Flower's typed mapping, cost more than the rest of a small reply's decoding)."""
     values = meta.get(SCALES)
     if not isinstance(values, list) or len(values) != len(modules):
         raise WireError(f"'{SCALES}' must list one LoRA scale per module ({len(modules)}), got {values!r}")
-    scales = np.array(values, dtype=np.float64) if set(map(type, values)) <= {int, float} else None
-    if scales is None or not (np.isfinite(scales) & (scales > 0)).all():
-        name, value = next((n, v) for n, v in zip(modules, values, strict=True) if not _positive_finite(v))
-        raise WireError(f"the scale of {name} in '{SCALES}' must be a positive finite number, got {value!r}")
+    if not set(map(type, values)) <= {int, float}:
+        _refuse_scale(values, modules)
+    return _checked_scales(tuple(values), modules)
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_scales(values: tuple[int | float, ...], modules: tuple[str, ...]) -> dict[str, float]:
+    """The mapping of numbers ``values`` once checked, once per distinct list: a round's replies
+    carry the same scales (checking 120 of them cost a third of decoding a SmolLM2 reply). Shared
+    by the replies that carry them: read, never written."""
+    scales = np.array(values, dtype=np.float64)
+    if not (np.isfinite(scales) & (scales > 0)).all():
+        _refuse_scale(values, modules)
     return dict(zip(modules, scales.tolist(), strict=True))
+
+
+def _refuse_scale(values: Sequence[object], modules: tuple[str, ...]) -> NoReturn:
+    name, value = next((n, v) for n, v in zip(modules, values, strict=True) if not _positive_finite(v))
+    raise WireError(f"the scale of {name} in '{SCALES}' must be a positive finite number, got {value!r}")
 
 
 def _positive_finite(value: object) -> bool:
