@@ -11,7 +11,6 @@ pace. Compiled on first use and cached on disk (numba's ``cache``)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numba
@@ -252,26 +251,4 @@ def released_(out: Tensor, total: Tensor, noise: Tensor, reference: Tensor, divi
     ``noise``, ``reference`` and ``out``: each step rounded in float64, the result to float32, in
     one pass (dp's release of a noised mean delta)."""
     _released(out.numpy(), total.numpy(), noise.numpy(), reference.numpy(), float(divisor))
-    return out
-
-
-@numba.njit(nogil=True, cache=True)
-def _box_muller(words, std, out):  # pragma: no cover - compiled
-    pairs = words.size // 2
-    for i in range(pairs):
-        u1 = ((words[i] >> 11) + 1.0) * 2.0**-53  # (0, 1]: the log is finite
-        u2 = (words[pairs + i] >> 11) * 2.0**-53
-        radius = math.sqrt(-2.0 * math.log(u1)) * std
-        angle = 2.0 * math.pi * u2
-        out[i] = radius * math.cos(angle)
-        if pairs + i < out.size:
-            out[pairs + i] = radius * math.sin(angle)
-
-
-def box_muller(words: np.ndarray, count: int, std: float) -> Tensor:
-    """``count`` float32 draws of N(0, std^2) from ``2 * ceil(count / 2)`` uniform 64-bit ``words``
-    (Box-Muller on their top 53 bits, in float64): the first half of the words' pairs give the
-    cosines, in order, the rest the sines. One pass, no float64 temporaries of the whole."""
-    out = torch.empty(count)
-    _box_muller(words, float(std), out.numpy())
     return out

@@ -16,7 +16,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp
 from torch import Tensor
 
-from fedpeft.kernels import box_muller
+from fedpeft import gaussian
 
 KEY_BYTES = 32
 
@@ -63,9 +63,9 @@ class SecureRandom:
         return (self._words(count) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
     def normal(self, count: int, std: float) -> Tensor:
-        """``count`` float32 draws of N(0, std²) (Box-Muller on float64 uniforms:
-        ``fedpeft.kernels.box_muller``)."""
-        return box_muller(self._words(2 * ((count + 1) // 2)), count, std)
+        """``count`` float32 draws of N(0, std²) (the ziggurat on the stream's words:
+        ``fedpeft.gaussian``)."""
+        return gaussian.normal(count, std, self._words)
 
     def state_dict(self) -> dict[str, Any]:
         return {"key": torch.frombuffer(bytearray(self.key), dtype=torch.uint8), "calls": self.calls}

@@ -10,7 +10,6 @@ import torch
 
 from fedpeft.kernels import (
     FOLD_WIDTH,
-    box_muller,
     divided,
     float32_cap,
     fold_,
@@ -68,17 +67,6 @@ def test_a_nan_or_inf_shows_in_its_segment_only(bad):
 def test_divided_is_torch_float64_division_rounded_to_float32():
     total = torch.randn(5000, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1e3
     assert torch.equal(divided(total, 7.3), (total / 7.3).float())
-
-
-def test_box_muller_gives_the_float64_transform_of_its_words_rounded_to_float32():
-    words = np.random.default_rng(0).integers(0, 2**64, size=2 * 500, dtype=np.uint64)
-    top = words >> np.uint64(11)
-    u1, u2 = (top[:500].astype(np.float64) + 1.0) * 2.0**-53, top[500:].astype(np.float64) * 2.0**-53
-    radius, angle = np.sqrt(-2.0 * np.log(u1)) * 3.0, 2.0 * np.pi * u2
-    expected = torch.from_numpy(np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:999])
-    got = box_muller(words, 999, 3.0)
-    assert got.dtype == torch.float32 and got.shape == (999,)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-7)  # float32 rounding
 
 
 def test_parts_measured_in_one_pass_get_the_statistics_each_gets_alone():
