@@ -10,7 +10,14 @@ import math
 
 from torch import Tensor
 
-from fedpeft.state import AdapterFactors, ClientUpdate, GlobalState, trained_tensors, update_weight
+from fedpeft.state import (
+    AdapterFactors,
+    ClientUpdate,
+    GlobalState,
+    SpanLayout,
+    trained_tensors,
+    update_weight,
+)
 from strategies.accumulate import Probe, WeightedSum
 from strategies.base import WeightedStrategy, aggregate_stream, require_updates
 
@@ -67,16 +74,18 @@ class FactorAverage:
     def _add_flat(self, update: ClientUpdate, weight: float, probe: Probe | None = None) -> bool:
         """Hold ``update``'s span if it decoded whole in the sum's layout (False otherwise)."""
         if self.sum.layout is None and update.flat is not None:  # so that the first span is held too
-            self.sum.start(self._sent_layout() or self._trained(update), weight)
+            self.sum.start(self._layout_of(update.flat.layout) or self._trained(update), weight)
         return self.sum.add_flat(update.flat, weight, probe)
 
-    def _sent_layout(self) -> dict[str, Tensor] | None:
-        """What a client trains, laid out as the sent state holds it: the layout of every valid
-        reply (the server checks names, shapes and ranks against it), without building a reply's
-        per-module views."""
+    def _layout_of(self, layout: SpanLayout) -> dict[str, Tensor] | None:
+        """What a client trains as the sent state holds it, if a reply in ``layout`` lies so (every
+        valid reply of a streaming round: the server checks names, shapes and ranks against the
+        sent state): the sum's layout without building a reply's per-module views."""
         if self.state.adapter is None:
             return None
-        return trained_tensors(self.state.adapter, self.state.extras, trains_A=self.frozen is None)
+        sent = trained_tensors(self.state.adapter, self.state.extras, trains_A=self.frozen is None)
+        shapes = [tuple(t.shape) for t in sent.values()]
+        return sent if tuple(sent) == layout.names and shapes == list(layout.shapes) else None
 
     def fold_held(self) -> None:
         self.sum.fold_held()

@@ -166,6 +166,33 @@ def test_replies_folded_whole_give_the_per_tensor_result_bitwise(name):
     )
 
 
+def test_fedavg_averages_the_sent_A_of_replies_that_did_not_send_it():
+    state = start_state()  # such replies do not lie in the sum's layout: gathered, A taken from the state
+    replies = [encode_update(client(seed, 3 + seed, state, True), send_A=False) for seed in range(5)]
+    whole = [decode_update(r, str(k), state.adapter) for k, r in enumerate(replies)]
+    strategy = create_strategy("fedavg", {}, CONTEXT)
+    accumulator = strategy.start(1, state)
+    for update in whole:
+        accumulator.add(update)
+    a = accumulator.result()
+    b = strategy.aggregate(1, state, [dataclasses.replace(u, flat=None) for u in whole])
+    for module, f in a.adapter.items():
+        torch.testing.assert_close(f.A, state.adapter[module].A)
+        assert torch.equal(f.A, b.adapter[module].A) and torch.equal(f.B, b.adapter[module].B)
+
+
+def test_replies_without_A_count_the_variance_of_the_sent_A_once_each():
+    state = start_state()
+    replies = RoundReplies(create_strategy("ffa", {}, CONTEXT), 1, state)
+    for seed in range(3):
+        reply = encode_update(client(seed, 4, state, frozen_A=True), send_A=False)
+        assert replies.offer(decode_update(reply, str(seed), state.adapter)) is None
+    assert not replies.close()
+    ((modules, sums),) = replies.variance_sums.items()
+    expected = [3 * float(state.adapter[m].A.double().var()) for m in modules]
+    assert sums.tolist() == pytest.approx(expected, rel=1e-5)
+
+
 def test_a_variances_of_a_reply_decoded_whole_match_each_module_var():
     state = start_state()
     update = decode_update(encode_update(client(1, 5, state)), frozen=state.adapter)
