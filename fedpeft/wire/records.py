@@ -172,8 +172,11 @@ def decode_update(
     A plain float32 reply decodes to ``ClientUpdate.flat``, a view of the message's bytes, and
     its factors are views of it built on first access (``LazyFactors``): a streaming fold that
     takes the span whole never pays hundreds of per-tensor views."""
-    arrays, meta = _get(content, UPDATE_ARRAYS, ArrayRecord), _get(content, UPDATE_META, ConfigRecord)
-    metrics = dict(_get(content, UPDATE_METRICS, MetricRecord))
+    # plain dicts of Flower's records, copied in one call: each lookup through its typed mapping
+    # is a Python call, and a reply's decoding makes about twenty of them
+    arrays = _get(content, UPDATE_ARRAYS, ArrayRecord)
+    meta = dict(_get(content, UPDATE_META, ConfigRecord).items())
+    metrics = dict(_get(content, UPDATE_METRICS, MetricRecord).items())
     sent_A, sent_B = _meta(meta, "sent-A", bool), bool(meta.get("sent-B", True))
     sent_R = bool(meta.get("sent-R", False))
     parts = tuple(part for part, sent in (("A", sent_A), ("B", sent_B), ("R", sent_R)) if sent)
@@ -241,7 +244,7 @@ def decode_update(
     else:
         layout = flat.layout
         build = lambda: factors_of(_split(arrays, {"lora": parts})[0])  # noqa: E731
-        factors = LazyFactors(modules, build, scales, functools.cache(lambda: shapes_of(layout)))
+        factors = LazyFactors(modules, build, scales, lambda: shapes_of(layout))
     num_examples, num_trained = metrics.pop(NUM_EXAMPLES, None), metrics.pop(NUM_TRAINED, 0)
     for key, count in ((NUM_EXAMPLES, num_examples), (NUM_TRAINED, num_trained)):
         if not isinstance(count, int) or count < 0:
@@ -273,9 +276,16 @@ class LazyFactors(Mapping[str, AdapterFactors]):
     ) -> None:
         self.modules = modules
         self.scales = scales  # each module's LoRA scale, known without building the factors
-        self.shapes = shapes  # each module's factor shapes, worked out without building them
         self._build: Callable[[], dict[str, AdapterFactors]] | None = build
         self._factors: dict[str, AdapterFactors] = {}
+        self._shapes_of: Callable[[], dict[str, FactorShapes]] | None = shapes
+        self._shapes: dict[str, FactorShapes] = {}
+
+    def shapes(self) -> dict[str, FactorShapes]:
+        """Each module's factor shapes, worked out (once) without building the factors."""
+        if self._shapes_of is not None:
+            self._shapes, self._shapes_of = self._shapes_of(), None
+        return self._shapes
 
     def __getitem__(self, module: str) -> AdapterFactors:
         if self._build is not None:
@@ -349,12 +359,13 @@ def store_feedback(node_state: RecordDict, feedback: ErrorFeedback) -> None:
 
 
 def _get(content: RecordDict, key: str, kind: type):
-    if key not in content or not isinstance(content[key], kind):
+    record = content.get(key)
+    if not isinstance(record, kind):
         raise WireError(f"record '{key}' ({kind.__name__}) is missing")
-    return content[key]
+    return record
 
 
-def _meta(meta: ConfigRecord, key: str, kind: type):
+def _meta(meta: Mapping[str, object], key: str, kind: type):
     value = meta.get(key)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -363,7 +374,7 @@ def _meta(meta: ConfigRecord, key: str, kind: type):
     return value
 
 
-def _scales(meta: ConfigRecord, modules: tuple[str, ...]) -> dict[str, float]:
+def _scales(meta: Mapping[str, object], modules: tuple[str, ...]) -> dict[str, float]:
     """``scales``: each module's LoRA scale, in the order its tensors travel, checked to be a
     positive finite number (one list entry: a meta entry per module, hundreds of lookups through
     Flower's typed mapping, cost more than the rest of a small reply's decoding)."""
