@@ -202,6 +202,16 @@ def test_a_reply_whose_scale_is_not_a_positive_number_is_a_wire_error(scale):
         decode_update(content)
 
 
+def test_scales_equal_as_numbers_to_ones_checked_before_are_still_checked_for_type():
+    content = encode_update(factories.update(rank=2, seed=0, num_examples=3))
+    modules = len(content["update-meta"]["scales"])
+    content["update-meta"]["scales"] = [1] * modules
+    assert set(decode_update(content).scales().values()) == {1.0}  # checked once, then remembered
+    content["update-meta"]["scales"] = [True] * modules  # == [1] * modules, and the same hash
+    with pytest.raises(WireError, match="scale of layer.0.q in 'scales'"):
+        decode_update(content)
+
+
 @pytest.mark.parametrize("scales", [None, 2.0, [2.0]])
 def test_a_reply_without_one_scale_per_module_is_a_wire_error(scales):
     content = encode_update(factories.update(rank=2, seed=0, num_examples=3))
