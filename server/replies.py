@@ -401,8 +401,8 @@ class RoundReplies:
         if update.rank not in self.sent_variances:  # the A's the server sent, at the reply's rank
             assert self.state.adapter is not None  # a streaming round has one
             modules = tuple(self.state.adapter)
-            sent = [self.state.adapter[m].A for m in modules]
-            sent = [a if a.shape[0] == update.rank else a[: update.rank] for a in sent]
+            As = (self.state.adapter[m].A for m in modules)  # sliced only where wider: 1 us a slice
+            sent = [A if A.shape[0] == update.rank else A[: update.rank] for A in As]
             self.sent_variances[update.rank] = tensor_variances(modules, sent)
         return self.sent_variances[update.rank]
 
